@@ -1,0 +1,5 @@
+import sys
+
+from fastcls.cli import main
+
+sys.exit(main())

@@ -1,0 +1,166 @@
+"""`fastcls train | eval | predict | export | info`."""
+import argparse
+import json
+import os
+import sys
+
+# fastcls never reaches for a model hub: every model is a local folder
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+S = argparse.SUPPRESS
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text-column", dest="text_columns", action="append", default=S,
+                   help="text column (repeat to join several columns into one text); inferred when omitted")
+    p.add_argument("--text-pair-column", default=S, help="second text of a pair (e.g. hypothesis)")
+    p.add_argument("--label-column", default=S, help="label column (default: label)")
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune an encoder (defaults: bundled MiniLM on bundled SST-2 rows)",
+                       argument_default=S)
+    p.add_argument("--config", help="JSON or TOML file of settings; flags override it")
+    p.add_argument("--model", help="Hugging Face encoder folder (default: bundled all-MiniLM-L6-v2)")
+    p.add_argument("--train", help="training file: .tsv, .csv or .jsonl with a header/keys")
+    p.add_argument("--dev", help="dev file, evaluated during training")
+    p.add_argument("--output", help="output folder (default: fastcls_runs/<date-time>)")
+    _add_data_args(p)
+    p.add_argument("--max-length", type=int, help="tokens per row, special tokens included (default 256)")
+    p.add_argument("--batch-size", type=int, help="rows per optimizer micro-batch (default 32)")
+    p.add_argument("--eval-batch-size", type=int)
+    p.add_argument("--epochs", type=float, help="default 3; fractions allowed")
+    p.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 5e-5)")
+    p.add_argument("--warmup", type=float, help="warmup: ratio of steps if < 1, else steps (default 0.06)")
+    p.add_argument("--decay", choices=["linear", "cosine", "constant"])
+    p.add_argument("--weight-decay", type=float, help="decoupled, not on biases and norm weights (default 0.01)")
+    p.add_argument("--max-grad-norm", type=float, help="gradient clipping norm; 0 = off (default 1.0)")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--eval-every", type=int, help="steps between evaluations (default: each epoch)")
+    p.add_argument("--metric", choices=["accuracy", "macro_f1", "loss"], help="picks the best checkpoint")
+    p.add_argument("--patience", type=int, help="early stopping: evaluations without gain")
+    p.add_argument("--dropout", type=float, help="head dropout (default: the encoder's)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--head-impl", choices=["fused", "reference"], help="fastcls kernels or PyTorch reference")
+    p.add_argument("--log-every", type=int)
+    p.add_argument("--group-size", type=int, help="batches per length-sorted group (default 50)")
+    p.add_argument("--overwrite", action="store_true", help="train into a folder that already holds a model")
+
+
+def _infer_parsers(sub) -> None:
+    for name, help_ in (("eval", "accuracy, macro-F1 and per-class figures on a labelled file"),
+                        ("predict", "label and probabilities per row")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--model", required=True, help="folder written by `fastcls train`")
+        p.add_argument("--data", required=True, help=".tsv, .csv or .jsonl file")
+        p.add_argument("--output", required=name == "predict", default=None,
+                       help="predictions (.csv, .tsv or .jsonl)" if name == "predict" else "write the report as JSON")
+        _add_data_args(p)
+        p.add_argument("--batch-size", type=int, default=128)
+        p.add_argument("--device", default="auto")
+        p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastcls", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _infer_parsers(sub)
+    p = sub.add_parser("export", help="write a folder that AutoModelForSequenceClassification loads")
+    p.add_argument("--model", required=True)
+    p.add_argument("--output", required=True)
+    sub.add_parser("info", help="versions, device and the backend of every op")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from fastcls.config import TrainConfig, load_config_file
+    from fastcls.train import train
+
+    settings = load_config_file(args.config) if "config" in args else {}
+    settings.update({k: v for k, v in vars(args).items() if k not in ("command", "config")})
+    result = train(TrainConfig(**settings))
+    print(f"trained {result.steps} steps in {result.train_seconds:.1f} s "
+          f"({result.train_samples_per_s:.1f} samples/s); model in {result.output}")
+    if result.best is not None:
+        print(f"best dev: step {result.best['step']}, accuracy {result.best['accuracy']:.4f}, "
+              f"macro-F1 {result.best['macro_f1']:.4f}")
+
+
+def _load_for_inference(args: argparse.Namespace, require_labels: bool):
+    from fastcls.components.precision import resolve_device, resolve_precision
+    from fastcls.data import read_examples, tokenize_examples
+    from fastcls.model import load_trained
+
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    model, tokenizer, labels, meta = load_trained(args.model, device)
+    rows = read_examples(
+        args.data,
+        text_columns=getattr(args, "text_columns", None) or meta.get("text_columns"),
+        text_pair_column=getattr(args, "text_pair_column", None) or meta.get("text_pair_column"),
+        label_column=getattr(args, "label_column", "label"),
+        require_labels=require_labels,
+    )
+    encoded = tokenize_examples(rows, tokenizer, meta["max_length"], label_map=labels if require_labels else None)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return model, labels, encoded, device, precision, pad_id
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from fastcls.components.metrics import format_report
+    from fastcls.evaluate import evaluate_logits, predict_logits
+
+    model, labels, encoded, device, precision, pad_id = _load_for_inference(args, require_labels=True)
+    logits = predict_logits(model, encoded, args.batch_size, device, precision, pad_id)
+    report = evaluate_logits(logits, encoded, labels)
+    print(format_report(report))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from fastcls.evaluate import predict_logits, write_predictions
+
+    model, labels, encoded, device, precision, pad_id = _load_for_inference(args, require_labels=False)
+    logits = predict_logits(model, encoded, args.batch_size, device, precision, pad_id)
+    write_predictions(args.output, logits, labels)
+    print(f"wrote {len(encoded)} predictions to {args.output}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from fastcls.export import export_hf
+
+    print(f"exported to {export_hf(args.model, args.output)}")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from fastcls.info import describe
+
+    print(describe())
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from fastcls.errors import USER_ERRORS
+
+    try:
+        COMMANDS[args.command](args)
+    except USER_ERRORS as err:
+        if os.environ.get("FASTCLS_DEBUG") == "1":
+            raise
+        print(f"fastcls {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

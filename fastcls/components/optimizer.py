@@ -1,0 +1,43 @@
+"""AdamW with bias correction, decoupled weight decay kept off biases and normalisation weights."""
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+
+def _is_norm(module: nn.Module) -> bool:
+    # HF models use their own LayerNorm/RMSNorm classes besides torch's
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or "Norm" in type(module).__name__
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: decayed matrices, and undecayed biases and norm weights (BERT's recipe)."""
+    no_decay: set[int] = set()
+    for module in model.modules():
+        if _is_norm(module):
+            no_decay.update(id(p) for p in module.parameters(recurse=False))
+    decay, plain = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (plain if p.ndim < 2 or id(p) in no_decay else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": plain, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    device = next(model.parameters()).device
+    # fused=True runs one kernel per group on CPU and CUDA; fastcls's own fused AdamW replaces it later
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)

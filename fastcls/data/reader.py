@@ -1,0 +1,225 @@
+"""Read text classification examples from TSV, CSV and JSON-lines files.
+
+Formats, chosen by the file extension:
+
+- ``.tsv``: tab-separated, header row, no quoting: SST-2 and other GLUE text holds bare quote characters
+  that a quoting reader would treat as field delimiters.
+- ``.csv``: comma-separated, header row, standard quoting; a quoted field may span lines (errors then
+  name the line the record starts on).
+- ``.jsonl`` / ``.json``: one JSON object per line (JSON lines); blank lines are skipped.
+
+Columns:
+
+- ``text_columns``: the text column, or a list of columns that are concatenated, in order and with a
+  space between them, into ONE text (AG News: ``["title", "description"]``).
+- ``text_pair_column``: a second text for pair tasks (NLI, paraphrase); the example then holds
+  ``texts=(text, pair)``, which the tokenizer encodes as a pair with its separator between them.
+- ``label_column``: labels are kept as strings with surrounding whitespace removed; ``LabelMap`` turns them
+  into ids. ``None`` means the file has no labels.
+- ``require_labels=False`` reads prediction files: the label is ``None`` where the label column is absent
+  or its cell is empty.
+
+With ``text_columns=None`` the text column is inferred, in this order:
+
+1. the one column named ``text``, ``sentence``, ``content`` or ``review``;
+2. ``title`` and ``description`` together (AG News);
+3. the only column left besides the label (and pair) column.
+
+Anything else is ambiguous and raises ``DataError`` listing the columns found.
+"""
+import csv
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastcls.data.errors import DataError, at
+
+KNOWN_TEXT_COLUMNS = ("text", "sentence", "content", "review")
+TITLE_AND_DESCRIPTION = ("title", "description")
+SUPPORTED_EXTENSIONS = (".tsv", ".csv", ".jsonl", ".json")
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    texts: tuple[str, ...]  # one text, or (text, pair)
+    label: str | None
+    line: int  # 1-based line the record starts on, for error messages
+    source: str = ""  # the file it came from, so later errors (an unseen label) can name it
+
+    @property
+    def where(self) -> str:
+        return at(self.source, self.line)
+
+
+def read_examples(
+    path: str | Path,
+    *,
+    text_columns: str | Sequence[str] | None = None,
+    text_pair_column: str | None = None,
+    label_column: str | None = "label",
+    require_labels: bool = True,
+) -> list[Example]:
+    """Read every example of a .tsv, .csv or .jsonl file; see the module docstring for the column rules."""
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise DataError(f"{source}: file not found")
+    suffix = path.suffix.lower()
+    if suffix not in SUPPORTED_EXTENSIONS:
+        raise DataError(f"{source}: unsupported file type {suffix or '(none)'!r}; use one of {SUPPORTED_EXTENSIONS}")
+    try:
+        columns, records = _read_jsonl(path) if suffix in (".jsonl", ".json") else _read_table(path, suffix)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{source}: not UTF-8 text ({e})") from None
+
+    from_table = suffix in (".tsv", ".csv")
+    texts_from = _resolve_text_columns(source, columns, text_columns, text_pair_column, label_column)
+    wanted = [*texts_from, *([text_pair_column] if text_pair_column else [])]
+    if require_labels and label_column is not None:
+        wanted.append(label_column)
+    if from_table:
+        # a JSON record may lack a key that the first record had, so those are checked record by record
+        _check_columns(at(source, 1), columns, wanted, "column")
+
+    examples = []
+    for line, record in records:
+        where = at(source, line)
+        if not from_table:
+            _check_columns(where, list(record), wanted, "key")
+        texts = (_joined_text(where, record, texts_from),)
+        if text_pair_column:
+            texts += (_joined_text(where, record, [text_pair_column]),)
+        label = _label(where, record.get(label_column)) if label_column is not None else None
+        if label is None and require_labels and label_column is not None:
+            raise DataError(f"{where}: missing label in column {label_column!r}")
+        examples.append(Example(texts, label, line, source))
+    return examples
+
+
+def _read_table(path: Path, suffix: str) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    source = str(path)
+    if suffix == ".tsv":
+        options: dict[str, Any] = {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
+    else:
+        options = {"strict": True}  # strict turns an unclosed quote into an error instead of a giant field
+    records = []
+    # utf-8-sig drops the byte-order mark spreadsheet exports put in front of the first column name
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f, **options)
+        header = None
+        end_of_previous = 0
+        while True:
+            start = end_of_previous + 1
+            try:
+                row = next(reader, None)
+            except csv.Error as e:
+                raise DataError(f"{at(source, start)}: malformed CSV record starting on this line: {e}") from None
+            end_of_previous = reader.line_num
+            if row is None:
+                break
+            if not row:
+                continue  # a blank line
+            if header is None:
+                header = row
+                _check_unique(at(source, start), header)
+                continue
+            if len(row) != len(header):
+                raise DataError(
+                    f"{at(source, start)}: expected {len(header)} fields ({', '.join(header)}), got {len(row)}"
+                )
+            records.append((start, dict(zip(header, row))))
+    if header is None:
+        raise DataError(f"{source}: empty file (no header row)")
+    if not records:
+        raise DataError(f"{source}: no rows after the header")
+    return header, records
+
+
+def _read_jsonl(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
+    source = str(path)
+    records = []
+    with path.open(encoding="utf-8-sig") as f:
+        for line, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{at(source, line)}: invalid JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{at(source, line)}: expected a JSON object, got {type(record).__name__}")
+            records.append((line, record))
+    if not records:
+        raise DataError(f"{source}: empty file (no JSON records)")
+    return list(records[0][1]), records
+
+
+def _check_unique(where: str, header: list[str]) -> None:
+    duplicates = sorted({name for name in header if header.count(name) > 1})
+    if duplicates:
+        raise DataError(f"{where}: duplicate column names: {', '.join(duplicates)}")
+
+
+def _check_columns(where: str, columns: list[str], wanted: list[str], kind: str) -> None:
+    for name in wanted:
+        if name not in columns:
+            raise DataError(f"{where}: no {kind} {name!r} ({kind}s found: {', '.join(columns)})")
+
+
+def _resolve_text_columns(
+    source: str,
+    columns: list[str],
+    text_columns: str | Sequence[str] | None,
+    text_pair_column: str | None,
+    label_column: str | None,
+) -> list[str]:
+    if isinstance(text_columns, str):
+        return [text_columns]
+    if text_columns is not None:
+        if not text_columns:
+            raise ValueError("text_columns must name at least one column")
+        return list(text_columns)
+    known = [name for name in KNOWN_TEXT_COLUMNS if name in columns]
+    if len(known) == 1:
+        return known
+    if not known and all(name in columns for name in TITLE_AND_DESCRIPTION):
+        return list(TITLE_AND_DESCRIPTION)
+    others = [name for name in columns if name not in (label_column, text_pair_column)]
+    if not known and len(others) == 1:
+        return others
+    raise DataError(
+        f"{at(source, 1)}: cannot tell which column holds the text (columns found: {', '.join(columns)}); "
+        "name it with --text-columns"
+    )
+
+
+def _joined_text(where: str, record: dict[str, Any], names: list[str]) -> str:
+    parts = []
+    for name in names:
+        value = record[name]
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise DataError(f"{where}: expected text in {name!r}, got {type(value).__name__} {value!r}")
+        if value.strip():
+            parts.append(value.strip())
+    if not parts:
+        raise DataError(f"{where}: empty text in {' + '.join(repr(name) for name in names)}")
+    return " ".join(parts)
+
+
+def _label(where: str, value: Any) -> str | None:
+    """The label as a string; JSON numbers keep their integer spelling so 1 and "1" are the same class."""
+    if value is None:
+        return None
+    if isinstance(value, bool):  # before int: bool is an int subclass
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else str(value)
+    if isinstance(value, str):
+        return value.strip() or None
+    raise DataError(f"{where}: a label must be a string or a number, got {type(value).__name__} {value!r}")

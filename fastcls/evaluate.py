@@ -1,0 +1,57 @@
+"""Inference over an encoded data set: logits in the file's row order, metrics, prediction files."""
+import csv
+import json
+from pathlib import Path
+
+import torch
+
+from fastcls.components.metrics import classification_report
+from fastcls.components.precision import autocast
+from fastcls.data import Encoded, LabelMap, LengthGroupedBatches, collate
+from fastcls.ops import cross_entropy
+
+
+@torch.inference_mode()
+def predict_logits(model, encoded: Encoded, batch_size: int, device: torch.device, precision: str, pad_token_id: int):
+    """fp32 logits [N, K] in the data's own order; rows run sorted by length to keep padding small."""
+    was_training = model.training
+    model.eval()
+    logits = torch.empty(len(encoded), model.num_labels, dtype=torch.float32, device=device)
+    for indices in LengthGroupedBatches(encoded.lengths, batch_size, shuffle=False).batches(0):
+        batch = collate(encoded, indices, pad_token_id)
+        with autocast(device, precision):
+            out = model(
+                batch["input_ids"].to(device, non_blocking=True),
+                batch["attention_mask"].to(device, non_blocking=True),
+                batch["token_type_ids"].to(device, non_blocking=True) if "token_type_ids" in batch else None,
+            )
+        logits[torch.as_tensor(indices, device=device)] = out.float()
+    model.train(was_training)
+    return logits
+
+
+def evaluate_logits(logits: torch.Tensor, encoded: Encoded, labels: LabelMap) -> dict:
+    target = torch.as_tensor(encoded.labels, dtype=torch.long, device=logits.device)
+    report = classification_report(logits.argmax(-1), target, labels.names)
+    report["loss"] = cross_entropy(logits, target).item()
+    return report
+
+
+def write_predictions(path: str | Path, logits: torch.Tensor, labels: LabelMap) -> None:
+    """One row per input row: the predicted label and the probability of every label (CSV, TSV or JSONL)."""
+    path = Path(path)
+    probs = torch.softmax(logits.float(), dim=-1).cpu()
+    pred = probs.argmax(-1).tolist()
+    names = labels.names
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix in (".jsonl", ".json"):
+        with open(path, "w") as f:
+            for row, p in zip(pred, probs.tolist()):
+                f.write(json.dumps({"label": names[row], "probabilities": dict(zip(names, p))}) + "\n")
+        return
+    delimiter = "\t" if path.suffix == ".tsv" else ","
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f, delimiter=delimiter)
+        writer.writerow(["label", *(f"prob_{n}" for n in names)])
+        for row, p in zip(pred, probs.tolist()):
+            writer.writerow([names[row], *(f"{x:.6g}" for x in p)])

@@ -1,0 +1,152 @@
+"""The classifier: a pretrained Hugging Face encoder and fastcls's head on the [CLS] vector.
+
+    logits = dropout(h_CLS) @ W_C + b        (W_C: d x K)
+
+A trained model folder holds `model.safetensors` (encoder and head), the encoder's `config.json`,
+`fastcls.json` (head and label facts), `labels.json` and the tokenizer files.
+"""
+import inspect
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig
+from transformers.utils import logging as hf_logging
+
+from fastcls.data import LabelMap
+
+WEIGHTS_FILE = "model.safetensors"
+FASTCLS_FILE = "fastcls.json"
+LABELS_FILE = "labels.json"
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+@contextmanager
+def _quiet_transformers():
+    # from_pretrained warns about the pooler it drops and the head it lacks: both are expected here
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+
+
+def head_dropout(config: PretrainedConfig) -> float:
+    for name in ("classifier_dropout", "seq_classif_dropout", "hidden_dropout_prob", "dropout"):
+        value = getattr(config, name, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    return 0.1
+
+
+class EncoderClassifier(nn.Module):
+    def __init__(self, encoder: nn.Module, num_labels: int, dropout: float):
+        super().__init__()
+        self.encoder = encoder
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
+        nn.init.normal_(self.classifier.weight, std=getattr(encoder.config, "initializer_range", 0.02))
+        nn.init.zeros_(self.classifier.bias)
+        # BERT's tokenizer emits token types that a DistilBERT or RoBERTa encoder built on it may not take
+        self.takes_token_types = "token_type_ids" in inspect.signature(encoder.forward).parameters
+
+    @property
+    def num_labels(self) -> int:
+        return self.classifier.out_features
+
+    def cls_hidden(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        extra = {"token_type_ids": token_type_ids} if token_type_ids is not None and self.takes_token_types else {}
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra)
+        return out.last_hidden_state[:, 0]
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        return self.classifier(self.dropout(self.cls_hidden(input_ids, attention_mask, token_type_ids)))
+
+
+def check_model_dir(path: str | Path, argument: str = "--model") -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"{argument}: model folder not found: {path}")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"{argument}: {path} has no config.json; pass a Hugging Face model folder "
+            "(config.json, weights and tokenizer files) or a folder written by `fastcls train`"
+        )
+    return path
+
+
+def load_encoder(path: str | Path) -> nn.Module:
+    """Any AutoModel encoder, without the pooler (fastcls's head reads h_CLS directly).
+
+    Weights load in fp32 whatever the checkpoint holds: they are the master weights that autocast and the
+    optimizer work from."""
+    path = check_model_dir(path)
+    with _quiet_transformers():
+        try:
+            return AutoModel.from_pretrained(path, add_pooling_layer=False, dtype=torch.float32)
+        except TypeError:  # encoders without a pooler (DistilBERT, ModernBERT) take no such argument
+            return AutoModel.from_pretrained(path, dtype=torch.float32)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"--model: cannot load an encoder from {path}: {err}") from err
+
+
+def load_tokenizer(path: str | Path):
+    path = check_model_dir(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"--model: cannot load a tokenizer from {path}: {err}") from err
+    if not tokenizer.is_fast:
+        raise ModelLoadError(f"--model: {path} has no fast tokenizer (tokenizer.json); fastcls needs one")
+    return tokenizer
+
+
+def build_classifier(model_path: str | Path, num_labels: int, dropout: float | None = None) -> EncoderClassifier:
+    encoder = load_encoder(model_path)
+    return EncoderClassifier(encoder, num_labels, head_dropout(encoder.config) if dropout is None else dropout)
+
+
+def save_static_files(out_dir: Path, model: EncoderClassifier, tokenizer, labels: LabelMap, extra: dict) -> None:
+    """What does not change during training: written once, before the first checkpoint."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.encoder.config.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    labels.save(out_dir / LABELS_FILE)
+    meta = {"num_labels": model.num_labels, "head_dropout": model.dropout.p, "format": 1, **extra}
+    (out_dir / FASTCLS_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def load_trained(model_dir: str | Path, device: str | torch.device = "cpu"):
+    """A folder written by `fastcls train` -> (model in eval mode, tokenizer, labels, fastcls.json)."""
+    model_dir = check_model_dir(model_dir)
+    for name in (WEIGHTS_FILE, FASTCLS_FILE, LABELS_FILE):
+        if not (model_dir / name).is_file():
+            raise ModelLoadError(f"--model: {model_dir} lacks {name}; is it a folder written by `fastcls train`?")
+    meta = json.loads((model_dir / FASTCLS_FILE).read_text())
+    labels = LabelMap.load(model_dir / LABELS_FILE)
+    if len(labels) != meta["num_labels"]:
+        raise ModelLoadError(f"{model_dir}: labels.json has {len(labels)} labels, fastcls.json {meta['num_labels']}")
+    config = AutoConfig.from_pretrained(model_dir)
+    with _quiet_transformers():
+        try:
+            encoder = AutoModel.from_config(config, add_pooling_layer=False)
+        except TypeError:
+            encoder = AutoModel.from_config(config)
+    model = EncoderClassifier(encoder, meta["num_labels"], meta["head_dropout"])
+    state = load_file(model_dir / WEIGHTS_FILE)
+    mismatch = f"{model_dir / WEIGHTS_FILE} does not match the model in {model_dir / 'config.json'}"
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shapes differ
+        raise ModelLoadError(f"{mismatch}: {err}") from err
+    if missing or unexpected:
+        raise ModelLoadError(f"{mismatch}: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    return model.to(device).eval(), load_tokenizer(model_dir), labels, meta
+

@@ -1,0 +1,165 @@
+"""The training loop: tokenise once, length-grouped batches, autocast, AdamW, warmup/decay, evaluate, keep the best."""
+import math
+import time
+from functools import partial
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from fastcls.components.checkpoint import append_jsonl, save_json_atomic, save_weights_atomic
+from fastcls.components.host_memory import keep_freed_host_memory
+from fastcls.components.lr_schedule import ScheduleConfig, build_scheduler, resolve_warmup_steps
+from fastcls.components.optimizer import OptimizerConfig, build_optimizer
+from fastcls.components.precision import autocast, grad_scaler, resolve_device, resolve_precision
+from fastcls.config import TrainConfig
+from fastcls.data import LabelMap, LengthGroupedBatches, collate, read_examples, tokenize_examples
+from fastcls.errors import TrainingError
+from fastcls.evaluate import evaluate_logits, predict_logits
+from fastcls.model import FASTCLS_FILE, WEIGHTS_FILE, build_classifier, load_tokenizer, save_static_files
+from fastcls.ops import cross_entropy, cross_entropy_reference
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    model: torch.nn.Module  # as it stands after the last step (the kept checkpoint may be an earlier one)
+    steps: int
+    best: dict | None  # dev metrics of the kept checkpoint
+    train_samples_per_s: float
+    train_seconds: float
+    total_seconds: float
+
+
+def _read(path, cfg: TrainConfig, require_labels=True):
+    return read_examples(
+        path,
+        text_columns=cfg.text_columns,
+        text_pair_column=cfg.text_pair_column,
+        label_column=cfg.label_column,
+        require_labels=require_labels,
+    )
+
+
+def _improved(metric: str, value: float, best: float | None) -> bool:
+    return best is None or (value < best if metric == "loss" else value > best)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    cfg.resolve()
+    start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    if device.type == "cpu":
+        keep_freed_host_memory()
+    out = Path(cfg.output)
+    if not cfg.overwrite and any((out / name).exists() for name in (WEIGHTS_FILE, FASTCLS_FILE)):
+        raise ValueError(f"--output {out} already holds a model; choose another folder or pass --overwrite")
+
+    tokenizer = load_tokenizer(cfg.model)
+    train_rows = _read(cfg.train, cfg)
+    labels = LabelMap.from_labels([row.label for row in train_rows])
+    if len(labels) < 2:
+        raise ValueError(f"--train: {cfg.train} has a single label {labels.names}; classification needs two or more")
+    train_set = tokenize_examples(train_rows, tokenizer, cfg.max_length, label_map=labels)
+    dev_set = None
+    if cfg.dev is not None:
+        dev_set = tokenize_examples(_read(cfg.dev, cfg), tokenizer, cfg.max_length, label_map=labels)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    model = build_classifier(cfg.model, len(labels), cfg.dropout).to(device).train()
+    optimizer = build_optimizer(model, OptimizerConfig(lr=cfg.lr, weight_decay=cfg.weight_decay))
+    batches = LengthGroupedBatches(train_set.lengths, cfg.batch_size, group_size=cfg.group_size, seed=cfg.seed)
+    steps_per_epoch = math.ceil(len(batches) / cfg.grad_accum)
+    total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
+    schedule = ScheduleConfig(total_steps, resolve_warmup_steps(cfg.warmup, total_steps), cfg.decay)
+    scheduler = build_scheduler(optimizer, schedule)
+    scaler = grad_scaler(device, precision)
+    # labels were checked against the label map when encoded: the fused op's target check (a host sync on CUDA) is moot
+    loss_fn = partial(cross_entropy, validate=False) if cfg.head_impl == "fused" else cross_entropy_reference
+    eval_every = cfg.eval_every or steps_per_epoch
+
+    save_static_files(out, model, tokenizer, labels, {"max_length": cfg.max_length, "text_columns": cfg.text_columns,
+                                                      "text_pair_column": cfg.text_pair_column})
+    save_json_atomic({**cfg.to_dict(), "resolved_precision": precision, "device": str(device)}, out / "train_config.json")
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    print(f"fastcls: {len(train_set)} training rows, {len(labels)} labels, {total_steps} steps, "
+          f"{device} {precision}, {train_set.num_truncated} rows truncated to --max-length {cfg.max_length}")
+
+    step, epoch, samples, train_seconds = 0, 0, 0, 0.0
+    best_value, best_report, evals_without_gain = None, None, 0
+    loss_sum = torch.zeros((), device=device)  # summed on the device: read back only at logging steps
+    loss_count, last_loss = 0, float("nan")
+    progress = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+    tick = time.perf_counter()
+    while step < total_steps:
+        micro_batches = batches.batches(epoch)
+        for i, indices in enumerate(micro_batches):
+            batch = {k: v.to(device, non_blocking=True) for k, v in collate(train_set, indices, pad_id).items()}
+            with autocast(device, precision):
+                logits = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+            loss = loss_fn(logits, batch["labels"])
+            scaler.scale(loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
+            loss_count += 1
+            samples += len(indices)
+            if (i + 1) % cfg.grad_accum and i + 1 < len(micro_batches):
+                continue
+            if cfg.max_grad_norm > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm, foreach=True)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            progress.update(1)
+
+            if step % cfg.log_every == 0 or step == total_steps:
+                last_loss = (loss_sum / loss_count).item()
+                if not math.isfinite(last_loss):
+                    progress.close()
+                    raise TrainingError(
+                        f"training loss is {last_loss} at step {step} (lr {scheduler.get_last_lr()[0]:.3g}); "
+                        f"try a lower --lr or --precision fp32. The best checkpoint so far stays in {out}"
+                    )
+                elapsed = train_seconds + time.perf_counter() - tick
+                progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                                     samples_s=f"{samples / elapsed:.0f}")
+            if dev_set is not None and (step % eval_every == 0 or step == total_steps):
+                train_seconds += time.perf_counter() - tick
+                train_loss = (loss_sum / max(1, loss_count)).item()
+                loss_sum.zero_()
+                loss_count = 0
+                dev_logits = predict_logits(model, dev_set, cfg.eval_batch_size, device, precision, pad_id)
+                report = evaluate_logits(dev_logits, dev_set, labels)
+                record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "train_loss": train_loss,
+                          "accuracy": report["accuracy"], "macro_f1": report["macro_f1"], "dev_loss": report["loss"],
+                          "samples_per_s": samples / train_seconds, "per_class": report["per_class"]}
+                append_jsonl(record, out / "metrics.jsonl")
+                value = report[cfg.metric]
+                if _improved(cfg.metric, value, best_value):
+                    best_value, best_report, evals_without_gain = value, record, 0
+                    save_weights_atomic(model.state_dict(), out / WEIGHTS_FILE)
+                else:
+                    evals_without_gain += 1
+                progress.write(f"step {step}: dev accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}, "
+                               f"loss {report['loss']:.4f}")
+                if cfg.patience is not None and evals_without_gain >= cfg.patience:
+                    progress.write(f"early stop: no {cfg.metric} gain in {cfg.patience} evaluations")
+                    total_steps = step
+                tick = time.perf_counter()
+            if step >= total_steps:
+                break
+        epoch += 1
+    progress.close()
+    if dev_set is None:
+        train_seconds += time.perf_counter() - tick
+        save_weights_atomic(model.state_dict(), out / WEIGHTS_FILE)
+    result = TrainResult(out, model, step, best_report, samples / max(train_seconds, 1e-9), train_seconds,
+                         time.perf_counter() - start)
+    save_json_atomic({"steps": step, "best": best_report, "train_samples_per_s": result.train_samples_per_s,
+                      "train_seconds": train_seconds, "total_seconds": result.total_seconds}, out / "trainer_state.json")
+    return result

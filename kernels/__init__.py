@@ -1,0 +1,1 @@
+"""Triton kernels, installed as `fastcls.kernels` (one module per op)."""

@@ -1,0 +1,171 @@
+"""The loop end to end: tiny random encoders for speed, the real bundled MiniLM where it matters."""
+import csv
+import inspect
+import json
+import random
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+from fastcls.cli import main
+from fastcls.config import BUNDLED_DEV, BUNDLED_TRAIN, TrainConfig, bundled_model_path
+from fastcls.data import LengthGroupedBatches, collate, read_examples, tokenize_examples
+from fastcls.errors import TrainingError
+from fastcls.evaluate import predict_logits
+from fastcls.export import export_hf
+from fastcls.model import load_tokenizer, load_trained
+from fastcls.train import train
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=128)
+
+
+def make_tiny_encoder(folder, model_type="bert"):
+    """A random encoder of `model_type` saved with the bundled model's tokenizer."""
+    tokenizer = load_tokenizer(bundled_model_path())
+    if model_type == "distilbert":
+        config = AutoConfig.for_model("distilbert", vocab_size=tokenizer.vocab_size, dim=32, n_layers=2, n_heads=2,
+                                      hidden_dim=64, max_position_embeddings=128, pad_token_id=0)
+    else:
+        config = AutoConfig.for_model(model_type, vocab_size=tokenizer.vocab_size, pad_token_id=0, **TINY)
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def sst2_rows(n, seed=0):
+    with open(BUNDLED_TRAIN) as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
+    random.Random(seed).shuffle(rows)
+    return rows[:n]
+
+
+def write_tsv(path, rows, header=("label", "sentence")):
+    with open(path, "w") as f:
+        f.write("\t".join(header) + "\n")
+        for row in rows:
+            f.write("\t".join(row) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    return make_tiny_encoder(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="module")
+def overfit_run(tiny_bert, tmp_path_factory):
+    """A tiny BERT trained on 32 rows with string labels, evaluated once at the end on the same rows."""
+    tmp = tmp_path_factory.mktemp("overfit")
+    rows = [["pos" if label == "1" else "neg", text] for label, text in sst2_rows(32)]
+    data = write_tsv(tmp / "train.tsv", rows)
+    cfg = TrainConfig(model=str(tiny_bert), train=str(data), dev=str(data), output=str(tmp / "out"), epochs=40,
+                      batch_size=8, lr=3e-3, warmup=0.1, dropout=0.0, seed=1, eval_every=10_000, log_every=5)
+    return train(cfg), data
+
+
+def test_tiny_bert_overfits_32_examples(overfit_run):
+    result, _ = overfit_run
+    assert result.best["accuracy"] == 1.0
+    out = result.output
+    for name in ("model.safetensors", "config.json", "fastcls.json", "labels.json", "tokenizer.json",
+                 "train_config.json", "metrics.jsonl"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "labels.json").read_text())["id2label"] == ["neg", "pos"]
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"step", "epoch", "train_loss", "accuracy", "macro_f1", "samples_per_s"} <= set(record)
+    assert record["step"] == result.steps == 160
+
+
+def test_save_load_predict_gives_the_same_probabilities(overfit_run, tmp_path):
+    result, data = overfit_run
+    model, tokenizer, labels, meta = load_trained(result.output)
+    encoded = tokenize_examples(read_examples(data), tokenizer, meta["max_length"], label_map=labels)
+    expected = torch.softmax(result.model.eval()(**_batch(encoded, range(len(encoded)))), -1)
+    argv = ["predict", "--model", str(result.output), "--data", str(data), "--output", str(tmp_path / "p.jsonl")]
+    assert main([*argv, "--precision", "fp32"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    got = torch.tensor([[r["probabilities"][n] for n in labels.names] for r in rows])
+    torch.testing.assert_close(got, expected.detach(), atol=1e-5, rtol=1e-4)
+    assert [r["label"] for r in rows] == [labels.names[i] for i in expected.argmax(-1).tolist()]
+
+
+def _batch(encoded, indices):
+    batch = collate(encoded, list(indices), 0)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+            "token_type_ids": batch.get("token_type_ids")}
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "electra", "distilbert"])
+def test_export_loads_in_transformers_with_the_same_predictions(model_type, tmp_path):
+    encoder = make_tiny_encoder(tmp_path / "enc", model_type)
+    rows = sst2_rows(24, seed=3)
+    data = write_tsv(tmp_path / "train.tsv", rows)
+    result = train(TrainConfig(model=str(encoder), train=str(data), dev=str(data), output=str(tmp_path / "out"),
+                               epochs=1, batch_size=8, lr=1e-3, seed=0, precision="fp32"))
+    model, tokenizer, labels, meta = load_trained(result.output)
+    encoded = tokenize_examples(read_examples(data), tokenizer, meta["max_length"], label_map=labels)
+    batch = _batch(encoded, range(len(encoded)))
+    with torch.no_grad():
+        expected = torch.softmax(model(**batch), -1)
+        hf = AutoModelForSequenceClassification.from_pretrained(export_hf(result.output, tmp_path / "hf")).eval()
+        kwargs = {k: v for k, v in batch.items() if v is not None and k in inspect.signature(hf.forward).parameters}
+        got = torch.softmax(hf(**kwargs).logits, -1)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    assert hf.config.id2label == {0: "0", 1: "1"}
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_files(tiny_bert, tmp_path, monkeypatch):
+    data = write_tsv(tmp_path / "train.tsv", sst2_rows(16))
+    monkeypatch.setattr("fastcls.train.cross_entropy", lambda logits, target, **_: logits.sum() * float("nan"))
+    cfg = TrainConfig(model=str(tiny_bert), train=str(data), output=str(tmp_path / "out"), max_steps=4,
+                      batch_size=8, log_every=2)
+    with pytest.raises(TrainingError, match="loss is nan at step 2"):
+        train(cfg)
+    assert (tmp_path / "out" / "labels.json").is_file()
+
+
+def test_cli_names_the_file_and_line_or_argument(tiny_bert, overfit_run, tmp_path, capsys):
+    good = write_tsv(tmp_path / "good.tsv", sst2_rows(8))
+    bad_row = tmp_path / "bad.tsv"
+    bad_row.write_text("label\tsentence\n1\tfine\n0\ttoo\tmany\n")
+    unseen = write_tsv(tmp_path / "unseen.tsv", [["neg", "a"], ["maybe", "b"]])
+    result, _ = overfit_run
+    cases = [
+        (["train", "--model", str(tmp_path / "nope"), "--train", str(good)], "model folder not found"),
+        (["train", "--model", str(tiny_bert), "--train", str(bad_row)], "bad.tsv:3"),
+        (["train", "--model", str(tiny_bert), "--train", str(good), "--max-length", "2"], "--max-length"),
+        (["train", "--model", str(tiny_bert), "--train", str(tmp_path / "missing.tsv")], "missing.tsv"),
+        (["eval", "--model", str(result.output), "--data", str(unseen)], "unseen.tsv:3"),
+        (["eval", "--model", str(tiny_bert), "--data", str(good)], "lacks fastcls.json"),
+        (["train", "--model", str(tiny_bert), "--train", str(good), "--output", str(result.output)], "already holds"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+
+
+def test_eval_cli_prints_accuracy_and_per_class(overfit_run, capsys):
+    result, data = overfit_run
+    assert main(["eval", "--model", str(result.output), "--data", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy 1.0000" in out and "macro-F1 1.0000" in out and "neg" in out and "pos" in out
+
+
+@pytest.mark.slow
+def test_minilm_beats_chance_on_sst2_after_a_few_dozen_steps(tmp_path):
+    cfg = TrainConfig(train=str(BUNDLED_TRAIN), dev=str(BUNDLED_DEV), output=str(tmp_path / "out"),
+                      max_steps=40, batch_size=32, lr=1e-4, warmup=0.1, seed=0)
+    result = train(cfg)
+    # chance is 0.51 on SST-2 dev (444 positive of 872)
+    assert result.best["accuracy"] > 0.70
+
+
+def test_default_train_command_runs_on_the_bundled_model_and_data(tmp_path, capsys):
+    out = tmp_path / "default"
+    assert main(["train", "--max-steps", "3", "--output", str(out), "--eval-every", "3"]) == 0
+    assert "best dev: step 3" in capsys.readouterr().out
+    config = json.loads((out / "train_config.json").read_text())
+    assert config["model"] == bundled_model_path() and config["train"] == str(BUNDLED_TRAIN)

@@ -22,20 +22,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_SST2 = ROOT.parent / "shared" / "data" / "sst2"
+SHARED_SST2 = ROOT.parent / "shared" / "data" / "sst2"  # ../shared/data/sst2 beside the project root
 RUNS = ("fastcls", "fastcls-fp32", "hf-defaults", "hf-best")
 
 
-def sst2_files(rows: int, workdir: Path) -> tuple[Path, Path]:
-    if not (SHARED_SST2 / "train.tsv").is_file():
-        sys.exit(f"SST-2 not found at {SHARED_SST2} (expected ../shared/data/sst2 beside the project root)")
+def sst2_files(sst2: Path, rows: int, workdir: Path) -> tuple[Path, Path]:
+    if not (sst2 / "train.tsv").is_file():
+        sys.exit(f"SST-2 not found at {sst2} (pass --sst2 DIR holding train.tsv and dev.tsv)")
     train = workdir / f"sst2_train_{rows}.tsv"
-    with open(SHARED_SST2 / "train.tsv") as src, open(train, "w") as dst:
+    with open(sst2 / "train.tsv") as src, open(train, "w") as dst:
         for i, line in enumerate(src):
             if i > rows:
                 break
             dst.write(line)
-    return train, SHARED_SST2 / "dev.tsv"
+    return train, sst2 / "dev.tsv"
 
 
 def peak_memory_mb(device: str) -> float:
@@ -55,7 +55,7 @@ def run_fastcls(args, train: Path, dev: Path, out: Path, precision: str) -> dict
                       device=args.device, precision=precision, log_every=50)
     result = fastcls_train(cfg)
     return {"samples_per_s": result.train_samples_per_s, "train_s": result.train_seconds,
-            "accuracy": result.best["accuracy"], "tokens": None}
+            "accuracy": result.best["accuracy"]}
 
 
 def run_hf(args, train: Path, dev: Path, out: Path, best_flags: bool) -> dict:
@@ -77,17 +77,20 @@ def run_hf(args, train: Path, dev: Path, out: Path, best_flags: bool) -> dict:
         return [{**{k: v[i] for k, v in enc.items()}, "labels": labels[i]} for i in range(len(texts))]
 
     train_set, dev_set = dataset(train), dataset(dev)
-    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
+    # fp32 master weights, as fastcls keeps: a bf16 checkpoint would otherwise load as a bf16 model
+    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2, dtype=torch.float32)
     flags = {}
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     if best_flags:
-        fields = {f.name for f in dataclasses.fields(TrainingArguments)}
         flags = {"bf16": True, "optim": "adamw_torch_fused"}
         # transformers 5 renamed group_by_length to a sampling strategy
         flags.update({"group_by_length": True} if "group_by_length" in fields
                      else {"train_sampling_strategy": "group_by_length"})
+    # older transformers take the warmup ratio separately; newer ones read a fraction in warmup_steps
+    flags.update({"warmup_ratio": 0.06} if "warmup_ratio" in fields else {"warmup_steps": 0.06})
     targs = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=32, per_device_eval_batch_size=128,
-        num_train_epochs=args.epochs, learning_rate=5e-5, warmup_steps=0.06, weight_decay=0.01, seed=args.seed,
+        num_train_epochs=args.epochs, learning_rate=5e-5, weight_decay=0.01, seed=args.seed,
         save_strategy="no", report_to="none", logging_steps=50, disable_tqdm=True,
         use_cpu=args.device == "cpu", **flags,
     )
@@ -96,14 +99,14 @@ def run_hf(args, train: Path, dev: Path, out: Path, best_flags: bool) -> dict:
     pred = trainer.predict(dev_set)
     accuracy = float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())
     return {"samples_per_s": metrics["train_samples_per_second"], "train_s": metrics["train_runtime"],
-            "accuracy": accuracy, "tokens": None}
+            "accuracy": accuracy}
 
 
 def worker(args) -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        train, dev = sst2_files(args.rows, tmp)
+        train, dev = sst2_files(Path(args.sst2), args.rows, tmp)
         if args.worker.startswith("fastcls"):
             precision = "fp32" if args.worker == "fastcls-fp32" else "auto"
             result = run_fastcls(args, train, dev, tmp / "out", precision)
@@ -120,6 +123,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--model", default=None, help="encoder folder (default: bundled all-MiniLM-L6-v2)")
+    parser.add_argument("--sst2", default=str(SHARED_SST2), help="folder with SST-2 train.tsv and dev.tsv")
     parser.add_argument("--runs", default="fastcls,hf-defaults,hf-best")
     parser.add_argument("--json", help="also write the rows as JSON here")
     parser.add_argument("--worker", choices=RUNS, help=argparse.SUPPRESS)
@@ -135,7 +139,7 @@ def main() -> None:
     rows = []
     for run in args.runs.split(","):
         cmd = [sys.executable, __file__, "--worker", run, "--rows", str(args.rows), "--epochs", str(args.epochs),
-               "--device", args.device, "--seed", str(args.seed), "--model", args.model]
+               "--device", args.device, "--seed", str(args.seed), "--model", args.model, "--sst2", args.sst2]
         print(f"== {run}", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]

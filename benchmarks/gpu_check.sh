@@ -18,10 +18,13 @@ python3 -m pip install --no-build-isolation --no-deps -e . -q 2>&1 | grep -v "as
 python3 -m fastcls info
 
 echo "== CUDA tests"
-python3 -m pytest -q -p no:cacheprovider tests/test_cross_entropy.py tests/test_train.py -m "not slow" \
+python3 -m pytest -q -p no:cacheprovider tests/test_cross_entropy.py tests/test_dropout.py tests/test_patching.py \
+    tests/test_train.py -m "not slow" \
     2>&1 | tee "$OUT/tests.log" | tail -4 || status=1
 
 echo "== end to end: MiniLM, first 4000 SST-2 rows, one epoch, bf16"
-python3 benchmarks/e2e.py --device cuda --runs fastcls,fastcls-fp32,hf-defaults,hf-best \
+SST2=../shared/data/sst2
+[ -f "$SST2/train.tsv" ] || SST2=.gpu_assets/sst2
+python3 benchmarks/e2e.py --device cuda --sst2 "$SST2" --runs fastcls,fastcls-fp32,hf-defaults,hf-best \
     --json "$OUT/e2e_cuda.json" 2>"$OUT/e2e.log" || { tail -20 "$OUT/e2e.log"; status=1; }
 exit $status

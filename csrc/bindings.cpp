@@ -6,6 +6,7 @@
 #include <string>
 
 #include "cross_entropy.h"
+#include "dropout.h"
 
 namespace py = pybind11;
 
@@ -51,10 +52,30 @@ void def_cross_entropy(py::module_& m, const char* suffix, ForwardKernel<Logit> 
       "Gradient of softmax cross-entropy into a contiguous grad[n_rows, n_classes] of the logits' dtype.");
 }
 
+template <typename Element>
+using DropoutKernel = void (*)(const Element*, Element*, int64_t, uint64_t, uint64_t, float, int);
+
+template <typename Element>
+void def_dropout(py::module_& m, const char* suffix, DropoutKernel<Element> kernel) {
+  m.def(
+      (std::string("dropout_") + suffix).c_str(),
+      [kernel](std::uintptr_t x, std::uintptr_t out, int64_t n, uint64_t seed, uint64_t threshold, float scale,
+               int num_threads) {
+        py::gil_scoped_release release;
+        kernel(as_ptr<const Element>(x), as_ptr<Element>(out), n, seed, threshold, scale, num_threads);
+      },
+      py::arg("x"), py::arg("out"), py::arg("n"), py::arg("seed"), py::arg("threshold"), py::arg("scale"),
+      py::arg("num_threads"),
+      "out = keep * x * scale over n contiguous elements, keep = Philox bits >= threshold (see dropout.h); "
+      "the same call on the upstream gradient is the backward.");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastcls C++ CPU kernels (raw-pointer interface; see fastcls/ops for the torch-facing ops)";
   def_cross_entropy<float>(m, "f32", fastcls::cross_entropy_forward_f32, fastcls::cross_entropy_backward_f32);
   def_cross_entropy<uint16_t>(m, "bf16", fastcls::cross_entropy_forward_bf16, fastcls::cross_entropy_backward_bf16);
+  def_dropout<float>(m, "f32", fastcls::dropout_f32);
+  def_dropout<uint16_t>(m, "bf16", fastcls::dropout_bf16);
 }

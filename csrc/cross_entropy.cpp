@@ -1,5 +1,7 @@
 #include "cross_entropy.h"
 
+#include "bf16.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -22,33 +24,6 @@ constexpr int64_t kLogitsPerTask = 32768;
 inline int64_t rows_per_task(int64_t n_classes) {
   return std::max<int64_t>(1, kLogitsPerTask / std::max<int64_t>(1, n_classes));
 }
-
-inline float bf16_to_f32(uint16_t bits) {
-  const uint32_t widened = uint32_t(bits) << 16;
-  float value;
-  std::memcpy(&value, &widened, sizeof value);
-  return value;
-}
-
-// Round to nearest even. The rounding carry would turn a NaN with low payload bits into infinity, so NaN keeps
-// its top bits and is made quiet instead.
-inline uint16_t f32_to_bf16(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof bits);
-  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-  const uint32_t quiet_nan = (bits >> 16) | 0x40u;
-  return uint16_t((bits & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
-}
-
-inline float to_f32(float value) { return value; }
-inline float to_f32(uint16_t bits) { return bf16_to_f32(bits); }
-
-template <typename Logit>
-Logit from_f32(float value);
-template <>
-inline float from_f32<float>(float value) { return value; }
-template <>
-inline uint16_t from_f32<uint16_t>(float value) { return f32_to_bf16(value); }
 
 // exp(x) for x <= 0 (every exponent in softmax is relative to a max or to the logsumexp), within about 1 ulp:
 // Cody-Waite reduction to r in [-ln2/2, ln2/2], the Cephes expf polynomial for exp(r), and 2^n assembled in the

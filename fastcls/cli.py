@@ -46,6 +46,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--head-impl", choices=["fused", "reference"], help="fastcls kernels or PyTorch reference")
+    p.add_argument("--no-patch", dest="patch", action="store_false",
+                   help="keep the encoder's own dropouts instead of fastcls's kernels")
     p.add_argument("--log-every", type=int)
     p.add_argument("--group-size", type=int, help="batches per length-sorted group (default 50)")
     p.add_argument("--overwrite", action="store_true", help="train into a folder that already holds a model")

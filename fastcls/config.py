@@ -45,6 +45,7 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     head_impl: str = "fused"  # fused (fastcls kernels) | reference (PyTorch)
+    patch: bool = True  # swap the encoder's dropouts for fastcls's mask-free kernel (fastcls.patch)
     log_every: int = 10  # steps between progress updates (each reads the loss back from the device)
     group_size: int = 50  # batches per length-sorted mega-batch
     overwrite: bool = False  # allow --output to be a folder that already holds a model

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from fastcls.components.metrics import classification_report
-from fastcls.components.precision import autocast
+from fastcls.components.precision import autocast, to_device
 from fastcls.data import Encoded, LabelMap, LengthGroupedBatches, collate
 from fastcls.ops import cross_entropy
 
@@ -18,13 +18,9 @@ def predict_logits(model, encoded: Encoded, batch_size: int, device: torch.devic
     model.eval()
     logits = torch.empty(len(encoded), model.num_labels, dtype=torch.float32, device=device)
     for indices in LengthGroupedBatches(encoded.lengths, batch_size, shuffle=False).batches(0):
-        batch = collate(encoded, indices, pad_token_id)
+        batch = to_device(collate(encoded, indices, pad_token_id), device)
         with autocast(device, precision):
-            out = model(
-                batch["input_ids"].to(device, non_blocking=True),
-                batch["attention_mask"].to(device, non_blocking=True),
-                batch["token_type_ids"].to(device, non_blocking=True) if "token_type_ids" in batch else None,
-            )
+            out = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
         logits[torch.as_tensor(indices, device=device)] = out.float()
     model.train(was_training)
     return logits

@@ -12,13 +12,14 @@ from fastcls.components.checkpoint import append_jsonl, save_json_atomic, save_w
 from fastcls.components.host_memory import keep_freed_host_memory
 from fastcls.components.lr_schedule import ScheduleConfig, build_scheduler, resolve_warmup_steps
 from fastcls.components.optimizer import OptimizerConfig, build_optimizer
-from fastcls.components.precision import autocast, grad_scaler, resolve_device, resolve_precision
+from fastcls.components.precision import autocast, grad_scaler, resolve_device, resolve_precision, to_device
 from fastcls.config import TrainConfig
 from fastcls.data import LabelMap, LengthGroupedBatches, collate, read_examples, tokenize_examples
 from fastcls.errors import TrainingError
 from fastcls.evaluate import evaluate_logits, predict_logits
 from fastcls.model import FASTCLS_FILE, WEIGHTS_FILE, build_classifier, load_tokenizer, save_static_files
 from fastcls.ops import cross_entropy, cross_entropy_reference
+from fastcls.patching import patch
 
 
 @dataclass
@@ -42,8 +43,26 @@ def _read(path, cfg: TrainConfig, require_labels=True):
     )
 
 
-def _improved(metric: str, value: float, best: float | None) -> bool:
-    return best is None or (value < best if metric == "loss" else value > best)
+class BestCheckpoint:
+    """Logs each evaluation to metrics.jsonl, keeps the best weights, and says when patience runs out."""
+
+    def __init__(self, out: Path, metric: str, patience: int | None):
+        self.out, self.metric, self.patience = out, metric, patience
+        self.record: dict | None = None
+        self.evals_without_gain = 0
+
+    def update(self, record: dict, model: torch.nn.Module) -> bool:
+        append_jsonl(record, self.out / "metrics.jsonl")
+        tqdm.write(f"step {record['step']}: dev accuracy {record['accuracy']:.4f}, "
+                   f"macro-F1 {record['macro_f1']:.4f}, loss {record['dev_loss']:.4f}")
+        key = "dev_loss" if self.metric == "loss" else self.metric
+        value, best = record[key], None if self.record is None else self.record[key]
+        if best is None or (value < best if self.metric == "loss" else value > best):
+            self.record, self.evals_without_gain = record, 0
+            save_weights_atomic(model.state_dict(), self.out / WEIGHTS_FILE)
+        else:
+            self.evals_without_gain += 1
+        return self.patience is not None and self.evals_without_gain >= self.patience
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -70,6 +89,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     model = build_classifier(cfg.model, len(labels), cfg.dropout).to(device).train()
+    if cfg.patch:
+        patch(model)
     optimizer = build_optimizer(model, OptimizerConfig(lr=cfg.lr, weight_decay=cfg.weight_decay))
     batches = LengthGroupedBatches(train_set.lengths, cfg.batch_size, group_size=cfg.group_size, seed=cfg.seed)
     steps_per_epoch = math.ceil(len(batches) / cfg.grad_accum)
@@ -89,15 +110,15 @@ def train(cfg: TrainConfig) -> TrainResult:
           f"{device} {precision}, {train_set.num_truncated} rows truncated to --max-length {cfg.max_length}")
 
     step, epoch, samples, train_seconds = 0, 0, 0, 0.0
-    best_value, best_report, evals_without_gain = None, None, 0
+    best = BestCheckpoint(out, cfg.metric, cfg.patience)
     loss_sum = torch.zeros((), device=device)  # summed on the device: read back only at logging steps
-    loss_count, last_loss = 0, float("nan")
+    loss_count = 0
     progress = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
     tick = time.perf_counter()
     while step < total_steps:
         micro_batches = batches.batches(epoch)
         for i, indices in enumerate(micro_batches):
-            batch = {k: v.to(device, non_blocking=True) for k, v in collate(train_set, indices, pad_id).items()}
+            batch = to_device(collate(train_set, indices, pad_id), device)
             with autocast(device, precision):
                 logits = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
             loss = loss_fn(logits, batch["labels"])
@@ -130,24 +151,14 @@ def train(cfg: TrainConfig) -> TrainResult:
                                      samples_s=f"{samples / elapsed:.0f}")
             if dev_set is not None and (step % eval_every == 0 or step == total_steps):
                 train_seconds += time.perf_counter() - tick
-                train_loss = (loss_sum / max(1, loss_count)).item()
+                record = {"step": step, "epoch": round(step / steps_per_epoch, 4),
+                          "train_loss": (loss_sum / max(1, loss_count)).item(), "samples_per_s": samples / train_seconds}
                 loss_sum.zero_()
                 loss_count = 0
-                dev_logits = predict_logits(model, dev_set, cfg.eval_batch_size, device, precision, pad_id)
-                report = evaluate_logits(dev_logits, dev_set, labels)
-                record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "train_loss": train_loss,
-                          "accuracy": report["accuracy"], "macro_f1": report["macro_f1"], "dev_loss": report["loss"],
-                          "samples_per_s": samples / train_seconds, "per_class": report["per_class"]}
-                append_jsonl(record, out / "metrics.jsonl")
-                value = report[cfg.metric]
-                if _improved(cfg.metric, value, best_value):
-                    best_value, best_report, evals_without_gain = value, record, 0
-                    save_weights_atomic(model.state_dict(), out / WEIGHTS_FILE)
-                else:
-                    evals_without_gain += 1
-                progress.write(f"step {step}: dev accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}, "
-                               f"loss {report['loss']:.4f}")
-                if cfg.patience is not None and evals_without_gain >= cfg.patience:
+                report = evaluate_logits(predict_logits(model, dev_set, cfg.eval_batch_size, device, precision, pad_id),
+                                         dev_set, labels)
+                report["dev_loss"] = report.pop("loss")
+                if best.update({**record, **report}, model):
                     progress.write(f"early stop: no {cfg.metric} gain in {cfg.patience} evaluations")
                     total_steps = step
                 tick = time.perf_counter()
@@ -158,8 +169,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     if dev_set is None:
         train_seconds += time.perf_counter() - tick
         save_weights_atomic(model.state_dict(), out / WEIGHTS_FILE)
-    result = TrainResult(out, model, step, best_report, samples / max(train_seconds, 1e-9), train_seconds,
+    result = TrainResult(out, model, step, best.record, samples / max(train_seconds, 1e-9), train_seconds,
                          time.perf_counter() - start)
-    save_json_atomic({"steps": step, "best": best_report, "train_samples_per_s": result.train_samples_per_s,
+    save_json_atomic({"steps": step, "best": best.record, "train_samples_per_s": result.train_samples_per_s,
                       "train_seconds": train_seconds, "total_seconds": result.total_seconds}, out / "trainer_state.json")
     return result

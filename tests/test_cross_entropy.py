@@ -1,5 +1,4 @@
 """Every cross-entropy backend against torch.nn.functional.cross_entropy computed in float64: loss and gradient."""
-import zlib
 
 import pytest
 import torch
@@ -15,29 +14,6 @@ SHAPES = {
     "two_classes": {"compiled": (64, 2), "interpreted": (5, 2)},
     "wide": {"compiled": (37, 50257), "interpreted": (4, 3000)},
 }
-
-
-@pytest.fixture(
-    params=[("reference", "cpu"), ("cpp", "cpu"), ("triton", "cpu"), ("triton", "cuda")],
-    ids=["reference", "cpp", "triton-interpreter", "triton-cuda"],
-)
-def backend(request):
-    """(backend name, device) of one implementation; skipped where it is unavailable."""
-    name, device_type = request.param
-    device = torch.device(device_type)
-    if device_type == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    if name == "cpp" and dispatch.cpp_ext is None:
-        pytest.skip(f"C++ extension not built: {dispatch.CPP_ERROR}")
-    if name == "triton" and not dispatch.triton_usable(device):
-        pytest.skip(f"Triton unusable on {device_type}: {dispatch.TRITON_ERROR or 'TRITON_INTERPRET is not 1'}")
-    return name, device
-
-
-@pytest.fixture
-def generator(request):
-    """A generator seeded per test, so each test draws its own inputs reproducibly."""
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 def shape_for(size: str, backend) -> tuple[int, int]:

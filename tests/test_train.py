@@ -83,7 +83,7 @@ def test_save_load_predict_gives_the_same_probabilities(overfit_run, tmp_path):
     result, data = overfit_run
     model, tokenizer, labels, meta = load_trained(result.output)
     encoded = tokenize_examples(read_examples(data), tokenizer, meta["max_length"], label_map=labels)
-    expected = torch.softmax(result.model.eval()(**_batch(encoded, range(len(encoded)))), -1)
+    expected = torch.softmax(result.model.cpu().eval()(**_batch(encoded, range(len(encoded)))), -1)
     argv = ["predict", "--model", str(result.output), "--data", str(data), "--output", str(tmp_path / "p.jsonl")]
     assert main([*argv, "--precision", "fp32"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
@@ -169,3 +169,25 @@ def test_default_train_command_runs_on_the_bundled_model_and_data(tmp_path, caps
     assert "best dev: step 3" in capsys.readouterr().out
     config = json.loads((out / "train_config.json").read_text())
     assert config["model"] == bundled_model_path() and config["train"] == str(BUNDLED_TRAIN)
+
+
+def test_early_stopping_stops_when_the_metric_stalls(tiny_bert, tmp_path):
+    data = write_tsv(tmp_path / "train.tsv", sst2_rows(16))
+    # a learning rate this small leaves dev accuracy where it starts: the second evaluation brings no gain
+    cfg = TrainConfig(model=str(tiny_bert), train=str(data), dev=str(data), output=str(tmp_path / "out"),
+                      max_steps=50, batch_size=8, lr=1e-12, eval_every=1, patience=1)
+    result = train(cfg)
+    assert result.steps == 2
+    assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert result.best["step"] == 1
+
+
+def test_flags_override_the_config_file(tiny_bert, tmp_path):
+    data = write_tsv(tmp_path / "train.tsv", sst2_rows(16))
+    config = tmp_path / "job.json"
+    config.write_text(json.dumps({"model": str(tiny_bert), "train": str(data), "batch-size": 4, "max_steps": 2,
+                                  "lr": 1e-3}))
+    assert main(["train", "--config", str(config), "--max-steps", "3", "--output", str(tmp_path / "out")]) == 0
+    saved = json.loads((tmp_path / "out" / "train_config.json").read_text())
+    assert (saved["batch_size"], saved["max_steps"], saved["lr"]) == (4, 3, 1e-3)
+    assert json.loads((tmp_path / "out" / "trainer_state.json").read_text())["steps"] == 3

@@ -2,6 +2,7 @@
 import contextlib
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def resolve_device(name: str) -> torch.device:
@@ -30,12 +31,24 @@ def resolve_precision(name: str, device: torch.device) -> str:
 
 def autocast(device: torch.device, precision: str):
     """Weights and the optimizer stay fp32; matrix products run in the low precision."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    stack = contextlib.ExitStack()
+    if precision != "fp32":
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        stack.enter_context(torch.autocast(device_type=device.type, dtype=dtype))
+    if device.type == "cuda":
+        # cuDNN's attention builds an execution plan for every new sequence length, and length-grouped batches
+        # bring a new length at most steps (MiniLM on an H200: 3x slower steps in bf16); the other kernels do not
+        stack.enter_context(sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]))
+    return stack
 
 
 def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     """fp16 gradients underflow without loss scaling; bf16 and fp32 need none (the scaler is then a no-op)."""
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    if device.type != "cuda":
+        return batch
+    # a copy from pageable memory waits for the GPU to drain; from pinned memory it queues behind the work
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}

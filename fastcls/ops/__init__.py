@@ -5,9 +5,10 @@ import torch
 
 from fastcls.ops import dispatch
 from fastcls.ops.cross_entropy import cross_entropy, cross_entropy_reference
+from fastcls.ops.dropout import Dropout, dropout, dropout_reference
 
 # Every op dispatches through dispatch.pick_backend; a new op adds its name here to show up in `fastcls info`.
-OPS = ("cross_entropy",)
+OPS = ("cross_entropy", "dropout")
 
 
 def op_backends() -> dict[str, dict[str, str]]:
@@ -20,4 +21,7 @@ def op_backends() -> dict[str, dict[str, str]]:
     return {op: dict(per_device) for op in OPS}
 
 
-__all__ = ["OPS", "cross_entropy", "cross_entropy_reference", "dispatch", "op_backends"]
+__all__ = [
+    "OPS", "Dropout", "cross_entropy", "cross_entropy_reference", "dispatch", "dropout", "dropout_reference",
+    "op_backends",
+]

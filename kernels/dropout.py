@@ -1,0 +1,51 @@
+"""Triton kernel for mask-free dropout: out = keep * x * scale over a contiguous tensor.
+
+Draws the same mask as the C++ kernel and the PyTorch reference (see `fastcls.ops.dropout`): element i takes
+word i % 4 of Philox4x32-10 at counter i // 4. A program covers BLOCK // 4 counters and views its elements as
+rows of 4, so each Philox evaluation feeds one row. Math is fp32 whatever the dtype. Offsets are int64, so
+tensors past 2^31 elements draw the right bits.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from fastcls.ops.dropout import keep_threshold, kept_scale
+
+BLOCK = 1024
+
+
+# The seed changes every call and the threshold with p: specialising on their values (== 1, divisibility by 16)
+# would only compile more variants.
+@triton.jit(do_not_specialize=["seed", "threshold"])
+def _dropout_kernel(x_ptr, out_ptr, n_elements, seed, threshold, scale, BLOCK: tl.constexpr):
+    counters = tl.program_id(0).to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
+    lanes = tl.arange(0, 4)[None, :]
+    offsets = counters[:, None] * 4 + lanes
+    mask = offsets < n_elements
+    # fp32 math whatever the dtype; the interpreter computes bf16 wrongly besides (and stores it truncated).
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    # tl.philox with explicit 32-bit counter words is what tl.randint4x(seed, counters) runs for int64 counters
+    # from Triton 3.4 on; before that, randint4x ran 64-bit Philox on 64-bit offsets.
+    counter_lo = counters.to(tl.uint32)
+    zero = counter_lo * 0
+    w0, w1, w2, w3 = tl.philox(seed, counter_lo, (counters >> 32).to(tl.uint32), zero, zero)
+    bits = tl.where(lanes == 0, w0[:, None],
+                    tl.where(lanes == 1, w1[:, None], tl.where(lanes == 2, w2[:, None], w3[:, None])))
+    # A select rather than a multiply by 0, so that a dropped NaN or infinity becomes 0.
+    out = tl.where(bits >= threshold.to(tl.uint32), x * scale, 0.0)
+    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dropout_triton(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Dropout of a contiguous x with keep probability 1 - p under `seed` (0 <= seed < 2^64), as a new tensor."""
+    if not x.is_contiguous():
+        raise ValueError(f"x must be contiguous, got strides {x.stride()} for shape {tuple(x.shape)}")
+    out = torch.empty_like(x)
+    threshold = keep_threshold(p)
+    if threshold == 2**32:  # beyond any 32-bit word: nothing is kept
+        return out.zero_()
+    n_elements = x.numel()
+    _dropout_kernel[(triton.cdiv(n_elements, BLOCK),)](
+        x, out, n_elements, seed, threshold, kept_scale(p), BLOCK=BLOCK, num_warps=4
+    )
+    return out

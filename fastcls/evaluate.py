@@ -7,7 +7,7 @@ import torch
 
 from fastcls.components.metrics import classification_report
 from fastcls.components.precision import autocast, to_device
-from fastcls.data import Encoded, LabelMap, LengthGroupedBatches, collate
+from fastcls.data import Encoded, LabelMap, LengthGroupedBatches, collate, restore_order
 from fastcls.ops import cross_entropy
 
 
@@ -16,14 +16,14 @@ def predict_logits(model, encoded: Encoded, batch_size: int, device: torch.devic
     """fp32 logits [N, K] in the data's own order; rows run sorted by length to keep padding small."""
     was_training = model.training
     model.eval()
-    logits = torch.empty(len(encoded), model.num_labels, dtype=torch.float32, device=device)
-    for indices in LengthGroupedBatches(encoded.lengths, batch_size, shuffle=False).batches(0):
+    batches = LengthGroupedBatches(encoded.lengths, batch_size, shuffle=False).batches(0)
+    outputs = []
+    for indices in batches:
         batch = to_device(collate(encoded, indices, pad_token_id), device)
         with autocast(device, precision):
-            out = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
-        logits[torch.as_tensor(indices, device=device)] = out.float()
+            outputs.append(model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")).float())
     model.train(was_training)
-    return logits
+    return restore_order(torch.cat(outputs), batches)
 
 
 def evaluate_logits(logits: torch.Tensor, encoded: Encoded, labels: LabelMap) -> dict:

@@ -42,12 +42,12 @@ def write_predictions(path: str | Path, logits: torch.Tensor, labels: LabelMap) 
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix in (".jsonl", ".json"):
         with open(path, "w") as f:
-            for row, p in zip(pred, probs.tolist()):
-                f.write(json.dumps({"label": names[row], "probabilities": dict(zip(names, p))}) + "\n")
+            for row, p in zip(pred, probs.tolist(), strict=True):
+                f.write(json.dumps({"label": names[row], "probabilities": dict(zip(names, p, strict=True))}) + "\n")
         return
     delimiter = "\t" if path.suffix == ".tsv" else ","
     with open(path, "w", newline="") as f:
         writer = csv.writer(f, delimiter=delimiter)
         writer.writerow(["label", *(f"prob_{n}" for n in names)])
-        for row, p in zip(pred, probs.tolist()):
+        for row, p in zip(pred, probs.tolist(), strict=True):
             writer.writerow([names[row], *(f"{x:.6g}" for x in p)])

@@ -34,12 +34,19 @@ def test_no_decay_on_biases_and_norms():
     assert ids(plain["params"]) == {id(model[1].bias), id(model[2].weight), id(model[2].bias), id(model[3].bias)}
 
 
-def test_atomic_writes_keep_previous_file_on_failure(tmp_path):
+def test_atomic_writes_keep_previous_file_on_failure(tmp_path, monkeypatch):
     path = tmp_path / "w.safetensors"
     save_weights_atomic({"a": torch.randn(3)}, path)
     before = path.read_bytes()
-    with pytest.raises(Exception):
-        save_weights_atomic({"a": object()}, path)  # not a tensor: fails mid-write
+
+    def crash_mid_write(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("fastcls.components.checkpoint.save_file", crash_mid_write)
+    with pytest.raises(OSError, match="disk full"):
+        save_weights_atomic({"a": torch.randn(3)}, path)
     assert path.read_bytes() == before
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
     save_json_atomic({"x": 1}, tmp_path / "s.json")

@@ -53,5 +53,5 @@ def test_scheduler_drives_optimizer_lr():
     assert seen[2] == pytest.approx(0.0005)
     assert seen[4] == pytest.approx(0.001)
     assert seen[12] == pytest.approx(0.001 * (1 - 8 / 16))
-    assert all(b <= a for a, b in zip(seen[4:], seen[5:]))
+    assert all(b <= a for a, b in zip(seen[4:], seen[5:], strict=False))
     assert math.isclose(seen[-1], 0.001 / 16)

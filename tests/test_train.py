@@ -3,18 +3,19 @@ import csv
 import inspect
 import json
 import random
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
 from fastcls.cli import main
 from fastcls.config import BUNDLED_DEV, BUNDLED_TRAIN, TrainConfig, bundled_model_path
-from fastcls.data import LengthGroupedBatches, collate, read_examples, tokenize_examples
+from fastcls.data import collate, read_examples, tokenize_examples
 from fastcls.errors import TrainingError
-from fastcls.evaluate import predict_logits
 from fastcls.export import export_hf
-from fastcls.model import load_tokenizer, load_trained
+from fastcls.model import ModelLoadError, load_tokenizer, load_trained
 from fastcls.train import train
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -191,3 +192,17 @@ def test_flags_override_the_config_file(tiny_bert, tmp_path):
     saved = json.loads((tmp_path / "out" / "train_config.json").read_text())
     assert (saved["batch_size"], saved["max_steps"], saved["lr"]) == (4, 3, 1e-3)
     assert json.loads((tmp_path / "out" / "trainer_state.json").read_text())["steps"] == 3
+
+
+def test_mismatched_checkpoint_is_refused_with_the_file_named(overfit_run, tmp_path):
+    result, _ = overfit_run
+    broken = shutil.copytree(result.output, tmp_path / "broken")
+    (broken / "labels.json").write_text(json.dumps({"id2label": ["a", "b", "c"]}))
+    with pytest.raises(ModelLoadError, match="labels.json has 3 labels, fastcls.json 2"):
+        load_trained(broken)
+    shutil.copy(result.output / "labels.json", broken / "labels.json")
+    state = load_file(broken / "model.safetensors")
+    state["classifier.weight"] = torch.randn(5, state["classifier.weight"].shape[1])
+    save_file(state, broken / "model.safetensors")
+    with pytest.raises(ModelLoadError, match="model.safetensors does not match"):
+        load_trained(broken)

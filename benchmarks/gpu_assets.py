@@ -40,7 +40,7 @@ def main() -> None:
     data = ASSETS / "sst2"
     data.mkdir(exist_ok=True)
     with open(SST2 / "train.tsv") as src, open(data / "train.tsv", "w") as dst:
-        dst.writelines(line for i, line in zip(range(4001), src))
+        dst.writelines(line for _, line in zip(range(4001), src, strict=False))
     shutil.copy(SST2 / "dev.tsv", data / "dev.tsv")
     print(f"wrote {ASSETS}")
 

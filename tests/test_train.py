@@ -206,3 +206,26 @@ def test_mismatched_checkpoint_is_refused_with_the_file_named(overfit_run, tmp_p
     save_file(state, broken / "model.safetensors")
     with pytest.raises(ModelLoadError, match="model.safetensors does not match"):
         load_trained(broken)
+
+
+def test_predict_writes_csv_for_an_unlabelled_file(overfit_run, tmp_path):
+    result, _ = overfit_run
+    data = tmp_path / "new.csv"
+    data.write_text('text\n"a quiet, lovely film"\n"dull, and far too long"\nfine\n')
+    assert main(["predict", "--model", str(result.output), "--data", str(data), "--output", str(tmp_path / "p.csv")]) == 0
+    with open(tmp_path / "p.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and {r["label"] for r in rows} <= {"neg", "pos"}
+    for r in rows:
+        assert float(r["prob_neg"]) + float(r["prob_pos"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_grad_accumulation_and_eval_interval_count_optimizer_steps(tiny_bert, tmp_path):
+    data = write_tsv(tmp_path / "train.tsv", sst2_rows(40))
+    cfg = TrainConfig(model=str(tiny_bert), train=str(data), dev=str(data), output=str(tmp_path / "out"), epochs=2,
+                      batch_size=8, grad_accum=2, eval_every=2, precision="fp32")
+    result = train(cfg)
+    # 5 micro-batches an epoch make 3 optimizer steps (the last one of a single micro-batch): 6 in 2 epochs
+    assert result.steps == 6
+    steps = [json.loads(line)["step"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6]

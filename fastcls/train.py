@@ -33,13 +33,9 @@ class TrainResult:
     total_seconds: float
 
 
-def _read(path, cfg: TrainConfig, require_labels=True):
+def _read(path, cfg: TrainConfig):
     return read_examples(
-        path,
-        text_columns=cfg.text_columns,
-        text_pair_column=cfg.text_pair_column,
-        label_column=cfg.label_column,
-        require_labels=require_labels,
+        path, text_columns=cfg.text_columns, text_pair_column=cfg.text_pair_column, label_column=cfg.label_column
     )
 
 

@@ -127,8 +127,11 @@ class _DropoutFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        grad = _DropoutFunction.apply(grad_output.contiguous(), ctx.p, ctx.seed, ctx.backend)
-        return grad, None, None, None
+        grad_output = grad_output.contiguous()
+        if torch.is_grad_enabled():  # create_graph: the backward must itself be differentiable
+            return _DropoutFunction.apply(grad_output, ctx.p, ctx.seed, ctx.backend), None, None, None
+        # a plain backward (grad mode off) skips a second trip through autograd, per dropout per step
+        return _apply_mask(grad_output, ctx.p, ctx.seed, ctx.backend), None, None, None
 
 
 def dropout(

@@ -61,8 +61,13 @@ def run_fastcls(args, train: Path, dev: Path, out: Path, precision: str) -> dict
 def run_hf(args, train: Path, dev: Path, out: Path, best_flags: bool) -> dict:
     import numpy as np
     import torch
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              TrainingArguments)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
 
     def read(path):
         with open(path) as f:

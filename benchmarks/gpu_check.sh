@@ -19,9 +19,17 @@ python3 -m pip install --no-build-isolation --no-deps -e . -q 2>&1 | grep -v "as
 python3 -m fastcls info
 
 echo "== CUDA tests"
-python3 -m pytest -q -p no:cacheprovider tests/test_cross_entropy.py tests/test_dropout.py tests/test_patching.py \
-    tests/test_train.py -m "not slow" \
+python3 -m pytest -q -p no:cacheprovider tests/test_cross_entropy.py tests/test_linear_cross_entropy.py \
+    tests/test_classification_head.py tests/test_dropout.py tests/test_dropout_add_layer_norm.py tests/test_adamw.py \
+    tests/test_patching.py tests/test_train.py -m "not slow" \
     2>&1 | tee "$OUT/tests.log" | tail -4 || status=1
+
+# Each kernel benchmark prints its own table and writes JSON beside the logs.
+for op in cross_entropy layer_norm adamw; do
+    echo "== kernel benchmark: $op"
+    python3 "benchmarks/bench_$op.py" --device cuda --json "$OUT/${op}_cuda.json" 2>"$OUT/$op.log" \
+        || { tail -20 "$OUT/$op.log"; status=1; }
+done
 
 echo "== end to end: MiniLM, first 4000 SST-2 rows, one epoch, bf16"
 SST2=../shared/data/sst2

@@ -5,8 +5,10 @@
 #include <cstdint>
 #include <string>
 
+#include "adamw.h"
 #include "cross_entropy.h"
 #include "dropout.h"
+#include "layer_norm.h"
 
 namespace py = pybind11;
 
@@ -18,38 +20,41 @@ T* as_ptr(std::uintptr_t address) {
 }
 
 template <typename Logit>
-using ForwardKernel = void (*)(const Logit*, int64_t, int64_t, int64_t, const int64_t*, int64_t, float*, float*, int);
-template <typename Logit>
-using BackwardKernel = void (*)(const Logit*, int64_t, int64_t, int64_t, const int64_t*, int64_t, const float*,
-                                const float*, Logit*, int);
+using CrossEntropyRowsKernel = void (*)(const Logit*, int64_t, int64_t, int64_t, const int64_t*, int64_t, const float*,
+                                        float, float*, Logit*, int64_t, float, int);
 
+// class_weight and grad may be 0 (null): no class weights, no gradient.
 template <typename Logit>
-void def_cross_entropy(py::module_& m, const char* suffix, ForwardKernel<Logit> forward,
-                       BackwardKernel<Logit> backward) {
+void def_cross_entropy_rows(py::module_& m, const char* suffix, CrossEntropyRowsKernel<Logit> kernel) {
   m.def(
-      (std::string("cross_entropy_forward_") + suffix).c_str(),
-      [forward](std::uintptr_t logits, int64_t n_rows, int64_t n_classes, int64_t row_stride, std::uintptr_t target,
-                int64_t ignore_index, std::uintptr_t loss, std::uintptr_t lse, int num_threads) {
+      (std::string("cross_entropy_rows_") + suffix).c_str(),
+      [kernel](std::uintptr_t logits, int64_t n_rows, int64_t n_classes, int64_t row_stride, std::uintptr_t target,
+               int64_t ignore_index, std::uintptr_t class_weight, float label_smoothing, std::uintptr_t loss,
+               std::uintptr_t grad, int64_t grad_row_stride, float grad_scale, int num_threads) {
         py::gil_scoped_release release;
-        forward(as_ptr<const Logit>(logits), n_rows, n_classes, row_stride, as_ptr<const int64_t>(target),
-                ignore_index, as_ptr<float>(loss), as_ptr<float>(lse), num_threads);
+        kernel(as_ptr<const Logit>(logits), n_rows, n_classes, row_stride, as_ptr<const int64_t>(target),
+               ignore_index, as_ptr<const float>(class_weight), label_smoothing, as_ptr<float>(loss),
+               as_ptr<Logit>(grad), grad_row_stride, grad_scale, num_threads);
       },
       py::arg("logits"), py::arg("n_rows"), py::arg("n_classes"), py::arg("row_stride"), py::arg("target"),
-      py::arg("ignore_index"), py::arg("loss"), py::arg("lse"), py::arg("num_threads"),
-      "Per-row loss and logsumexp (fp32) of softmax cross-entropy; IndexError on an out-of-range target.");
+      py::arg("ignore_index"), py::arg("class_weight"), py::arg("label_smoothing"), py::arg("loss"),
+      py::arg("grad"), py::arg("grad_row_stride"), py::arg("grad_scale"), py::arg("num_threads"),
+      "Per-row softmax cross-entropy (fp32) and, unless grad is 0, its gradient times grad_scale (see "
+      "cross_entropy.h).");
+}
+
+void def_cross_entropy_target_summary(py::module_& m) {
   m.def(
-      (std::string("cross_entropy_backward_") + suffix).c_str(),
-      [backward](std::uintptr_t logits, int64_t n_rows, int64_t n_classes, int64_t row_stride,
-                 std::uintptr_t target, int64_t ignore_index, std::uintptr_t lse, std::uintptr_t scale,
-                 std::uintptr_t grad, int num_threads) {
-        py::gil_scoped_release release;
-        backward(as_ptr<const Logit>(logits), n_rows, n_classes, row_stride, as_ptr<const int64_t>(target),
-                 ignore_index, as_ptr<const float>(lse), as_ptr<const float>(scale), as_ptr<Logit>(grad),
-                 num_threads);
+      "cross_entropy_target_summary",
+      [](std::uintptr_t target, int64_t n_rows, int64_t n_classes, int64_t ignore_index, std::uintptr_t class_weight) {
+        double weight_sum = 0.0;
+        int64_t kept_rows = 0;
+        fastcls::cross_entropy_target_summary(as_ptr<const int64_t>(target), n_rows, n_classes, ignore_index,
+                                              as_ptr<const float>(class_weight), &weight_sum, &kept_rows);
+        return py::make_tuple(weight_sum, kept_rows);
       },
-      py::arg("logits"), py::arg("n_rows"), py::arg("n_classes"), py::arg("row_stride"), py::arg("target"),
-      py::arg("ignore_index"), py::arg("lse"), py::arg("scale"), py::arg("grad"), py::arg("num_threads"),
-      "Gradient of softmax cross-entropy into a contiguous grad[n_rows, n_classes] of the logits' dtype.");
+      py::arg("target"), py::arg("n_rows"), py::arg("n_classes"), py::arg("ignore_index"), py::arg("class_weight"),
+      "(sum of class weights over kept rows, number of kept rows); IndexError on an out-of-range target.");
 }
 
 template <typename Element>
@@ -70,12 +75,81 @@ void def_dropout(py::module_& m, const char* suffix, DropoutKernel<Element> kern
       "the same call on the upstream gradient is the backward.");
 }
 
+// Dropout + residual add + LayerNorm (or LayerNorm + dropout) forward and backward; see layer_norm.h.
+void def_layer_norm(py::module_& m) {
+  m.def(
+      "layer_norm_forward",
+      [](std::uintptr_t x, int x_dtype, std::uintptr_t residual, int residual_dtype, std::uintptr_t weight,
+         std::uintptr_t bias, std::uintptr_t out, std::uintptr_t sum, int out_dtype, std::uintptr_t mean,
+         std::uintptr_t rstd, int64_t n_rows, int64_t n_cols, float eps, uint64_t seed, uint64_t threshold,
+         float scale, bool dropout_after, int num_threads) {
+        py::gil_scoped_release release;
+        fastcls::layer_norm_forward(as_ptr<const void>(x), x_dtype, as_ptr<const void>(residual), residual_dtype,
+                                    as_ptr<const float>(weight), as_ptr<const float>(bias), as_ptr<void>(out),
+                                    as_ptr<void>(sum), out_dtype, as_ptr<float>(mean), as_ptr<float>(rstd), n_rows,
+                                    n_cols, eps, seed, threshold, scale, dropout_after, num_threads);
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("residual"), py::arg("residual_dtype"), py::arg("weight"),
+      py::arg("bias"), py::arg("out"), py::arg("sum"), py::arg("out_dtype"), py::arg("mean"), py::arg("rstd"),
+      py::arg("n_rows"), py::arg("n_cols"), py::arg("eps"), py::arg("seed"), py::arg("threshold"), py::arg("scale"),
+      py::arg("dropout_after"), py::arg("num_threads"),
+      "out = LayerNorm(dropout(x) + residual) or dropout(LayerNorm(x)) over contiguous rows, with the per-row mean "
+      "and rstd (layer_norm.h); dtype codes 0 fp32, 1 bf16; a null address is 0.");
+  m.def(
+      "layer_norm_backward",
+      [](std::uintptr_t grad_out, std::uintptr_t saved, int saved_dtype, bool saved_is_output, std::uintptr_t weight,
+         std::uintptr_t bias, std::uintptr_t mean, std::uintptr_t rstd, std::uintptr_t grad_sum,
+         std::uintptr_t grad_x, int x_dtype, std::uintptr_t grad_residual, int residual_dtype,
+         std::uintptr_t grad_weight_partial, std::uintptr_t grad_bias_partial, int64_t n_rows, int64_t n_cols,
+         uint64_t seed, uint64_t threshold, float scale, bool dropout_after, int num_threads) {
+        py::gil_scoped_release release;
+        fastcls::layer_norm_backward(
+            as_ptr<const void>(grad_out), as_ptr<const void>(saved), saved_dtype, saved_is_output,
+            as_ptr<const float>(weight), as_ptr<const float>(bias), as_ptr<const float>(mean),
+            as_ptr<const float>(rstd), as_ptr<const void>(grad_sum), as_ptr<void>(grad_x), x_dtype,
+            as_ptr<void>(grad_residual), residual_dtype, as_ptr<float>(grad_weight_partial),
+            as_ptr<float>(grad_bias_partial), n_rows, n_cols, seed, threshold, scale, dropout_after, num_threads);
+      },
+      py::arg("grad_out"), py::arg("saved"), py::arg("saved_dtype"), py::arg("saved_is_output"), py::arg("weight"),
+      py::arg("bias"), py::arg("mean"), py::arg("rstd"), py::arg("grad_sum"), py::arg("grad_x"), py::arg("x_dtype"),
+      py::arg("grad_residual"), py::arg("residual_dtype"), py::arg("grad_weight_partial"),
+      py::arg("grad_bias_partial"), py::arg("n_rows"), py::arg("n_cols"), py::arg("seed"), py::arg("threshold"),
+      py::arg("scale"), py::arg("dropout_after"), py::arg("num_threads"),
+      "Gradients of layer_norm_forward, redrawing its mask; per-thread fp32 partial weight and bias gradients "
+      "(layer_norm.h).");
+}
+
+using AdamWKernel = void (*)(const int64_t*, int64_t, const fastcls::AdamWOptions&, const float*, const float*, int);
+
+void def_adamw(py::module_& m, const char* name, AdamWKernel kernel, const char* doc) {
+  m.def(
+      name,
+      [kernel](std::uintptr_t table, int64_t n_tensors, double lr, double beta1, double beta2, double eps,
+               double weight_decay, bool amsgrad, bool maximize, bool bias_correction, std::uintptr_t grad_scale,
+               std::uintptr_t found_inf, int num_threads) {
+        py::gil_scoped_release release;
+        const fastcls::AdamWOptions options{lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, bias_correction};
+        kernel(as_ptr<const int64_t>(table), n_tensors, options, as_ptr<const float>(grad_scale),
+               as_ptr<const float>(found_inf), num_threads);
+      },
+      py::arg("table"), py::arg("n_tensors"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+      py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"), py::arg("bias_correction"),
+      py::arg("grad_scale"), py::arg("found_inf"), py::arg("num_threads"), doc);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastcls C++ CPU kernels (raw-pointer interface; see fastcls/ops for the torch-facing ops)";
-  def_cross_entropy<float>(m, "f32", fastcls::cross_entropy_forward_f32, fastcls::cross_entropy_backward_f32);
-  def_cross_entropy<uint16_t>(m, "bf16", fastcls::cross_entropy_forward_bf16, fastcls::cross_entropy_backward_bf16);
+  def_adamw(m, "adamw_f32", fastcls::adamw_f32,
+            "AdamW step over a table of fp32 tensors (row layout in adamw.h); grad_scale/found_inf: 0 or addresses.");
+  def_adamw(m, "adamw_bf16_master", fastcls::adamw_bf16_master,
+            "AdamW step over a table of bf16 params/grads with fp32 master weights and moments (see adamw.h).");
+  def_cross_entropy_target_summary(m);
+  def_cross_entropy_rows<float>(m, "f32", fastcls::cross_entropy_rows_f32);
+  def_cross_entropy_rows<uint16_t>(m, "bf16", fastcls::cross_entropy_rows_bf16);
+  def_cross_entropy_rows<uint16_t>(m, "f16", fastcls::cross_entropy_rows_f16);
   def_dropout<float>(m, "f32", fastcls::dropout_f32);
   def_dropout<uint16_t>(m, "bf16", fastcls::dropout_bf16);
+  def_layer_norm(m);
 }

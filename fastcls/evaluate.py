@@ -42,8 +42,7 @@ def write_predictions(path: str | Path, logits: torch.Tensor, labels: LabelMap) 
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix in (".jsonl", ".json"):
         with open(path, "w") as f:
-            for row, p in zip(pred, probs.tolist(), strict=True):
-                f.write(json.dumps({"label": names[row], "probabilities": dict(zip(names, p, strict=True))}) + "\n")
+            f.writelines(json.dumps({"label": names[row], "probabilities": dict(zip(names, p, strict=True))}) + "\n" for row, p in zip(pred, probs.tolist(), strict=True))
         return
     delimiter = "\t" if path.suffix == ".tsv" else ","
     with open(path, "w", newline="") as f:

@@ -36,7 +36,9 @@ def describe() -> str:
     lines.append(f"C++ kernels   {cpp}")
     lines.append(f"Triton        {'importable' if dispatch.TRITON_ERROR is None else dispatch.TRITON_ERROR}")
     lines.append("")
-    lines.append(f"{'op':<20} {'cpu':<10} cuda")
-    for op, by_device in op_backends().items():
-        lines.append(f"{op:<20} {by_device['cpu']:<10} {by_device['cuda']}")
+    backends = op_backends()
+    width = max(len(op) for op in backends) + 2
+    lines.append(f"{'op':<{width}} {'cpu':<10} cuda")
+    for op, by_device in backends.items():
+        lines.append(f"{op:<{width}} {by_device['cpu']:<10} {by_device['cuda']}")
     return "\n".join(lines)

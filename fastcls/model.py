@@ -2,6 +2,9 @@
 
     logits = dropout(h_CLS) @ W_C + b        (W_C: d x K)
 
+Training computes the loss with it through `EncoderClassifier.loss_and_logits`: fastcls's fused head
+(`fastcls.ops.classification_head`) or, for comparison, PyTorch's modules and reference cross-entropy.
+
 A trained model folder holds `model.safetensors` (encoder and head), the encoder's `config.json`,
 `fastcls.json` (head and label facts), `labels.json` and the tokenizer files.
 """
@@ -17,6 +20,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig
 from transformers.utils import logging as hf_logging
 
 from fastcls.data import LabelMap
+from fastcls.ops import classification_head, cross_entropy_reference
 
 WEIGHTS_FILE = "model.safetensors"
 FASTCLS_FILE = "fastcls.json"
@@ -61,13 +65,29 @@ class EncoderClassifier(nn.Module):
     def num_labels(self) -> int:
         return self.classifier.out_features
 
-    def cls_hidden(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+    def hidden_states(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        """The encoder's last hidden states [B, L, d]."""
         extra = {"token_type_ids": token_type_ids} if token_type_ids is not None and self.takes_token_types else {}
-        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra)
-        return out.last_hidden_state[:, 0]
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+
+    def cls_hidden(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        return self.hidden_states(input_ids, attention_mask, token_type_ids)[:, 0]
 
     def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         return self.classifier(self.dropout(self.cls_hidden(input_ids, attention_mask, token_type_ids)))
+
+    def loss_and_logits(self, input_ids, attention_mask, labels, token_type_ids=None, *, head_impl: str = "fused"):
+        """(mean cross-entropy against labels, logits). head_impl "fused" runs the head and the loss through
+        fastcls.ops.classification_head (labels are trusted: no target check, which would cost a host sync on
+        CUDA); "reference" runs this module's dropout and linear layer and PyTorch's cross-entropy."""
+        if head_impl == "reference":
+            logits = self.forward(input_ids, attention_mask, token_type_ids)
+            return cross_entropy_reference(logits, labels), logits
+        if head_impl != "fused":
+            raise ValueError(f"head_impl must be fused or reference, got {head_impl!r}")
+        hidden = self.hidden_states(input_ids, attention_mask, token_type_ids)
+        return classification_head(hidden, self.classifier.weight, self.classifier.bias, labels,
+                                   dropout_p=self.dropout.p, training=self.dropout.training, validate=False)
 
 
 def check_model_dir(path: str | Path, argument: str = "--model") -> Path:

@@ -5,18 +5,34 @@
 - the attention-probability dropout, which transformers hands to `scaled_dot_product_attention` (on the CPU
   its math fallback draws the mask with torch's slow `bernoulli_`), runs through the "fastcls" attention
   function below: SDPA itself wherever no dropout applies or on CUDA (whose kernels drop in-register), else
-  the same math with fastcls's dropout.
+  the same math with fastcls's dropout;
+- the blocks that end in LayerNorm(dropout(dense(h)) + residual) (BERT, RoBERTa, XLM-R and ELECTRA's
+  *SelfOutput and *Output, DistilBERT's TransformerBlock: sa_layer_norm and output_layer_norm) run
+  `fastcls.ops.dropout_add_layer_norm`, and the embeddings' dropout(LayerNorm(...)) runs
+  `fastcls.ops.layer_norm_dropout`: one pass each, no mask and no pre-norm sum kept for the backward. These
+  modules get an instance-level `forward` (the embeddings: their LayerNorm's, with their dropout's made the
+  identity), so their classes, submodules and parameters stay the same objects; `unpatch` deletes it.
 
-Modules without parameters are swapped, so `state_dict` keys and values are unchanged.
+Modules without parameters are swapped, and parameters are never replaced, so `state_dict` keys and values are
+unchanged: save a patched model with `state_dict` or `save_pretrained` (pickling the whole module object would
+pickle the bound fused forwards, which do not unpickle).
 """
+import types
+
 import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.pytorch_utils import apply_chunking_to_forward
 
 from fastcls.ops import Dropout
 from fastcls.ops import dropout as mask_free_dropout
+from fastcls.ops.dropout_add_layer_norm import (
+    MAX_HIDDEN,
+    dropout_add_layer_norm,
+    layer_norm_dropout,
+)
 
 ATTENTION = "fastcls"
 
@@ -52,14 +68,103 @@ def _configs(model: nn.Module):
             yield config
 
 
+# Classes whose forward code was read (transformers 5.24) and is reproduced by the fused forwards below.
+_OUTPUT_BLOCKS = {f"{family}{block}" for family in ("Bert", "Roberta", "XLMRoberta", "Electra")
+                  for block in ("SelfOutput", "Output")}
+_EMBEDDINGS = {"BertEmbeddings", "RobertaEmbeddings", "XLMRobertaEmbeddings", "ElectraEmbeddings"}
+_DISTILBERT = "transformers.models.distilbert.modeling_distilbert"
+_FUSED = "_fastcls_fused"  # instance attribute naming what a fused module's forward does
+
+
+def _fusable_norm(norm) -> bool:
+    return (type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1 and norm.weight is not None
+            and norm.bias is not None and norm.normalized_shape[0] <= MAX_HIDDEN)
+
+
+def _output_block_forward(self, hidden_states, input_tensor):
+    """BertSelfOutput / BertOutput and kin: LayerNorm(dropout(dense(h)) + input_tensor)."""
+    norm, dropout = self.LayerNorm, self.dropout
+    return dropout_add_layer_norm(self.dense(hidden_states), input_tensor, norm.weight, norm.bias, dropout.p,
+                                  eps=norm.eps, training=dropout.training)
+
+
+def _embedding_norm_forward(self, embeddings):
+    """The embeddings' LayerNorm, followed by their dropout (whose own forward is then the identity)."""
+    dropout = self.__dict__["_fastcls_dropout"]
+    return layer_norm_dropout(embeddings, self.weight, self.bias, dropout.p, eps=self.eps, training=dropout.training)
+
+
+def _identity_forward(self, x):
+    return x
+
+
+def _distilbert_block_forward(self, hidden_states, attention_mask=None, **kwargs):
+    """DistilBERT's TransformerBlock: the attention output has no dropout; the FFN's last dropout moves into the
+    output LayerNorm (dropout is elementwise, so chunking the feed-forward before or after it is the same)."""
+    attention_output, _ = self.attention(hidden_states, attention_mask=attention_mask, **kwargs)
+    sa_norm = self.sa_layer_norm
+    attention_output = dropout_add_layer_norm(attention_output, hidden_states, sa_norm.weight, sa_norm.bias, 0.0,
+                                              eps=sa_norm.eps)
+    ffn = self.ffn
+    ffn_output = apply_chunking_to_forward(lambda chunk: ffn.lin2(ffn.activation(ffn.lin1(chunk))),
+                                           ffn.chunk_size_feed_forward, ffn.seq_len_dim, attention_output)
+    out_norm = self.output_layer_norm
+    return dropout_add_layer_norm(ffn_output, attention_output, out_norm.weight, out_norm.bias, ffn.dropout.p,
+                                  eps=out_norm.eps, training=ffn.dropout.training)
+
+
+_PART = "_fastcls_fused_part"  # on the embeddings' LayerNorm and dropout, whose fusion the embeddings report
+
+
+def _set_forward(module, forward, marker, what):
+    module.forward = types.MethodType(forward, module)
+    module.__dict__[marker] = what
+
+
+def _fuse(name: str, module: nn.Module) -> str | None:
+    """Give `module` a fused forward if it is one of the known blocks; returns what was fused, or None."""
+    cls = type(module)
+    if _FUSED in module.__dict__ or not cls.__module__.startswith("transformers.models."):
+        return None
+    if cls.__name__ in _OUTPUT_BLOCKS and _fusable_norm(module.LayerNorm):
+        _set_forward(module, _output_block_forward, _FUSED, "dropout + add + LayerNorm")
+    elif (cls.__name__ in _EMBEDDINGS or (cls.__module__ == _DISTILBERT and cls.__name__ == "Embeddings")) \
+            and _fusable_norm(module.LayerNorm):
+        module.LayerNorm.__dict__["_fastcls_dropout"] = module.dropout  # unregistered: not a submodule
+        _set_forward(module.LayerNorm, _embedding_norm_forward, _PART, True)
+        _set_forward(module.dropout, _identity_forward, _PART, True)
+        module.__dict__[_FUSED] = "LayerNorm + dropout"
+    elif cls.__module__ == _DISTILBERT and cls.__name__ == "TransformerBlock" \
+            and _fusable_norm(module.sa_layer_norm) and _fusable_norm(module.output_layer_norm):
+        _set_forward(module, _distilbert_block_forward, _FUSED, "add + LayerNorm, dropout + add + LayerNorm")
+    else:
+        return None
+    return f"{name} ({module.__dict__[_FUSED]} fused)"
+
+
+def _unfuse(name: str, module: nn.Module) -> str | None:
+    """Undo `_fuse` on one module; returns the name `_fuse` returned, or None for a part or an unfused module."""
+    what = module.__dict__.pop(_FUSED, None)
+    if what is None and not module.__dict__.pop(_PART, False):
+        return None
+    module.__dict__.pop("forward", None)
+    module.__dict__.pop("_fastcls_dropout", None)
+    return None if what is None else f"{name} ({what} fused)"
+
+
 def patch(model: nn.Module) -> list[str]:
-    """Patch `model` in place; returns the names of what was swapped."""
+    """Patch `model` in place; returns what was patched: the swapped dropouts' names, "<module> (<what> fused)"
+    for each fused block, and the attention function switch. Patching twice changes nothing more."""
     patched = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Dropout:
                 setattr(module, child_name, Dropout(child.p).train(child.training))
                 patched.append(f"{name}.{child_name}" if name else child_name)
+    for name, module in list(model.named_modules()):
+        fused = _fuse(name, module)
+        if fused is not None:
+            patched.append(fused)
     # kept on the model, not the config, so that a saved config.json stays the original's
     unpatched = model.__dict__.setdefault("_fastcls_unpatched_attention", [])
     for config in _configs(model):
@@ -73,6 +178,10 @@ def patch(model: nn.Module) -> list[str]:
 def unpatch(model: nn.Module) -> list[str]:
     """Undo `patch`; returns the names of what was restored."""
     restored = []
+    for name, module in list(model.named_modules()):
+        unfused = _unfuse(name, module)
+        if unfused is not None:
+            restored.append(unfused)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is Dropout:

@@ -1,24 +1,48 @@
 """The training loop: tokenise once, length-grouped batches, autocast, AdamW, warmup/decay, evaluate, keep the best."""
 import math
 import time
-from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from fastcls.components.checkpoint import append_jsonl, save_json_atomic, save_weights_atomic
+from fastcls.components.checkpoint import (
+    append_jsonl,
+    save_json_atomic,
+    save_weights_atomic,
+)
 from fastcls.components.host_memory import keep_freed_host_memory
-from fastcls.components.lr_schedule import ScheduleConfig, build_scheduler, resolve_warmup_steps
+from fastcls.components.lr_schedule import (
+    ScheduleConfig,
+    build_scheduler,
+    resolve_warmup_steps,
+)
 from fastcls.components.optimizer import OptimizerConfig, build_optimizer
-from fastcls.components.precision import autocast, grad_scaler, resolve_device, resolve_precision, to_device
+from fastcls.components.precision import (
+    autocast,
+    grad_scaler,
+    resolve_device,
+    resolve_precision,
+    to_device,
+)
 from fastcls.config import TrainConfig
-from fastcls.data import LabelMap, LengthGroupedBatches, collate, read_examples, tokenize_examples
+from fastcls.data import (
+    LabelMap,
+    LengthGroupedBatches,
+    collate,
+    read_examples,
+    tokenize_examples,
+)
 from fastcls.errors import TrainingError
 from fastcls.evaluate import evaluate_logits, predict_logits
-from fastcls.model import FASTCLS_FILE, WEIGHTS_FILE, build_classifier, load_tokenizer, save_static_files
-from fastcls.ops import cross_entropy, cross_entropy_reference
+from fastcls.model import (
+    FASTCLS_FILE,
+    WEIGHTS_FILE,
+    build_classifier,
+    load_tokenizer,
+    save_static_files,
+)
 from fastcls.patching import patch
 
 
@@ -94,8 +118,6 @@ def train(cfg: TrainConfig) -> TrainResult:
     schedule = ScheduleConfig(total_steps, resolve_warmup_steps(cfg.warmup, total_steps), cfg.decay)
     scheduler = build_scheduler(optimizer, schedule)
     scaler = grad_scaler(device, precision)
-    # labels were checked against the label map when encoded: the fused op's target check (a host sync on CUDA) is moot
-    loss_fn = partial(cross_entropy, validate=False) if cfg.head_impl == "fused" else cross_entropy_reference
     eval_every = cfg.eval_every or steps_per_epoch
 
     save_static_files(out, model, tokenizer, labels, {"max_length": cfg.max_length, "text_columns": cfg.text_columns,
@@ -116,8 +138,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         for i, indices in enumerate(micro_batches):
             batch = to_device(collate(train_set, indices, pad_id), device)
             with autocast(device, precision):
-                logits = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
-            loss = loss_fn(logits, batch["labels"])
+                # labels were checked against the label map when encoded: the fused head skips its target check
+                loss, _ = model.loss_and_logits(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                                batch.get("token_type_ids"), head_impl=cfg.head_impl)
             scaler.scale(loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
             loss_count += 1

@@ -16,7 +16,9 @@ if not torch.cuda.is_available():
 )
 def backend(request):
     """(backend name, device) of one implementation; skipped where it is unavailable."""
-    from fastcls.ops import dispatch  # imported late: TRITON_INTERPRET must be set first
+    from fastcls.ops import (
+        dispatch,  # imported late: TRITON_INTERPRET must be set first
+    )
 
     name, device_type = request.param
     device = torch.device(device_type)

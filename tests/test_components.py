@@ -29,7 +29,7 @@ def test_no_decay_on_biases_and_norms():
     model[3].weight.requires_grad_(False)
     decay, plain = param_groups(model, 0.01)
     assert decay["weight_decay"] == 0.01 and plain["weight_decay"] == 0.0
-    ids = lambda ps: {id(p) for p in ps}  # noqa: E731
+    ids = lambda ps: {id(p) for p in ps}
     assert ids(decay["params"]) == {id(model[0].weight), id(model[1].weight)}
     assert ids(plain["params"]) == {id(model[1].bias), id(model[2].weight), id(model[2].bias), id(model[3].bias)}
 

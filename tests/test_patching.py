@@ -2,15 +2,15 @@
 import pytest
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-import fastcls.patching as patching
+from fastcls import patching
 from fastcls.ops import Dropout
 from fastcls.patching import fastcls_attention, patch, unpatch
 
-SMALL = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-             max_position_embeddings=64, pad_token_id=0)
+SMALL = {"vocab_size": 99, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "intermediate_size": 37, "max_position_embeddings": 64, "pad_token_id": 0}
 
 
 def tiny(model_type):
@@ -32,7 +32,7 @@ def inputs(batch=3, length=11):
     return ids, mask
 
 
-@pytest.mark.parametrize("model_type", ["bert", "roberta", "electra", "distilbert"])
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "xlm-roberta", "electra", "distilbert"])
 def test_patched_model_in_eval_mode_matches_and_keeps_its_state_dict(model_type):
     model = tiny(model_type).eval()
     ids, mask = inputs()
@@ -77,3 +77,155 @@ def test_attention_math_path_matches_sdpa(monkeypatch):
         expected, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=0.0, scaling=0.3)
         got, _ = fastcls_attention(module, q, k, v, mask, dropout=0.1, scaling=0.3)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+CLASSIFIERS = ["bert", "roberta", "xlm-roberta", "electra", "distilbert"]
+
+
+def tiny_classifier(model_type, **overrides):
+    torch.manual_seed(0)
+    if model_type == "distilbert":
+        config = AutoConfig.for_model("distilbert", vocab_size=99, dim=32, n_layers=2, n_heads=4, hidden_dim=37,
+                                      max_position_embeddings=64, pad_token_id=0, **overrides)
+    else:
+        config = AutoConfig.for_model(model_type, **{**SMALL, **overrides})
+    return AutoModelForSequenceClassification.from_config(config)
+
+
+def fused_forward_modules(model):
+    return [name for name, module in model.named_modules() if "forward" in module.__dict__]
+
+
+@pytest.mark.parametrize("model_type", CLASSIFIERS)
+def test_fused_blocks_give_the_same_logits_and_state_dict(model_type):
+    model = tiny_classifier(model_type).eval()
+    ids, mask = inputs()
+    expected = model(input_ids=ids, attention_mask=mask).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    parameters = dict(model.named_parameters())
+    patched = patch(model)
+    assert patch(model) == []  # patching twice changes nothing more
+    fused = [name for name in patched if name.endswith("fused)")]
+    n_layers = 2
+    # the embeddings, and per layer the attention output and feed-forward output (one DistilBERT block each)
+    assert len(fused) == 1 + n_layers * (1 if model_type == "distilbert" else 2)
+    got = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert dict(model.named_parameters()) == parameters  # the same objects
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    restored = unpatch(model)
+    assert set(fused) <= set(restored)
+    assert fused_forward_modules(model) == []
+    assert not any("_fastcls" in key for m in model.modules() for key in m.__dict__)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "distilbert"])
+def test_fused_blocks_train_like_the_original_without_dropout(model_type):
+    """With every dropout rate 0 the training step is deterministic: the fused backward gives the original
+    gradients."""
+    zero = {"dropout": 0.0, "attention_dropout": 0.0, "seq_classif_dropout": 0.0} if model_type == "distilbert" else \
+        {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    ids, mask = inputs()
+    labels = torch.tensor([0, 1, 1])
+    gradients = []
+    for fuse in (False, True):
+        model = tiny_classifier(model_type, **zero).train()
+        if fuse:
+            patch(model)
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        gradients.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+    assert gradients[0].keys() == gradients[1].keys()
+    for name, grad in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def saved_activation_bytes(model, ids, mask):
+    """Bytes of the distinct storages autograd keeps for the backward of one training forward."""
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    logits.sum().backward()
+    return sum(size for ptr, size in saved.items() if ptr not in parameters)
+
+
+def test_patched_training_step_keeps_less_for_the_backward():
+    torch.manual_seed(5)
+    batch, length, hidden, n_layers = 4, 16, 32, 2
+    ids = torch.randint(1, 99, (batch, length))
+    mask = torch.ones(batch, length, dtype=torch.long)
+    unpatched = saved_activation_bytes(tiny_classifier("bert").train(), ids, mask)
+    model = tiny_classifier("bert").train()
+    patch(model)
+    patched = saved_activation_bytes(model, ids, mask)
+    tokens = batch * length
+    # per fused block torch keeps a byte mask and the fp32 pre-norm sum; the embeddings' dropout a byte mask
+    at_least = 2 * n_layers * tokens * hidden * (1 + 4) + tokens * hidden
+    assert unpatched - patched >= at_least, (unpatched, patched)
+
+
+def test_patched_model_with_gradient_checkpointing_redraws_the_same_masks():
+    """Checkpointing replays a layer's forward with torch's RNG state restored, so the fused ops draw the same
+    seeds: the gradients equal those without checkpointing."""
+    ids, mask = inputs()
+    labels = torch.tensor([1, 0, 1])
+    gradients = []
+    for checkpointing in (False, True):
+        model = tiny_classifier("bert").train()
+        patch(model)
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        torch.manual_seed(11)
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        gradients.append([p.grad for p in model.parameters()])
+    for with_checkpoints, without in zip(gradients[1], gradients[0]):
+        torch.testing.assert_close(with_checkpoints, without, atol=1e-6, rtol=1e-5)
+
+
+def test_patched_model_under_the_hf_trainer_saves_and_loads_as_the_original(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_classifier("bert")
+    patch(model)
+    torch.manual_seed(3)
+    rows = [{"input_ids": torch.randint(1, 99, (12,)), "attention_mask": torch.ones(12, dtype=torch.long),
+             "labels": torch.tensor(i % 2)} for i in range(8)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=2,
+                             learning_rate=1e-3, report_to=[], save_strategy="no", logging_strategy="no",
+                             use_cpu=True, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=rows).train()
+    assert any(not torch.equal(model.state_dict()[k], v) for k, v in before.items())  # it trained
+    assert len(fused_forward_modules(model)) > 0  # still patched
+    model.eval()
+    ids, mask = inputs()
+    patched_logits = model(input_ids=ids, attention_mask=mask).logits
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "saved").eval()
+    torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).logits, patched_logits, atol=1e-5,
+                               rtol=1e-5)
+    unpatch(model)
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, patched_logits, atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_bundled_minilm_patched_in_eval_mode_matches():
+    from fastcls.config import bundled_model_path
+
+    model = AutoModel.from_pretrained(bundled_model_path()).eval()
+    ids, mask = inputs(length=9)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        names = patch(model)
+        got = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert sum(name.endswith("fused)") for name in names) == 1 + 2 * model.config.num_hidden_layers
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -3,7 +3,12 @@ import math
 import pytest
 import torch
 
-from fastcls.components.lr_schedule import ScheduleConfig, build_scheduler, lr_factor, resolve_warmup_steps
+from fastcls.components.lr_schedule import (
+    ScheduleConfig,
+    build_scheduler,
+    lr_factor,
+    resolve_warmup_steps,
+)
 
 
 def test_linear_decay_worked_example():

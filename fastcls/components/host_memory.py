@@ -11,7 +11,10 @@ import sys
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-THRESHOLD = 1 << 30
+MMAP_THRESHOLD = 1 << 30
+# The largest value mallopt takes: a trim threshold at the mmap threshold still handed a freed 1 GiB block
+# (a large-vocabulary gradient) back to the OS, and the next step faulted it in again.
+TRIM_THRESHOLD = (1 << 31) - 1
 
 
 def keep_freed_host_memory() -> bool:
@@ -23,4 +26,4 @@ def keep_freed_host_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # musl and other C libraries have no mallopt
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, THRESHOLD))
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))

@@ -4,11 +4,23 @@ import warnings
 import torch
 
 from fastcls.ops import dispatch
+from fastcls.ops.classification_head import classification_head
 from fastcls.ops.cross_entropy import cross_entropy, cross_entropy_reference
 from fastcls.ops.dropout import Dropout, dropout, dropout_reference
+from fastcls.ops.dropout_add_layer_norm import (
+    dropout_add_layer_norm,
+    dropout_add_layer_norm_reference,
+    layer_norm_dropout,
+    layer_norm_dropout_reference,
+)
+from fastcls.ops.linear_cross_entropy import (
+    linear_cross_entropy,
+    linear_cross_entropy_reference,
+)
 
 # Every op dispatches through dispatch.pick_backend; a new op adds its name here to show up in `fastcls info`.
-OPS = ("cross_entropy", "dropout")
+OPS = ("adamw", "classification_head", "cross_entropy", "dropout", "dropout_add_layer_norm", "layer_norm_dropout",
+       "linear_cross_entropy")
 
 
 def op_backends() -> dict[str, dict[str, str]]:
@@ -22,6 +34,7 @@ def op_backends() -> dict[str, dict[str, str]]:
 
 
 __all__ = [
-    "OPS", "Dropout", "cross_entropy", "cross_entropy_reference", "dispatch", "dropout", "dropout_reference",
-    "op_backends",
+    "OPS", "Dropout", "classification_head", "cross_entropy", "cross_entropy_reference", "dispatch", "dropout",
+    "dropout_add_layer_norm", "dropout_add_layer_norm_reference", "dropout_reference", "layer_norm_dropout",
+    "layer_norm_dropout_reference", "linear_cross_entropy", "linear_cross_entropy_reference", "op_backends",
 ]

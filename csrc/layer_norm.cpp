@@ -1,0 +1,288 @@
+#include "layer_norm.h"
+
+#include "bf16.h"
+#include "philox.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace fastcls {
+namespace {
+
+// Rows are split evenly between threads (every row costs the same); a thread gets at least this many elements,
+// since waking one for less would cost more than it saves.
+constexpr int64_t kMinElementsPerThread = 16384;
+
+int threads_for(int64_t n_rows, int64_t n_cols, int num_threads) {
+  const int64_t by_size = n_rows * n_cols / kMinElementsPerThread;
+  return int(std::max<int64_t>(1, std::min<int64_t>({int64_t(num_threads), by_size, n_rows})));
+}
+
+// The Philox words of one row, drawn counter by counter into a 64-byte aligned buffer.
+class RowBits {
+ public:
+  explicit RowBits(int64_t n_cols) : storage_(size_t(n_cols + 8 + 4 * kPhiloxCounters + 16)) {
+    const auto address = reinterpret_cast<std::uintptr_t>(storage_.data());
+    words_ = storage_.data() + ((64 - address % 64) % 64) / sizeof(uint32_t);
+  }
+
+  // Returns words with words[col] the word of element row * n_cols + col.
+  const uint32_t* draw(int64_t row, int64_t n_cols, PhiloxKey key) {
+    const uint64_t first = uint64_t(row) * uint64_t(n_cols);
+    const int64_t lead = int64_t(first % 4);
+    const int64_t n_counters = (lead + n_cols + 3) / 4;
+    uint32_t* words = words_;
+    for (int64_t c = 0; c < n_counters; c += kPhiloxCounters) philox_bits(first / 4 + uint64_t(c), key, words + 4 * c);
+    return words + lead;
+  }
+
+ private:
+  std::vector<uint32_t> storage_;
+  uint32_t* words_;
+};
+
+struct Dropout {
+  bool on;
+  bool after;
+  uint32_t bound;
+  float scale;
+  PhiloxKey key;
+};
+
+// The per-row loops, specialised on what applies so that each is one branch-free vectorised pass over the row.
+
+// s = dropout(x) + residual for one row; returns the sum of s.
+template <bool kDropX, bool kResidual, typename X, typename R>
+float load_row(const X* xr, const R* rr, const uint32_t* bits, uint32_t bound, float scale, float* s, int64_t n) {
+  float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+  for (int64_t j = 0; j < n; ++j) {
+    float v = to_f32(xr[j]);
+    if constexpr (kDropX) {
+      // a select rather than a multiply by 0, so that a dropped NaN or infinity becomes 0
+      const float scaled = v * scale;
+      v = bits[j] >= bound ? scaled : 0.0f;
+    }
+    if constexpr (kResidual) v += to_f32(rr[j]);
+    s[j] = v;
+    total += v;
+  }
+  return total;
+}
+
+// dy (the upstream gradient, through the dropout when it follows the norm) and xhat for one row, with the row's
+// weight and bias gradient terms accumulated; returns (sum of dy * weight * xhat, sum of dy * weight).
+template <bool kDropY, bool kFromOutput, typename O>
+std::pair<float, float> gradient_terms(const O* gr, const O* sr, const uint32_t* bits, uint32_t bound, float scale,
+                                       const float* weight, const float* bias, const float* inverse_weight,
+                                       float row_mean, float row_rstd, float* dy, float* xhat, float* grad_weight,
+                                       float* grad_bias, int64_t n) {
+  float sum_g_xhat = 0.0f, sum_g = 0.0f;
+#pragma omp simd reduction(+ : sum_g_xhat, sum_g)
+  for (int64_t j = 0; j < n; ++j) {
+    float d = to_f32(gr[j]);
+    if constexpr (kDropY) {
+      const float scaled = d * scale;
+      d = bits[j] >= bound ? scaled : 0.0f;
+    }
+    float h;
+    if constexpr (kFromOutput) {
+      h = (to_f32(sr[j]) - bias[j]) * inverse_weight[j];
+    } else {
+      h = (to_f32(sr[j]) - row_mean) * row_rstd;
+    }
+    dy[j] = d;
+    xhat[j] = h;
+    grad_weight[j] += d * h;
+    grad_bias[j] += d;
+    const float g = d * weight[j];
+    sum_g_xhat += g * h;
+    sum_g += g;
+  }
+  return {sum_g_xhat, sum_g};
+}
+
+// grad_residual = d(sum), grad_x = dropout'(d(sum)) for one row.
+template <bool kDropX, bool kGradSum, bool kResidual, typename X, typename R, typename O>
+void store_gradients(const float* dy, const float* xhat, const float* weight, float mean_g, float mean_g_xhat,
+                     float row_rstd, const O* gsr, const uint32_t* bits, uint32_t bound, float scale, X* gxr, R* grr,
+                     int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    float ds = (dy[j] * weight[j] - mean_g - xhat[j] * mean_g_xhat) * row_rstd;
+    if constexpr (kGradSum) ds += to_f32(gsr[j]);
+    if constexpr (kResidual) grr[j] = from_f32<R>(ds);
+    if constexpr (kDropX) {
+      const float scaled = ds * scale;
+      ds = bits[j] >= bound ? scaled : 0.0f;
+    }
+    gxr[j] = from_f32<X>(ds);
+  }
+}
+
+// Calls f(std::integral_constant<bool, flag>{}): turns a runtime flag into a template argument.
+template <typename F>
+void with_flag(bool flag, F&& f) {
+  if (flag) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+template <typename X, typename R, typename O>
+void forward_rows(const X* x, const R* residual, const float* weight, const float* bias, O* out, O* sum, float* mean,
+                  float* rstd, int64_t row_begin, int64_t row_end, int64_t n_cols, float eps, const Dropout& drop) {
+  const uint32_t bound = drop.bound;  // locals: a member read through a reference is reloaded every iteration
+  const float scale = drop.scale;
+  std::vector<float> summed(static_cast<size_t>(n_cols));
+  float* s = summed.data();
+  RowBits row_bits(n_cols);
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t offset = row * n_cols;
+    const uint32_t* bits = drop.on ? row_bits.draw(row, n_cols, drop.key) : nullptr;
+    float total = 0.0f;
+    with_flag(drop.on && !drop.after, [&](auto drop_x) {
+      with_flag(residual != nullptr, [&](auto has_residual) {
+        total = load_row<decltype(drop_x)::value, decltype(has_residual)::value>(
+            x + offset, has_residual ? residual + offset : nullptr, bits, bound, scale, s, n_cols);
+      });
+    });
+    const float row_mean = total / float(n_cols);
+    float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t j = 0; j < n_cols; ++j) squares += (s[j] - row_mean) * (s[j] - row_mean);
+    const float row_rstd = 1.0f / std::sqrt(squares / float(n_cols) + eps);
+    if (sum != nullptr) {
+      O* sr = sum + offset;
+#pragma omp simd
+      for (int64_t j = 0; j < n_cols; ++j) sr[j] = from_f32<O>(s[j]);
+    }
+    O* yr = out + offset;
+    if (drop.on && drop.after) {
+#pragma omp simd
+      for (int64_t j = 0; j < n_cols; ++j) {
+        const float scaled = ((s[j] - row_mean) * row_rstd * weight[j] + bias[j]) * scale;
+        yr[j] = from_f32<O>(bits[j] >= bound ? scaled : 0.0f);
+      }
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < n_cols; ++j) yr[j] = from_f32<O>((s[j] - row_mean) * row_rstd * weight[j] + bias[j]);
+    }
+    mean[row] = row_mean;
+    rstd[row] = row_rstd;
+  }
+}
+
+template <typename X, typename R, typename O>
+void backward_rows(const O* grad_out, const O* saved, bool saved_is_output, const float* weight, const float* bias,
+                   const float* mean, const float* rstd, const O* grad_sum, X* grad_x, R* grad_residual,
+                   float* grad_weight, float* grad_bias, int64_t row_begin, int64_t row_end, int64_t n_cols,
+                   const Dropout& drop) {
+  const uint32_t bound = drop.bound;
+  const float scale = drop.scale;
+  std::vector<float> buffers(size_t(3 * n_cols));
+  float* dy = buffers.data();
+  float* xhat = dy + n_cols;
+  float* inverse_weight = xhat + n_cols;
+  for (int64_t j = 0; j < n_cols; ++j) inverse_weight[j] = 1.0f / weight[j];
+  RowBits row_bits(n_cols);
+  const float inverse_n = 1.0f / float(n_cols);
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t offset = row * n_cols;
+    const uint32_t* bits = drop.on ? row_bits.draw(row, n_cols, drop.key) : nullptr;
+    const float row_rstd = rstd[row];
+    std::pair<float, float> sums;
+    with_flag(drop.on && drop.after, [&](auto drop_y) {
+      with_flag(saved_is_output, [&](auto from_output) {
+        sums = gradient_terms<decltype(drop_y)::value, decltype(from_output)::value>(
+            grad_out + offset, saved + offset, bits, bound, scale, weight, bias, inverse_weight, mean[row], row_rstd,
+            dy, xhat, grad_weight, grad_bias, n_cols);
+      });
+    });
+    const float mean_g_xhat = sums.first * inverse_n, mean_g = sums.second * inverse_n;
+    with_flag(drop.on && !drop.after, [&](auto drop_x) {
+      with_flag(grad_sum != nullptr, [&](auto has_grad_sum) {
+        with_flag(grad_residual != nullptr, [&](auto has_residual) {
+          store_gradients<decltype(drop_x)::value, decltype(has_grad_sum)::value, decltype(has_residual)::value>(
+              dy, xhat, weight, mean_g, mean_g_xhat, row_rstd, has_grad_sum ? grad_sum + offset : nullptr, bits,
+              bound, scale, grad_x + offset, has_residual ? grad_residual + offset : nullptr, n_cols);
+        });
+      });
+    });
+  }
+}
+
+Dropout make_dropout(uint64_t seed, uint64_t threshold, float scale, bool dropout_after) {
+  return Dropout{threshold != 0, dropout_after, uint32_t(threshold), scale,
+                 PhiloxKey{uint32_t(seed), uint32_t(seed >> 32)}};
+}
+
+// Calls f with a value of the element type of a dtype code.
+template <typename F>
+void with_element(int dtype, F&& f) {
+  if (dtype == 1) {
+    f(uint16_t{});
+  } else {
+    f(float{});
+  }
+}
+
+}  // namespace
+
+void layer_norm_forward(const void* x, int x_dtype, const void* residual, int residual_dtype, const float* weight,
+                        const float* bias, void* out, void* sum, int out_dtype, float* mean, float* rstd,
+                        int64_t n_rows, int64_t n_cols, float eps, uint64_t seed, uint64_t threshold, float scale,
+                        bool dropout_after, int num_threads) {
+  const Dropout drop = make_dropout(seed, threshold, scale, dropout_after);
+  const int n_tasks = threads_for(n_rows, n_cols, num_threads);
+  with_element(x_dtype, [&](auto x_element) {
+    with_element(residual_dtype, [&](auto residual_element) {
+      with_element(out_dtype, [&](auto out_element) {
+        using X = decltype(x_element);
+        using R = decltype(residual_element);
+        using O = decltype(out_element);
+#pragma omp parallel for num_threads(n_tasks) schedule(static) if (n_tasks > 1)
+        for (int task = 0; task < n_tasks; ++task) {
+          forward_rows(static_cast<const X*>(x), static_cast<const R*>(residual), weight, bias, static_cast<O*>(out),
+                       static_cast<O*>(sum), mean, rstd, task * n_rows / n_tasks, (task + 1) * n_rows / n_tasks,
+                       n_cols, eps, drop);
+        }
+      });
+    });
+  });
+}
+
+void layer_norm_backward(const void* grad_out, const void* saved, int saved_dtype, bool saved_is_output,
+                         const float* weight, const float* bias, const float* mean, const float* rstd,
+                         const void* grad_sum, void* grad_x, int x_dtype, void* grad_residual, int residual_dtype,
+                         float* grad_weight_partial, float* grad_bias_partial, int64_t n_rows, int64_t n_cols,
+                         uint64_t seed, uint64_t threshold, float scale, bool dropout_after, int num_threads) {
+  const Dropout drop = make_dropout(seed, threshold, scale, dropout_after);
+  const int n_tasks = threads_for(n_rows, n_cols, num_threads);
+  std::fill(grad_weight_partial, grad_weight_partial + int64_t(num_threads) * n_cols, 0.0f);
+  std::fill(grad_bias_partial, grad_bias_partial + int64_t(num_threads) * n_cols, 0.0f);
+  with_element(saved_dtype, [&](auto saved_element) {
+    with_element(x_dtype, [&](auto x_element) {
+      with_element(residual_dtype, [&](auto residual_element) {
+        using O = decltype(saved_element);
+        using X = decltype(x_element);
+        using R = decltype(residual_element);
+#pragma omp parallel for num_threads(n_tasks) schedule(static) if (n_tasks > 1)
+        for (int task = 0; task < n_tasks; ++task) {
+          backward_rows(static_cast<const O*>(grad_out), static_cast<const O*>(saved), saved_is_output, weight, bias,
+                        mean, rstd, static_cast<const O*>(grad_sum), static_cast<X*>(grad_x),
+                        static_cast<R*>(grad_residual), grad_weight_partial + int64_t(task) * n_cols,
+                        grad_bias_partial + int64_t(task) * n_cols, task * n_rows / n_tasks,
+                        (task + 1) * n_rows / n_tasks, n_cols, drop);
+        }
+      });
+    });
+  });
+}
+
+}  // namespace fastcls

@@ -1,0 +1,434 @@
+"""FusedAdamW: torch.optim.AdamW's update in one kernel launch per parameter group, with no host sync.
+
+Same arguments and meaning as `torch.optim.AdamW` (lr, betas, eps, weight_decay, amsgrad, maximize), plus
+`bias_correction` (BERT's original recipe ran without) and `master_weights`. Per step, for each parameter with a
+gradient, with t the step count after this step:
+
+    w ← w·(1 − lr·λ);  m ← m + (1 − β1)(g − m);  v ← β2·v + (1 − β2)·g²;  (amsgrad: v_max ← max(v_max, v))
+    w ← w − lr/(1 − β1ᵗ) · m / (√v / √(1 − β2ᵗ) + ε)            (bias_correction=False: both corrections are 1)
+
+Design. The state is torch.optim.AdamW's, tensor for tensor (`step` an fp32 scalar on the parameter's device, as
+torch's fused AdamW keeps it; `exp_avg`, `exp_avg_sq`, `max_exp_avg_sq` shaped and strided like the
+parameter), so state dicts move between the two optimizers both ways. The kernels read every tensor of a bucket
+(the parameters of one group, device and dtype) through a table of addresses rather than flat buffers: the
+parameters stay the user's own tensors, so `param.data = ...`, `model.to(...)`, `model.load_state_dict(...)` and
+`optimizer.load_state_dict(...)` need no cooperation; a changed address is seen by comparing the table with the
+cached one (a gradient reallocated elsewhere, as zero_grad(set_to_none=True) allows, rebuilds the addresses
+only). Non-contiguous parameters whose gradient and state share their strides and cover their storage densely
+are updated in place in memory order; others, and tensors not starting on a 16-byte boundary (the Triton
+kernel's vector accesses assume it; fresh allocations always do), go through a staging copy. Step counts stay on
+the device and the bias corrections are computed in the kernel, so a step never waits for the device and can be
+captured in a CUDA graph (a tensor lr should then live on the device too).
+
+Backends (see `fastcls.ops.dispatch`): triton for CUDA tensors (fp32, bf16 and fp16 parameters, with or without
+master weights); cpp for CPU tensors (fp32, and bf16 with master weights); the reference (PyTorch ops, the same
+math in fp32, sync-free) for everything else.
+
+Mixed precision: `_step_supports_amp_scaling` is set, so `torch.amp.GradScaler.step` hands the optimizer
+`grad_scale` (None once `scaler.unscale_` has run) and `found_inf` as attributes, the protocol of torch's fused
+AdamW. The kernels divide the gradients by grad_scale (and store them unscaled, as unscale_ would) and, when
+found_inf is nonzero, change nothing: no weight, moment, gradient or step count.
+
+`master_weights=True` keeps, for bf16/fp16 parameters, an fp32 copy in the state under "master_param" and fp32
+moments; the update runs on the copy and the parameter receives it rounded. torch.optim.AdamW loading such a
+state dict ignores "master_param" and rounds the moments to the parameter dtype; FusedAdamW loading torch's state
+dict (bf16 moments, no master) widens the moments and starts the master from the parameter. A parameter changed
+behind the optimizer's back (its address or version counter moved, e.g. by `model.load_state_dict`) has its
+master refreshed at the next step wherever the two disagree; writes through `param.data` move no version counter
+and are not seen.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from fastcls.ops import dispatch
+
+TABLE_COLUMNS = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param", "step", "numel")
+MASTER_KEY = "master_param"
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+# (parameter dtype, master weights) pairs each kernel takes; gradients must share the parameter's dtype
+_KERNEL_DTYPES = {
+    "cpp": {(torch.float32, False), (torch.bfloat16, True)},
+    "triton": {(torch.float32, False), (torch.bfloat16, False), (torch.float16, False),
+               (torch.bfloat16, True), (torch.float16, True)},
+}
+_GROUP_OPTIONS = ("amsgrad", "maximize", "bias_correction", "master_weights")
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """Whether t's elements fill one gap-free block of memory in some order (contiguous up to a permutation)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda pair: pair[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _scalar(value, name: str) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+        return float(value)
+    return float(value)
+
+
+def adamw_reference(
+    params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor | None],
+    master_params: list[torch.Tensor | None], steps: list[torch.Tensor], *, lr: float | torch.Tensor,
+    beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
+    bias_correction: bool, grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
+) -> None:
+    """The AdamW step of the module doc on lists of tensors, with PyTorch ops in the order of torch's
+    single-tensor AdamW (fp32 math, fp64 for fp64 tensors; bias corrections in fp64). Never syncs with the device:
+    with found_inf, new values are computed and then discarded element-wise where found_inf is nonzero."""
+    def commit(target: torch.Tensor, value: torch.Tensor, skip: torch.Tensor | None) -> None:
+        value = value.to(target.dtype)
+        target.copy_(value if skip is None else torch.where(skip, target, value))
+
+    for i, param in enumerate(params):
+        device = param.device
+        skip = None if found_inf is None else found_inf.to(device, non_blocking=True) != 0
+
+        compute = torch.promote_types(param.dtype, torch.float32)
+        grad = grads[i].to(compute)
+        if grad_scale is not None:
+            grad = grad / grad_scale.to(device, non_blocking=True)
+            commit(grads[i], grad, skip)
+        if maximize:
+            grad = -grad
+        weight = (param if master_params[i] is None else master_params[i]).to(compute)
+        if weight_decay != 0:
+            weight = weight * (1 - lr * weight_decay)
+        exp_avg = exp_avgs[i].to(compute).lerp(grad, 1 - beta1)
+        exp_avg_sq = torch.addcmul(exp_avg_sqs[i].to(compute) * beta2, grad, grad, value=1 - beta2)
+        second_moment = exp_avg_sq
+        if amsgrad:
+            second_moment = torch.maximum(max_exp_avg_sqs[i].to(compute), exp_avg_sq)
+            commit(max_exp_avg_sqs[i], second_moment, skip)
+        step = steps[i] + 1
+        if bias_correction:
+            t = step.to(torch.float64)
+            step_size = lr / (1 - beta1**t)
+            bias_correction2_sqrt = (1 - beta2**t).sqrt()
+        else:
+            step_size = torch.as_tensor(lr, dtype=torch.float64, device=device)
+            bias_correction2_sqrt = torch.ones((), dtype=torch.float64, device=device)
+        denom = (second_moment.sqrt() / bias_correction2_sqrt.to(device)).add_(eps)
+        weight = weight + (-step_size.to(device) * exp_avg) / denom
+        commit(exp_avgs[i], exp_avg, skip)
+        commit(exp_avg_sqs[i], exp_avg_sq, skip)
+        if master_params[i] is not None:
+            commit(master_params[i], weight, skip)
+        commit(param, weight, skip)
+        commit(steps[i], step, skip)
+
+
+@dataclass(slots=True)
+class _Entry:
+    """One parameter's tensors as a kernel sees them; `staged` holds the originals that staging copies replace."""
+    param: torch.Tensor
+    grad: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    max_exp_avg_sq: torch.Tensor | None
+    master: torch.Tensor | None
+    step: torch.Tensor
+    staged: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+
+    def row(self) -> list[int]:
+        """The entry's table row (TABLE_COLUMNS)."""
+        return [self.param.data_ptr(), self.grad.data_ptr(), self.exp_avg.data_ptr(), self.exp_avg_sq.data_ptr(),
+                0 if self.max_exp_avg_sq is None else self.max_exp_avg_sq.data_ptr(),
+                0 if self.master is None else self.master.data_ptr(), self.step.data_ptr(), self.param.numel()]
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # from pinned memory the copy queues behind the device's work instead of waiting for it
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+class _Table:
+    """A bucket's address table on its device (plus, for Triton, the program-to-chunk map and step tickets),
+    kept while the rows stay the same. Gradients reallocated elsewhere change only the addresses: the chunk map
+    and tickets of the previous table are kept when the element counts are the same."""
+
+    def __init__(self, rows: list[list[int]], device: torch.device, block: int | None, previous: "_Table | None"):
+        self.rows = rows
+        self.table = _to_device(torch.tensor(rows, dtype=torch.int64), device)
+        self.block = block
+        self.numels = [r[-1] for r in rows]
+        if block is None:
+            return
+        if previous is not None and previous.block == block and previous.numels == self.numels:
+            self.chunk_tensor, self.chunk_index, self.tickets = previous.chunk_tensor, previous.chunk_index, \
+                previous.tickets
+            return
+        from fastcls.kernels.adamw import chunk_map
+
+        self.chunk_tensor, self.chunk_index = (_to_device(t, device) for t in chunk_map(self.numels, block))
+        self.tickets = torch.zeros(len(rows), dtype=torch.int32, device=device)
+
+
+class FusedAdamW(torch.optim.Optimizer):
+    """torch.optim.AdamW as one kernel launch per parameter group (see the module doc).
+
+    Args beyond torch.optim.AdamW's: `bias_correction` (default True) divides the moments by 1 − βᵗ;
+    `master_weights` keeps fp32 master copies and moments for bf16/fp16 parameters; `backend` forces
+    "triton", "cpp" or "reference" (default: `fastcls.ops.dispatch.pick_backend` per device). lr may be a float
+    or a one-element tensor, and may differ per group; schedulers write `group["lr"]` as usual.
+    """
+
+    def __init__(
+        self, params, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+        weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False, bias_correction: bool = True,
+        master_weights: bool = False, backend: str | None = None,
+    ):
+        if _scalar(lr, "lr") < 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not eps >= 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        if len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas}")
+        for index, beta in enumerate(betas):
+            if not 0.0 <= _scalar(beta, f"betas[{index}]") < 1.0:
+                raise ValueError(f"betas[{index}] must be in [0, 1), got {beta}")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if backend is not None and backend not in dispatch.BACKENDS:
+            raise ValueError(f"backend must be one of {dispatch.BACKENDS} or None, got {backend!r}")
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "amsgrad": amsgrad,
+                    "maximize": maximize, "bias_correction": bias_correction, "master_weights": master_weights}
+        super().__init__(params, defaults)
+        # GradScaler then passes grad_scale / found_inf to step() instead of unscaling and syncing itself
+        self._step_supports_amp_scaling = True
+        self.backend = backend
+        self._tables: dict[tuple, _Table] = {}
+        self._betas64: dict[tuple, torch.Tensor] = {}
+        # param -> (address, version) when its master copy last matched it
+        self._master_marks: dict[torch.Tensor, tuple[int, int]] = {}
+        # param -> the (amsgrad, master, device) its state was last conformed to (see _conform_state)
+        self._conformed: dict[torch.Tensor, tuple] = {}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for option in _GROUP_OPTIONS:
+                group.setdefault(option, self.defaults[option])
+        self.__dict__.setdefault("backend", None)
+        self.__dict__.setdefault("_tables", {})
+        self.__dict__.setdefault("_betas64", {})
+        self.__dict__.setdefault("_master_marks", {})
+        self.__dict__["_conformed"] = {}
+
+    def _master_mode(self, group: dict, param: torch.Tensor) -> bool:
+        return bool(group["master_weights"]) and param.dtype in _LOW_PRECISION
+
+    def _conform_state(self, param: torch.Tensor, state: dict, group: dict) -> None:
+        """Fill in and convert the state a step needs: first-step zeros, the amsgrad maximum and master copy
+        when those options are on, fp32 moments in master mode, everything on the parameter's device, and `step`
+        as an fp32 scalar (a state dict loaded from torch's non-fused AdamW keeps it on the CPU: pytorch#103256)."""
+        master = self._master_mode(group, param)
+        moment_dtype = torch.float32 if master else param.dtype
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key] = torch.zeros_like(param, dtype=moment_dtype, memory_format=torch.preserve_format)
+        step = state["step"]
+        if not isinstance(step, torch.Tensor):
+            state["step"] = torch.tensor(float(step), dtype=torch.float32, device=param.device)
+        elif step.device != param.device or step.dtype != torch.float32 or step.ndim != 0:
+            state["step"] = step.reshape(()).to(device=param.device, dtype=torch.float32)
+        if group["amsgrad"] and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"], memory_format=torch.preserve_format)
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", MASTER_KEY):
+            dtype = torch.float32 if key == MASTER_KEY else moment_dtype
+            value = state.get(key)
+            if value is not None and (value.dtype != dtype or value.device != param.device):
+                state[key] = value.to(device=param.device, dtype=dtype)  # e.g. after model.to(device)
+        if master and MASTER_KEY not in state:
+            state[MASTER_KEY] = param.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
+            self._master_marks[param] = (param.data_ptr(), param._version)
+
+    def _refresh_master(self, param: torch.Tensor, master: torch.Tensor) -> None:
+        """Adopt changes made to a master-weights parameter since the optimizer last wrote it; elements where
+        the parameter still equals its rounded master keep the master's extra precision."""
+        mark = (param.data_ptr(), param._version)
+        if self._master_marks.get(param) != mark:
+            master.copy_(torch.where(master.to(param.dtype) == param, master, param.to(torch.float32)))
+            self._master_marks[param] = mark
+
+    def _buckets(self, group: dict) -> dict[tuple, list[torch.Tensor]]:
+        buckets: dict[tuple, list[torch.Tensor]] = {}
+        for param in group["params"]:
+            grad = param.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                raise RuntimeError("FusedAdamW does not support sparse gradients")
+            if torch.is_complex(param):
+                raise RuntimeError("FusedAdamW does not support complex parameters")
+            state = self.state[param]
+            master = self._master_mode(group, param)
+            conformed = (group["amsgrad"], master, param.device)
+            if not state or self._conformed.get(param) != conformed:
+                self._conform_state(param, state, group)
+                self._conformed[param] = conformed
+            key = (param.device, param.dtype, grad.dtype, master)
+            buckets.setdefault(key, []).append(param)
+        return buckets
+
+    def _entry(self, param: torch.Tensor, state: dict, master: bool) -> tuple[_Entry, list[int]]:
+        """The parameter's tensors and their table row, staged through contiguous copies unless they all share
+        one dense layout and start on 16-byte boundaries (which the Triton kernel's vector accesses assume; fresh
+        tensors do)."""
+        grad = param.grad
+        master_param = state[MASTER_KEY] if master else None
+        if master:
+            self._refresh_master(param, master_param)
+        entry = _Entry(param, grad, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
+                       master_param, state["step"])
+        row = entry.row()
+        aligned = not (row[0] | row[1] | row[2] | row[3] | row[4] | row[5]) % 16  # absent tensors' 0 is aligned
+        if aligned and param.is_contiguous() and grad.is_contiguous() and entry.exp_avg.is_contiguous() \
+                and entry.exp_avg_sq.is_contiguous() \
+                and (entry.max_exp_avg_sq is None or entry.max_exp_avg_sq.is_contiguous()) \
+                and (master_param is None or master_param.is_contiguous()):
+            return entry, row
+        # empty_like: the parameter's strides where it is dense, contiguous where not; always a fresh allocation
+        layout = param if _is_dense(param) and param.data_ptr() % 16 == 0 else torch.empty_like(param)
+        strides = layout.stride()
+        if layout is not param:
+            entry.param = layout.copy_(param)
+        if grad.stride() != strides or grad.data_ptr() % 16:
+            entry.grad = torch.empty_like(layout, dtype=grad.dtype).copy_(grad)
+        entry.staged = (param if layout is not param else None, grad if entry.grad is not grad else None)
+        # the state is ours: re-lay it out once rather than stage it every step
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", MASTER_KEY):
+            value = state.get(key)
+            if value is not None and (value.stride() != strides or value.data_ptr() % 16):
+                state[key] = torch.empty_like(layout, dtype=value.dtype).copy_(value)
+        entry.exp_avg, entry.exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        entry.max_exp_avg_sq, entry.master = state.get("max_exp_avg_sq"), state[MASTER_KEY] if master else None
+        return entry, entry.row()
+
+    def _betas_on(self, device: torch.device, beta1: float, beta2: float) -> torch.Tensor:
+        key = (device, beta1, beta2)
+        if key not in self._betas64:
+            self._betas64[key] = _to_device(torch.tensor([beta1, beta2], dtype=torch.float64), device)
+        return self._betas64[key]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One AdamW step over every parameter that has a gradient; returns the closure's loss, if any."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for index, group in enumerate(self.param_groups):
+            for key, params in self._buckets(group).items():
+                self._step_bucket((index, *key), group, params, grad_scale, found_inf)
+        return loss
+
+    def _step_bucket(self, key: tuple, group: dict, params: list[torch.Tensor], grad_scale, found_inf) -> None:
+        _, device, param_dtype, grad_dtype, master = key
+        backend = dispatch.pick_backend(device, self.backend)
+        if backend != "reference" and (grad_dtype != param_dtype
+                                       or (param_dtype, master) not in _KERNEL_DTYPES[backend]):
+            backend = "reference"
+        beta1, beta2 = (_scalar(beta, "betas") for beta in group["betas"])
+        hyper = {"beta1": beta1, "beta2": beta2, "eps": float(group["eps"]),
+                 "weight_decay": float(group["weight_decay"]), "amsgrad": bool(group["amsgrad"]),
+                 "maximize": bool(group["maximize"]), "bias_correction": bool(group["bias_correction"])}
+        if grad_scale is not None:
+            grad_scale = grad_scale.to(device=device, dtype=torch.float32, non_blocking=True)
+        if found_inf is not None:
+            found_inf = found_inf.to(device=device, dtype=torch.float32, non_blocking=True)
+        entries, rows = zip(*(self._entry(p, self.state[p], master) for p in params))
+        lr = group["lr"]
+        if backend == "reference":
+            adamw_reference(
+                [e.param for e in entries], [e.grad for e in entries], [e.exp_avg for e in entries],
+                [e.exp_avg_sq for e in entries], [e.max_exp_avg_sq for e in entries], [e.master for e in entries],
+                [e.step for e in entries], lr=lr, grad_scale=grad_scale, found_inf=found_inf, **hyper)
+        else:
+            rows = list(rows)
+            table = self._tables.get(key)
+            if table is None or table.rows != rows:
+                block = None
+                if backend == "triton":
+                    from fastcls.kernels.adamw import block_size
+
+                    block = block_size(device, max(r[-1] for r in rows))
+                table = _Table(rows, device, block, table)
+                self._tables[key] = table
+            if backend == "cpp":
+                self._launch_cpp(table, param_dtype, _scalar(lr, "lr"), hyper, grad_scale, found_inf)
+            else:
+                self._launch_triton(table, entries[0], device, master, lr, hyper, grad_scale, found_inf)
+            # Kernel stores bypass autograd's version counters: bump them as an in-place torch update would, so
+            # a backward that saved a parameter fails loudly and caches keyed on versions see the new values.
+            torch.autograd.graph.increment_version(params)
+        for entry in entries:
+            original_param, original_grad = entry.staged
+            if original_param is not None:
+                original_param.copy_(entry.param)
+            if original_grad is not None and grad_scale is not None:
+                original_grad.copy_(entry.grad)  # torch leaves the gradients unscaled
+        if master:
+            for param in params:
+                self._master_marks[param] = (param.data_ptr(), param._version)
+
+    @staticmethod
+    def _launch_cpp(table: _Table, param_dtype, lr: float, hyper: dict, grad_scale, found_inf) -> None:
+        kernel = {torch.float32: dispatch.cpp_ext.adamw_f32, torch.bfloat16: dispatch.cpp_ext.adamw_bf16_master}
+        kernel[param_dtype](
+            table.table.data_ptr(), len(table.rows), lr, hyper["beta1"], hyper["beta2"], hyper["eps"],
+            hyper["weight_decay"], hyper["amsgrad"], hyper["maximize"], hyper["bias_correction"],
+            0 if grad_scale is None else grad_scale.data_ptr(), 0 if found_inf is None else found_inf.data_ptr(),
+            torch.get_num_threads(),
+        )
+
+    def _launch_triton(self, table: _Table, first: _Entry, device, master: bool, lr, hyper: dict, grad_scale,
+                       found_inf) -> None:
+        from fastcls.kernels.adamw import adamw_triton
+
+        if isinstance(lr, torch.Tensor):
+            lr = lr.to(device=device, non_blocking=True)
+        # the kernel addresses every tensor from these, which are 16-byte aligned like all the others
+        bases = (first.param, first.grad, first.exp_avg, first.master if master else first.exp_avg)
+        adamw_triton(
+            table.table, table.chunk_tensor, table.chunk_index, table.tickets,
+            self._betas_on(device, hyper["beta1"], hyper["beta2"]), bases, table.block, lr=lr, master=master,
+            grad_scale=grad_scale, found_inf=found_inf, **hyper,
+        )
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch.optim.Optimizer.load_state_dict, keeping the fp32 moments and master copies of master-weights
+        parameters in fp32 (the base class rounds floating state to the parameter's dtype) and moving `step`
+        beside its parameter."""
+        saved_fp32 = {
+            index: {key: value for key, value in saved.items()
+                    if key != "step" and isinstance(value, torch.Tensor) and value.dtype == torch.float32}
+            for index, saved in state_dict["state"].items()
+        }
+        super().load_state_dict(state_dict)
+        saved_ids = (index for group in state_dict["param_groups"] for index in group["params"])
+        for group in self.param_groups:
+            for param in group["params"]:
+                index = next(saved_ids)
+                state = self.state.get(param)
+                if not state:
+                    continue
+                if self._master_mode(group, param):
+                    for key, value in saved_fp32.get(index, {}).items():
+                        state[key] = value.to(param.device)
+                    self._master_marks[param] = (param.data_ptr(), param._version)
+                self._conform_state(param, state, group)
+        self._tables.clear()
+

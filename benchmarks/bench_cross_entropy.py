@@ -34,6 +34,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bandwidth import streaming_bandwidth
+
 from fastcls.components.host_memory import keep_freed_host_memory
 from fastcls.ops import cross_entropy, linear_cross_entropy
 
@@ -94,18 +96,6 @@ def peak_rss_mb() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def stream_bandwidth(device: torch.device, reps: int) -> tuple[float, str]:
-    """Bytes per second of the bandwidth yardstick: in-place add on the CPU, copy on CUDA (read + write)."""
-    numel = (1 << 30) // 4
-    x = torch.ones(numel, device=device)
-    if device.type == "cpu":
-        seconds = min(median_time(lambda: x.add_(1.0), device, reps) for _ in range(2))
-        return 2 * x.nbytes / seconds, "in-place add"
-    y = torch.empty_like(x)
-    seconds = median_time(lambda: y.copy_(x), device, reps)
-    return 2 * x.nbytes / seconds, "device copy"
 
 
 def liger_cross_entropy():
@@ -302,7 +292,7 @@ def main(argv=None) -> None:
         device_name = f"CPU, {torch.get_num_threads()} threads"
     else:
         device_name = torch.cuda.get_device_name()
-    bandwidth, yardstick = stream_bandwidth(device, args.reps)
+    bandwidth, yardstick = streaming_bandwidth(device)
     rows, notes = ce_rows(device, bandwidth, args.reps, not args.no_compile)
     lce_rows, lce_notes = lce_rows_cpu(max(2, args.reps // 2)) if device.type == "cpu" else lce_rows_cuda(args.reps)
     rows += lce_rows

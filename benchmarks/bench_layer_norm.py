@@ -6,8 +6,8 @@ unpatched encoder's training step.
 Op rows: forward + backward of LayerNorm(dropout(x) + residual), p = 0.1, gradients for x, residual, weight and
 bias. Bytes are counted as the fused op must move them: the forward reads x and residual and writes y, the
 backward reads dy and y and writes dx and dresidual: 7 * N * H * dtype bytes (weights and row statistics
-are noise). "% bw" divides that by the time and by the streaming bandwidth measured in the same run (CPU: a large
-in-place add, read + read + write; CUDA: a large copy, read + write). The eager and compiled rows move more bytes
+are noise). "% bw" divides that by the time and by the streaming bandwidth measured in the same run
+(benchmarks/bandwidth.py: a large in-place add on the CPU, a copy on CUDA; read + write). The eager and compiled rows move more bytes
 (mask, pre-norm sum): their GB/s use the same 7 N H d count, i.e. the work done, not their traffic.
 
 On the CPU the allocator is told to keep freed memory, as `fastcls train` does, for every variant.
@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bandwidth import streaming_bandwidth
 
 from fastcls.components.host_memory import keep_freed_host_memory
 from fastcls.ops import dispatch, dropout_add_layer_norm
@@ -57,18 +59,6 @@ def timer(device: torch.device):
                 times.append(time.perf_counter() - tick)
         return statistics.median(times)
     return measure
-
-
-def streaming_bandwidth(device: torch.device, measure) -> tuple[str, float]:
-    """Bytes per second of a large elementwise pass, the most this machine streams."""
-    n = (256 if device.type == "cuda" else 64) * 2**20  # fp32 elements: 1 GiB / 256 MiB per tensor
-    a = torch.ones(n, device=device)
-    b = torch.ones(n, device=device)
-    if device.type == "cuda":
-        seconds = measure(lambda: b.copy_(a), 10)
-        return "copy (read + write)", 2 * n * 4 / seconds
-    seconds = measure(lambda: a.add_(b), 5)
-    return "in-place add (2 reads + write)", 3 * n * 4 / seconds
 
 
 def eager(x, residual, weight, bias):
@@ -237,7 +227,7 @@ def main() -> None:
         keep_freed_host_memory()  # as `fastcls train` does: no page faults on each step's fresh tensors
     measure = timer(device)
     torch.manual_seed(0)
-    bandwidth_label, bandwidth = streaming_bandwidth(device, measure)
+    bandwidth, bandwidth_label = streaming_bandwidth(device)
     if device.type == "cuda":
         shapes, dtypes = [(32 * 128, 768), (8192, 768), (8192, 1024)], [torch.bfloat16]
     else:

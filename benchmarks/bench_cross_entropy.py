@@ -261,8 +261,8 @@ def lce_rows_cuda(reps: int) -> tuple[list[dict], list[str]]:
 
 
 def print_table(device_name: str, bandwidth: float, yardstick: str, rows: list[dict], notes: list[str]) -> None:
-    print(f"# {device_name}, torch {torch.__version__}, {yardstick} bandwidth {bandwidth / 1e9:.1f} GB/s "
-          f"(read + write), {time.strftime('%Y-%m-%d')}")
+    print(f"# {device_name}, torch {torch.__version__}, streaming bandwidth {bandwidth / 1e9:.1f} GB/s: {yardstick}, "
+          f"{time.strftime('%Y-%m-%d')}")
     print("| op | shape | dtype | impl | ms | % bw | peak MB | extra MB | fastcls speedup |")
     print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:

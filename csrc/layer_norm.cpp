@@ -217,6 +217,223 @@ void backward_rows(const O* grad_out, const O* saved, bool saved_is_output, cons
   }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(FASTCLS_PHILOX_KEEP_BITS)
+// The AVX-512 rows: 16 columns a step, the keep decisions one bit per element (philox_keep_bits) used as the
+// lane mask of the scaling multiply, bf16 widened and rounded in registers. Same arithmetic as the portable rows.
+#define FASTCLS_LAYER_NORM_AVX512 1
+
+// One step of 16 columns; the last step of a row masks its lanes (loads give 0 there, stores skip them).
+template <bool kTail>
+struct Step {
+  __mmask16 lanes;
+
+  __m512 load(const float* p) const {
+    if constexpr (kTail) return _mm512_maskz_loadu_ps(lanes, p);
+    return _mm512_loadu_ps(p);
+  }
+  __m512 load(const uint16_t* p) const {
+    __m256i half;
+    if constexpr (kTail) {
+      half = _mm256_maskz_loadu_epi16(lanes, p);
+    } else {
+      half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    }
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+  }
+  void store(float* p, __m512 v) const {
+    if constexpr (kTail) {
+      _mm512_mask_storeu_ps(p, lanes, v);
+    } else {
+      _mm512_storeu_ps(p, v);
+    }
+  }
+  // f32_to_bf16 on 16 lanes: round to nearest even, NaN kept quiet.
+  void store(uint16_t* p, __m512 v) const {
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), odd), 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    rounded = _mm512_mask_or_epi32(rounded, nan, _mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
+    const __m256i packed = _mm512_cvtepi32_epi16(rounded);
+    if constexpr (kTail) {
+      _mm256_mask_storeu_epi16(p, lanes, packed);
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
+    }
+  }
+  // v with the lanes past the row's end zeroed.
+  __m512 within(__m512 v) const {
+    if constexpr (kTail) return _mm512_maskz_mov_ps(lanes, v);
+    return v;
+  }
+};
+
+// body(j, step) for the steps j = 0, 16, ... of a row of n columns.
+template <typename F>
+inline void for_each_step(int64_t n, F&& body) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) body(j, Step<false>{0xffff});
+  if (j < n) body(j, Step<true>{__mmask16((1u << (n - j)) - 1)});
+}
+
+// The keep bits of one row: bit j of the row's mask is element row * n_cols + j's decision.
+class RowKeep {
+ public:
+  explicit RowKeep(int64_t n_cols)
+      : words_(size_t((n_cols + 3 + 4 * kPhiloxCounters) / (4 * kPhiloxCounters) * kPhiloxRegisters + 2)) {}
+
+  void draw(int64_t row, int64_t n_cols, PhiloxKey key, uint32_t bound) {
+    const uint64_t first = uint64_t(row) * uint64_t(n_cols);
+    lead_ = unsigned(first % 4);
+    const int64_t n_counters = (int64_t(lead_) + n_cols + 3) / 4;
+    for (int64_t c = 0; c < n_counters; c += kPhiloxCounters) {
+      philox_keep_bits(first / 4 + uint64_t(c), key, bound, words_.data() + c / kPhiloxCounters * kPhiloxRegisters);
+    }
+  }
+
+  // The 16 decisions of columns j..j+15 (j a multiple of 16).
+  __mmask16 at(int64_t j) const {
+    uint64_t bits;
+    std::memcpy(&bits, reinterpret_cast<const unsigned char*>(words_.data()) + j / 8, sizeof bits);
+    return __mmask16(bits >> lead_);
+  }
+
+ private:
+  std::vector<uint32_t> words_;
+  unsigned lead_ = 0;
+};
+
+template <bool kDropX, bool kDropY, bool kResidual, bool kSum, typename X, typename R, typename O>
+void forward_row_avx512(const X* xr, const R* rr, const float* weight, const float* bias, O* yr, O* sr,
+                        const RowKeep& keep, float scale, float eps, float* s, int64_t n, float& row_mean,
+                        float& row_rstd) {
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  __m512 total = _mm512_setzero_ps();
+  for_each_step(n, [&](int64_t j, auto step) {
+    __m512 v = step.load(xr + j);
+    // a masked multiply rather than a multiply by 0, so that a dropped NaN or infinity becomes 0
+    if constexpr (kDropX) v = _mm512_maskz_mul_ps(keep.at(j), v, scale_v);
+    if constexpr (kResidual) v = _mm512_add_ps(v, step.load(rr + j));
+    step.store(s + j, v);
+    if constexpr (kSum) step.store(sr + j, v);
+    total = _mm512_add_ps(total, v);
+  });
+  const float inverse_n = 1.0f / float(n);
+  row_mean = _mm512_reduce_add_ps(total) * inverse_n;
+  const __m512 mean_v = _mm512_set1_ps(row_mean);
+  __m512 squares = _mm512_setzero_ps();
+  for_each_step(n, [&](int64_t j, auto step) {
+    const __m512 centred = step.within(_mm512_sub_ps(step.load(s + j), mean_v));
+    squares = _mm512_fmadd_ps(centred, centred, squares);
+  });
+  row_rstd = 1.0f / std::sqrt(_mm512_reduce_add_ps(squares) * inverse_n + eps);
+  const __m512 rstd_v = _mm512_set1_ps(row_rstd);
+  for_each_step(n, [&](int64_t j, auto step) {
+    const __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(step.load(s + j), mean_v), rstd_v);
+    __m512 y = _mm512_fmadd_ps(xhat, step.load(weight + j), step.load(bias + j));
+    if constexpr (kDropY) y = _mm512_maskz_mul_ps(keep.at(j), y, scale_v);
+    step.store(yr + j, y);
+  });
+}
+
+template <bool kDropY, bool kFromOutput, bool kDropX, bool kGradSum, bool kResidual, typename O, typename X,
+          typename R>
+void backward_row_avx512(const O* gr, const O* sr, const O* gsr, X* gxr, R* grr, const RowKeep& keep, float scale,
+                         const float* weight, const float* bias, const float* inverse_weight, float row_mean,
+                         float row_rstd, float* g, float* xhat, float* grad_weight, float* grad_bias, int64_t n) {
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  const __m512 mean_v = _mm512_set1_ps(row_mean);
+  const __m512 rstd_v = _mm512_set1_ps(row_rstd);
+  __m512 sum_g_xhat = _mm512_setzero_ps(), sum_g = _mm512_setzero_ps();
+  for_each_step(n, [&](int64_t j, auto step) {
+    __m512 d = step.load(gr + j);
+    if constexpr (kDropY) d = _mm512_maskz_mul_ps(keep.at(j), d, scale_v);
+    __m512 h;
+    if constexpr (kFromOutput) {
+      h = _mm512_mul_ps(_mm512_sub_ps(step.load(sr + j), step.load(bias + j)), step.load(inverse_weight + j));
+    } else {
+      h = _mm512_mul_ps(_mm512_sub_ps(step.load(sr + j), mean_v), rstd_v);
+    }
+    step.store(grad_weight + j, _mm512_fmadd_ps(d, h, step.load(grad_weight + j)));
+    step.store(grad_bias + j, _mm512_add_ps(d, step.load(grad_bias + j)));
+    const __m512 gw = _mm512_mul_ps(d, step.load(weight + j));  // 0 past the row's end, as d is
+    step.store(g + j, gw);
+    step.store(xhat + j, h);
+    sum_g_xhat = _mm512_fmadd_ps(gw, h, sum_g_xhat);
+    sum_g = _mm512_add_ps(sum_g, gw);
+  });
+  const float inverse_n = 1.0f / float(n);
+  const __m512 mean_g = _mm512_set1_ps(_mm512_reduce_add_ps(sum_g) * inverse_n);
+  const __m512 mean_g_xhat = _mm512_set1_ps(_mm512_reduce_add_ps(sum_g_xhat) * inverse_n);
+  for_each_step(n, [&](int64_t j, auto step) {
+    const __m512 centred = _mm512_sub_ps(step.load(g + j), mean_g);
+    __m512 ds = _mm512_mul_ps(_mm512_fnmadd_ps(step.load(xhat + j), mean_g_xhat, centred), rstd_v);
+    if constexpr (kGradSum) ds = _mm512_add_ps(ds, step.load(gsr + j));
+    if constexpr (kResidual) step.store(grr + j, ds);
+    if constexpr (kDropX) ds = _mm512_maskz_mul_ps(keep.at(j), ds, scale_v);
+    step.store(gxr + j, ds);
+  });
+}
+
+template <typename X, typename R, typename O>
+void forward_rows_avx512(const X* x, const R* residual, const float* weight, const float* bias, O* out, O* sum,
+                         float* mean, float* rstd, int64_t row_begin, int64_t row_end, int64_t n_cols, float eps,
+                         const Dropout& drop) {
+  std::vector<float> summed(static_cast<size_t>(n_cols));
+  RowKeep keep(n_cols);
+  with_flag(drop.on && !drop.after, [&](auto drop_x) {
+    with_flag(drop.on && drop.after, [&](auto drop_y) {
+      with_flag(residual != nullptr, [&](auto has_residual) {
+        with_flag(sum != nullptr, [&](auto has_sum) {
+          for (int64_t row = row_begin; row < row_end; ++row) {
+            const int64_t offset = row * n_cols;
+            if (drop.on) keep.draw(row, n_cols, drop.key, drop.bound);
+            forward_row_avx512<decltype(drop_x)::value, decltype(drop_y)::value, decltype(has_residual)::value,
+                               decltype(has_sum)::value>(
+                x + offset, has_residual ? residual + offset : nullptr, weight, bias, out + offset,
+                has_sum ? sum + offset : nullptr, keep, drop.scale, eps, summed.data(), n_cols, mean[row],
+                rstd[row]);
+          }
+        });
+      });
+    });
+  });
+}
+
+template <typename X, typename R, typename O>
+void backward_rows_avx512(const O* grad_out, const O* saved, bool saved_is_output, const float* weight,
+                          const float* bias, const float* mean, const float* rstd, const O* grad_sum, X* grad_x,
+                          R* grad_residual, float* grad_weight, float* grad_bias, int64_t row_begin,
+                          int64_t row_end, int64_t n_cols, const Dropout& drop) {
+  std::vector<float> buffers(size_t(3 * n_cols));
+  float* g = buffers.data();
+  float* xhat = g + n_cols;
+  float* inverse_weight = xhat + n_cols;
+  for (int64_t j = 0; j < n_cols; ++j) inverse_weight[j] = 1.0f / weight[j];
+  RowKeep keep(n_cols);
+  with_flag(drop.on && drop.after, [&](auto drop_y) {
+    with_flag(saved_is_output, [&](auto from_output) {
+      with_flag(drop.on && !drop.after, [&](auto drop_x) {
+        with_flag(grad_sum != nullptr, [&](auto has_grad_sum) {
+          with_flag(grad_residual != nullptr, [&](auto has_residual) {
+            for (int64_t row = row_begin; row < row_end; ++row) {
+              const int64_t offset = row * n_cols;
+              if (drop.on) keep.draw(row, n_cols, drop.key, drop.bound);
+              backward_row_avx512<decltype(drop_y)::value, decltype(from_output)::value, decltype(drop_x)::value,
+                                  decltype(has_grad_sum)::value, decltype(has_residual)::value>(
+                  grad_out + offset, saved + offset, has_grad_sum ? grad_sum + offset : nullptr, grad_x + offset,
+                  has_residual ? grad_residual + offset : nullptr, keep, drop.scale, weight, bias, inverse_weight,
+                  mean[row], rstd[row], g, xhat, grad_weight, grad_bias, n_cols);
+            }
+          });
+        });
+      });
+    });
+  });
+}
+#endif
+
 Dropout make_dropout(uint64_t seed, uint64_t threshold, float scale, bool dropout_after) {
   return Dropout{threshold != 0, dropout_after, uint32_t(threshold), scale,
                  PhiloxKey{uint32_t(seed), uint32_t(seed >> 32)}};
@@ -231,6 +448,14 @@ void with_element(int dtype, F&& f) {
     f(float{});
   }
 }
+
+#if defined(FASTCLS_LAYER_NORM_AVX512)
+#define FASTCLS_FORWARD_ROWS forward_rows_avx512
+#define FASTCLS_BACKWARD_ROWS backward_rows_avx512
+#else
+#define FASTCLS_FORWARD_ROWS forward_rows
+#define FASTCLS_BACKWARD_ROWS backward_rows
+#endif
 
 }  // namespace
 
@@ -248,7 +473,7 @@ void layer_norm_forward(const void* x, int x_dtype, const void* residual, int re
         using O = decltype(out_element);
 #pragma omp parallel for num_threads(n_tasks) schedule(static) if (n_tasks > 1)
         for (int task = 0; task < n_tasks; ++task) {
-          forward_rows(static_cast<const X*>(x), static_cast<const R*>(residual), weight, bias, static_cast<O*>(out),
+          FASTCLS_FORWARD_ROWS(static_cast<const X*>(x), static_cast<const R*>(residual), weight, bias, static_cast<O*>(out),
                        static_cast<O*>(sum), mean, rstd, task * n_rows / n_tasks, (task + 1) * n_rows / n_tasks,
                        n_cols, eps, drop);
         }
@@ -274,7 +499,7 @@ void layer_norm_backward(const void* grad_out, const void* saved, int saved_dtyp
         using R = decltype(residual_element);
 #pragma omp parallel for num_threads(n_tasks) schedule(static) if (n_tasks > 1)
         for (int task = 0; task < n_tasks; ++task) {
-          backward_rows(static_cast<const O*>(grad_out), static_cast<const O*>(saved), saved_is_output, weight, bias,
+          FASTCLS_BACKWARD_ROWS(static_cast<const O*>(grad_out), static_cast<const O*>(saved), saved_is_output, weight, bias,
                         mean, rstd, static_cast<const O*>(grad_sum), static_cast<X*>(grad_x),
                         static_cast<R*>(grad_residual), grad_weight_partial + int64_t(task) * n_cols,
                         grad_bias_partial + int64_t(task) * n_cols, task * n_rows / n_tasks,

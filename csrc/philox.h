@@ -34,11 +34,15 @@ struct PhiloxKey {
 // Each 64-bit lane carries one 32-bit Philox word in its low half. _mm512_mul_epu32 reads only low halves and
 // returns the full 64-bit product, so the high half of a product is one shift away, its low half needs no
 // masking, and the garbage the XORs leave in the upper halves never reaches a result.
-inline void philox_bits(uint64_t first_counter, PhiloxKey key, uint32_t* bits) {
-  constexpr int kRegisters = kPhiloxCounters / 8;
-  __m512i c0[kRegisters], c1[kRegisters], c2[kRegisters], c3[kRegisters];
+constexpr int kPhiloxRegisters = kPhiloxCounters / 8;
+
+// The 10 rounds over counters first_counter + 8 * r + lane; word w of the counter in lane l of register r ends in
+// the low half of lane l of words[w][r].
+inline void philox_rounds(uint64_t first_counter, PhiloxKey key, __m512i (&c0)[kPhiloxRegisters],
+                          __m512i (&c1)[kPhiloxRegisters], __m512i (&c2)[kPhiloxRegisters],
+                          __m512i (&c3)[kPhiloxRegisters]) {
   const __m512i lane = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
-  for (int r = 0; r < kRegisters; ++r) {
+  for (int r = 0; r < kPhiloxRegisters; ++r) {
     const __m512i counter = _mm512_add_epi64(_mm512_set1_epi64(int64_t(first_counter + 8 * r)), lane);
     c0[r] = counter;
     c1[r] = _mm512_srli_epi64(counter, 32);
@@ -51,7 +55,7 @@ inline void philox_bits(uint64_t first_counter, PhiloxKey key, uint32_t* bits) {
   for (int round = 0; round < kRounds; ++round) {
     const __m512i key0 = _mm512_set1_epi64(k0);
     const __m512i key1 = _mm512_set1_epi64(k1);
-    for (int r = 0; r < kRegisters; ++r) {
+    for (int r = 0; r < kPhiloxRegisters; ++r) {
       const __m512i product0 = _mm512_mul_epu32(c0[r], round_a);
       const __m512i product2 = _mm512_mul_epu32(c2[r], round_b);
       // 0x96 is the three-way XOR.
@@ -63,17 +67,44 @@ inline void philox_bits(uint64_t first_counter, PhiloxKey key, uint32_t* bits) {
     k0 += kKeyA;
     k1 += kKeyB;
   }
-  // Interleave to element order: words 0 and 1 of a counter into one 64-bit lane, words 2 and 3 into another,
-  // then the lanes of 4 counters side by side.
-  const __m512i first_half = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11);
-  const __m512i second_half = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
-  for (int r = 0; r < kRegisters; ++r) {
-    const __m512i words01 = _mm512_mask_shuffle_epi32(c0[r], 0xAAAA, c1[r], _MM_PERM_CCAA);
-    const __m512i words23 = _mm512_mask_shuffle_epi32(c2[r], 0xAAAA, c3[r], _MM_PERM_CCAA);
-    _mm512_store_si512(bits + 32 * r, _mm512_permutex2var_epi64(words01, first_half, words23));
-    _mm512_store_si512(bits + 32 * r + 16, _mm512_permutex2var_epi64(words01, second_half, words23));
+  // Words 0 and 1 of a counter into one 64-bit lane (word 0 low), words 2 and 3 into another.
+  for (int r = 0; r < kPhiloxRegisters; ++r) {
+    c0[r] = _mm512_mask_shuffle_epi32(c0[r], 0xAAAA, c1[r], _MM_PERM_CCAA);
+    c2[r] = _mm512_mask_shuffle_epi32(c2[r], 0xAAAA, c3[r], _MM_PERM_CCAA);
   }
 }
+
+inline void philox_bits(uint64_t first_counter, PhiloxKey key, uint32_t* bits) {
+  __m512i words01[kPhiloxRegisters], words23[kPhiloxRegisters], unused1[kPhiloxRegisters],
+      unused3[kPhiloxRegisters];
+  philox_rounds(first_counter, key, words01, unused1, words23, unused3);
+  // The lanes of 4 counters side by side: element order.
+  const __m512i first_half = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11);
+  const __m512i second_half = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
+  for (int r = 0; r < kPhiloxRegisters; ++r) {
+    _mm512_store_si512(bits + 32 * r, _mm512_permutex2var_epi64(words01[r], first_half, words23[r]));
+    _mm512_store_si512(bits + 32 * r + 16, _mm512_permutex2var_epi64(words01[r], second_half, words23[r]));
+  }
+}
+
+#if defined(__BMI2__)
+#define FASTCLS_PHILOX_KEEP_BITS 1
+// The keep decisions of the same 4 * kPhiloxCounters elements as philox_bits, one bit each: bit b of keep[k] is
+// (word of element 32 * k + b) >= bound, for k < kPhiloxRegisters. No words reach memory, and the comparison
+// needs no reordering: a 32-bit compare of words01 gives elements 4c and 4c + 1 of counter c in bits 2c and
+// 2c + 1, which pdep spreads to bits 4c and 4c + 1 (words23 likewise to 4c + 2 and 4c + 3).
+inline void philox_keep_bits(uint64_t first_counter, PhiloxKey key, uint32_t bound, uint32_t* keep) {
+  __m512i words01[kPhiloxRegisters], words23[kPhiloxRegisters], unused1[kPhiloxRegisters],
+      unused3[kPhiloxRegisters];
+  philox_rounds(first_counter, key, words01, unused1, words23, unused3);
+  const __m512i threshold = _mm512_set1_epi32(int(bound));
+  for (int r = 0; r < kPhiloxRegisters; ++r) {
+    const uint32_t keep01 = _mm512_cmpge_epu32_mask(words01[r], threshold);
+    const uint32_t keep23 = _mm512_cmpge_epu32_mask(words23[r], threshold);
+    keep[r] = _pdep_u32(keep01, 0x33333333u) | _pdep_u32(keep23, 0xCCCCCCCCu);
+  }
+}
+#endif
 #else
 inline void philox_bits(uint64_t first_counter, PhiloxKey key, uint32_t* bits) {
   for (int64_t c = 0; c < kPhiloxCounters; ++c) {

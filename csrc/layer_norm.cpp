@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -220,6 +221,9 @@ void backward_rows(const O* grad_out, const O* saved, bool saved_is_output, cons
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(FASTCLS_PHILOX_KEEP_BITS)
 // The AVX-512 rows: 16 columns a step, the keep decisions one bit per element (philox_keep_bits) used as the
 // lane mask of the scaling multiply, bf16 widened and rounded in registers. Same arithmetic as the portable rows.
+// Philox4x32-10 costs about as much as the rest of the kernel (some 0.3 ns per element and core here), so the rows
+// hide memory behind it: the bits are drawn inside the first pass over a row, the rows two ahead are prefetched,
+// and outputs too large to stay cached are stored non-temporally (streams()).
 #define FASTCLS_LAYER_NORM_AVX512 1
 
 // One step of 16 columns; the last step of a row masks its lanes (loads give 0 there, stores skip them).
@@ -247,19 +251,44 @@ struct Step {
       _mm512_storeu_ps(p, v);
     }
   }
-  // f32_to_bf16 on 16 lanes: round to nearest even, NaN kept quiet.
-  void store(uint16_t* p, __m512 v) const {
+  // f32_to_bf16 on 16 lanes: round to nearest even, NaN kept quiet. The AVX512-BF16 instruction also flushes
+  // fp32 subnormals (below 1.2e-38) to zero, where f32_to_bf16 rounds them.
+  static __m256i to_bf16(__m512 v) {
+#if defined(__AVX512BF16__)
+    return (__m256i)_mm512_cvtneps_pbh(v);
+#else
     const __m512i bits = _mm512_castps_si512(v);
     const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
     __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), odd), 16);
     const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)),
                                                   _mm512_set1_epi32(0x7f800000));
     rounded = _mm512_mask_or_epi32(rounded, nan, _mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
-    const __m256i packed = _mm512_cvtepi32_epi16(rounded);
+    return _mm512_cvtepi32_epi16(rounded);
+#endif
+  }
+  void store(uint16_t* p, __m512 v) const {
     if constexpr (kTail) {
-      _mm256_mask_storeu_epi16(p, lanes, packed);
+      _mm256_mask_storeu_epi16(p, lanes, to_bf16(v));
     } else {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16(v));
+    }
+  }
+  // A store to an output tensor; kStream: non-temporal, bypassing the caches (p 32- or 64-byte aligned, which
+  // the caller checked for whole rows; a masked tail step never streams).
+  template <bool kStream>
+  void put(float* p, __m512 v) const {
+    if constexpr (kStream && !kTail) {
+      _mm512_stream_ps(p, v);
+    } else {
+      store(p, v);
+    }
+  }
+  template <bool kStream>
+  void put(uint16_t* p, __m512 v) const {
+    if constexpr (kStream && !kTail) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_bf16(v));
+    } else {
+      store(p, v);
     }
   }
   // v with the lanes past the row's end zeroed.
@@ -269,6 +298,15 @@ struct Step {
   }
 };
 
+// The input rows this many rows ahead are fetched while a row is worked on: the hardware prefetcher alone leaves
+// the memory idle during each row's Philox draw and its passes over the cached row.
+constexpr int64_t kPrefetchRows = 2;
+
+template <typename T>
+inline void prefetch(const T* p) {
+  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+}
+
 // body(j, step) for the steps j = 0, 16, ... of a row of n columns.
 template <typename F>
 inline void for_each_step(int64_t n, F&& body) {
@@ -277,19 +315,29 @@ inline void for_each_step(int64_t n, F&& body) {
   if (j < n) body(j, Step<true>{__mmask16((1u << (n - j)) - 1)});
 }
 
-// The keep bits of one row: bit j of the row's mask is element row * n_cols + j's decision.
+// The keep bits of one row: bit j of the row's mask is element row * n_cols + j's decision. They are drawn a
+// block of 4 * kPhiloxCounters columns ahead of the pass that first walks the row (start, then advance at every
+// block start), so that the Philox arithmetic overlaps that pass's memory traffic.
 class RowKeep {
  public:
-  explicit RowKeep(int64_t n_cols)
-      : words_(size_t((n_cols + 3 + 4 * kPhiloxCounters) / (4 * kPhiloxCounters) * kPhiloxRegisters + 2)) {}
+  static constexpr int64_t kBlockColumns = 4 * kPhiloxCounters;
 
-  void draw(int64_t row, int64_t n_cols, PhiloxKey key, uint32_t bound) {
+  explicit RowKeep(int64_t n_cols)
+      : words_(size_t((n_cols + 3 + kBlockColumns) / kBlockColumns * kPhiloxRegisters + 2)) {}
+
+  void start(int64_t row, int64_t n_cols, PhiloxKey key, uint32_t bound) {
     const uint64_t first = uint64_t(row) * uint64_t(n_cols);
     lead_ = unsigned(first % 4);
-    const int64_t n_counters = (int64_t(lead_) + n_cols + 3) / 4;
-    for (int64_t c = 0; c < n_counters; c += kPhiloxCounters) {
-      philox_keep_bits(first / 4 + uint64_t(c), key, bound, words_.data() + c / kPhiloxCounters * kPhiloxRegisters);
-    }
+    first_counter_ = first / 4;
+    n_blocks_ = ((int64_t(lead_) + n_cols + 3) / 4 + kPhiloxCounters - 1) / kPhiloxCounters;
+    key_ = key;
+    bound_ = bound;
+    draw_block(0);
+  }
+
+  // Called with j = 0, 16, 32, ...: the bits at() reads up to column j + kBlockColumns - 1 are drawn.
+  void advance(int64_t j) {
+    if (j % kBlockColumns == 0 && j / kBlockColumns + 1 < n_blocks_) draw_block(j / kBlockColumns + 1);
   }
 
   // The 16 decisions of columns j..j+15 (j a multiple of 16).
@@ -300,23 +348,37 @@ class RowKeep {
   }
 
  private:
+  void draw_block(int64_t block) {
+    philox_keep_bits(first_counter_ + uint64_t(block * kPhiloxCounters), key_, bound_,
+                     words_.data() + block * kPhiloxRegisters);
+  }
+
   std::vector<uint32_t> words_;
   unsigned lead_ = 0;
+  uint64_t first_counter_ = 0;
+  int64_t n_blocks_ = 0;
+  PhiloxKey key_{0, 0};
+  uint32_t bound_ = 0;
 };
 
-template <bool kDropX, bool kDropY, bool kResidual, bool kSum, typename X, typename R, typename O>
+template <bool kDropX, bool kDropY, bool kResidual, bool kSum, bool kStream, typename X, typename R, typename O>
 void forward_row_avx512(const X* xr, const R* rr, const float* weight, const float* bias, O* yr, O* sr,
-                        const RowKeep& keep, float scale, float eps, float* s, int64_t n, float& row_mean,
-                        float& row_rstd) {
+                        RowKeep& keep, float scale, float eps, float* s, int64_t n, int64_t ahead,
+                        float& row_mean, float& row_rstd) {
   const __m512 scale_v = _mm512_set1_ps(scale);
   __m512 total = _mm512_setzero_ps();
   for_each_step(n, [&](int64_t j, auto step) {
+    if (ahead != 0) {
+      prefetch(xr + j + ahead);
+      if constexpr (kResidual) prefetch(rr + j + ahead);
+    }
+    if constexpr (kDropX || kDropY) keep.advance(j);
     __m512 v = step.load(xr + j);
     // a masked multiply rather than a multiply by 0, so that a dropped NaN or infinity becomes 0
     if constexpr (kDropX) v = _mm512_maskz_mul_ps(keep.at(j), v, scale_v);
     if constexpr (kResidual) v = _mm512_add_ps(v, step.load(rr + j));
     step.store(s + j, v);
-    if constexpr (kSum) step.store(sr + j, v);
+    if constexpr (kSum) step.template put<kStream>(sr + j, v);
     total = _mm512_add_ps(total, v);
   });
   const float inverse_n = 1.0f / float(n);
@@ -333,20 +395,27 @@ void forward_row_avx512(const X* xr, const R* rr, const float* weight, const flo
     const __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(step.load(s + j), mean_v), rstd_v);
     __m512 y = _mm512_fmadd_ps(xhat, step.load(weight + j), step.load(bias + j));
     if constexpr (kDropY) y = _mm512_maskz_mul_ps(keep.at(j), y, scale_v);
-    step.store(yr + j, y);
+    step.template put<kStream>(yr + j, y);
   });
 }
 
-template <bool kDropY, bool kFromOutput, bool kDropX, bool kGradSum, bool kResidual, typename O, typename X,
-          typename R>
-void backward_row_avx512(const O* gr, const O* sr, const O* gsr, X* gxr, R* grr, const RowKeep& keep, float scale,
+template <bool kDropY, bool kFromOutput, bool kDropX, bool kGradSum, bool kResidual, bool kStream, typename O,
+          typename X, typename R>
+void backward_row_avx512(const O* gr, const O* sr, const O* gsr, X* gxr, R* grr, RowKeep& keep, float scale,
                          const float* weight, const float* bias, const float* inverse_weight, float row_mean,
-                         float row_rstd, float* g, float* xhat, float* grad_weight, float* grad_bias, int64_t n) {
+                         float row_rstd, float* g, float* xhat, float* grad_weight, float* grad_bias, int64_t n,
+                         int64_t ahead) {
   const __m512 scale_v = _mm512_set1_ps(scale);
   const __m512 mean_v = _mm512_set1_ps(row_mean);
   const __m512 rstd_v = _mm512_set1_ps(row_rstd);
   __m512 sum_g_xhat = _mm512_setzero_ps(), sum_g = _mm512_setzero_ps();
   for_each_step(n, [&](int64_t j, auto step) {
+    if (ahead != 0) {
+      prefetch(gr + j + ahead);
+      prefetch(sr + j + ahead);
+      if constexpr (kGradSum) prefetch(gsr + j + ahead);
+    }
+    if constexpr (kDropX || kDropY) keep.advance(j);
     __m512 d = step.load(gr + j);
     if constexpr (kDropY) d = _mm512_maskz_mul_ps(keep.at(j), d, scale_v);
     __m512 h;
@@ -370,48 +439,52 @@ void backward_row_avx512(const O* gr, const O* sr, const O* gsr, X* gxr, R* grr,
     const __m512 centred = _mm512_sub_ps(step.load(g + j), mean_g);
     __m512 ds = _mm512_mul_ps(_mm512_fnmadd_ps(step.load(xhat + j), mean_g_xhat, centred), rstd_v);
     if constexpr (kGradSum) ds = _mm512_add_ps(ds, step.load(gsr + j));
-    if constexpr (kResidual) step.store(grr + j, ds);
+    if constexpr (kResidual) step.template put<kStream>(grr + j, ds);
     if constexpr (kDropX) ds = _mm512_maskz_mul_ps(keep.at(j), ds, scale_v);
-    step.store(gxr + j, ds);
+    step.template put<kStream>(gxr + j, ds);
   });
 }
 
 template <typename X, typename R, typename O>
 void forward_rows_avx512(const X* x, const R* residual, const float* weight, const float* bias, O* out, O* sum,
                          float* mean, float* rstd, int64_t row_begin, int64_t row_end, int64_t n_cols, float eps,
-                         const Dropout& drop) {
+                         const Dropout& drop, bool stream) {
   std::vector<float> summed(static_cast<size_t>(n_cols));
   RowKeep keep(n_cols);
+  with_flag(stream, [&](auto streamed) {
   with_flag(drop.on && !drop.after, [&](auto drop_x) {
     with_flag(drop.on && drop.after, [&](auto drop_y) {
       with_flag(residual != nullptr, [&](auto has_residual) {
         with_flag(sum != nullptr, [&](auto has_sum) {
           for (int64_t row = row_begin; row < row_end; ++row) {
             const int64_t offset = row * n_cols;
-            if (drop.on) keep.draw(row, n_cols, drop.key, drop.bound);
+            if (drop.on) keep.start(row, n_cols, drop.key, drop.bound);
             forward_row_avx512<decltype(drop_x)::value, decltype(drop_y)::value, decltype(has_residual)::value,
-                               decltype(has_sum)::value>(
+                               decltype(has_sum)::value, decltype(streamed)::value>(
                 x + offset, has_residual ? residual + offset : nullptr, weight, bias, out + offset,
-                has_sum ? sum + offset : nullptr, keep, drop.scale, eps, summed.data(), n_cols, mean[row],
-                rstd[row]);
+                has_sum ? sum + offset : nullptr, keep, drop.scale, eps, summed.data(), n_cols,
+                row + kPrefetchRows < row_end ? kPrefetchRows * n_cols : 0, mean[row], rstd[row]);
           }
         });
       });
     });
   });
+  });
+  if (stream) _mm_sfence();  // the streamed stores reach memory before the caller reads them
 }
 
 template <typename X, typename R, typename O>
 void backward_rows_avx512(const O* grad_out, const O* saved, bool saved_is_output, const float* weight,
                           const float* bias, const float* mean, const float* rstd, const O* grad_sum, X* grad_x,
                           R* grad_residual, float* grad_weight, float* grad_bias, int64_t row_begin,
-                          int64_t row_end, int64_t n_cols, const Dropout& drop) {
+                          int64_t row_end, int64_t n_cols, const Dropout& drop, bool stream) {
   std::vector<float> buffers(size_t(3 * n_cols));
   float* g = buffers.data();
   float* xhat = g + n_cols;
   float* inverse_weight = xhat + n_cols;
   for (int64_t j = 0; j < n_cols; ++j) inverse_weight[j] = 1.0f / weight[j];
   RowKeep keep(n_cols);
+  with_flag(stream, [&](auto streamed) {
   with_flag(drop.on && drop.after, [&](auto drop_y) {
     with_flag(saved_is_output, [&](auto from_output) {
       with_flag(drop.on && !drop.after, [&](auto drop_x) {
@@ -419,18 +492,22 @@ void backward_rows_avx512(const O* grad_out, const O* saved, bool saved_is_outpu
           with_flag(grad_residual != nullptr, [&](auto has_residual) {
             for (int64_t row = row_begin; row < row_end; ++row) {
               const int64_t offset = row * n_cols;
-              if (drop.on) keep.draw(row, n_cols, drop.key, drop.bound);
+              if (drop.on) keep.start(row, n_cols, drop.key, drop.bound);
               backward_row_avx512<decltype(drop_y)::value, decltype(from_output)::value, decltype(drop_x)::value,
-                                  decltype(has_grad_sum)::value, decltype(has_residual)::value>(
+                                  decltype(has_grad_sum)::value, decltype(has_residual)::value,
+                                  decltype(streamed)::value>(
                   grad_out + offset, saved + offset, has_grad_sum ? grad_sum + offset : nullptr, grad_x + offset,
                   has_residual ? grad_residual + offset : nullptr, keep, drop.scale, weight, bias, inverse_weight,
-                  mean[row], rstd[row], g, xhat, grad_weight, grad_bias, n_cols);
+                  mean[row], rstd[row], g, xhat, grad_weight, grad_bias, n_cols,
+                  row + kPrefetchRows < row_end ? kPrefetchRows * n_cols : 0);
             }
           });
         });
       });
     });
   });
+  });
+  if (stream) _mm_sfence();
 }
 #endif
 
@@ -450,11 +527,22 @@ void with_element(int dtype, F&& f) {
 }
 
 #if defined(FASTCLS_LAYER_NORM_AVX512)
-#define FASTCLS_FORWARD_ROWS forward_rows_avx512
-#define FASTCLS_BACKWARD_ROWS backward_rows_avx512
-#else
-#define FASTCLS_FORWARD_ROWS forward_rows
-#define FASTCLS_BACKWARD_ROWS backward_rows
+int64_t element_bytes(int dtype) { return dtype == 1 ? 2 : 4; }
+
+// A call that touches more bytes than a last-level cache holds has its outputs evicted before anyone reads them:
+// storing them non-temporally saves the read of each line a normal store makes first (a third of the forward's
+// traffic, and of the backward's). Needs every output row to start on a 64-byte boundary.
+constexpr int64_t kStreamBytes = int64_t(32) << 20;
+
+bool streams(int64_t touched_bytes, std::initializer_list<std::pair<const void*, int64_t>> outputs) {
+  if (touched_bytes < kStreamBytes) return false;
+  for (const auto& [address, row_bytes] : outputs) {
+    if (address != nullptr && (reinterpret_cast<std::uintptr_t>(address) % 64 != 0 || row_bytes % 64 != 0)) {
+      return false;
+    }
+  }
+  return true;
+}
 #endif
 
 }  // namespace
@@ -465,6 +553,13 @@ void layer_norm_forward(const void* x, int x_dtype, const void* residual, int re
                         bool dropout_after, int num_threads) {
   const Dropout drop = make_dropout(seed, threshold, scale, dropout_after);
   const int n_tasks = threads_for(n_rows, n_cols, num_threads);
+#if defined(FASTCLS_LAYER_NORM_AVX512)
+  const int64_t out_row_bytes = n_cols * element_bytes(out_dtype);
+  const int64_t residual_row_bytes = residual ? n_cols * element_bytes(residual_dtype) : 0;
+  const int64_t touched =
+      n_rows * (n_cols * element_bytes(x_dtype) + residual_row_bytes + (sum ? 2 : 1) * out_row_bytes);
+  const bool stream = streams(touched, {{out, out_row_bytes}, {sum, out_row_bytes}});
+#endif
   with_element(x_dtype, [&](auto x_element) {
     with_element(residual_dtype, [&](auto residual_element) {
       with_element(out_dtype, [&](auto out_element) {
@@ -473,9 +568,15 @@ void layer_norm_forward(const void* x, int x_dtype, const void* residual, int re
         using O = decltype(out_element);
 #pragma omp parallel for num_threads(n_tasks) schedule(static) if (n_tasks > 1)
         for (int task = 0; task < n_tasks; ++task) {
-          FASTCLS_FORWARD_ROWS(static_cast<const X*>(x), static_cast<const R*>(residual), weight, bias, static_cast<O*>(out),
+#if defined(FASTCLS_LAYER_NORM_AVX512)
+          forward_rows_avx512(static_cast<const X*>(x), static_cast<const R*>(residual), weight, bias,
+                              static_cast<O*>(out), static_cast<O*>(sum), mean, rstd, task * n_rows / n_tasks,
+                              (task + 1) * n_rows / n_tasks, n_cols, eps, drop, stream);
+#else
+          forward_rows(static_cast<const X*>(x), static_cast<const R*>(residual), weight, bias, static_cast<O*>(out),
                        static_cast<O*>(sum), mean, rstd, task * n_rows / n_tasks, (task + 1) * n_rows / n_tasks,
                        n_cols, eps, drop);
+#endif
         }
       });
     });
@@ -491,6 +592,13 @@ void layer_norm_backward(const void* grad_out, const void* saved, int saved_dtyp
   const int n_tasks = threads_for(n_rows, n_cols, num_threads);
   std::fill(grad_weight_partial, grad_weight_partial + int64_t(num_threads) * n_cols, 0.0f);
   std::fill(grad_bias_partial, grad_bias_partial + int64_t(num_threads) * n_cols, 0.0f);
+#if defined(FASTCLS_LAYER_NORM_AVX512)
+  const int64_t saved_row_bytes = n_cols * element_bytes(saved_dtype);
+  const int64_t x_row_bytes = n_cols * element_bytes(x_dtype);
+  const int64_t residual_row_bytes = grad_residual ? n_cols * element_bytes(residual_dtype) : 0;
+  const int64_t touched = n_rows * ((grad_sum ? 3 : 2) * saved_row_bytes + x_row_bytes + residual_row_bytes);
+  const bool stream = streams(touched, {{grad_x, x_row_bytes}, {grad_residual, residual_row_bytes}});
+#endif
   with_element(saved_dtype, [&](auto saved_element) {
     with_element(x_dtype, [&](auto x_element) {
       with_element(residual_dtype, [&](auto residual_element) {
@@ -499,11 +607,19 @@ void layer_norm_backward(const void* grad_out, const void* saved, int saved_dtyp
         using R = decltype(residual_element);
 #pragma omp parallel for num_threads(n_tasks) schedule(static) if (n_tasks > 1)
         for (int task = 0; task < n_tasks; ++task) {
-          FASTCLS_BACKWARD_ROWS(static_cast<const O*>(grad_out), static_cast<const O*>(saved), saved_is_output, weight, bias,
+#if defined(FASTCLS_LAYER_NORM_AVX512)
+          backward_rows_avx512(static_cast<const O*>(grad_out), static_cast<const O*>(saved), saved_is_output,
+                               weight, bias, mean, rstd, static_cast<const O*>(grad_sum), static_cast<X*>(grad_x),
+                               static_cast<R*>(grad_residual), grad_weight_partial + int64_t(task) * n_cols,
+                               grad_bias_partial + int64_t(task) * n_cols, task * n_rows / n_tasks,
+                               (task + 1) * n_rows / n_tasks, n_cols, drop, stream);
+#else
+          backward_rows(static_cast<const O*>(grad_out), static_cast<const O*>(saved), saved_is_output, weight, bias,
                         mean, rstd, static_cast<const O*>(grad_sum), static_cast<X*>(grad_x),
                         static_cast<R*>(grad_residual), grad_weight_partial + int64_t(task) * n_cols,
                         grad_bias_partial + int64_t(task) * n_cols, task * n_rows / n_tasks,
                         (task + 1) * n_rows / n_tasks, n_cols, drop);
+#endif
         }
       });
     });

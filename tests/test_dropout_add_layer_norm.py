@@ -97,6 +97,25 @@ def test_dropout_add_layer_norm_matches_the_reference_mask(backend, shape, dtype
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+def test_cpp_streamed_outputs_match_the_reference(dtype, generator):
+    # Calls touching more than 32 MiB store their outputs non-temporally (csrc/layer_norm.cpp): a shape past that.
+    if dispatch.cpp_ext is None:
+        pytest.skip("C++ kernels not built")
+    device, hidden = torch.device("cpu"), 1024
+    n_rows = (32 << 20) // (3 * hidden * torch.finfo(dtype).bits // 8) + 3
+    x, residual = (randn((n_rows, hidden), generator, device, dtype).requires_grad_() for _ in range(2))
+    weight, bias = layer_norm_params(hidden, generator, device, dtype)
+    upstream = randn((n_rows, hidden), generator, device, dtype)
+    out = dropout_add_layer_norm(x, residual, weight, bias, 0.1, seed=5, backend="cpp")
+    expected = dropout_add_layer_norm_reference(x, residual, weight, bias, 0.1, 1e-12, 5)
+    assert_close_to(out, expected, dtype, "output")
+    inputs = (x, residual, weight, bias)
+    for what, got, want in zip(("x", "residual", "weight", "bias"), grads(out, inputs, upstream),
+                               grads(expected, inputs, upstream)):
+        assert_close_to(got, want, dtype, f"grad {what}")
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_layer_norm_dropout_matches_the_reference_mask(backend, shape, dtype, generator):
     name, device = backend

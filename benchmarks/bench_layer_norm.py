@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bandwidth import streaming_bandwidth
 
+from fastcls.components.activation_memory import saved_activation_bytes
 from fastcls.components.host_memory import keep_freed_host_memory
 from fastcls.ops import dispatch, dropout_add_layer_norm
 
@@ -108,22 +109,6 @@ def op_rows(device, dtype, shapes, measure, reps, use_compile, bandwidth):
     return rows
 
 
-def saved_bytes(model, batch):
-    """Bytes of the distinct storages autograd keeps for one training forward (parameters excluded)."""
-    saved = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = model(**batch).loss
-    loss.backward()
-    return sum(size for ptr, size in saved.items() if ptr not in parameters)
-
-
 def model_rows(device, measure, reps):
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -180,7 +165,7 @@ def model_rows(device, measure, reps):
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() / 2**20
         with autocast:
-            kept = saved_bytes(model, batch)
+            kept = saved_activation_bytes(model, lambda model=model: model(**batch).loss)
         model.zero_grad(set_to_none=True)
         rows.append({"kind": "model", "model": name, "impl": impl, "ms": statistics.median(times[impl]) * 1e3,
                      "saved MiB": kept / 2**20, "saved bytes/token": kept / (batch_size * length),

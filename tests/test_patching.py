@@ -6,6 +6,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from fastcls import patching
+from fastcls.components.activation_memory import saved_activation_bytes
 from fastcls.ops import Dropout
 from fastcls.patching import fastcls_attention, patch, unpatch
 
@@ -142,31 +143,17 @@ def test_fused_blocks_train_like_the_original_without_dropout(model_type):
         torch.testing.assert_close(gradients[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def saved_activation_bytes(model, ids, mask):
-    """Bytes of the distinct storages autograd keeps for the backward of one training forward."""
-    saved = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        logits = model(input_ids=ids, attention_mask=mask).logits
-    logits.sum().backward()
-    return sum(size for ptr, size in saved.items() if ptr not in parameters)
-
-
 def test_patched_training_step_keeps_less_for_the_backward():
     torch.manual_seed(5)
     batch, length, hidden, n_layers = 4, 16, 32, 2
     ids = torch.randint(1, 99, (batch, length))
     mask = torch.ones(batch, length, dtype=torch.long)
-    unpatched = saved_activation_bytes(tiny_classifier("bert").train(), ids, mask)
+    unpatched_model = tiny_classifier("bert").train()
+    unpatched = saved_activation_bytes(
+        unpatched_model, lambda: unpatched_model(input_ids=ids, attention_mask=mask).logits)
     model = tiny_classifier("bert").train()
     patch(model)
-    patched = saved_activation_bytes(model, ids, mask)
+    patched = saved_activation_bytes(model, lambda: model(input_ids=ids, attention_mask=mask).logits)
     tokens = batch * length
     # per fused block torch keeps a byte mask and the fp32 pre-norm sum; the embeddings' dropout a byte mask
     at_least = 2 * n_layers * tokens * hidden * (1 + 4) + tokens * hidden

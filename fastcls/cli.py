@@ -48,6 +48,16 @@ def _train_parser(sub) -> None:
     p.add_argument("--head-impl", choices=["fused", "reference"], help="fastcls kernels or PyTorch reference")
     p.add_argument("--no-patch", dest="patch", action="store_false",
                    help="keep the encoder's own dropouts instead of fastcls's kernels")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each trainable layer's activations in the backward: less memory, more time")
+    p.add_argument("--freeze-embeddings", action="store_true", help="do not train the embeddings")
+    p.add_argument("--freeze-layers", type=int, metavar="N", help="do not train the bottom N encoder layers")
+    p.add_argument("--no-cache-frozen", dest="cache_frozen", action="store_false",
+                   help="recompute the frozen prefix every epoch instead of reusing its output per row")
+    p.add_argument("--cache-budget-gb", type=float,
+                   help="memory for the frozen-prefix cache (default 4); rows beyond it spill to disk")
+    p.add_argument("--no-unpad", dest="unpad", action="store_false",
+                   help="feed padded batches to the encoder instead of unpadded, concatenated tokens")
     p.add_argument("--log-every", type=int)
     p.add_argument("--group-size", type=int, help="batches per length-sorted group (default 50)")
     p.add_argument("--overwrite", action="store_true", help="train into a folder that already holds a model")

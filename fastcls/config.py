@@ -46,6 +46,12 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     head_impl: str = "fused"  # fused (fastcls kernels) | reference (PyTorch)
     patch: bool = True  # swap the encoder's dropouts for fastcls's mask-free kernel (fastcls.patch)
+    grad_checkpointing: bool = False  # recompute each trainable encoder layer's activations in the backward
+    freeze_embeddings: bool = False  # the embeddings get no gradient, no optimizer state and no backward
+    freeze_layers: int = 0  # the bottom N encoder layers likewise
+    cache_frozen: bool = True  # reuse the frozen prefix's output per training row in later epochs, when deterministic
+    cache_budget_gb: float = 4.0  # memory for that cache (device memory on CUDA, RAM on the CPU); the rest spills to disk
+    unpad: bool = True  # run supported encoders on unpadded, concatenated tokens
     log_every: int = 10  # steps between progress updates (each reads the loss back from the device)
     group_size: int = 50  # batches per length-sorted mega-batch
     overwrite: bool = False  # allow --output to be a folder that already holds a model
@@ -78,6 +84,8 @@ class TrainConfig:
             (self.decay in ("linear", "cosine", "constant"), "--decay", "must be linear, cosine or constant"),
             (self.head_impl in ("fused", "reference"), "--head-impl", "must be fused or reference"),
             (self.log_every >= 1, "--log-every", "must be >= 1"),
+            (self.freeze_layers >= 0, "--freeze-layers", "must be >= 0"),
+            (self.cache_budget_gb >= 0, "--cache-budget-gb", "must be >= 0"),
             (self.group_size >= 1, "--group-size", "must be >= 1"),
         ]
         for ok, flag, why in checks:

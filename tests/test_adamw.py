@@ -99,7 +99,9 @@ def test_matches_torch_adamw(backend, generator, config):
         set_grads([ours_params, torch_params], generator)
         ours.step()
         reference.step()
-    assert_same_state(ours, reference, ours_params, torch_params)
+    # the GPU compiler contracts a*b+c into FMAs that torch's separate ops round twice: after 100 steps a few of a
+    # million elements drift by ~3e-6 of the tensor's scale (H200, 2026-11-27)
+    assert_same_state(ours, reference, ours_params, torch_params, rel=1e-5 if device.type == "cuda" else 1e-6)
     assert ours.state[ours_params[-1]]["step"].device == ours_params[-1].device
 
 

@@ -23,14 +23,15 @@ TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermed
             max_position_embeddings=128)
 
 
-def make_tiny_encoder(folder, model_type="bert"):
+def make_tiny_encoder(folder, model_type="bert", **overrides):
     """A random encoder of `model_type` saved with the bundled model's tokenizer."""
     tokenizer = load_tokenizer(bundled_model_path())
     if model_type == "distilbert":
         config = AutoConfig.for_model("distilbert", vocab_size=tokenizer.vocab_size, dim=32, n_layers=2, n_heads=2,
                                       hidden_dim=64, max_position_embeddings=128, pad_token_id=0)
     else:
-        config = AutoConfig.for_model(model_type, vocab_size=tokenizer.vocab_size, pad_token_id=0, **TINY)
+        config = AutoConfig.for_model(model_type, vocab_size=tokenizer.vocab_size, pad_token_id=0,
+                                      **{**TINY, **overrides})
     torch.manual_seed(0)
     AutoModel.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -230,3 +231,71 @@ def test_grad_accumulation_and_eval_interval_count_optimizer_steps(tiny_bert, tm
     assert result.steps == 6
     steps = [json.loads(line)["step"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6]
+
+
+def _final_weights(result):
+    return {k: v.detach().clone() for k, v in result.model.state_dict().items()}
+
+
+def test_cached_frozen_prefix_trains_exactly_as_recomputing_it(tiny_bert, tmp_path, monkeypatch):
+    """Later epochs read the frozen prefix's output from the cache instead of recomputing it: with the cache
+    kept in fp32 the trained weights are the same (to rounding: a key bias's gradient is pure rounding noise,
+    as softmax ignores it); the report counts what the cache served."""
+    import fastcls.train as train_module
+    from fastcls.components.prefix_cache import PrefixCache
+
+    monkeypatch.setattr(train_module, "PrefixCache", lambda *a, **k: PrefixCache(*a, **k, dtype=torch.float32))
+    data = write_tsv(tmp_path / "train.tsv", sst2_rows(40))
+    initial = load_file(tiny_bert / "model.safetensors")
+    results = {}
+    for cache in (True, False):
+        cfg = TrainConfig(model=str(tiny_bert), train=str(data), output=str(tmp_path / f"out{cache}"), epochs=3,
+                          batch_size=8, precision="fp32", freeze_embeddings=True, freeze_layers=1,
+                          cache_frozen=cache, seed=3)
+        results[cache] = train(cfg)
+    cached, recomputed = results[True], results[False]
+    for name, value in _final_weights(recomputed).items():
+        torch.testing.assert_close(_final_weights(cached)[name], value, atol=1e-6, rtol=1e-5, msg=name)
+    for name, value in initial.items():  # the frozen prefix did not move
+        if name.startswith(("embeddings.", "encoder.layer.0.")):
+            torch.testing.assert_close(_final_weights(cached)[f"encoder.{name}"], value, atol=0, rtol=0)
+    assert not torch.equal(_final_weights(cached)["encoder.encoder.layer.1.output.dense.weight"],
+                           initial["encoder.layer.1.output.dense.weight"])
+    report = cached.frozen
+    assert report["cache"] == "on" and report["cache_rows"] == 40 and report["cache_hits"] == 80
+    assert report["frozen_params"] > 0 and report["trainable_params"] > 0 and len(report["epoch_seconds"]) == 3
+    assert recomputed.frozen["cache"] == "off (--no-cache-frozen)"
+    state = json.loads((cached.output / "trainer_state.json").read_text())
+    assert state["frozen"]["cache_hits"] == 80
+
+
+def test_unpadded_and_padded_batches_train_the_same_model(tmp_path):
+    # without dropout: the mask-free kernels draw each element's bit from its position in the tensor
+    encoder = make_tiny_encoder(tmp_path / "encoder", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    data = write_tsv(tmp_path / "train.tsv", sst2_rows(24))
+    results = []
+    for unpad in (True, False):
+        cfg = TrainConfig(model=str(encoder), train=str(data), output=str(tmp_path / f"out{unpad}"), epochs=1,
+                          batch_size=8, precision="fp32", dropout=0.0, unpad=unpad, seed=2)
+        results.append(_final_weights(train(cfg)))
+    for name, value in results[1].items():
+        torch.testing.assert_close(results[0][name], value, atol=2e-6, rtol=1e-4, msg=name)
+
+
+def test_checkpointed_run_with_frozen_layers_trains_the_upper_layers(tiny_bert, tmp_path):
+    data = write_tsv(tmp_path / "train.tsv", sst2_rows(16))
+    initial = load_file(tiny_bert / "model.safetensors")
+    cfg = TrainConfig(model=str(tiny_bert), train=str(data), output=str(tmp_path / "out"), epochs=1, batch_size=8,
+                      freeze_layers=1, grad_checkpointing=True, seed=4)
+    weights = _final_weights(train(cfg))
+    assert torch.equal(weights["encoder.encoder.layer.0.attention.self.query.weight"],
+                       initial["encoder.layer.0.attention.self.query.weight"])
+    assert not torch.equal(weights["encoder.encoder.layer.1.attention.self.query.weight"],
+                           initial["encoder.layer.1.attention.self.query.weight"])
+
+
+def test_freezing_more_layers_than_the_model_has_names_the_flag(tiny_bert, tmp_path, capsys):
+    data = write_tsv(tmp_path / "train.tsv", sst2_rows(8))
+    code = main(["train", "--model", str(tiny_bert), "--train", str(data), "--output", str(tmp_path / "o"),
+                 "--freeze-layers", "5"])
+    assert code == 2 and "--freeze-layers 5" in capsys.readouterr().err

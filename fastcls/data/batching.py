@@ -1,7 +1,7 @@
 """Tokenise once, group rows of similar length into batches, and pad each batch only to its own longest row."""
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from itertools import chain
 from typing import Any
 
@@ -224,3 +224,70 @@ def padding_efficiency(encoded: Encoded, batches: Iterable[Sequence[int]]) -> fl
         real += int(lengths.sum())
         padded += len(lengths) * int(lengths.max())
     return real / padded if padded else 1.0
+
+
+@dataclass
+class PackedBatch:
+    """Rows concatenated without padding: token t of the batch is position `position_ids[t]` of row
+    `row_of_token` (implicit), rows are `cu_seqlens[r]:cu_seqlens[r + 1]`, and their [CLS] tokens sit at
+    `cls_index = cu_seqlens[:-1]`. `pad_index` places each token in a [rows * max_len] padded layout (for
+    attention kernels that need one) and `key_mask` [rows, max_len] marks the real positions there.
+
+    Everything is built on the host: moving a batch to the GPU queues copies and never waits for the device,
+    and `max_len` is a Python int, so no kernel launch needs a value read back from the device."""
+
+    input_ids: torch.Tensor  # [T] int64
+    position_ids: torch.Tensor  # [T] int64, 0 at each row's first token
+    token_type_ids: torch.Tensor | None  # [T] int64
+    cu_seqlens: torch.Tensor  # [rows + 1] int32
+    cls_index: torch.Tensor  # [rows] int64
+    pad_index: torch.Tensor  # [T] int64
+    key_mask: torch.Tensor  # [rows, max_len] bool
+    labels: torch.Tensor | None  # [rows] int64
+    max_len: int
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.cls_index)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    def to(self, device: torch.device) -> "PackedBatch":
+        if device.type != "cuda":
+            return self
+        # a copy from pageable memory waits for the GPU to drain; from pinned memory it queues behind the work
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, torch.Tensor):
+                moved[name] = value.pin_memory().to(device, non_blocking=True)
+        return PackedBatch(**moved)
+
+
+def collate_packed(encoded: Encoded, indices: Sequence[int]) -> PackedBatch:
+    """The rows at `indices`, concatenated in that order, without padding."""
+    rows = np.asarray(indices, dtype=np.int64)
+    if not len(rows):
+        raise ValueError("cannot collate an empty batch")
+    lengths = encoded.lengths[rows]
+    cu_seqlens = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=cu_seqlens[1:])
+    row_of_token = np.repeat(np.arange(len(rows)), lengths)
+    position = np.arange(cu_seqlens[-1]) - cu_seqlens[:-1][row_of_token]
+    source = encoded.offsets[rows][row_of_token] + position
+    max_len = int(lengths.max())
+    token_type_ids = None
+    if encoded.token_type_ids is not None:
+        token_type_ids = torch.from_numpy(encoded.token_type_ids[source].astype(np.int64))
+    return PackedBatch(
+        input_ids=torch.from_numpy(encoded.input_ids[source].astype(np.int64)),
+        position_ids=torch.from_numpy(position),
+        token_type_ids=token_type_ids,
+        cu_seqlens=torch.from_numpy(cu_seqlens.astype(np.int32)),
+        cls_index=torch.from_numpy(cu_seqlens[:-1].copy()),
+        pad_index=torch.from_numpy(row_of_token * max_len + position),
+        key_mask=torch.from_numpy(np.arange(max_len) < lengths[:, None]),
+        labels=torch.from_numpy(encoded.labels[rows]) if encoded.has_labels else None,
+        max_len=max_len,
+    )

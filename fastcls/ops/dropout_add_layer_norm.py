@@ -21,8 +21,9 @@ What the backward keeps (the memory design):
   fails where weight is 0 (y carries no trace of xhat) and loses precision where |bias| >> |weight| (y's rounding
   error is amplified by |bias / weight|). So it is used only where every column has weight != 0 and |bias| <=
   64 |weight|; otherwise the op saves s and the per-row mean instead, like torch minus the mask. The check reads
-  the weight (a host sync on CUDA), once per weight version: an optimizer step bumps the versions (fastcls's
-  FusedAdamW does so too), and one sync then re-checks every LayerNorm seen before, so a step costs one sync.
+  the weight once per weight version (an optimizer step bumps the versions; fastcls's FusedAdamW does so too).
+  On CUDA it runs behind the GPU's work, never waiting for it: a forward uses the latest finished check, made
+  with a 4x margin so that it holds a step later, and saves s until a first check has finished.
   `return_sum=True` returns s, which the caller keeps alive, so s is saved then.
 - LayerNorm then dropout: the output is dropout(y), which lost y where dropped, so the op saves its input x (the
   tensor torch's LayerNorm saves too) with mean and rstd, and not the mask.
@@ -240,46 +241,76 @@ def _cpp_dtype(tensor):
 # When the output can stand in for the pre-norm sum
 
 
-_recoverable_cache: dict[int, tuple] = {}
+_recoverable_cache: dict[int, "_RecoverableCheck"] = {}
+# The answer a CUDA check may lend to later weight versions is computed with this much margin: |bias| within 16
+# |weight| instead of 64, so a later version stays within the exact bound unless one optimizer step shrinks a
+# LayerNorm weight or grows its bias fourfold (AdamW moves an element by about lr per step).
+LENT_ANSWER_MARGIN = 4.0
+
+
+class _RecoverableCheck:
+    """One (weight, bias) pair's check on CUDA, run asynchronously: its flag is copied to pinned host memory
+    behind the GPU's work and read once the copy's event has completed, so no forward ever waits for it."""
+
+    def __init__(self, weight, bias):
+        self.weight_ref, self.bias_ref = weakref.ref(weight), weakref.ref(bias)
+        self.versions = None  # the versions the pending or finished check looked at
+        self.event = self.flag = None
+        self.answer: bool | None = None  # the latest finished check's answer (with margin), whatever its version
+
+    def current(self, weight, bias) -> bool:
+        return self.weight_ref() is weight and self.bias_ref() is bias and self.versions == (weight._version,
+                                                                                              bias._version)
+
+    def collect(self) -> None:
+        if self.event is not None and self.event.query():
+            self.answer, self.event = bool(self.flag[0]), None
 
 
 def _xhat_recoverable_from_output(weight, bias) -> bool:
     """Whether xhat = (y - bias) / weight is exact enough in every column (see the module docstring)."""
     if weight.device.type == "cpu":
         return _recoverable(weight, bias)
-    # On CUDA the answer costs a host sync: it is cached per (weight, bias) version, and a stale entry refreshes
-    # every stale entry at once, so after an optimizer step the model's LayerNorms cost one sync, not one each.
-    entry = _recoverable_cache.get(id(weight))
-    if entry is None or not _entry_current(entry, weight, bias):
-        _refresh_recoverable_cache(weight, bias)
-    return _recoverable_cache[id(weight)][3]
+    # On CUDA reading the answer back would cost a host sync. Instead every LayerNorm's check runs behind the GPU's
+    # work, all stale ones in one batch, and a forward uses the latest finished answer, which was computed with a
+    # margin (LENT_ANSWER_MARGIN) so that it still holds a step later. Until a first answer arrives, the op saves
+    # the pre-norm sum: always exact, only more memory.
+    check = _recoverable_cache.get(id(weight))
+    if check is None or check.weight_ref() is not weight or check.bias_ref() is not bias:
+        check = _recoverable_cache[id(weight)] = _RecoverableCheck(weight, bias)
+    check.collect()
+    if not check.current(weight, bias) and check.event is None:
+        _launch_recoverable_checks(weight.device)
+    return bool(check.answer)
 
 
-def _entry_current(entry: tuple, weight, bias) -> bool:
-    weight_ref, bias_ref, versions, _ = entry
-    return weight_ref() is weight and bias_ref() is bias and versions == (weight._version, bias._version)
-
-
-def _refresh_recoverable_cache(weight, bias) -> None:
+def _launch_recoverable_checks(device) -> None:
     if len(_recoverable_cache) > 4096:
         _recoverable_cache.clear()
-    pairs = {id(weight): (weight, bias)}
-    for key, (weight_ref, bias_ref, _, _) in list(_recoverable_cache.items()):
-        other_weight, other_bias = weight_ref(), bias_ref()
-        if other_weight is None or other_bias is None:
+    stale = []
+    for key, check in list(_recoverable_cache.items()):
+        weight, bias = check.weight_ref(), check.bias_ref()
+        if weight is None or bias is None:
             del _recoverable_cache[key]
-        elif (key not in pairs and other_weight.device == weight.device
-              and not _entry_current(_recoverable_cache[key], other_weight, other_bias)):
-            pairs[key] = (other_weight, other_bias)
+        elif weight.device == device and check.event is None and not check.current(weight, bias):
+            stale.append((check, weight, bias))
     with torch.no_grad():
-        answers = torch.stack([_recoverable_flag(w, b) for w, b in pairs.values()]).tolist()
-    for (key, (w, b)), answer in zip(pairs.items(), answers):
-        _recoverable_cache[key] = (weakref.ref(w), weakref.ref(b), (w._version, b._version), answer)
+        # one answer for all of them (a dozen launches a step, not a dozen per LayerNorm): a single failing column
+        # anywhere makes every LayerNorm save its sum, which is exact, only larger
+        flag = _recoverable_flag(torch.cat([w.detach().float().flatten() for _, w, _ in stale]),
+                                 torch.cat([b.detach().float().flatten() for _, _, b in stale]),
+                                 MAX_BIAS_OVER_WEIGHT / LENT_ANSWER_MARGIN)
+        host = torch.empty(1, dtype=torch.bool, pin_memory=True)
+        host.copy_(flag.reshape(1), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+    for check, weight, bias in stale:
+        check.versions, check.event, check.flag = (weight._version, bias._version), event, host
 
 
-def _recoverable_flag(weight, bias) -> torch.Tensor:
+def _recoverable_flag(weight, bias, max_bias_over_weight: float = MAX_BIAS_OVER_WEIGHT) -> torch.Tensor:
     w, b = weight.float().abs(), bias.float().abs()
-    return ((w > 0) & (b <= MAX_BIAS_OVER_WEIGHT * w) & torch.isfinite(w)).all()
+    return ((w > 0) & (b <= max_bias_over_weight * w) & torch.isfinite(w)).all()
 
 
 def _recoverable(weight, bias) -> bool:

@@ -19,7 +19,6 @@ from fastcls.components.lr_schedule import (
     resolve_warmup_steps,
 )
 from fastcls.components.optimizer import OptimizerConfig, build_optimizer
-from fastcls.components.prefix_cache import PrefixCache
 from fastcls.components.precision import (
     autocast,
     grad_scaler,
@@ -27,6 +26,7 @@ from fastcls.components.precision import (
     resolve_precision,
     to_device,
 )
+from fastcls.components.prefix_cache import PrefixCache
 from fastcls.config import TrainConfig
 from fastcls.data import (
     LabelMap,

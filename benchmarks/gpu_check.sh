@@ -34,7 +34,7 @@ SST2=../shared/data/sst2
 # 4000 rows aim at about 20 s a run (not yet timed on a GPU); on SIGTERM from timeout, e2e.py still
 # prints the table of the runs that finished.
 timeout -k 15 200 python3 benchmarks/e2e.py --device cuda --encoder bert-base --sst2 "$SST2" --rows 4000 \
-    --frozen-epochs 2 --runs fastcls,hf-best,fastcls-no-unpad,fastcls-checkpointing,fastcls-frozen-half,fastcls-2ep,hf-defaults \
+    --frozen-epochs 2 --runs fastcls,hf-best,fastcls-unpadded,fastcls-checkpointing,fastcls-frozen-half,fastcls-2ep,hf-defaults \
     --json "$OUT/e2e_cuda.json" --chart "$OUT/e2e_cuda.png" 2>"$OUT/e2e.log" || { tail -20 "$OUT/e2e.log"; status=1; }
 fi
 

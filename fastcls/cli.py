@@ -56,8 +56,9 @@ def _train_parser(sub) -> None:
                    help="recompute the frozen prefix every epoch instead of reusing its output per row")
     p.add_argument("--cache-budget-gb", type=float,
                    help="memory for the frozen-prefix cache (default 4); rows beyond it spill to disk")
-    p.add_argument("--no-unpad", dest="unpad", action="store_false",
-                   help="feed padded batches to the encoder instead of unpadded, concatenated tokens")
+    p.add_argument("--unpad", choices=["auto", "on", "off"],
+                   help="run the encoder on unpadded, concatenated tokens (auto: on the CPU, and on CUDA where the "
+                        "frozen-prefix cache needs it)")
     p.add_argument("--log-every", type=int)
     p.add_argument("--group-size", type=int, help="batches per length-sorted group (default 50)")
     p.add_argument("--overwrite", action="store_true", help="train into a folder that already holds a model")

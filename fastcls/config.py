@@ -51,7 +51,9 @@ class TrainConfig:
     freeze_layers: int = 0  # the bottom N encoder layers likewise
     cache_frozen: bool = True  # reuse the frozen prefix's output per training row in later epochs, when deterministic
     cache_budget_gb: float = 4.0  # memory for that cache (device memory on CUDA, RAM on the CPU); the rest spills to disk
-    unpad: bool = True  # run supported encoders on unpadded, concatenated tokens
+    # run supported encoders on unpadded, concatenated tokens: auto = on the CPU, and on CUDA only where the frozen
+    # prefix cache needs it (on an H200 the unpadded path's extra gathers made launch-bound BERT-base steps slower)
+    unpad: str = "auto"  # auto | on | off
     log_every: int = 10  # steps between progress updates (each reads the loss back from the device)
     group_size: int = 50  # batches per length-sorted mega-batch
     overwrite: bool = False  # allow --output to be a folder that already holds a model
@@ -85,6 +87,7 @@ class TrainConfig:
             (self.head_impl in ("fused", "reference"), "--head-impl", "must be fused or reference"),
             (self.log_every >= 1, "--log-every", "must be >= 1"),
             (self.freeze_layers >= 0, "--freeze-layers", "must be >= 0"),
+            (self.unpad in ("auto", "on", "off"), "--unpad", "must be auto, on or off"),
             (self.cache_budget_gb >= 0, "--cache-budget-gb", "must be >= 0"),
             (self.group_size >= 1, "--group-size", "must be >= 1"),
         ]

@@ -18,6 +18,7 @@ encoder is one of them. Tests compare it with the model's own forward in fp32, g
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from fastcls.data import PackedBatch
@@ -33,6 +34,8 @@ try:
 except ImportError:  # torch before 2.9
     varlen_attn = None
 
+# cuDNN's attention builds a plan per new sequence length (see fastcls.components.precision)
+_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 _BERT_LIKE = {"BertModel", "RobertaModel", "XLMRobertaModel", "CamembertModel", "ElectraModel"}
 _ROBERTA_POSITIONS = {"RobertaModel", "XLMRobertaModel", "CamembertModel"}  # positions start at padding_idx + 1
 
@@ -105,7 +108,10 @@ def attention(q, k, v, batch: PackedBatch, p: float, fused: bool, cls_only: bool
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
         out = torch.matmul(mask_free_dropout(probs, p, training=True), values)
     else:
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, dropout_p=p)
+        # The backends named here, not the caller's context: a checkpointed layer recomputes this in the backward,
+        # outside the training loop's context, and must pick the same kernel (a different one saves other tensors).
+        with sdpa_kernel(_SDPA_BACKENDS):
+            out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, dropout_p=p)
     out = out.transpose(1, 2).reshape(rows, -1, heads * head_dim)  # [B, L, H * D]
     if cls_only:
         return out[:, 0]

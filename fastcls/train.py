@@ -74,7 +74,8 @@ def _prefix_cache(cfg: TrainConfig, model, train_set, device, epochs: int, unpad
     if not cfg.cache_frozen:
         return None, "off (--no-cache-frozen)"
     if not unpadded:
-        return None, "needs the unpadded encoder path"
+        return None, ("needs the unpadded path (--unpad off)" if model.stack is not None
+                      else f"{type(model.encoder).__name__} has no unpadded path")
     if epochs < 2:
         return None, "one epoch: every row is seen once"
     hidden = model.encoder.config.hidden_size
@@ -159,7 +160,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     model.train()
     if cfg.patch:
         patch(model)
-    unpadded = cfg.unpad and model.stack is not None
+    wants_cache = model.frozen_embeddings and cfg.cache_frozen
+    unpadded = model.stack is not None and (cfg.unpad == "on" or (
+        cfg.unpad == "auto" and (device.type == "cpu" or wants_cache)))
     optimizer = build_optimizer(model, OptimizerConfig(lr=cfg.lr, weight_decay=cfg.weight_decay))
     batches = LengthGroupedBatches(train_set.lengths, cfg.batch_size, group_size=cfg.group_size, seed=cfg.seed)
     steps_per_epoch = math.ceil(len(batches) / cfg.grad_accum)

@@ -274,7 +274,7 @@ def test_unpadded_and_padded_batches_train_the_same_model(tmp_path):
     encoder = make_tiny_encoder(tmp_path / "encoder", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     data = write_tsv(tmp_path / "train.tsv", sst2_rows(24))
     results = []
-    for unpad in (True, False):
+    for unpad in ("on", "off"):
         cfg = TrainConfig(model=str(encoder), train=str(data), output=str(tmp_path / f"out{unpad}"), epochs=1,
                           batch_size=8, precision="fp32", dropout=0.0, unpad=unpad, seed=2)
         results.append(_final_weights(train(cfg)))

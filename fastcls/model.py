@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig
 from transformers.utils import logging as hf_logging
 
 from fastcls.data import LabelMap, PackedBatch
-from fastcls.encoder_stack import EncoderStack
+from fastcls.encoder_stack import EncoderStack, recompute_in_the_same_context
 from fastcls.ops import classification_head, cross_entropy_reference
 
 WEIGHTS_FILE = "model.safetensors"
@@ -104,7 +104,8 @@ class EncoderClassifier(nn.Module):
         if self.stack is not None:
             return
         for layer in self.layers[self.frozen_layers:]:
-            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False,
+                                              context_fn=recompute_in_the_same_context)
 
     def train(self, mode: bool = True):
         super().train(mode)

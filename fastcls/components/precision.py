@@ -29,6 +29,15 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
+# cuDNN's attention builds an execution plan for every new sequence length, and length-grouped batches bring a new
+# length at most steps (MiniLM on an H200: 3x slower steps in bf16); the other kernels do not
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def attention_backends():
+    return sdpa_kernel(ATTENTION_BACKENDS)
+
+
 def autocast(device: torch.device, precision: str):
     """Weights and the optimizer stay fp32; matrix products run in the low precision."""
     stack = contextlib.ExitStack()
@@ -36,9 +45,7 @@ def autocast(device: torch.device, precision: str):
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         stack.enter_context(torch.autocast(device_type=device.type, dtype=dtype))
     if device.type == "cuda":
-        # cuDNN's attention builds an execution plan for every new sequence length, and length-grouped batches
-        # bring a new length at most steps (MiniLM on an H200: 3x slower steps in bf16); the other kernels do not
-        stack.enter_context(sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]))
+        stack.enter_context(attention_backends())
     return stack
 
 

@@ -28,6 +28,7 @@ from fastcls.ops.dropout_add_layer_norm import (
     dropout_add_layer_norm,
     layer_norm_dropout,
 )
+from fastcls.ops.embedding import row_accumulated_embedding
 
 try:
     from torch.nn.attention.varlen import varlen_attn
@@ -103,7 +104,9 @@ def attention(q, k, v, batch: PackedBatch, p: float, fused: bool, cls_only: bool
         # on the CPU, SDPA's dropout falls back to its math path with torch's slow bernoulli_ mask
         scores = torch.matmul(queries, keys.transpose(-1, -2)) * head_dim ** -0.5
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+        # in the scores' own dtype: torch's CPU softmax accumulates bf16 rows in fp32 anyway, and an fp32 result
+        # would only be rounded back to bf16 for the product with the values
+        probs = torch.softmax(scores, dim=-1).to(values.dtype)
         out = torch.matmul(mask_free_dropout(probs, p, training=True), values)
     else:
         out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, dropout_p=p)
@@ -151,7 +154,12 @@ class EncoderStack:
 
     def embed(self, batch: PackedBatch, training: bool, fused: bool) -> torch.Tensor:
         emb = self.embeddings
-        x = emb.word_embeddings(batch.input_ids) + emb.position_embeddings(batch.position_ids + self.position_offset)
+        words = emb.word_embeddings
+        if fused:
+            words = row_accumulated_embedding(batch.input_ids, words.weight, words.padding_idx)
+        else:
+            words = words(batch.input_ids)
+        x = words + emb.position_embeddings(batch.position_ids + self.position_offset)
         token_types = getattr(emb, "token_type_embeddings", None)
         if token_types is not None:
             ids = batch.token_type_ids if batch.token_type_ids is not None else torch.zeros_like(batch.input_ids)

@@ -80,7 +80,7 @@ class EncoderClassifier(nn.Module):
         raise ValueError(f"cannot find the {count} layers of {type(self.encoder).__name__}")
 
     def _frozen_modules(self) -> list[nn.Module]:
-        frozen = list(self.layers[:self.frozen_layers])
+        frozen = list(self.layers[:self.frozen_layers]) if self.frozen_layers else []
         if self.frozen_embeddings:
             frozen.append(self.encoder.get_input_embeddings() if self.stack is None else self.stack.embeddings)
         return frozen
@@ -89,6 +89,8 @@ class EncoderClassifier(nn.Module):
         """Stop training the embeddings and/or the bottom `layers` layers: their parameters take no gradient (so
         the optimizer, built afterwards, holds no state for them), and they run without dropout, so that their
         output for a row never changes."""
+        if not embeddings and not layers:
+            return
         count = len(self.layers)
         if not 0 <= layers <= count:
             raise ValueError(f"--freeze-layers {layers}: {type(self.encoder).__name__} has {count} layers")

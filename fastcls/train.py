@@ -196,7 +196,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         for i, indices in enumerate(micro_batches):
             # labels were checked against the label map when encoded: the fused head skips its target check
             if unpadded:
-                batch = collate_packed(train_set, indices).to(device)
+                batch = to_device(collate_packed(train_set, indices), device)
                 prefix = cache.get(indices).to(prefix_dtype) if cache is not None and cache.filled(indices) else None
                 with autocast(device, precision):
                     loss, _, prefix_out = model.packed_loss_and_logits(batch, fused=cfg.patch,

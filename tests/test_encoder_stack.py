@@ -185,6 +185,7 @@ def test_a_cuda_training_step_never_waits_for_the_device(frozen):
     queues work and never reads a value back: torch's sync debug mode turns any host sync into an error."""
     from fastcls.components.lr_schedule import ScheduleConfig, build_scheduler
     from fastcls.components.optimizer import OptimizerConfig, build_optimizer
+    from fastcls.components.precision import to_device
 
     device = torch.device("cuda")
     model = classifier("bert").to(device)
@@ -197,7 +198,7 @@ def test_a_cuda_training_step_never_waits_for_the_device(frozen):
     loss_sum = torch.zeros((), device=device)
 
     def step(rows):
-        batch = collate_packed(encoded, rows).to(device)
+        batch = to_device(collate_packed(encoded, rows), device)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss, _, _ = model.packed_loss_and_logits(batch)
         loss.backward()

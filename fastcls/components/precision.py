@@ -1,5 +1,6 @@
 """Device and mixed-precision choice: bf16 autocast where the hardware does bf16 matrix products."""
 import contextlib
+import dataclasses
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -54,8 +55,15 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+def to_device(batch, device: torch.device):
+    """A padded batch (dict of tensors) or a PackedBatch, its tensors on `device`."""
     if device.type != "cuda":
         return batch
-    # a copy from pageable memory waits for the GPU to drain; from pinned memory it queues behind the work
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+    def move(value):
+        # a copy from pageable memory waits for the GPU to drain; from pinned memory it queues behind the work
+        return value.pin_memory().to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+
+    if isinstance(batch, dict):
+        return {k: move(v) for k, v in batch.items()}
+    return dataclasses.replace(batch, **{f.name: move(getattr(batch, f.name)) for f in dataclasses.fields(batch)})

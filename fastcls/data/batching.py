@@ -1,7 +1,7 @@
 """Tokenise once, group rows of similar length into batches, and pad each batch only to its own longest row."""
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
 
@@ -233,8 +233,8 @@ class PackedBatch:
     `cls_index = cu_seqlens[:-1]`. `pad_index` places each token in a [rows * max_len] padded layout (for
     attention kernels that need one) and `key_mask` [rows, max_len] marks the real positions there.
 
-    Everything is built on the host: moving a batch to the GPU queues copies and never waits for the device,
-    and `max_len` is a Python int, so no kernel launch needs a value read back from the device."""
+    Everything is built on the host (`fastcls.components.precision.to_device` queues the copies to the GPU), and
+    `max_len` is a Python int, so no kernel launch needs a value read back from the device."""
 
     input_ids: torch.Tensor  # [T] int64
     position_ids: torch.Tensor  # [T] int64, 0 at each row's first token
@@ -253,16 +253,6 @@ class PackedBatch:
     @property
     def num_tokens(self) -> int:
         return len(self.input_ids)
-
-    def to(self, device: torch.device) -> "PackedBatch":
-        if device.type != "cuda":
-            return self
-        # a copy from pageable memory waits for the GPU to drain; from pinned memory it queues behind the work
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name, value in moved.items():
-            if isinstance(value, torch.Tensor):
-                moved[name] = value.pin_memory().to(device, non_blocking=True)
-        return PackedBatch(**moved)
 
 
 def collate_packed(encoded: Encoded, indices: Sequence[int]) -> PackedBatch:

@@ -249,8 +249,9 @@ LENT_ANSWER_MARGIN = 4.0
 
 
 class _RecoverableCheck:
-    """One (weight, bias) pair's check on CUDA, run asynchronously: its flag is copied to pinned host memory
-    behind the GPU's work and read once the copy's event has completed, so no forward ever waits for it."""
+    """One (weight, bias) pair's check, redone only when an optimizer step has changed their versions. On CUDA it
+    runs asynchronously: its flag is copied to pinned host memory behind the GPU's work and read once the copy's
+    event has completed, so no forward ever waits for it."""
 
     def __init__(self, weight, bias):
         self.weight_ref, self.bias_ref = weakref.ref(weight), weakref.ref(bias)
@@ -269,15 +270,17 @@ class _RecoverableCheck:
 
 def _xhat_recoverable_from_output(weight, bias) -> bool:
     """Whether xhat = (y - bias) / weight is exact enough in every column (see the module docstring)."""
-    if weight.device.type == "cpu":
-        return _recoverable(weight, bias)
+    check = _recoverable_cache.get(id(weight))
+    if check is None or check.weight_ref() is not weight or check.bias_ref() is not bias:
+        check = _recoverable_cache[id(weight)] = _RecoverableCheck(weight, bias)
+    if weight.device.type == "cpu":  # reading the answer costs nothing here: the exact check, once per version
+        if not check.current(weight, bias):
+            check.versions, check.answer = (weight._version, bias._version), _recoverable(weight, bias)
+        return check.answer
     # On CUDA reading the answer back would cost a host sync. Instead every LayerNorm's check runs behind the GPU's
     # work, all stale ones in one batch, and a forward uses the latest finished answer, which was computed with a
     # margin (LENT_ANSWER_MARGIN) so that it still holds a step later. Until a first answer arrives, the op saves
     # the pre-norm sum: always exact, only more memory.
-    check = _recoverable_cache.get(id(weight))
-    if check is None or check.weight_ref() is not weight or check.bias_ref() is not bias:
-        check = _recoverable_cache[id(weight)] = _RecoverableCheck(weight, bias)
     check.collect()
     if not check.current(weight, bias) and check.event is None:
         _launch_recoverable_checks(weight.device)

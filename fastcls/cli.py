@@ -18,6 +18,12 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-column", default=S, help="label column (default: label)")
 
 
+def _choices(name: str) -> dict:
+    from fastcls.config import CHOICES
+
+    return {"choices": CHOICES[name]}
+
+
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="fine-tune an encoder (defaults: bundled MiniLM on bundled SST-2 rows)",
                        argument_default=S)
@@ -27,6 +33,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--dev", help="dev file, evaluated during training")
     p.add_argument("--output", help="output folder (default: fastcls_runs/<date-time>)")
     _add_data_args(p)
+    p.add_argument("--label-name", dest="label_names", action="append",
+                   help="display name of each label in id order (repeat; labels sorted as integers or alphabetically)")
     p.add_argument("--max-length", type=int, help="tokens per row, special tokens included (default 256)")
     p.add_argument("--batch-size", type=int, help="rows per optimizer micro-batch (default 32)")
     p.add_argument("--eval-batch-size", type=int)
@@ -34,20 +42,20 @@ def _train_parser(sub) -> None:
     p.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
     p.add_argument("--lr", type=float, help="peak learning rate (default 5e-5)")
     p.add_argument("--warmup", type=float, help="warmup: ratio of steps if < 1, else steps (default 0.06)")
-    p.add_argument("--decay", choices=["linear", "cosine", "constant"])
+    p.add_argument("--decay", **_choices("decay"))
     p.add_argument("--weight-decay", type=float, help="decoupled, not on biases and norm weights (default 0.01)")
     p.add_argument("--max-grad-norm", type=float, help="gradient clipping norm; 0 = off (default 1.0)")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--eval-every", type=int, help="steps between evaluations (default: each epoch)")
-    p.add_argument("--metric", choices=["accuracy", "macro_f1", "loss"], help="picks the best checkpoint")
+    p.add_argument("--metric", **_choices("metric"), help="picks the best checkpoint")
     p.add_argument("--patience", type=int, help="early stopping: evaluations without gain")
     p.add_argument("--dropout", type=float, help="head dropout (default: the encoder's)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--precision", **_choices("precision"))
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--head-impl", choices=["fused", "reference"], help="fastcls kernels or PyTorch reference")
-    p.add_argument("--no-patch", dest="patch", action="store_false",
-                   help="keep the encoder's own dropouts instead of fastcls's kernels")
+    p.add_argument("--head-impl", **_choices("head_impl"), help="fastcls kernels or PyTorch reference")
+    p.add_argument("--no-kernels", "--no-patch", dest="kernels", action="store_false",
+                   help="run the encoder's dropout and LayerNorms on PyTorch's ops instead of fastcls's kernels")
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute each trainable layer's activations in the backward: less memory, more time")
     p.add_argument("--freeze-embeddings", action="store_true", help="do not train the embeddings")
@@ -56,7 +64,7 @@ def _train_parser(sub) -> None:
                    help="recompute the frozen prefix every epoch instead of reusing its output per row")
     p.add_argument("--cache-budget-gb", type=float,
                    help="memory for the frozen-prefix cache (default 4); rows beyond it spill to disk")
-    p.add_argument("--unpad", choices=["auto", "on", "off"],
+    p.add_argument("--unpad", **_choices("unpad"),
                    help="run the encoder on unpadded, concatenated tokens (auto: on the CPU, and on CUDA where the "
                         "frozen-prefix cache needs it)")
     p.add_argument("--log-every", type=int)
@@ -75,7 +83,7 @@ def _infer_parsers(sub) -> None:
         _add_data_args(p)
         p.add_argument("--batch-size", type=int, default=128)
         p.add_argument("--device", default="auto")
-        p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+        p.add_argument("--precision", default="auto", **_choices("precision"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,12 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from fastcls.components.host_memory import keep_freed_host_memory
+    from fastcls.components.precision import resolve_device
     from fastcls.config import TrainConfig, load_config_file
-    from fastcls.train import train
+    from fastcls.trainer import train
 
     settings = load_config_file(args.config) if "config" in args else {}
     settings.update({k: v for k, v in vars(args).items() if k not in ("command", "config")})
-    result = train(TrainConfig(**settings))
+    cfg = TrainConfig(**settings)
+    if resolve_device(cfg.device).type == "cpu":
+        keep_freed_host_memory()  # a process-wide allocator setting: the command's choice, not the library's
+    result = train(cfg)
     print(f"trained {result.steps} steps in {result.train_seconds:.1f} s "
           f"({result.train_samples_per_s:.1f} samples/s); model in {result.output}")
     if result.best is not None:
@@ -105,13 +118,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def _load_for_inference(args: argparse.Namespace, require_labels: bool):
+    from fastcls.components.checkpoint import load_run
     from fastcls.components.precision import resolve_device, resolve_precision
     from fastcls.data import read_examples, tokenize_examples
-    from fastcls.model import load_trained
 
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
-    model, tokenizer, labels, meta = load_trained(args.model, device)
+    model, tokenizer, labels, meta = load_run(args.model, device)
     rows = read_examples(
         args.data,
         text_columns=getattr(args, "text_columns", None) or meta.get("text_columns"),
@@ -163,11 +176,11 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "expor
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from fastcls.errors import USER_ERRORS
+    from fastcls.errors import UserError
 
     try:
         COMMANDS[args.command](args)
-    except USER_ERRORS as err:
+    except UserError as err:
         if os.environ.get("FASTCLS_DEBUG") == "1":
             raise
         print(f"fastcls {args.command}: error: {err}", file=sys.stderr)

@@ -1,13 +1,36 @@
-"""The training job's settings: defaults here, then a config file (JSON or TOML), then command-line flags."""
+"""The training job's settings: defaults here, then a config file (JSON or TOML), then command-line flags or
+keyword arguments of `fastcls.train`. Every choice list lives here; the CLI builds its flags from them."""
+import dataclasses
 import json
 import tomllib
-from dataclasses import asdict, dataclass, fields
+import types
+import typing
+from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
+from typing import Any
+
+from fastcls.errors import ConfigError
 
 RESOURCES = Path(__file__).resolve().parent / "resources"
 BUNDLED_TRAIN = RESOURCES / "sst2_train_4k.tsv"
 BUNDLED_DEV = RESOURCES / "sst2_dev.tsv"
+
+DECAYS = ("linear", "cosine", "constant")
+METRICS = ("accuracy", "macro_f1", "loss")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+HEAD_IMPLS = ("fused", "reference")
+UNPAD = ("auto", "on", "off")
+# settings whose value must be one of a list: the CLI's `choices=` and the checks below read this table
+CHOICES = {"decay": DECAYS, "metric": METRICS, "precision": PRECISIONS, "head_impl": HEAD_IMPLS, "unpad": UNPAD}
+# flags whose name is not the setting's with dashes
+FLAG_NAMES = {"text_columns": "--text-column", "label_names": "--label-name", "kernels": "--no-kernels",
+              "cache_frozen": "--no-cache-frozen"}
+
+
+def flag(name: str) -> str:
+    """The command-line flag of setting `name`, for error messages."""
+    return FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
 
 
 def bundled_model_path() -> str:
@@ -20,12 +43,15 @@ def bundled_model_path() -> str:
 @dataclass
 class TrainConfig:
     model: str | None = None  # a Hugging Face encoder folder; None = the bundled all-MiniLM-L6-v2
-    train: str | None = None  # None = the bundled 4,000 SST-2 training rows (and the SST-2 dev set)
-    dev: str | None = None
+    # a .tsv/.csv/.jsonl path, or in memory (Python API): a list of dicts, a pandas DataFrame, a datasets.Dataset.
+    # None = the bundled 4,000 SST-2 training rows (and the SST-2 dev set)
+    train: Any = None
+    dev: Any = None
     output: str | None = None  # None = fastcls_runs/<date-time>
     text_columns: list[str] | None = None  # several columns are joined into one text
     text_pair_column: str | None = None
     label_column: str = "label"
+    label_names: list[str] | None = None  # display names of the labels in id order (labels sorted as in LabelMap)
     max_length: int = 256
     batch_size: int = 32
     eval_batch_size: int = 128
@@ -33,88 +59,142 @@ class TrainConfig:
     max_steps: int | None = None  # overrides epochs
     lr: float = 5e-5
     warmup: float = 0.06  # below 1: a ratio of the total steps; 1 or more: a step count
-    decay: str = "linear"  # linear | cosine | constant
+    decay: str = "linear"
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0  # 0 turns clipping off
     grad_accum: int = 1
     eval_every: int | None = None  # in optimizer steps; None = once per epoch
-    metric: str = "accuracy"  # accuracy | macro_f1 | loss: picks the best checkpoint and drives early stopping
+    metric: str = "accuracy"  # picks the best checkpoint and drives early stopping
     patience: int | None = None  # evaluations without improvement before stopping; None = never stop early
     dropout: float | None = None  # head dropout; None = the encoder's hidden dropout
     seed: int = 42
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    precision: str = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     head_impl: str = "fused"  # fused (fastcls kernels) | reference (PyTorch)
-    patch: bool = True  # swap the encoder's dropouts for fastcls's mask-free kernel (fastcls.patch)
+    kernels: bool = True  # fastcls's kernels in the encoder (dropout, dropout + add + LayerNorm); off: PyTorch's ops
     grad_checkpointing: bool = False  # recompute each trainable encoder layer's activations in the backward
     freeze_embeddings: bool = False  # the embeddings get no gradient, no optimizer state and no backward
     freeze_layers: int = 0  # the bottom N encoder layers likewise
-    cache_frozen: bool = True  # reuse the frozen prefix's output per training row in later epochs, when deterministic
+    cache_frozen: bool = True  # reuse the frozen prefix's output per training row in later epochs
     cache_budget_gb: float = 4.0  # memory for that cache (device memory on CUDA, RAM on the CPU); the rest spills to disk
     # run supported encoders on unpadded, concatenated tokens: auto = on the CPU, and on CUDA only where the frozen
     # prefix cache needs it (on an H200 the unpadded path's extra gathers made launch-bound BERT-base steps slower)
-    unpad: str = "auto"  # auto | on | off
+    unpad: str = "auto"
     log_every: int = 10  # steps between progress updates (each reads the loss back from the device)
     group_size: int = 50  # batches per length-sorted mega-batch
     overwrite: bool = False  # allow --output to be a folder that already holds a model
 
     def resolve(self) -> "TrainConfig":
-        """Fill in the bundled defaults and check the values, naming the flag at fault."""
-        if self.model is None:
-            self.model = bundled_model_path()
-        if self.train is None:
-            self.train = str(BUNDLED_TRAIN)
-            self.dev = self.dev or str(BUNDLED_DEV)
-        if self.output is None:
-            self.output = str(Path("fastcls_runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+        """A copy with the bundled defaults filled in, every value checked (naming the flag at fault)."""
+        cfg = dataclasses.replace(self)
+        if isinstance(cfg.text_columns, str):
+            cfg.text_columns = [cfg.text_columns]
+        for f in fields(cfg):
+            check_type(f.name, getattr(cfg, f.name), f.type)
+        if cfg.model is None:
+            cfg.model = bundled_model_path()
+        if cfg.train is None:
+            cfg.train = str(BUNDLED_TRAIN)
+            cfg.dev = cfg.dev if cfg.dev is not None else str(BUNDLED_DEV)
+        if cfg.output is None:
+            cfg.output = str(Path("fastcls_runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+        for name, allowed in CHOICES.items():
+            if getattr(cfg, name) not in allowed:
+                raise ConfigError(f"{flag(name)} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
         checks = [
-            (self.max_length >= 2, "--max-length", "must be >= 2"),
-            (self.batch_size >= 1, "--batch-size", "must be >= 1"),
-            (self.eval_batch_size >= 1, "--eval-batch-size", "must be >= 1"),
-            (self.epochs > 0, "--epochs", "must be > 0"),
-            (self.max_steps is None or self.max_steps >= 1, "--max-steps", "must be >= 1"),
-            (self.lr > 0, "--lr", "must be > 0"),
-            (self.weight_decay >= 0, "--weight-decay", "must be >= 0"),
-            (self.max_grad_norm >= 0, "--max-grad-norm", "must be >= 0"),
-            (self.grad_accum >= 1, "--grad-accum", "must be >= 1"),
-            (self.eval_every is None or self.eval_every >= 1, "--eval-every", "must be >= 1"),
-            (self.metric in ("accuracy", "macro_f1", "loss"), "--metric", "must be accuracy, macro_f1 or loss"),
-            (self.patience is None or self.patience >= 1, "--patience", "must be >= 1"),
-            (self.patience is None or self.dev is not None, "--patience", "needs --dev"),
-            (self.dropout is None or 0 <= self.dropout < 1, "--dropout", "must be in [0, 1)"),
-            (self.precision in ("auto", "fp32", "bf16", "fp16"), "--precision", "must be auto, fp32, bf16 or fp16"),
-            (self.decay in ("linear", "cosine", "constant"), "--decay", "must be linear, cosine or constant"),
-            (self.head_impl in ("fused", "reference"), "--head-impl", "must be fused or reference"),
-            (self.log_every >= 1, "--log-every", "must be >= 1"),
-            (self.freeze_layers >= 0, "--freeze-layers", "must be >= 0"),
-            (self.unpad in ("auto", "on", "off"), "--unpad", "must be auto, on or off"),
-            (self.cache_budget_gb >= 0, "--cache-budget-gb", "must be >= 0"),
-            (self.group_size >= 1, "--group-size", "must be >= 1"),
+            (cfg.max_length >= 2, "max_length", "must be >= 2"),
+            (cfg.batch_size >= 1, "batch_size", "must be >= 1"),
+            (cfg.eval_batch_size >= 1, "eval_batch_size", "must be >= 1"),
+            (cfg.epochs > 0, "epochs", "must be > 0"),
+            (cfg.max_steps is None or cfg.max_steps >= 1, "max_steps", "must be >= 1"),
+            (0 < cfg.lr < float("inf"), "lr", "must be a finite number > 0"),
+            (0 <= cfg.warmup < float("inf"), "warmup", "must be a finite number >= 0"),
+            (0 <= cfg.weight_decay < float("inf"), "weight_decay", "must be a finite number >= 0"),
+            (0 <= cfg.max_grad_norm < float("inf"), "max_grad_norm", "must be a finite number >= 0"),
+            (cfg.grad_accum >= 1, "grad_accum", "must be >= 1"),
+            (cfg.eval_every is None or cfg.eval_every >= 1, "eval_every", "must be >= 1"),
+            (cfg.patience is None or cfg.patience >= 1, "patience", "must be >= 1"),
+            (cfg.patience is None or cfg.dev is not None, "patience", "needs --dev"),
+            (cfg.dropout is None or 0 <= cfg.dropout < 1, "dropout", "must be in [0, 1)"),
+            (cfg.log_every >= 1, "log_every", "must be >= 1"),
+            (cfg.freeze_layers >= 0, "freeze_layers", "must be >= 0"),
+            (cfg.cache_budget_gb >= 0, "cache_budget_gb", "must be >= 0"),
+            (cfg.group_size >= 1, "group_size", "must be >= 1"),
+            (cfg.label_names is None or len(set(cfg.label_names)) == len(cfg.label_names), "label_names",
+             "must not repeat a name"),
         ]
-        for ok, flag, why in checks:
+        for ok, name, why in checks:
             if not ok:
-                raise ValueError(f"{flag} {why}")
-        return self
+                raise ConfigError(f"{flag(name)} {why}")
+        return cfg
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON-ready settings; in-memory data is described, not copied."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("train", "dev") and value is not None and not isinstance(value, str | Path):
+                value = f"<in memory: {type(value).__name__} of {len(value)} rows>"
+            out[f.name] = str(value) if isinstance(value, Path) else value
+        return out
+
+
+def _allowed_types(annotation) -> tuple:
+    """The runtime types a field annotation admits (int for float too, as JSON and TOML write 3 for 3.0)."""
+    if annotation is Any:
+        return (object,)
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return tuple(t for arm in typing.get_args(annotation) for t in _allowed_types(arm))
+    origin = typing.get_origin(annotation)
+    if origin is not None:
+        return (origin,)
+    if annotation is float:
+        return (float, int)
+    if annotation is type(None):
+        return (type(None),)
+    return (annotation,)
+
+
+def check_type(name: str, value, annotation) -> None:
+    """ConfigError naming the setting when `value` is not of the field's type (a bool is no number here)."""
+    allowed = _allowed_types(annotation)
+    if object in allowed:
+        return
+    if isinstance(value, bool) and bool not in allowed:
+        ok = False
+    else:
+        ok = isinstance(value, allowed)
+    if ok and isinstance(value, list):
+        ok = all(isinstance(item, str) for item in value)
+    if ok and isinstance(value, str) and str not in allowed:
+        ok = False
+    if not ok:
+        wanted = " or ".join(sorted({"null" if t is type(None) else t.__name__ for t in allowed}))
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        raise ConfigError(f"{flag(name)} (setting {name!r}) must be {wanted}, got {type(value).__name__} {shown}")
 
 
 def load_config_file(path: str | Path) -> dict:
-    """Settings from a JSON or TOML file; keys are TrainConfig fields (dashes or underscores)."""
+    """Settings from a JSON or TOML file; keys are TrainConfig fields (dashes or underscores), values of the
+    field's type."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"--config: file not found: {path}")
+        raise ConfigError(f"--config: file not found: {path}")
     text = path.read_text()
     try:
         raw = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
-        raise ValueError(f"--config: {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {err}") from err
+        raise ConfigError(f"--config: {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {err}") from err
     if not isinstance(raw, dict):
-        raise ValueError(f"--config: {path} must hold one object of settings")
-    known = {f.name for f in fields(TrainConfig)}
+        raise ConfigError(f"--config: {path} must hold one object of settings")
+    by_name = {f.name: f for f in fields(TrainConfig)}
     settings = {key.replace("-", "_"): value for key, value in raw.items()}
-    unknown = sorted(set(settings) - known)
+    unknown = sorted(set(settings) - set(by_name))
     if unknown:
-        raise ValueError(f"--config: {path}: unknown settings {unknown}; known: {sorted(known)}")
+        raise ConfigError(f"--config: {path}: unknown settings {unknown}; known: {sorted(by_name)}")
+    for name, value in settings.items():
+        try:
+            check_type(name, value, by_name[name].type)
+        except ConfigError as err:
+            raise ConfigError(f"--config: {path}: {err}") from None
     return settings

@@ -1,4 +1,4 @@
-"""Inference over an encoded data set: logits in the file's row order, metrics, prediction files."""
+"""Inference over an encoded data set: logits in the data's row order, metrics, prediction files."""
 import csv
 import json
 from pathlib import Path
@@ -6,22 +6,26 @@ from pathlib import Path
 import torch
 
 from fastcls.components.metrics import classification_report
-from fastcls.components.precision import autocast, to_device
+from fastcls.components.precision import autocast
 from fastcls.data import Encoded, LabelMap, LengthGroupedBatches, collate, restore_order
 from fastcls.ops import cross_entropy
+
+# a cell a spreadsheet would run as a formula starts with one of these
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 @torch.inference_mode()
 def predict_logits(model, encoded: Encoded, batch_size: int, device: torch.device, precision: str, pad_token_id: int):
-    """fp32 logits [N, K] in the data's own order; rows run sorted by length to keep padding small."""
+    """fp32 logits [N, K] in the data's own order, from the model's own forward on its own batch layout; rows
+    run sorted by length to keep padding small."""
     was_training = model.training
     model.eval()
     batches = LengthGroupedBatches(encoded.lengths, batch_size, shuffle=False).batches(0)
     outputs = []
-    for indices in batches:
-        batch = to_device(collate(encoded, indices, pad_token_id), device)
+    for rows in batches:
+        batch = collate(encoded, rows, packed=model.packed, pad_token_id=pad_token_id, labels=False).to(device)
         with autocast(device, precision):
-            outputs.append(model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")).float())
+            outputs.append(model(batch)[1].float())
     model.train(was_training)
     return restore_order(torch.cat(outputs), batches)
 
@@ -33,6 +37,10 @@ def evaluate_logits(logits: torch.Tensor, encoded: Encoded, labels: LabelMap) ->
     return report
 
 
+def _cell(name: str) -> str:
+    return "'" + name if name.startswith(_FORMULA_START) else name
+
+
 def write_predictions(path: str | Path, logits: torch.Tensor, labels: LabelMap) -> None:
     """One row per input row: the predicted label and the probability of every label (CSV, TSV or JSONL)."""
     path = Path(path)
@@ -42,11 +50,12 @@ def write_predictions(path: str | Path, logits: torch.Tensor, labels: LabelMap) 
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix in (".jsonl", ".json"):
         with open(path, "w") as f:
-            f.writelines(json.dumps({"label": names[row], "probabilities": dict(zip(names, p, strict=True))}) + "\n" for row, p in zip(pred, probs.tolist(), strict=True))
+            f.writelines(json.dumps({"label": names[row], "probabilities": dict(zip(names, p, strict=True))}) + "\n"
+                         for row, p in zip(pred, probs.tolist(), strict=True))
         return
     delimiter = "\t" if path.suffix == ".tsv" else ","
     with open(path, "w", newline="") as f:
         writer = csv.writer(f, delimiter=delimiter)
         writer.writerow(["label", *(f"prob_{n}" for n in names)])
         for row, p in zip(pred, probs.tolist(), strict=True):
-            writer.writerow([names[row], *(f"{x:.6g}" for x in p)])
+            writer.writerow([_cell(names[row]), *(f"{x:.6g}" for x in p)])

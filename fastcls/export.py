@@ -1,74 +1,26 @@
-"""Export a fastcls model folder so that `AutoModelForSequenceClassification.from_pretrained` loads it.
-
-Hugging Face heads put a small layer between h_CLS and the classifier (BERT's tanh pooler, RoBERTa's
-dense+tanh, ELECTRA's dense+GELU, DistilBERT's dense+ReLU); fastcls's head has none. The export sets
-that layer to act as the identity on h_CLS, so the exported model gives fastcls's predictions:
-- tanh: dense = s*I with s small, where tanh(s*h) = s*h to a relative (s*h)^2/3, and the classifier
-  takes W_C/s;
-- GELU/ReLU: dense = I with bias c, where act(h + c) = h + c exactly for h + c well above zero, and the
-  classifier's bias takes -W_C c.
-"""
+"""`fastcls export`: a clean folder that transformers' AutoModelForSequenceClassification loads with fastcls's
+predictions (config.json with the labels by name, model.safetensors, the tokenizer). A run folder already loads
+so; the export leaves fastcls's own files behind. Families without a known Hugging Face head
+(`families.HFHead`) cannot be exported: their run folders load with `fastcls.load` and `fastcls eval/predict`."""
 from pathlib import Path
 
-import torch
-from torch import nn
-from transformers import AutoModelForSequenceClassification
-
-from fastcls.model import ModelLoadError, _quiet_transformers, load_trained
-
-TANH_SCALE = 1e-4
-# GELU(x) = x exactly in fp32 once x > ~8; hidden states sit far above -(SHIFT - 8)
-ACTIVATION_SHIFT = 64.0
-
-# model_type -> (module path of the layer between h_CLS and the classifier, its activation, classifier path)
-HEADS = {
-    "bert": ("bert.pooler.dense", "tanh", "classifier"),
-    "roberta": ("classifier.dense", "tanh", "classifier.out_proj"),
-    "xlm-roberta": ("classifier.dense", "tanh", "classifier.out_proj"),
-    "camembert": ("classifier.dense", "tanh", "classifier.out_proj"),
-    "mpnet": ("classifier.dense", "tanh", "classifier.out_proj"),
-    "electra": ("classifier.dense", "gelu", "classifier.out_proj"),
-    "distilbert": ("pre_classifier", "relu", "classifier"),
-}
+from fastcls.components.checkpoint import WEIGHTS_FILE, load_run, save_weights_atomic
+from fastcls.errors import ModelLoadError
+from fastcls.models.families import FAMILIES, family_of
+from fastcls.models.hf_layout import hf_config, hf_state_dict
 
 
-@torch.no_grad()
 def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
-    model, tokenizer, labels, _ = load_trained(model_dir)
-    config = model.encoder.config
-    if config.model_type not in HEADS:
+    model, tokenizer, labels, _ = load_run(model_dir)
+    family = family_of(model.encoder)
+    if family is None or family.hf_head is None:
+        supported = sorted(name for name, f in FAMILIES.items() if f.hf_head is not None)
         raise ModelLoadError(
-            f"export: model type {config.model_type!r} is not supported (supported: {', '.join(sorted(HEADS))}); "
-            f"the fastcls folder {model_dir} still loads with `fastcls eval/predict`"
-        )
-    config.num_labels = len(labels)
-    config.id2label = dict(enumerate(labels.names))
-    config.label2id = {name: i for i, name in enumerate(labels.names)}
-    with _quiet_transformers():
-        hf = AutoModelForSequenceClassification.from_config(config)
-    base = getattr(hf, hf.base_model_prefix)
-    missing, unexpected = base.load_state_dict(model.encoder.state_dict(), strict=False)
-    if unexpected or any(not k.startswith("pooler.") for k in missing):
-        raise ModelLoadError(f"export: encoder weights do not fit {type(hf).__name__}: {missing[:5]} {unexpected[:5]}")
-
-    middle_path, activation, classifier_path = HEADS[config.model_type]
-    middle: nn.Linear = hf.get_submodule(middle_path)
-    classifier: nn.Linear = hf.get_submodule(classifier_path)
-    w, b = model.classifier.weight.float(), model.classifier.bias.float()
-    eye = torch.eye(config.hidden_size)
-    if activation == "tanh":
-        middle.weight.copy_(TANH_SCALE * eye)
-        middle.bias.zero_()
-        classifier.weight.copy_(w / TANH_SCALE)
-        classifier.bias.copy_(b)
-    else:
-        shift = torch.full((config.hidden_size,), ACTIVATION_SHIFT)
-        middle.weight.copy_(eye)
-        middle.bias.copy_(shift)
-        classifier.weight.copy_(w)
-        classifier.bias.copy_(b - w @ shift)
-
+            f"export: model type {model.encoder.config.model_type!r} is not supported (supported: "
+            f"{', '.join(supported)}); the fastcls folder {model_dir} still loads with `fastcls eval/predict`")
     out_dir = Path(out_dir)
-    hf.save_pretrained(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf_config(model.encoder, labels).save_pretrained(out_dir)
+    save_weights_atomic(hf_state_dict(model), out_dir / WEIGHTS_FILE, {"format": "pt"})
     tokenizer.save_pretrained(out_dir)
     return out_dir

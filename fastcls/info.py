@@ -1,8 +1,9 @@
-"""What `fastcls info` prints: versions, the device, and which backend runs each op."""
+"""What `fastcls info` prints: versions, the device, and per op the backend that runs it and the dtypes it takes."""
 import platform
 
 import torch
 
+import fastcls.optim  # noqa: F401  registers adamw's kernels for the table below
 from fastcls.components.precision import bf16_is_fast
 from fastcls.ops import dispatch, op_backends
 
@@ -36,9 +37,15 @@ def describe() -> str:
     lines.append(f"C++ kernels   {cpp}")
     lines.append(f"Triton        {'importable' if dispatch.TRITON_ERROR is None else dispatch.TRITON_ERROR}")
     lines.append("")
-    backends = op_backends()
-    width = max(len(op) for op in backends) + 2
-    lines.append(f"{'op':<{width}} {'cpu':<10} cuda")
-    for op, by_device in backends.items():
-        lines.append(f"{op:<{width}} {by_device['cpu']:<10} {by_device['cuda']}")
+    cells = {op: [f"{device}: {_backend_text(choice)}" for device, choice in by_device.items()]
+             for op, by_device in op_backends().items()}
+    op_width = max(len(op) for op in cells) + 2
+    cell_width = max(len(row[0]) for row in cells.values()) + 2
+    for op, row in cells.items():
+        lines.append(f"{op:<{op_width}}{row[0]:<{cell_width}}{row[1]}")
     return "\n".join(lines)
+
+
+def _backend_text(choice: dispatch.DeviceBackend) -> str:
+    """cpp (fp32, bf16); the reference takes every dtype."""
+    return f"{choice.backend} ({', '.join(choice.dtypes)})" if choice.dtypes else choice.backend

@@ -4,10 +4,9 @@
   `fastcls.ops.Dropout`, which keeps no mask and draws its bits from a counter-based generator;
 - the attention-probability dropout, which transformers hands to `scaled_dot_product_attention` (on the CPU
   its math fallback draws the mask with torch's slow `bernoulli_`), runs through the "fastcls" attention
-  function below: SDPA itself wherever no dropout applies or on CUDA (whose kernels drop in-register), else
-  the same math with fastcls's dropout;
-- the blocks that end in LayerNorm(dropout(dense(h)) + residual) (BERT, RoBERTa, XLM-R and ELECTRA's
-  *SelfOutput and *Output, DistilBERT's TransformerBlock: sa_layer_norm and output_layer_norm) run
+  function below, which is `fastcls.models.attention.attention`, the layer-by-layer encoder's too;
+- the blocks that end in LayerNorm(dropout(dense(h)) + residual) (each family's `output_blocks` in the table
+  `fastcls.models.families`; DistilBERT's TransformerBlock: sa_layer_norm and output_layer_norm) run
   `fastcls.ops.dropout_add_layer_norm`, and the embeddings' dropout(LayerNorm(...)) runs
   `fastcls.ops.layer_norm_dropout`: one pass each, no mask and no pre-norm sum kept for the backward. These
   modules get an instance-level `forward` (the embeddings: their LayerNorm's, with their dropout's made the
@@ -19,15 +18,15 @@ pickle the bound fused forwards, which do not unpickle).
 """
 import types
 
-import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.pytorch_utils import apply_chunking_to_forward
 
+from fastcls.models.attention import attention
+from fastcls.models.families import FAMILIES
 from fastcls.ops import Dropout
-from fastcls.ops import dropout as mask_free_dropout
 from fastcls.ops.dropout_add_layer_norm import (
     MAX_HIDDEN,
     dropout_add_layer_norm,
@@ -43,15 +42,7 @@ def fastcls_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     if dropout == 0.0 or query.device.type == "cuda" or is_causal or not plain_heads or kwargs.get("position_bias") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-        else:
-            scores = scores + attention_mask
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
-    out = torch.matmul(mask_free_dropout(probs, dropout, training=True), value)
+    out = attention(query, key, value, attention_mask, dropout, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -69,9 +60,16 @@ def _configs(model: nn.Module):
 
 
 # Classes whose forward code was read (transformers 5.24) and is reproduced by the fused forwards below.
-_OUTPUT_BLOCKS = {f"{family}{block}" for family in ("Bert", "Roberta", "XLMRoberta", "Electra")
-                  for block in ("SelfOutput", "Output")}
-_EMBEDDINGS = {"BertEmbeddings", "RobertaEmbeddings", "XLMRobertaEmbeddings", "ElectraEmbeddings"}
+# (the family's transformers package, class name): DistilBERT's embeddings class is plainly "Embeddings"
+_OUTPUT_BLOCKS = {(f"transformers.models.{f.name.replace('-', '_')}.", name)
+                  for f in FAMILIES.values() for name in f.output_blocks}
+_EMBEDDINGS = {(f"transformers.models.{f.name.replace('-', '_')}.", name)
+               for f in FAMILIES.values() for name in f.embedding_blocks}
+
+
+def _listed(cls, blocks) -> bool:
+    return any(cls.__module__.startswith(package) and cls.__name__ == name for package, name in blocks)
+
 _DISTILBERT = "transformers.models.distilbert.modeling_distilbert"
 _FUSED = "_fastcls_fused"  # instance attribute naming what a fused module's forward does
 
@@ -126,10 +124,9 @@ def _fuse(name: str, module: nn.Module) -> str | None:
     cls = type(module)
     if _FUSED in module.__dict__ or not cls.__module__.startswith("transformers.models."):
         return None
-    if cls.__name__ in _OUTPUT_BLOCKS and _fusable_norm(module.LayerNorm):
+    if _listed(cls, _OUTPUT_BLOCKS) and _fusable_norm(module.LayerNorm):
         _set_forward(module, _output_block_forward, _FUSED, "dropout + add + LayerNorm")
-    elif (cls.__name__ in _EMBEDDINGS or (cls.__module__ == _DISTILBERT and cls.__name__ == "Embeddings")) \
-            and _fusable_norm(module.LayerNorm):
+    elif _listed(cls, _EMBEDDINGS) and _fusable_norm(module.LayerNorm):
         module.LayerNorm.__dict__["_fastcls_dropout"] = module.dropout  # unregistered: not a submodule
         _set_forward(module.LayerNorm, _embedding_norm_forward, _PART, True)
         _set_forward(module.dropout, _identity_forward, _PART, True)
@@ -168,7 +165,8 @@ def patch(model: nn.Module) -> list[str]:
     # kept on the model, not the config, so that a saved config.json stays the original's
     unpatched = model.__dict__.setdefault("_fastcls_unpatched_attention", [])
     for config in _configs(model):
-        if config._attn_implementation in ("sdpa", "eager"):
+        family = FAMILIES.get(config.model_type)
+        if family is not None and family.attention_interface and config._attn_implementation in ("sdpa", "eager"):
             unpatched.append((config, config._attn_implementation))
             patched.append(f"attention ({config._attn_implementation} -> {ATTENTION})")
             config._attn_implementation = ATTENTION

@@ -1,9 +1,9 @@
 """Triton kernel for fastcls.optim.FusedAdamW: one launch updates every tensor of a bucket (a param group's
 tensors of one device and dtype), read through a table of their addresses.
 
-Table row r (int64, `TABLE_WIDTH` columns, laid out as `fastcls.optim.adamw.TABLE_COLUMNS`) holds the addresses
-of tensor r's parameter, gradient, moments, optional amsgrad maximum and fp32 master copy, its step count (an fp32
-scalar on the device) and its element count. Program i updates BLOCK elements of tensor chunk_tensor[i], from
+Table row r (int64, `TABLE_WIDTH` columns, laid out as `fastcls.optim.adamw_table.TABLE_COLUMNS`) holds the
+addresses of tensor r's parameter, gradient, moments, optional amsgrad maximum and fp32 master copy, its step count
+(an fp32 scalar on the device) and its element count. Program i updates BLOCK elements of tensor chunk_tensor[i], from
 element chunk_index[i] * BLOCK on; every tensor has at least one program, so even an empty one counts its step.
 
 No host sync: the step count lives on the device, the bias corrections are computed from it once per program

@@ -9,8 +9,6 @@ import torch
 import triton
 import triton.language as tl
 
-from fastcls.ops.dropout import keep_threshold, kept_scale
-
 BLOCK = 1024
 
 
@@ -36,16 +34,16 @@ def _dropout_kernel(x_ptr, out_ptr, n_elements, seed, threshold, scale, BLOCK: t
     tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def dropout_triton(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """Dropout of a contiguous x with keep probability 1 - p under `seed` (0 <= seed < 2^64), as a new tensor."""
+def dropout_triton(x: torch.Tensor, seed: int, threshold: int, scale: float) -> torch.Tensor:
+    """A new tensor: the elements of contiguous x whose Philox word under `seed` (0 <= seed < 2^64) is >=
+    threshold (0 to 2^32), times scale; the others 0."""
     if not x.is_contiguous():
         raise ValueError(f"x must be contiguous, got strides {x.stride()} for shape {tuple(x.shape)}")
     out = torch.empty_like(x)
-    threshold = keep_threshold(p)
     if threshold == 2**32:  # beyond any 32-bit word: nothing is kept
         return out.zero_()
     n_elements = x.numel()
     _dropout_kernel[(triton.cdiv(n_elements, BLOCK),)](
-        x, out, n_elements, seed, threshold, kept_scale(p), BLOCK=BLOCK, num_warps=4
+        x, out, n_elements, seed, threshold, scale, BLOCK=BLOCK, num_warps=4
     )
     return out

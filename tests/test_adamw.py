@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastcls.components.optimizer import OptimizerConfig, build_optimizer
+from fastcls.components.optimizer import OptimizerConfig, build_optimizer, param_groups
 from fastcls.optim import FusedAdamW
 from fastcls.optim.adamw import MASTER_KEY
 
@@ -356,7 +356,7 @@ def test_bad_arguments_are_named():
 
 def test_build_optimizer_is_fused_without_decay_on_biases_and_norms():
     model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
-    optimizer = build_optimizer(model, OptimizerConfig(lr=1e-3, weight_decay=0.01))
+    optimizer = build_optimizer(param_groups(model, weight_decay=0.01), OptimizerConfig(lr=1e-3))
     assert isinstance(optimizer, FusedAdamW)
     decayed, plain = optimizer.param_groups
     assert decayed["weight_decay"] == 0.01 and plain["weight_decay"] == 0.0

@@ -1,11 +1,15 @@
 """The [CLS] head (dropout, linear, softmax cross-entropy) against the same computation in float64, and the model's
 fused head against its PyTorch reference."""
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertModel
 
-from fastcls.model import EncoderClassifier
+from fastcls.data import Encoded, collate
+from fastcls.models.classifier import EncoderClassifier
 from fastcls.ops import classification_head
 from fastcls.ops.dropout import keep_mask, kept_scale
 
@@ -96,26 +100,33 @@ def test_bad_shapes_name_the_argument(generator):
         classification_head(hidden, weight.t(), bias, target, dropout_p=0.1)
 
 
-def tiny_classifier(dropout: float) -> EncoderClassifier:
+def tiny_classifier(dropout: float, head_impl: str = "fused") -> EncoderClassifier:
     torch.manual_seed(0)
     config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=32, max_position_embeddings=32, hidden_dropout_prob=0.0,
                         attention_probs_dropout_prob=0.0)
-    return EncoderClassifier(BertModel(config, add_pooling_layer=False), num_labels=3, dropout=dropout)
+    return EncoderClassifier(BertModel(config, add_pooling_layer=False), num_labels=3, dropout=dropout,
+                             head_impl=head_impl)
+
+
+def _batch(generator, rows, length, labels=True):
+    input_ids = torch.randint(2, 50, (rows * length,), generator=generator).numpy().astype("int32")
+    lengths = np.full(rows, length)
+    target = torch.randint(0, 3, (rows,), generator=generator).numpy() if labels else np.full(rows, -1)
+    encoded = Encoded(input_ids=input_ids, lengths=lengths, token_type_ids=None, labels=target, num_truncated=0,
+                      max_length=length)
+    return collate(encoded, list(range(rows)), packed=False)
 
 
 def test_model_fused_head_matches_the_reference_head():
-    """Same loss, logits and gradients from both head_impl values (no dropout, so both see the same inputs);
-    state_dict keys are those of the plain modules."""
-    model = tiny_classifier(dropout=0.0).train()
+    """Same loss, logits and gradients from both head implementations (no dropout, so both see the same
+    inputs); the head's state_dict keys are a plain linear layer's."""
     generator = torch.Generator().manual_seed(5)
-    input_ids = torch.randint(1, 50, (4, 7), generator=generator)
-    attention_mask = torch.ones_like(input_ids)
-    labels = torch.randint(0, 3, (4,), generator=generator)
+    batch = _batch(generator, 4, 7)
     results = {}
     for head_impl in ("reference", "fused"):
-        model.zero_grad()
-        loss, logits = model.loss_and_logits(input_ids, attention_mask, labels, head_impl=head_impl)
+        model = tiny_classifier(dropout=0.0, head_impl=head_impl).train()
+        loss, logits = model(batch)
         loss.backward()
         grads = {name: param.grad.clone() for name, param in model.named_parameters()}
         results[head_impl] = (loss.detach(), logits.detach(), grads)
@@ -125,22 +136,45 @@ def test_model_fused_head_matches_the_reference_head():
     assert grads.keys() == ref_grads.keys()
     for name in ref_grads:  # some encoder gradients are ~1e-13 here: compare with an absolute floor
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-8)
-    assert {"dropout", "classifier.weight", "classifier.bias"} & set(model.state_dict()) == {
-        "classifier.weight", "classifier.bias"}
-    assert torch.equal(model(input_ids, attention_mask), logits)
+    assert {k for k in model.state_dict() if k.startswith("head.")} == {"head.linear.weight", "head.linear.bias"}
+    unlabelled = dataclasses.replace(batch, labels=None)
+    no_loss, same_logits = model.eval()(unlabelled)
+    assert no_loss is None and torch.equal(same_logits, logits)
 
 
 def test_model_fused_head_applies_the_head_dropout_only_in_training():
     model = tiny_classifier(dropout=0.5)
-    generator = torch.Generator().manual_seed(6)
-    input_ids = torch.randint(1, 50, (8, 5), generator=generator)
-    attention_mask = torch.ones_like(input_ids)
-    labels = torch.randint(0, 3, (8,), generator=generator)
+    batch = _batch(torch.Generator().manual_seed(6), 8, 5)
     model.eval()
-    _, eval_logits = model.loss_and_logits(input_ids, attention_mask, labels)
-    assert torch.equal(eval_logits, model(input_ids, attention_mask))
+    _, eval_logits = model(batch)
+    assert torch.equal(eval_logits, model(dataclasses.replace(batch, labels=None))[1])
     model.train()
-    _, train_logits = model.loss_and_logits(input_ids, attention_mask, labels)
+    _, train_logits = model(batch)
     assert not torch.allclose(train_logits, eval_logits)
-    with pytest.raises(ValueError, match="head_impl"):
-        model.loss_and_logits(input_ids, attention_mask, labels, head_impl="fast")
+    with pytest.raises(ValueError, match="head impl"):
+        tiny_classifier(dropout=0.1, head_impl="fast")
+
+
+def test_large_label_spaces_train_through_the_fused_linear_cross_entropy(monkeypatch):
+    """From LARGE_LABEL_SPACE classes on, a training step runs linear_cross_entropy (no logits returned) and
+    gives the loss and gradients of the plain head; evaluation still returns logits."""
+    import fastcls.models.head as head_module
+
+    monkeypatch.setattr(head_module, "LARGE_LABEL_SPACE", 3)
+    calls = []
+    real = head_module.linear_cross_entropy
+    monkeypatch.setattr(head_module, "linear_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    batch = _batch(torch.Generator().manual_seed(7), 6, 5)
+    results = []
+    for head_impl in ("fused", "reference"):
+        model = tiny_classifier(dropout=0.0, head_impl=head_impl).train()
+        loss, logits = model(batch)
+        loss.backward()
+        results.append((loss.detach(), logits, {n: p.grad for n, p in model.named_parameters()}))
+    (loss, logits, grads), (ref_loss, _, ref_grads) = results
+    assert calls == [1] and logits is None
+    assert_close(loss, ref_loss, 1e-6)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-8)
+    model.eval()
+    assert model(batch)[1].shape == (6, 3)

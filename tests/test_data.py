@@ -109,7 +109,7 @@ def test_text_column_inference(tmp_path, header, row, text):
 
 def test_ambiguous_text_columns_name_the_columns(tmp_path):
     path = write(tmp_path, "a.tsv", "label\tquestion\tanswer\n1\tq\ta\n")
-    with pytest.raises(DataError, match=rf"{re.escape(str(path))}:1: cannot tell .*question, answer.*--text-columns"):
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))}:1: cannot tell .*question, answer.*--text-column"):
         read_examples(path)
 
 
@@ -223,7 +223,7 @@ def test_tokenize_pairs_and_unlabelled(tokenizer):
     encoded = tokenize_examples(examples, tokenizer, 32)
     assert encoded.token_type_ids.tolist() == tokenizer("a man sleeps", "a person rests")["token_type_ids"]
     assert encoded.labels.tolist() == [UNLABELLED] and not encoded.has_labels
-    assert "labels" not in collate(encoded, [0], tokenizer.pad_token_id)
+    assert collate(encoded, [0], packed=False, pad_token_id=tokenizer.pad_token_id).labels is None
 
 
 def test_truncation_count(tokenizer):
@@ -262,16 +262,13 @@ def test_collate_pads_to_the_batch_longest_row(tokenizer):
     examples = [Example((t,), "1", i) for i, t in enumerate(texts)]
     encoded = tokenize_examples(examples, tokenizer, 64, label_map=LabelMap(["1"]))
     pad = tokenizer.pad_token_id
-    batch = collate(encoded, [2, 0], pad)
-    assert batch["input_ids"].dtype == batch["attention_mask"].dtype == batch["labels"].dtype == torch.int64
+    batch = collate(encoded, [2, 0], packed=False, pad_token_id=pad)
+    inputs = batch.padded_inputs()
+    assert inputs["input_ids"].dtype == inputs["attention_mask"].dtype == batch.labels.dtype == torch.int64
     expected = tokenizer([texts[2], texts[0]], padding=True, return_tensors="pt")
     for key in ("input_ids", "attention_mask", "token_type_ids"):
-        assert torch.equal(batch[key], expected[key]), key
-    assert batch["labels"].tolist() == [0, 0]
-
-    padded = collate(encoded, [2, 0], pad, pad_to_multiple_of=8)
-    assert padded["input_ids"].shape == (2, 8)
-    assert (padded["input_ids"][:, 4:] == pad).all() and not padded["attention_mask"][:, 4:].any()
+        assert torch.equal(inputs[key], expected[key]), key
+    assert batch.labels.tolist() == [0, 0]
 
 
 def test_every_row_once_sorted_within_batches_and_last_batch_kept():

@@ -67,7 +67,9 @@ def test_patched_model_trains_and_saves_the_original_config(tmp_path):
 
 def test_attention_math_path_matches_sdpa(monkeypatch):
     # with the dropout made the identity, the CPU math path must equal SDPA without dropout
-    monkeypatch.setattr(patching, "mask_free_dropout", lambda x, p, training: x)
+    import fastcls.models.attention as attention_module
+
+    monkeypatch.setattr(attention_module, "mask_free_dropout", lambda x, p, training: x)
     torch.manual_seed(2)
     q, k, v = (torch.randn(2, 4, 9, 8) for _ in range(3))
     module = nn.Module()
@@ -80,7 +82,7 @@ def test_attention_math_path_matches_sdpa(monkeypatch):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-CLASSIFIERS = ["bert", "roberta", "xlm-roberta", "electra", "distilbert"]
+CLASSIFIERS = ["bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert"]
 
 
 def tiny_classifier(model_type, **overrides):

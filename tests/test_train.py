@@ -1,55 +1,22 @@
 """The loop end to end: tiny random encoders for speed, the real bundled MiniLM where it matters."""
 import csv
-import inspect
 import json
-import random
 import shutil
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+from tiny import make_tiny_encoder, sst2_rows, write_tsv
+from transformers import AutoModelForSequenceClassification
 
 from fastcls.cli import main
+from fastcls.components.checkpoint import load_run
 from fastcls.config import BUNDLED_DEV, BUNDLED_TRAIN, TrainConfig, bundled_model_path
 from fastcls.data import collate, read_examples, tokenize_examples
-from fastcls.errors import TrainingError
+from fastcls.errors import ModelLoadError, TrainingError
 from fastcls.export import export_hf
-from fastcls.model import ModelLoadError, load_tokenizer, load_trained
-from fastcls.train import train
-
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            max_position_embeddings=128)
-
-
-def make_tiny_encoder(folder, model_type="bert", **overrides):
-    """A random encoder of `model_type` saved with the bundled model's tokenizer."""
-    tokenizer = load_tokenizer(bundled_model_path())
-    if model_type == "distilbert":
-        config = AutoConfig.for_model("distilbert", vocab_size=tokenizer.vocab_size, dim=32, n_layers=2, n_heads=2,
-                                      hidden_dim=64, max_position_embeddings=128, pad_token_id=0)
-    else:
-        config = AutoConfig.for_model(model_type, vocab_size=tokenizer.vocab_size, pad_token_id=0,
-                                      **{**TINY, **overrides})
-    torch.manual_seed(0)
-    AutoModel.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def sst2_rows(n, seed=0):
-    with open(BUNDLED_TRAIN) as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
-    random.Random(seed).shuffle(rows)
-    return rows[:n]
-
-
-def write_tsv(path, rows, header=("label", "sentence")):
-    with open(path, "w") as f:
-        f.write("\t".join(header) + "\n")
-        f.writelines("\t".join(row) + "\n" for row in rows)
-    return path
+from fastcls.trainer import train
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +50,10 @@ def test_tiny_bert_overfits_32_examples(overfit_run):
 
 def test_save_load_predict_gives_the_same_probabilities(overfit_run, tmp_path):
     result, data = overfit_run
-    model, tokenizer, labels, meta = load_trained(result.output)
+    model, tokenizer, labels, meta = load_run(result.output)
     encoded = tokenize_examples(read_examples(data), tokenizer, meta["max_length"], label_map=labels)
-    expected = torch.softmax(result.model.cpu().eval()(**_batch(encoded, range(len(encoded)))), -1)
+    with torch.no_grad():
+        expected = torch.softmax(result.model.eval()(_batch(encoded, range(len(encoded)), model.packed))[1], -1)
     argv = ["predict", "--model", str(result.output), "--data", str(data), "--output", str(tmp_path / "p.jsonl")]
     assert main([*argv, "--precision", "fp32"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
@@ -94,29 +62,29 @@ def test_save_load_predict_gives_the_same_probabilities(overfit_run, tmp_path):
     assert [r["label"] for r in rows] == [labels.names[i] for i in expected.argmax(-1).tolist()]
 
 
-def _batch(encoded, indices):
-    batch = collate(encoded, list(indices), 0)
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-            "token_type_ids": batch.get("token_type_ids")}
+def _batch(encoded, indices, packed=False):
+    return collate(encoded, list(indices), packed=packed, pad_token_id=0)
 
 
-@pytest.mark.parametrize("model_type", ["bert", "roberta", "electra", "distilbert"])
-def test_export_loads_in_transformers_with_the_same_predictions(model_type, tmp_path):
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "electra", "distilbert", "mpnet"])
+def test_run_folder_and_export_load_in_transformers_with_the_same_predictions(model_type, tmp_path):
     encoder = make_tiny_encoder(tmp_path / "enc", model_type)
     rows = sst2_rows(24, seed=3)
     data = write_tsv(tmp_path / "train.tsv", rows)
     result = train(TrainConfig(model=str(encoder), train=str(data), dev=str(data), output=str(tmp_path / "out"),
-                               epochs=1, batch_size=8, lr=1e-3, seed=0, precision="fp32"))
-    model, tokenizer, labels, meta = load_trained(result.output)
+                               epochs=1, batch_size=8, lr=1e-3, seed=0, precision="fp32",
+                               label_names=["negative", "positive"]))
+    model, tokenizer, labels, meta = load_run(result.output)
     encoded = tokenize_examples(read_examples(data), tokenizer, meta["max_length"], label_map=labels)
     batch = _batch(encoded, range(len(encoded)))
     with torch.no_grad():
-        expected = torch.softmax(model(**batch), -1)
-        hf = AutoModelForSequenceClassification.from_pretrained(export_hf(result.output, tmp_path / "hf")).eval()
-        kwargs = {k: v for k, v in batch.items() if v is not None and k in inspect.signature(hf.forward).parameters}
-        got = torch.softmax(hf(**kwargs).logits, -1)
-    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
-    assert hf.config.id2label == {0: "0", 1: "1"}
+        expected = torch.softmax(model(batch)[1], -1)
+        for folder in (result.output, export_hf(result.output, tmp_path / "hf")):
+            hf = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+            inputs = {k: v for k, v in batch.padded_inputs().items() if k != "token_type_ids" or model_type == "bert"}
+            got = torch.softmax(hf(**inputs).logits, -1)
+            torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+            assert hf.config.id2label == {0: "negative", 1: "positive"}
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_files(tiny_bert, tmp_path, monkeypatch):
@@ -201,13 +169,20 @@ def test_mismatched_checkpoint_is_refused_with_the_file_named(overfit_run, tmp_p
     broken = shutil.copytree(result.output, tmp_path / "broken")
     (broken / "labels.json").write_text(json.dumps({"id2label": ["a", "b", "c"]}))
     with pytest.raises(ModelLoadError, match="labels.json has 3 labels, fastcls.json 2"):
-        load_trained(broken)
+        load_run(broken)
     shutil.copy(result.output / "labels.json", broken / "labels.json")
+    head = load_file(broken / "fastcls_head.safetensors")
+    save_file({"weight": torch.randn(5, head["weight"].shape[1]), "bias": head["bias"]},
+              broken / "fastcls_head.safetensors")
+    with pytest.raises(ModelLoadError, match="different checkpoints"):
+        load_run(broken)
+    shutil.copy(result.output / "fastcls_head.safetensors", broken / "fastcls_head.safetensors")
     state = load_file(broken / "model.safetensors")
-    state["classifier.weight"] = torch.randn(5, state["classifier.weight"].shape[1])
-    save_file(state, broken / "model.safetensors")
+    state["bert.embeddings.word_embeddings.weight"] = state["bert.embeddings.word_embeddings.weight"][:, :5].clone()
+    save_file(state, broken / "model.safetensors", metadata=dict(
+        __import__("safetensors").safe_open(result.output / "model.safetensors", "pt").metadata()))
     with pytest.raises(ModelLoadError, match="model.safetensors does not match"):
-        load_trained(broken)
+        load_run(broken)
 
 
 def test_predict_writes_csv_for_an_unlabelled_file(overfit_run, tmp_path):
@@ -241,7 +216,7 @@ def test_cached_frozen_prefix_trains_exactly_as_recomputing_it(tiny_bert, tmp_pa
     """Later epochs read the frozen prefix's output from the cache instead of recomputing it: with the cache
     kept in fp32 the trained weights are the same (to rounding: a key bias's gradient is pure rounding noise,
     as softmax ignores it); the report counts what the cache served."""
-    import fastcls.train as train_module
+    import fastcls.trainer as train_module
     from fastcls.components.prefix_cache import PrefixCache
 
     monkeypatch.setattr(train_module, "PrefixCache", lambda *a, **k: PrefixCache(*a, **k, dtype=torch.float32))

@@ -1,4 +1,6 @@
-"""Classification metrics from predicted and true label ids."""
+"""Classification metrics from predicted and true label ids, and the run's console and JSONL log."""
+import json
+
 import torch
 
 
@@ -37,3 +39,32 @@ def format_report(report: dict) -> str:
     for name, c in report["per_class"].items():
         lines.append(f"{name:<{width}}  {c['precision']:9.4f}  {c['recall']:6.4f}  {c['f1']:6.4f}  {c['support']:7d}")
     return "\n".join(lines)
+
+
+class MetricsLogger:
+    """What a run shows and records: a progress bar with loss, learning rate and samples/s on the console, and one
+    JSONL record per evaluation (step, epoch, train loss, dev metrics, samples/s) in `jsonl_path`."""
+
+    def __init__(self, jsonl_path, total_steps: int):
+        from tqdm.auto import tqdm
+
+        self.jsonl_path = jsonl_path
+        self.progress = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+
+    def step(self) -> None:
+        self.progress.update(1)
+
+    def train(self, loss: float, lr: float, samples_per_s: float) -> None:
+        self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.0f}")
+
+    def evaluation(self, record: dict) -> None:
+        with open(self.jsonl_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.write(f"step {record['step']}: dev accuracy {record['accuracy']:.4f}, "
+                   f"macro-F1 {record['macro_f1']:.4f}, loss {record['dev_loss']:.4f}")
+
+    def write(self, message: str) -> None:
+        self.progress.write(message)
+
+    def close(self) -> None:
+        self.progress.close()

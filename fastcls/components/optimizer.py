@@ -11,7 +11,6 @@ from fastcls.optim import FusedAdamW
 @dataclass
 class OptimizerConfig:
     lr: float = 5e-5
-    weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
 
@@ -38,6 +37,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+def build_optimizer(groups: list[dict], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """FusedAdamW over `param_groups`' groups (their weight decay set there)."""
     return FusedAdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)

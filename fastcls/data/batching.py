@@ -1,4 +1,5 @@
-"""Tokenise once, group rows of similar length into batches, and pad each batch only to its own longest row."""
+"""Tokenise once and group rows of similar length into batches (`fastcls.data.collate` lays a batch out)."""
+import itertools
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -8,10 +9,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastcls.data.errors import DataError
 from fastcls.data.labels import LabelMap
 from fastcls.data.reader import Example
 
 UNLABELLED = -1
+_ENCODED_KEYS = itertools.count()
 
 
 @dataclass
@@ -30,8 +33,11 @@ class Encoded:
     max_length: int
     offsets: np.ndarray = field(init=False)
     has_labels: bool = field(init=False)
+    # tells the rows of one tokenisation from another's: the frozen-prefix cache serves only the rows it stored
+    key: int = field(init=False)
 
     def __post_init__(self) -> None:
+        self.key = next(_ENCODED_KEYS)
         self.offsets = np.concatenate(([0], np.cumsum(self.lengths)))
         self.has_labels = bool(len(self.labels)) and bool((self.labels != UNLABELLED).all())
 
@@ -50,17 +56,17 @@ def tokenize_examples(
     Labels become ids through `label_map`; without one (prediction) every label is UNLABELLED.
     """
     if not examples:
-        raise ValueError("no examples to tokenize")
+        raise DataError("no examples to tokenize")
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError(f"{type(tokenizer).__name__} is not a fast (Rust) tokenizer; load one with use_fast=True")
     width = len(examples[0].texts)
     mixed = next((e for e in examples if len(e.texts) != width), None)
     if mixed is not None:
-        raise ValueError(f"{mixed.where}: has {len(mixed.texts)} texts where earlier examples have {width}")
+        raise DataError(f"{mixed.where}: has {len(mixed.texts)} texts where earlier examples have {width}")
     pair = width == 2
     minimum = tokenizer.num_special_tokens_to_add(pair) + 1
     if max_length < minimum:
-        raise ValueError(
+        raise DataError(
             f"--max-length {max_length} is too small: the tokenizer adds {minimum - 1} special tokens to each "
             f"{'text pair' if pair else 'text'}, so it must be at least {minimum}"
         )
@@ -186,36 +192,6 @@ def restore_order(values: Any, batches: Iterable[Sequence[int]]) -> Any:
     return [values[i] for i in position]
 
 
-def collate(
-    encoded: Encoded, indices: Sequence[int], pad_token_id: int, *, pad_to_multiple_of: int | None = None
-) -> dict[str, torch.Tensor]:
-    """The rows at `indices` as int64 tensors, right-padded to the longest of these rows (rounded up to
-    `pad_to_multiple_of` if given). ``labels`` is there only when every row of `encoded` has one."""
-    if pad_token_id is None:
-        raise ValueError("the tokenizer has no pad token; set one (e.g. tokenizer.pad_token = tokenizer.eos_token)")
-    rows = np.asarray(indices, dtype=np.int64)
-    if not len(rows):
-        raise ValueError("cannot collate an empty batch")
-    lengths = encoded.lengths[rows]
-    width = int(lengths.max())
-    if pad_to_multiple_of:
-        width = math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of
-    positions = np.arange(width)
-    real = positions < lengths[:, None]
-    # boolean-mask assignment fills row by row, the same order in which `real` picks the source positions
-    source = (encoded.offsets[rows][:, None] + positions)[real]
-    input_ids = np.full((len(rows), width), pad_token_id, dtype=np.int64)
-    input_ids[real] = encoded.input_ids[source]
-    batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(real.astype(np.int64))}
-    if encoded.token_type_ids is not None:
-        token_type_ids = np.zeros((len(rows), width), dtype=np.int64)
-        token_type_ids[real] = encoded.token_type_ids[source]
-        batch["token_type_ids"] = torch.from_numpy(token_type_ids)
-    if encoded.has_labels:
-        batch["labels"] = torch.from_numpy(encoded.labels[rows])
-    return batch
-
-
 def padding_efficiency(encoded: Encoded, batches: Iterable[Sequence[int]]) -> float:
     """Real tokens / all tokens fed to the model when each batch is padded to its longest row."""
     real = padded = 0
@@ -226,58 +202,3 @@ def padding_efficiency(encoded: Encoded, batches: Iterable[Sequence[int]]) -> fl
     return real / padded if padded else 1.0
 
 
-@dataclass
-class PackedBatch:
-    """Rows concatenated without padding: token t of the batch is position `position_ids[t]` of row
-    `row_of_token` (implicit), rows are `cu_seqlens[r]:cu_seqlens[r + 1]`, and their [CLS] tokens sit at
-    `cls_index = cu_seqlens[:-1]`. `pad_index` places each token in a [rows * max_len] padded layout (for
-    attention kernels that need one) and `key_mask` [rows, max_len] marks the real positions there.
-
-    Everything is built on the host (`fastcls.components.precision.to_device` queues the copies to the GPU), and
-    `max_len` is a Python int, so no kernel launch needs a value read back from the device."""
-
-    input_ids: torch.Tensor  # [T] int64
-    position_ids: torch.Tensor  # [T] int64, 0 at each row's first token
-    token_type_ids: torch.Tensor | None  # [T] int64
-    cu_seqlens: torch.Tensor  # [rows + 1] int32
-    cls_index: torch.Tensor  # [rows] int64
-    pad_index: torch.Tensor  # [T] int64
-    key_mask: torch.Tensor  # [rows, max_len] bool
-    labels: torch.Tensor | None  # [rows] int64
-    max_len: int
-
-    @property
-    def num_rows(self) -> int:
-        return len(self.cls_index)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.input_ids)
-
-
-def collate_packed(encoded: Encoded, indices: Sequence[int]) -> PackedBatch:
-    """The rows at `indices`, concatenated in that order, without padding."""
-    rows = np.asarray(indices, dtype=np.int64)
-    if not len(rows):
-        raise ValueError("cannot collate an empty batch")
-    lengths = encoded.lengths[rows]
-    cu_seqlens = np.zeros(len(rows) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=cu_seqlens[1:])
-    row_of_token = np.repeat(np.arange(len(rows)), lengths)
-    position = np.arange(cu_seqlens[-1]) - cu_seqlens[:-1][row_of_token]
-    source = encoded.offsets[rows][row_of_token] + position
-    max_len = int(lengths.max())
-    token_type_ids = None
-    if encoded.token_type_ids is not None:
-        token_type_ids = torch.from_numpy(encoded.token_type_ids[source].astype(np.int64))
-    return PackedBatch(
-        input_ids=torch.from_numpy(encoded.input_ids[source].astype(np.int64)),
-        position_ids=torch.from_numpy(position),
-        token_type_ids=token_type_ids,
-        cu_seqlens=torch.from_numpy(cu_seqlens.astype(np.int32)),
-        cls_index=torch.from_numpy(cu_seqlens[:-1].copy()),
-        pad_index=torch.from_numpy(row_of_token * max_len + position),
-        key_mask=torch.from_numpy(np.arange(max_len) < lengths[:, None]),
-        labels=torch.from_numpy(encoded.labels[rows]) if encoded.has_labels else None,
-        max_len=max_len,
-    )

@@ -1,10 +1,11 @@
-"""The one exception the data layer raises for bad input files, so the CLI can report it without a traceback."""
+"""Where a data error happened, in the `file:line` form that editors and terminals turn into links."""
+from fastcls.errors import DataError
 
-
-class DataError(ValueError):
-    """A data file or label set that cannot be used; the message names the file and, where known, the line."""
+__all__ = ["DataError", "at"]
 
 
 def at(source: str, line: int | None = None) -> str:
-    """`file:line` prefix in the form editors and terminals turn into links."""
-    return f"{source}:{line}" if line is not None else str(source)
+    """`file:line`; for rows in memory (a source written `<name>`), `<name> row N`."""
+    if line is None:
+        return str(source)
+    return f"{source} row {line}" if source.startswith("<") else f"{source}:{line}"

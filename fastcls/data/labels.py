@@ -7,18 +7,34 @@ from fastcls.data.errors import DataError
 
 
 class LabelMap:
-    """The class names in id order: ``names[i]`` is the label of class id ``i``."""
+    """The class names in id order: ``names[i]`` is the label of class id ``i``.
 
-    def __init__(self, names: Sequence[str]):
+    ``values`` are the labels as the data spells them (``"0"``, ``"1"``), when ``names`` renames them
+    (``--label-name negative --label-name positive``); data may then use either spelling."""
+
+    def __init__(self, names: Sequence[str], values: Sequence[str] | None = None):
         names = list(names)
-        if not names:
-            raise DataError("no labels: a label map needs at least one class")
-        if any(not isinstance(name, str) or not name for name in names):
-            raise DataError(f"labels must be non-empty strings, got {names!r}")
-        if len(set(names)) != len(names):
-            raise DataError(f"duplicate labels in {names!r}")
-        self.names = names
-        self._ids = {name: i for i, name in enumerate(names)}
+        values = names if values is None else list(values)
+        for what in (names, values):
+            if not what:
+                raise DataError("no labels: a label map needs at least one class")
+            if any(not isinstance(name, str) or not name for name in what):
+                raise DataError(f"labels must be non-empty strings, got {what!r}")
+            if len(set(what)) != len(what):
+                raise DataError(f"duplicate labels in {what!r}")
+        if len(values) != len(names):
+            raise DataError(f"{len(names)} label names for {len(values)} labels ({', '.join(values)})")
+        self.names, self.values = names, values
+        self._ids = {**{name: i for i, name in enumerate(names)}, **{value: i for i, value in enumerate(values)}}
+
+    def renamed(self, names: Sequence[str] | None, flag: str = "--label-name") -> "LabelMap":
+        """The same classes under display `names` (None keeps these)."""
+        if names is None:
+            return self
+        if len(names) != len(self):
+            raise DataError(f"{flag}: {len(names)} names given for the {len(self)} labels of the data "
+                            f"({', '.join(self.values)}, in id order)")
+        return LabelMap(names, self.values)
 
     @classmethod
     def from_labels(cls, labels: Iterable[str]) -> "LabelMap":
@@ -54,19 +70,22 @@ class LabelMap:
         return label in self._ids
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, LabelMap) and self.names == other.names
+        return isinstance(other, LabelMap) and self.names == other.names and self.values == other.values
 
     def __repr__(self) -> str:
         return f"LabelMap({self.names!r})"
 
     def to_dict(self) -> dict[str, list[str]]:
-        return {"id2label": list(self.names)}
+        out = {"id2label": list(self.names)}
+        if self.values != self.names:
+            out["values"] = list(self.values)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "LabelMap":
         if not isinstance(data, dict) or not isinstance(data.get("id2label"), list):
             raise DataError(f"a label map needs an 'id2label' list, got {data!r}")
-        return cls(data["id2label"])
+        return cls(data["id2label"], data.get("values"))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -29,7 +29,9 @@ Anything else is ambiguous and raises ``DataError`` listing the columns found.
 """
 import csv
 import json
-from collections.abc import Sequence
+import math
+import numbers
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,27 +56,23 @@ class Example:
 
 
 def read_examples(
-    path: str | Path,
+    data: str | Path | Any,
     *,
     text_columns: str | Sequence[str] | None = None,
     text_pair_column: str | None = None,
     label_column: str | None = "label",
     require_labels: bool = True,
+    name: str = "data",
 ) -> list[Example]:
-    """Read every example of a .tsv, .csv or .jsonl file; see the module docstring for the column rules."""
-    path = Path(path)
-    source = str(path)
-    if not path.is_file():
-        raise DataError(f"{source}: file not found")
-    suffix = path.suffix.lower()
-    if suffix not in SUPPORTED_EXTENSIONS:
-        raise DataError(f"{source}: unsupported file type {suffix or '(none)'!r}; use one of {SUPPORTED_EXTENSIONS}")
-    try:
-        columns, records = _read_jsonl(path) if suffix in (".jsonl", ".json") else _read_table(path, suffix)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{source}: not UTF-8 text ({e})") from None
+    """Read every example of a .tsv, .csv or .jsonl file, or of rows in memory (a list of dicts, a dict of
+    columns, a pandas DataFrame or a datasets.Dataset; errors then name the row as `<name> row N`, 0-based); see
+    the module docstring for the column rules."""
+    if isinstance(data, str | Path):
+        columns, records, source, from_table = _read_file(Path(data))
+    else:
+        source, from_table = f"<{name}>", False
+        columns, records = _in_memory_records(data, source)
 
-    from_table = suffix in (".tsv", ".csv")
     texts_from = _resolve_text_columns(source, columns, text_columns, text_pair_column, label_column)
     wanted = [*texts_from, *([text_pair_column] if text_pair_column else [])]
     if require_labels and label_column is not None:
@@ -96,6 +94,51 @@ def read_examples(
             raise DataError(f"{where}: missing label in column {label_column!r}")
         examples.append(Example(texts, label, line, source))
     return examples
+
+
+def _read_file(path: Path):
+    source = str(path)
+    if not path.is_file():
+        raise DataError(f"{source}: file not found")
+    suffix = path.suffix.lower()
+    if suffix not in SUPPORTED_EXTENSIONS:
+        raise DataError(f"{source}: unsupported file type {suffix or '(none)'!r}; use one of {SUPPORTED_EXTENSIONS}")
+    try:
+        columns, records = _read_jsonl(path) if suffix in (".jsonl", ".json") else _read_table(path, suffix)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{source}: not UTF-8 text ({e})") from None
+    return columns, records, source, suffix in (".tsv", ".csv")
+
+
+def _in_memory_records(data: Any, source: str) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
+    """(columns, [(row index, record)]) of a list of dicts, a dict of columns, a DataFrame or a Dataset."""
+    if hasattr(data, "to_dict") and hasattr(data, "columns"):  # pandas DataFrame
+        rows = data.to_dict("records")
+    elif hasattr(data, "column_names") and hasattr(data, "to_list"):  # datasets.Dataset
+        rows = data.to_list()
+    elif isinstance(data, Mapping):  # columns: {"text": [...], "label": [...]}
+        lengths = {len(values) for values in data.values()}
+        if len(lengths) > 1:
+            raise DataError(f"{source}: columns of different lengths {sorted(lengths)}")
+        rows = [dict(zip(data, values, strict=True)) for values in zip(*data.values(), strict=True)]
+    elif isinstance(data, Sequence) and not isinstance(data, str | bytes):
+        rows = list(data)
+    else:
+        raise DataError(f"{source}: expected a file path, a list of dicts, a dict of columns, a pandas DataFrame "
+                        f"or a datasets.Dataset, got {type(data).__name__}")
+    if not rows:
+        raise DataError(f"{source}: no rows")
+    records = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise DataError(f"{at(source, i)}: expected a dict of columns, got {type(row).__name__}")
+        records.append((i, {key: _missing_as_none(value) for key, value in row.items()}))
+    return list(records[0][1]), records
+
+
+def _missing_as_none(value: Any) -> Any:
+    # pandas writes a missing cell as NaN
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def _read_table(path: Path, suffix: str) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
@@ -179,7 +222,7 @@ def _resolve_text_columns(
         return [text_columns]
     if text_columns is not None:
         if not text_columns:
-            raise ValueError("text_columns must name at least one column")
+            raise DataError("--text-column must name at least one column")
         return list(text_columns)
     known = [name for name in KNOWN_TEXT_COLUMNS if name in columns]
     if len(known) == 1:
@@ -191,7 +234,7 @@ def _resolve_text_columns(
         return others
     raise DataError(
         f"{at(source, 1)}: cannot tell which column holds the text (columns found: {', '.join(columns)}); "
-        "name it with --text-columns"
+        "name it with --text-column"
     )
 
 
@@ -216,9 +259,10 @@ def _label(where: str, value: Any) -> str | None:
         return None
     if isinstance(value, bool):  # before int: bool is an int subclass
         return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
+    if isinstance(value, numbers.Integral):  # numpy integers too (a DataFrame's label column)
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        value = float(value)
         return str(int(value)) if value.is_integer() else str(value)
     if isinstance(value, str):
         return value.strip() or None

@@ -14,7 +14,7 @@ logits: only safe when nothing else reads those logits afterwards (Liger-Kernel'
 users' models, its issues 272 and 343). fastcls bumps the logits' autograd version counter in that case, so an
 op that saved them for its own backward raises instead of silently using the gradient as logits.
 
-Backends (see `fastcls.ops.dispatch`):
+Backends (registered below with `fastcls.ops.dispatch`, which `linear_cross_entropy` shares):
 
 - cpp: fp32, bf16 and fp16 logits on CPU; fp64 runs the reference.
 - triton: fp32, bf16 and fp16 logits on CUDA (or on CPU under TRITON_INTERPRET=1); fp64 runs the reference.
@@ -30,14 +30,12 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from fastcls.ops import dispatch
+from fastcls.ops import cpp, dispatch
 
 REDUCTIONS = ("mean", "sum", "none")
 
-KERNEL_DTYPES = {
-    "cpp": (torch.float32, torch.bfloat16, torch.float16),
-    "triton": (torch.float32, torch.bfloat16, torch.float16),
-}
+dispatch.register_op("cross_entropy", cpp=cpp.CROSS_ENTROPY_DTYPES,
+                     triton=(torch.float32, torch.bfloat16, torch.float16))
 
 
 def check_options(n_classes: int, weight: torch.Tensor | None, label_smoothing: float, reduction: str) -> None:
@@ -124,9 +122,8 @@ class RowKernel:
         """sum of w[target] over kept rows (1 where no row is kept, so that an all-ignored mean is 0): a float
         on the cpp path, where computing it also validates the targets, a 0-dim device tensor on the triton path."""
         if self.backend == "cpp":
-            weight_sum, kept_rows = dispatch.cpp_ext.cross_entropy_target_summary(
-                target.data_ptr(), target.shape[0], self.n_classes, self.ignore_index,
-                0 if self.weight is None else self.weight.data_ptr())
+            weight_sum, kept_rows = cpp.cross_entropy_target_summary(target, self.n_classes, self.ignore_index,
+                                                                     self.weight)
             return weight_sum if kept_rows else 1.0
         if validate and not torch.compiler.is_compiling():
             check_target_range(target, self.n_classes, self.ignore_index)
@@ -139,23 +136,11 @@ class RowKernel:
     def rows(self, logits: torch.Tensor, target: torch.Tensor, grad: torch.Tensor | None, grad_scale) -> torch.Tensor:
         """Per-row fp32 losses; writes grad_scale times the gradient into `grad` (class stride 1, the logits'
         dtype; may be `logits` itself) unless it is None. `grad_scale`: a float (cpp) or 0-dim tensor (triton)."""
-        n_rows = logits.shape[0]
         if self.backend == "triton":
-            from fastcls.kernels.cross_entropy import cross_entropy_rows_triton
-
-            return cross_entropy_rows_triton(logits, target, self.weight, self.ignore_index, self.label_smoothing,
-                                             grad, grad_scale)
-        loss_rows = torch.empty(n_rows, dtype=torch.float32)
-        kernel = {
-            torch.float32: dispatch.cpp_ext.cross_entropy_rows_f32,
-            torch.bfloat16: dispatch.cpp_ext.cross_entropy_rows_bf16,
-            torch.float16: dispatch.cpp_ext.cross_entropy_rows_f16,
-        }[logits.dtype]
-        kernel(logits.data_ptr(), n_rows, self.n_classes, logits.stride(0), target.data_ptr(), self.ignore_index,
-               0 if self.weight is None else self.weight.data_ptr(), self.label_smoothing, loss_rows.data_ptr(),
-               0 if grad is None else grad.data_ptr(), 0 if grad is None else grad.stride(0), float(grad_scale),
-               torch.get_num_threads())
-        return loss_rows
+            from fastcls.kernels.cross_entropy import cross_entropy_rows_triton as kernel
+        else:
+            kernel = cpp.cross_entropy_rows
+        return kernel(logits, target, self.weight, self.ignore_index, self.label_smoothing, grad, grad_scale)
 
 
 def reciprocal(divisor):
@@ -243,8 +228,8 @@ def cross_entropy(
     reads them).
     """
     _check_inputs(logits, target, weight, label_smoothing, reduction)
-    backend = dispatch.pick_backend(logits.device, backend)
-    if backend == "reference" or logits.dtype not in KERNEL_DTYPES[backend]:
+    backend = dispatch.backend_for("cross_entropy", logits.device, logits.dtype, backend=backend)
+    if backend == "reference":
         return cross_entropy_reference(logits, target, weight, ignore_index, label_smoothing, reduction)
     if logits.stride(1) != 1:
         logits = logits.contiguous()

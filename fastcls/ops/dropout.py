@@ -13,7 +13,7 @@ the same mask for the same seed and shape:
 - kept elements become x * (1 / (1 - p)): the scale rounded to fp32 (fp64 for fp64 tensors), the product
   formed in that precision and rounded once to the tensor's dtype.
 
-Backends (see `fastcls.ops.dispatch`):
+Backends (registered below with `fastcls.ops.dispatch`):
 
 - cpp: fp32 and bf16 on CPU;
 - triton: fp32, bf16 and fp16 on CUDA (or on CPU under TRITON_INTERPRET=1);
@@ -24,7 +24,7 @@ Dtypes a backend's kernel does not take run the reference's arithmetic inside th
 import torch
 from torch import nn
 
-from fastcls.ops import dispatch
+from fastcls.ops import cpp, dispatch
 
 PHILOX_ROUND_A = 0xD2511F53
 PHILOX_ROUND_B = 0xCD9E8D57
@@ -34,10 +34,7 @@ PHILOX_ROUNDS = 10
 
 _WORD = 0xFFFFFFFF
 
-_KERNEL_DTYPES = {
-    "cpp": (torch.float32, torch.bfloat16),
-    "triton": (torch.float32, torch.bfloat16, torch.float16),
-}
+dispatch.register_op("dropout", cpp=cpp.DROPOUT_DTYPES, triton=(torch.float32, torch.bfloat16, torch.float16))
 
 
 def _check_p(p: float) -> None:
@@ -99,21 +96,14 @@ def dropout_reference(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return torch.where(keep, x.to(compute_dtype) * scale, 0.0).to(x.dtype)
 
 
-def _dropout_cpp(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    kernel = {torch.float32: dispatch.cpp_ext.dropout_f32, torch.bfloat16: dispatch.cpp_ext.dropout_bf16}[x.dtype]
-    kernel(x.data_ptr(), out.data_ptr(), x.numel(), seed, keep_threshold(p), kept_scale(p), torch.get_num_threads())
-    return out
-
-
 def _apply_mask(x: torch.Tensor, p: float, seed: int, backend: str) -> torch.Tensor:
-    if x.dtype not in _KERNEL_DTYPES[backend]:
+    if not dispatch.takes("dropout", backend, x.dtype):
         return dropout_reference(x, p, seed)
     if backend == "cpp":
-        return _dropout_cpp(x, p, seed)
-    from fastcls.kernels.dropout import dropout_triton
-
-    return dropout_triton(x, p, seed)
+        launch = cpp.dropout
+    else:
+        from fastcls.kernels.dropout import dropout_triton as launch
+    return launch(x, seed, keep_threshold(p), kept_scale(p))
 
 
 class _DropoutFunction(torch.autograd.Function):
@@ -147,7 +137,7 @@ def dropout(
     if not training or p == 0:
         return x
     seed = draw_seed() if seed is None else seed % 2**64
-    backend = dispatch.pick_backend(x.device, backend)
+    backend = dispatch.backend_for("dropout", x.device, backend=backend)
     if backend == "reference":
         return dropout_reference(x, p, seed)
     return _DropoutFunction.apply(x.contiguous(), p, seed, backend)

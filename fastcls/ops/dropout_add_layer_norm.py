@@ -32,17 +32,17 @@ The weight and bias gradients are summed per program (Triton) or per thread (C++
 then reduced by one small torch sum: no atomics. Offsets are int64.
 
 Output dtype: that of dropout(x) + residual (torch's type promotion), or fp32 under autocast, as torch's
-autocast runs layer_norm in fp32. Backends (see `fastcls.ops.dispatch`): triton (fp32/bf16/fp16 on CUDA, or CPU
-under TRITON_INTERPRET=1), cpp (fp32 and bf16 on CPU), reference (PyTorch ops differentiated by autograd, which
-keeps the mask). Dtypes a backend's kernels do not take, and p = 1, run this module's own PyTorch arithmetic
-inside the mask-free autograd Function, which saves the same tensors.
+autocast runs layer_norm in fp32. Backends (both orders registered below with `fastcls.ops.dispatch`): triton
+(fp32/bf16/fp16 on CUDA, or CPU under TRITON_INTERPRET=1), cpp (fp32 and bf16 on CPU), reference (PyTorch ops
+differentiated by autograd, which keeps the mask). Dtypes a backend's kernels do not take, and p = 1, run this
+module's own PyTorch arithmetic inside the mask-free autograd Function, which saves the same tensors.
 """
 import weakref
 
 import torch
 import torch.nn.functional as F
 
-from fastcls.ops import dispatch
+from fastcls.ops import cpp, dispatch
 from fastcls.ops.dropout import (
     _check_p,
     draw_seed,
@@ -51,10 +51,11 @@ from fastcls.ops.dropout import (
     kept_scale,
 )
 
-_KERNEL_DTYPES = {
-    "cpp": (torch.float32, torch.bfloat16),
-    "triton": (torch.float32, torch.bfloat16, torch.float16),
-}
+dispatch.register_op("dropout_add_layer_norm", cpp=cpp.LAYER_NORM_DTYPES,
+                     triton=(torch.float32, torch.bfloat16, torch.float16))
+dispatch.register_op("layer_norm_dropout", **dispatch.kernel_dtypes("dropout_add_layer_norm"))
+# The two orders' names by dropout_after: the same kernels run both.
+_OP_BY_ORDER = {False: "dropout_add_layer_norm", True: "layer_norm_dropout"}
 MAX_HIDDEN = 8192
 # y = weight * xhat + bias is rounded to y's dtype: recovering xhat scales that error by |bias / weight|.
 MAX_BIAS_OVER_WEIGHT = 64.0
@@ -157,45 +158,36 @@ def _backward_math(grad_out, saved, saved_is_output, weight, bias, mean, rstd, g
 # Kernels
 
 
-def _kernel_backend(backend, dtypes, p, n_rows):
-    """The kernels' backend, or None where this module's torch arithmetic runs instead."""
+def _kernels_run(backend, dropout_after, dtypes, p, n_rows) -> bool:
+    """Whether the backend's kernels run, rather than this module's torch arithmetic."""
     if p >= 1.0 or n_rows == 0:  # p = 1: nothing kept, no Philox word reaches the threshold 2^32
-        return None
-    if all(dtype is None or dtype in _KERNEL_DTYPES[backend] for dtype in dtypes):
-        return backend
-    return None
+        return False
+    return dispatch.takes(_OP_BY_ORDER[dropout_after], backend, *dtypes)
 
 
 def _forward(x2, res2, weight, bias, eps, p, seed, dropout_after, out_dtype, keep_sum, backend):
-    kernels = _kernel_backend(backend, (x2.dtype, _dtype(res2), weight.dtype, bias.dtype, out_dtype), p, len(x2))
-    if kernels is None:
+    dtypes = (x2.dtype, None if res2 is None else res2.dtype, weight.dtype, bias.dtype, out_dtype)
+    if not _kernels_run(backend, dropout_after, dtypes, p, len(x2)):
         return _forward_math(x2, res2, weight, bias, eps, p, seed, dropout_after, out_dtype, keep_sum)
     n_rows, n_cols = x2.shape
     out = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x2.device)
     summed = torch.empty_like(out) if keep_sum else None
     mean = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
     rstd = torch.empty_like(mean)
-    threshold = keep_threshold(p)
-    if kernels == "cpp":
-        weight32, bias32 = weight.float(), bias.float()  # named: they must outlive the call
-        dispatch.cpp_ext.layer_norm_forward(
-            x2.data_ptr(), _cpp_dtype(x2), _ptr(res2), _cpp_dtype(res2), weight32.data_ptr(),
-            bias32.data_ptr(), out.data_ptr(), _ptr(summed), _cpp_dtype(out), mean.data_ptr(),
-            rstd.data_ptr(), n_rows, n_cols, eps, seed, threshold, kept_scale(p), dropout_after,
-            torch.get_num_threads())
+    if backend == "cpp":
+        launch = cpp.layer_norm_forward
     else:
-        from fastcls.kernels.layer_norm import layer_norm_forward_triton
-
-        layer_norm_forward_triton(x2, res2, weight, bias, out, summed, mean, rstd, eps, seed, threshold,
-                                  kept_scale(p), dropout_after)
+        from fastcls.kernels.layer_norm import layer_norm_forward_triton as launch
+    launch(x2, res2, weight, bias, out, summed, mean, rstd, eps, seed, keep_threshold(p), kept_scale(p),
+           dropout_after)
     return out, summed, mean, rstd
 
 
 def _backward(grad_out, saved, saved_is_output, weight, bias, mean, rstd, grad_sum, p, seed, dropout_after,
               x_dtype, residual_dtype, backend):
-    kernels = _kernel_backend(backend, (grad_out.dtype, saved.dtype, weight.dtype, bias.dtype, x_dtype,
-                                        residual_dtype), p, len(grad_out))
-    if kernels is None or grad_out.dtype != saved.dtype:
+    dtypes = (grad_out.dtype, saved.dtype, weight.dtype, bias.dtype, x_dtype, residual_dtype)
+    # the kernels read the upstream gradient in the saved tensor's dtype
+    if not _kernels_run(backend, dropout_after, dtypes, p, len(grad_out)) or grad_out.dtype != saved.dtype:
         return _backward_math(grad_out, saved, saved_is_output, weight, bias, mean, rstd, grad_sum, p, seed,
                               dropout_after, x_dtype, residual_dtype)
     n_rows, n_cols = grad_out.shape
@@ -205,36 +197,14 @@ def _backward(grad_out, saved, saved_is_output, weight, bias, mean, rstd, grad_s
     if residual_dtype is not None:
         grad_residual = torch.empty((n_rows, n_cols), dtype=residual_dtype, device=device)
     grad_sum = grad_sum.to(saved.dtype).contiguous() if grad_sum is not None else None
-    threshold = keep_threshold(p)
-    if kernels == "cpp":
-        n_threads = torch.get_num_threads()
-        partials = torch.empty((2, n_threads, n_cols), dtype=torch.float32, device=device)
-        weight32, bias32 = weight.float(), bias.float()  # named: they must outlive the call
-        dispatch.cpp_ext.layer_norm_backward(
-            grad_out.data_ptr(), saved.data_ptr(), _cpp_dtype(saved), saved_is_output, weight32.data_ptr(),
-            bias32.data_ptr(), mean.data_ptr(), rstd.data_ptr(), _ptr(grad_sum), grad_x.data_ptr(),
-            _cpp_dtype(grad_x), _ptr(grad_residual), _cpp_dtype(grad_residual), partials[0].data_ptr(),
-            partials[1].data_ptr(), n_rows, n_cols, seed, threshold, kept_scale(p), dropout_after, n_threads)
+    if backend == "cpp":
+        launch = cpp.layer_norm_backward
     else:
-        from fastcls.kernels.layer_norm import layer_norm_backward_triton
-
-        partials = layer_norm_backward_triton(grad_out, saved, saved_is_output, weight, bias, mean, rstd, grad_sum,
-                                              grad_x, grad_residual, seed, threshold, kept_scale(p), dropout_after)
+        from fastcls.kernels.layer_norm import layer_norm_backward_triton as launch
+    partials = launch(grad_out, saved, saved_is_output, weight, bias, mean, rstd, grad_sum, grad_x, grad_residual,
+                      seed, keep_threshold(p), kept_scale(p), dropout_after)
     grad_weight, grad_bias = partials.sum(1).unbind(0)
     return grad_x, grad_residual, grad_weight, grad_bias
-
-
-def _dtype(tensor):
-    return None if tensor is None else tensor.dtype
-
-
-def _ptr(tensor):
-    return 0 if tensor is None else tensor.data_ptr()
-
-
-def _cpp_dtype(tensor):
-    """The C++ kernels' dtype code: 0 for fp32, 1 for bf16 (and 0 for an absent tensor)."""
-    return int(tensor is not None and tensor.dtype == torch.bfloat16)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -404,7 +374,7 @@ def dropout_add_layer_norm(x, residual, weight, bias, p, *, eps=1e-12, training=
     _check_inputs(x, residual, weight, bias, eps)
     p = p if training else 0.0
     seed = (draw_seed() if seed is None else seed % 2**64) if p > 0 else 0
-    backend = dispatch.pick_backend(x.device, backend)
+    backend = dispatch.backend_for("dropout_add_layer_norm", x.device, backend=backend)
     if backend == "reference":
         return dropout_add_layer_norm_reference(x, residual, weight, bias, p, eps, seed, return_sum)
     hidden = x.shape[-1]
@@ -423,7 +393,7 @@ def layer_norm_dropout(x, weight, bias, p, *, eps=1e-12, training=True, seed=Non
     _check_inputs(x, None, weight, bias, eps)
     p = p if training else 0.0
     seed = (draw_seed() if seed is None else seed % 2**64) if p > 0 else 0
-    backend = dispatch.pick_backend(x.device, backend)
+    backend = dispatch.backend_for("layer_norm_dropout", x.device, backend=backend)
     if backend == "reference":
         return layer_norm_dropout_reference(x, weight, bias, p, eps, seed)
     hidden = x.shape[-1]

@@ -13,14 +13,14 @@ it is exactly 1, the usual case, checked without a host sync on CUDA). For "none
 differs per row, the forward computes the losses only and the backward recomputes each chunk.
 
 Under autocast the products run in the autocast dtype, as F.linear's would; the gradients come back in the
-dtypes of the tensors they belong to.
+dtypes of the tensors they belong to. The op is registered with `fastcls.ops.dispatch` as taking what the
+cross-entropy kernels take, in the products' dtype; others (fp64) run the reference.
 """
 import torch
 
 from fastcls.ops import dispatch
 from fastcls.ops.cross_entropy import (
     CONSUMED_GRADIENT,
-    KERNEL_DTYPES,
     RowKernel,
     check_options,
     check_target,
@@ -28,6 +28,8 @@ from fastcls.ops.cross_entropy import (
     reciprocal,
     unit_scale,
 )
+
+dispatch.register_op("linear_cross_entropy", **dispatch.kernel_dtypes("cross_entropy"))
 
 # Rows per chunk aim at this many bytes of logits: enough rows for the products to run near their peak rate
 # (each chunk's three products read the whole weight), few enough that the buffer stays small next to what the
@@ -191,9 +193,9 @@ def linear_cross_entropy(
     (default: about 16 MiB of logits on the CPU, 256 MiB
     on CUDA, at least 64 rows)."""
     _check_inputs(input, linear_weight, target, linear_bias, weight, label_smoothing, reduction)
-    backend = dispatch.pick_backend(input.device, backend)
     dtype = _compute_dtype(input, linear_weight, *(() if linear_bias is None else (linear_bias,)))
-    if backend == "reference" or dtype not in KERNEL_DTYPES[backend]:
+    backend = dispatch.backend_for("linear_cross_entropy", input.device, dtype, backend=backend)
+    if backend == "reference":
         return linear_cross_entropy_reference(input, linear_weight, target, linear_bias, weight, ignore_index,
                                               label_smoothing, reduction)
     target = target.to(torch.int64).contiguous()

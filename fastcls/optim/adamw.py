@@ -20,9 +20,10 @@ kernel's vector accesses assume it; fresh allocations always do), go through a s
 the device and the bias corrections are computed in the kernel, so a step never waits for the device and can be
 captured in a CUDA graph (a tensor lr should then live on the device too).
 
-Backends (see `fastcls.ops.dispatch`): triton for CUDA tensors (fp32, bf16 and fp16 parameters, with or without
-master weights); cpp for CPU tensors (fp32, and bf16 with master weights); the reference (PyTorch ops, the same
-math in fp32, sync-free) for everything else.
+Backends (registered below with `fastcls.ops.dispatch`, keyed by parameter dtype and master weights): triton
+for CUDA tensors (fp32, bf16 and fp16 parameters, with or without master weights); cpp for CPU tensors (fp32,
+and bf16 with master weights); the reference (PyTorch ops, the same math in fp32, sync-free) for everything else,
+and for gradients whose dtype is not the parameter's.
 
 Mixed precision: `_step_supports_amp_scaling` is set, so `torch.amp.GradScaler.step` hands the optimizer
 `grad_scale` (None once `scaler.unscale_` has run) and `found_inf` as attributes, the protocol of torch's fused
@@ -37,34 +38,16 @@ behind the optimizer's back (its address or version counter moved, e.g. by `mode
 master refreshed at the next step wherever the two disagree; writes through `param.data` move no version counter
 and are not seen.
 """
-from dataclasses import dataclass
-
 import torch
 
-from fastcls.ops import dispatch
+from fastcls.ops import cpp, dispatch
+from fastcls.optim.adamw_table import AddressTable, Entry, is_dense, to_device
 
-TABLE_COLUMNS = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param", "step", "numel")
 MASTER_KEY = "master_param"
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
-# (parameter dtype, master weights) pairs each kernel takes; gradients must share the parameter's dtype
-_KERNEL_DTYPES = {
-    "cpp": {(torch.float32, False), (torch.bfloat16, True)},
-    "triton": {(torch.float32, False), (torch.bfloat16, False), (torch.float16, False),
-               (torch.bfloat16, True), (torch.float16, True)},
-}
+dispatch.register_op("adamw", cpp=cpp.ADAMW_KERNELS, triton=(
+    torch.float32, torch.bfloat16, torch.float16, (torch.bfloat16, "master"), (torch.float16, "master")))
 _GROUP_OPTIONS = ("amsgrad", "maximize", "bias_correction", "master_weights")
-
-
-def _is_dense(t: torch.Tensor) -> bool:
-    """Whether t's elements fill one gap-free block of memory in some order (contiguous up to a permutation)."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda pair: pair[1]):
-        if size != 1 and stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def _scalar(value, name: str) -> float:
@@ -127,59 +110,13 @@ def adamw_reference(
         commit(steps[i], step, skip)
 
 
-@dataclass(slots=True)
-class _Entry:
-    """One parameter's tensors as a kernel sees them; `staged` holds the originals that staging copies replace."""
-    param: torch.Tensor
-    grad: torch.Tensor
-    exp_avg: torch.Tensor
-    exp_avg_sq: torch.Tensor
-    max_exp_avg_sq: torch.Tensor | None
-    master: torch.Tensor | None
-    step: torch.Tensor
-    staged: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
-
-    def row(self) -> list[int]:
-        """The entry's table row (TABLE_COLUMNS)."""
-        return [self.param.data_ptr(), self.grad.data_ptr(), self.exp_avg.data_ptr(), self.exp_avg_sq.data_ptr(),
-                0 if self.max_exp_avg_sq is None else self.max_exp_avg_sq.data_ptr(),
-                0 if self.master is None else self.master.data_ptr(), self.step.data_ptr(), self.param.numel()]
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # from pinned memory the copy queues behind the device's work instead of waiting for it
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
-
-
-class _Table:
-    """A bucket's address table on its device (plus, for Triton, the program-to-chunk map and step tickets),
-    kept while the rows stay the same. Gradients reallocated elsewhere change only the addresses: the chunk map
-    and tickets of the previous table are kept when the element counts are the same."""
-
-    def __init__(self, rows: list[list[int]], device: torch.device, block: int | None, previous: "_Table | None"):
-        self.rows = rows
-        self.table = _to_device(torch.tensor(rows, dtype=torch.int64), device)
-        self.block = block
-        self.numels = [r[-1] for r in rows]
-        if block is None:
-            return
-        if previous is not None and previous.block == block and previous.numels == self.numels:
-            self.chunk_tensor, self.chunk_index, self.tickets = previous.chunk_tensor, previous.chunk_index, \
-                previous.tickets
-            return
-        from fastcls.kernels.adamw import chunk_map
-
-        self.chunk_tensor, self.chunk_index = (_to_device(t, device) for t in chunk_map(self.numels, block))
-        self.tickets = torch.zeros(len(rows), dtype=torch.int32, device=device)
-
-
 class FusedAdamW(torch.optim.Optimizer):
     """torch.optim.AdamW as one kernel launch per parameter group (see the module doc).
 
     Args beyond torch.optim.AdamW's: `bias_correction` (default True) divides the moments by 1 − βᵗ;
     `master_weights` keeps fp32 master copies and moments for bf16/fp16 parameters; `backend` forces
-    "triton", "cpp" or "reference" (default: `fastcls.ops.dispatch.pick_backend` per device). lr may be a float
-    or a one-element tensor, and may differ per group; schedulers write `group["lr"]` as usual.
+    "triton", "cpp" or "reference" (default: `fastcls.ops.dispatch.backend_for` per device and dtype). lr may be
+    a float or a one-element tensor, and may differ per group; schedulers write `group["lr"]` as usual.
     """
 
     def __init__(
@@ -206,7 +143,7 @@ class FusedAdamW(torch.optim.Optimizer):
         # GradScaler then passes grad_scale / found_inf to step() instead of unscaling and syncing itself
         self._step_supports_amp_scaling = True
         self.backend = backend
-        self._tables: dict[tuple, _Table] = {}
+        self._tables: dict[tuple, AddressTable] = {}
         self._betas64: dict[tuple, torch.Tensor] = {}
         # param -> (address, version) when its master copy last matched it
         self._master_marks: dict[torch.Tensor, tuple[int, int]] = {}
@@ -281,7 +218,7 @@ class FusedAdamW(torch.optim.Optimizer):
             buckets.setdefault(key, []).append(param)
         return buckets
 
-    def _entry(self, param: torch.Tensor, state: dict, master: bool) -> tuple[_Entry, list[int]]:
+    def _entry(self, param: torch.Tensor, state: dict, master: bool) -> tuple[Entry, list[int]]:
         """The parameter's tensors and their table row, staged through contiguous copies unless they all share
         one dense layout and start on 16-byte boundaries (which the Triton kernel's vector accesses assume; fresh
         tensors do)."""
@@ -289,8 +226,8 @@ class FusedAdamW(torch.optim.Optimizer):
         master_param = state[MASTER_KEY] if master else None
         if master:
             self._refresh_master(param, master_param)
-        entry = _Entry(param, grad, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
-                       master_param, state["step"])
+        entry = Entry(param, grad, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
+                      master_param, state["step"])
         row = entry.row()
         aligned = not (row[0] | row[1] | row[2] | row[3] | row[4] | row[5]) % 16  # absent tensors' 0 is aligned
         if aligned and param.is_contiguous() and grad.is_contiguous() and entry.exp_avg.is_contiguous() \
@@ -299,7 +236,7 @@ class FusedAdamW(torch.optim.Optimizer):
                 and (master_param is None or master_param.is_contiguous()):
             return entry, row
         # empty_like: the parameter's strides where it is dense, contiguous where not; always a fresh allocation
-        layout = param if _is_dense(param) and param.data_ptr() % 16 == 0 else torch.empty_like(param)
+        layout = param if is_dense(param) and param.data_ptr() % 16 == 0 else torch.empty_like(param)
         strides = layout.stride()
         if layout is not param:
             entry.param = layout.copy_(param)
@@ -318,7 +255,7 @@ class FusedAdamW(torch.optim.Optimizer):
     def _betas_on(self, device: torch.device, beta1: float, beta2: float) -> torch.Tensor:
         key = (device, beta1, beta2)
         if key not in self._betas64:
-            self._betas64[key] = _to_device(torch.tensor([beta1, beta2], dtype=torch.float64), device)
+            self._betas64[key] = to_device(torch.tensor([beta1, beta2], dtype=torch.float64), device)
         return self._betas64[key]
 
     @torch.no_grad()
@@ -337,9 +274,9 @@ class FusedAdamW(torch.optim.Optimizer):
 
     def _step_bucket(self, key: tuple, group: dict, params: list[torch.Tensor], grad_scale, found_inf) -> None:
         _, device, param_dtype, grad_dtype, master = key
-        backend = dispatch.pick_backend(device, self.backend)
-        if backend != "reference" and (grad_dtype != param_dtype
-                                       or (param_dtype, master) not in _KERNEL_DTYPES[backend]):
+        dtype_key = (param_dtype, "master") if master else param_dtype
+        backend = dispatch.backend_for("adamw", device, dtype_key, backend=self.backend)
+        if grad_dtype != param_dtype:  # the kernels read gradients in the parameter's dtype
             backend = "reference"
         beta1, beta2 = (_scalar(beta, "betas") for beta in group["betas"])
         hyper = {"beta1": beta1, "beta2": beta2, "eps": float(group["eps"]),
@@ -365,10 +302,11 @@ class FusedAdamW(torch.optim.Optimizer):
                     from fastcls.kernels.adamw import block_size
 
                     block = block_size(device, max(r[-1] for r in rows))
-                table = _Table(rows, device, block, table)
+                table = AddressTable(rows, device, block, table)
                 self._tables[key] = table
             if backend == "cpp":
-                self._launch_cpp(table, param_dtype, _scalar(lr, "lr"), hyper, grad_scale, found_inf)
+                cpp.adamw(table.table, dtype_key, lr=_scalar(lr, "lr"), grad_scale=grad_scale, found_inf=found_inf,
+                          **hyper)
             else:
                 self._launch_triton(table, entries[0], device, master, lr, hyper, grad_scale, found_inf)
             # Kernel stores bypass autograd's version counters: bump them as an in-place torch update would, so
@@ -384,17 +322,7 @@ class FusedAdamW(torch.optim.Optimizer):
             for param in params:
                 self._master_marks[param] = (param.data_ptr(), param._version)
 
-    @staticmethod
-    def _launch_cpp(table: _Table, param_dtype, lr: float, hyper: dict, grad_scale, found_inf) -> None:
-        kernel = {torch.float32: dispatch.cpp_ext.adamw_f32, torch.bfloat16: dispatch.cpp_ext.adamw_bf16_master}
-        kernel[param_dtype](
-            table.table.data_ptr(), len(table.rows), lr, hyper["beta1"], hyper["beta2"], hyper["eps"],
-            hyper["weight_decay"], hyper["amsgrad"], hyper["maximize"], hyper["bias_correction"],
-            0 if grad_scale is None else grad_scale.data_ptr(), 0 if found_inf is None else found_inf.data_ptr(),
-            torch.get_num_threads(),
-        )
-
-    def _launch_triton(self, table: _Table, first: _Entry, device, master: bool, lr, hyper: dict, grad_scale,
+    def _launch_triton(self, table: AddressTable, first: Entry, device, master: bool, lr, hyper: dict, grad_scale,
                        found_inf) -> None:
         from fastcls.kernels.adamw import adamw_triton
 

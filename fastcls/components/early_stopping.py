@@ -1,0 +1,24 @@
+"""Which evaluation is the best so far, and when patience has run out."""
+from dataclasses import dataclass
+
+
+@dataclass
+class EarlyStopping:
+    metric: str  # accuracy | macro_f1 | loss (the record's "dev_loss")
+    patience: int | None = None  # evaluations without gain before stopping; None = never
+    best: dict | None = None  # the best evaluation's record
+    evals_without_gain: int = 0
+
+    def improved(self, record: dict) -> bool:
+        """Whether `record` beats the best so far (and becomes it)."""
+        key = "dev_loss" if self.metric == "loss" else self.metric
+        value = record[key]
+        if self.best is None or (value < self.best[key] if self.metric == "loss" else value > self.best[key]):
+            self.best, self.evals_without_gain = record, 0
+            return True
+        self.evals_without_gain += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.evals_without_gain >= self.patience

@@ -1,0 +1,113 @@
+"""The classifier: a pretrained encoder and fastcls's head on its [CLS] vector, with one `forward(batch)`.
+
+    loss, logits = model(batch)      # batch: a PaddedBatch or PackedBatch (fastcls.data.collate)
+
+The same forward serves training, evaluation and prediction, on the layout `model.packed` names, so a model is
+evaluated by the code that trained it. Freezing, gradient checkpointing and the frozen-prefix cache live in the
+encoder part (`fastcls.models.encoder`); `train()` keeps frozen modules in eval mode, so they never drop out.
+"""
+import contextlib
+
+import torch
+from torch import nn
+
+from fastcls.data import Batch, PackedBatch
+from fastcls.errors import ConfigError
+from fastcls.models.attention import sdpa_backends
+from fastcls.models.encoder import LayerwiseEncoder, encoder_body
+from fastcls.models.families import encoder_embeddings, encoder_layers
+from fastcls.models.head import ClassificationHead
+
+
+def hidden_size_of(encoder: nn.Module) -> int:
+    size = getattr(getattr(encoder, "config", None), "hidden_size", None) or getattr(encoder, "hidden_size", None)
+    if not isinstance(size, int):
+        raise ConfigError(f"cannot tell the hidden size of {type(encoder).__name__}: give it a "
+                          "`config.hidden_size` (as transformers models have) or a `hidden_size` attribute")
+    return size
+
+
+def choose_packed(unpad: str, encoder: nn.Module, device: torch.device, wants_cache: bool = False) -> bool:
+    """Whether to run unpadded batches: `--unpad on`, or `auto` on the CPU, and on CUDA only where the frozen-prefix
+    cache needs it (on an H200 the unpadded path's gathers made launch-bound BERT-base steps slower); only
+    encoders that run layer by layer can."""
+    if not LayerwiseEncoder.supports(encoder):
+        if unpad == "on":
+            raise ConfigError(f"--unpad on: {type(encoder).__name__} runs through its own forward, on padded "
+                              "batches only")
+        return False
+    return unpad == "on" or (unpad == "auto" and (device.type == "cpu" or wants_cache))
+
+
+class EncoderClassifier(nn.Module):
+    """`encoder`: a Hugging Face encoder (AutoModel) or any module taking input_ids and attention_mask (see
+    `OwnForwardEncoder`). `kernels`: fastcls's kernels in the encoder (else PyTorch's ops); `packed`: run on
+    unpadded batches (only where the encoder runs layer by layer)."""
+
+    def __init__(self, encoder: nn.Module, num_labels: int, dropout: float, *, head_impl: str = "fused",
+                 kernels: bool = True, packed: bool = False):
+        super().__init__()
+        if isinstance(getattr(encoder, "pooler", None), nn.Module):
+            encoder.pooler = None  # the head reads h_CLS itself; BERT-like forwards skip a None pooler
+        self.encoder = encoder
+        config = getattr(encoder, "config", None)
+        self.head = ClassificationHead(hidden_size_of(encoder), num_labels, dropout, head_impl,
+                                       init_std=getattr(config, "initializer_range", 0.02))
+        self.body = encoder_body(encoder, kernels)
+        if packed and not self.body.takes_packed:
+            raise ValueError(f"{type(encoder).__name__} runs through its own forward, on padded batches only")
+        self.packed = packed
+        if kernels and not isinstance(self.body, LayerwiseEncoder):
+            from fastcls.patching import patch  # the encoder's own forward then runs fastcls's kernels
+
+            patch(encoder)
+
+    @property
+    def num_labels(self) -> int:
+        return self.head.num_labels
+
+    @property
+    def frozen_embeddings(self) -> bool:
+        return self.body.frozen_embeddings
+
+    @property
+    def frozen_layers(self) -> int:
+        return self.body.frozen_layers
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        frozen = list(encoder_layers(self.encoder)[:self.frozen_layers]) if self.frozen_layers else []
+        if self.frozen_embeddings:
+            frozen.append(encoder_embeddings(self.encoder))
+        return frozen
+
+    def freeze(self, embeddings: bool, layers: int) -> None:
+        """Stop training the embeddings and/or the bottom `layers` layers: their parameters take no gradient (so
+        an optimizer built afterwards holds no state for them), and they run without dropout, so that their
+        output for a row never changes."""
+        if not embeddings and not layers:
+            return
+        count = len(encoder_layers(self.encoder))
+        if not 0 <= layers <= count:
+            raise ConfigError(f"--freeze-layers {layers}: {type(self.encoder).__name__} has {count} layers")
+        self.body.frozen_embeddings, self.body.frozen_layers = embeddings, layers
+        for module in self._frozen_modules():
+            module.requires_grad_(False)
+        self.train(self.training)
+
+    def enable_checkpointing(self) -> None:
+        self.body.enable_checkpointing()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for module in self._frozen_modules():
+            module.eval()
+        return self
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(mean cross-entropy, or None for a batch without labels; logits [rows, K], or None where the head ran
+        its fused linear + cross-entropy for a large label space)."""
+        if isinstance(batch, PackedBatch) and not self.body.takes_packed:
+            raise ValueError(f"{type(self.encoder).__name__} takes padded batches only")
+        with sdpa_backends() if batch.input_ids.is_cuda else contextlib.nullcontext():
+            h_cls = self.body.cls_hidden(batch)
+        return self.head(h_cls, batch.labels)

@@ -1,0 +1,217 @@
+"""The encoder's part of a forward: a batch in, h_CLS [rows, d] out. Two implementations:
+
+- `LayerwiseEncoder`, for the families whose layers the table (`fastcls.models.families`) describes: the layers
+  run one by one from the modules' own parameters, on either batch layout (`fastcls.data.collate`): padded, or
+  unpadded so that every dense layer, LayerNorm and dropout skips the padding. Attention is the one place rows
+  must stay apart (`fastcls.models.attention`). Only h_CLS feeds the head, so the last layer runs its query,
+  output projection, LayerNorms and feed-forward on the [CLS] tokens alone (keys and values still cover every
+  token): the same result for about a sixth of that layer's work. A frozen prefix (frozen embeddings and the
+  bottom layers) runs without an autograd graph, and its output can be served from a `PrefixCache`.
+- `OwnForwardEncoder`, for every other encoder: its own forward on padded batches.
+
+Dropout follows each module's mode (`EncoderClassifier.train` keeps frozen modules in eval mode), so a frozen
+layer never drops. The layer code reproduces transformers 5.x BertLayer and its copies (BERT, MiniLM, RoBERTa,
+XLM-R, CamemBERT, ELECTRA) and DistilBERT's TransformerBlock; tests compare it with the model's own forward.
+"""
+import functools
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from fastcls.components.prefix_cache import PrefixCache
+from fastcls.data import Batch, PackedBatch
+from fastcls.models import attention as attn
+from fastcls.models.families import Family, encoder_layers, family_of
+from fastcls.ops.dropout_add_layer_norm import (
+    MAX_HIDDEN,
+    dropout_add_layer_norm,
+    layer_norm_dropout,
+)
+from fastcls.ops.embedding import row_accumulated_embedding
+
+
+def _p(module) -> float:
+    return float(getattr(module, "p", 0.0))
+
+
+class _Layer:
+    """The parts of one encoder layer, named alike for both layer kinds."""
+
+    def __init__(self, layer: nn.Module, kind: str):
+        self.module = layer
+        attention = layer.attention
+        if kind == "distilbert":
+            self.query, self.key, self.value = attention.q_lin, attention.k_lin, attention.v_lin
+            self.attn_out, self.heads = attention.out_lin, attention.n_heads
+            self.attn_dropout, self.attn_out_dropout = _p(attention.dropout), 0.0
+            self.attn_norm, self.out_norm = layer.sa_layer_norm, layer.output_layer_norm
+            self.ffn_in, self.act, self.ffn_out = layer.ffn.lin1, layer.ffn.activation, layer.ffn.lin2
+            self.out_dropout = _p(layer.ffn.dropout)
+        else:
+            self.query, self.key, self.value = attention.self.query, attention.self.key, attention.self.value
+            self.heads, self.attn_dropout = attention.self.num_attention_heads, _p(attention.self.dropout)
+            self.attn_out, self.attn_norm = attention.output.dense, attention.output.LayerNorm
+            self.attn_out_dropout = _p(attention.output.dropout)
+            self.ffn_in, self.act = layer.intermediate.dense, layer.intermediate.intermediate_act_fn
+            self.ffn_out, self.out_norm, self.out_dropout = layer.output.dense, layer.output.LayerNorm, _p(layer.output.dropout)
+
+
+def _add_norm(norm: nn.LayerNorm, x, residual, p: float, training: bool, kernels: bool):
+    """LayerNorm(dropout(x) + residual)."""
+    if kernels:
+        return dropout_add_layer_norm(x, residual, norm.weight, norm.bias, p, eps=norm.eps, training=training)
+    return F.layer_norm(F.dropout(x, p, training) + residual, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+class LayerwiseEncoder:
+    """Runs a supported encoder on a PaddedBatch or PackedBatch (see the module docstring). `kernels`: dropout,
+    LayerNorms and the word-embedding gradient run fastcls's kernels (else PyTorch's ops)."""
+
+    takes_packed = True
+
+    def __init__(self, encoder: nn.Module, kernels: bool = True):
+        family = family_of(encoder)
+        if not self.supports(encoder):
+            raise ValueError(f"{type(encoder).__name__} is not an encoder fastcls runs layer by layer")
+        self.encoder, self.kernels = encoder, kernels
+        self.embeddings = encoder.get_submodule(family.embeddings)
+        self.project = getattr(encoder, "embeddings_project", None)  # ELECTRA: embedding size -> hidden size
+        self.position_offset = self.embeddings.padding_idx + 1 if family.position_offset else 0
+        self.layers = [_Layer(layer, family.layer_kind) for layer in encoder_layers(encoder)]
+        self.frozen_embeddings, self.frozen_layers, self.checkpointing = False, 0, False
+        self.prefix_cache: PrefixCache | None = None
+        self.cache_source: int | None = None  # the `Encoded.key` whose rows the cache holds
+        self._prefix_dtype = None  # the dtype the prefix produced, restored when reading the cache
+
+    @staticmethod
+    def supports(encoder: nn.Module) -> bool:
+        family: Family | None = family_of(encoder)
+        config = encoder.config
+        if family is None or family.layer_kind is None:
+            return False
+        if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+            return False
+        if getattr(config, "position_embedding_type", "absolute") not in (None, "absolute"):
+            return False
+        norms = [m for m in encoder.modules() if isinstance(m, nn.LayerNorm)]
+        return all(m.weight is not None and m.bias is not None and len(m.normalized_shape) == 1
+                   and m.normalized_shape[0] <= MAX_HIDDEN for m in norms)
+
+    def enable_checkpointing(self) -> None:
+        """Recompute each trainable layer's activations in the backward (non-reentrant, frozen layers never)."""
+        self.checkpointing = True
+
+    def use_prefix_cache(self, cache: PrefixCache | None, source: int | None) -> None:
+        """Serve the frozen prefix's output for the rows of `Encoded` `source` from `cache` once stored."""
+        self.prefix_cache, self.cache_source = cache, source
+
+    def embed(self, batch: Batch) -> torch.Tensor:
+        emb, training = self.embeddings, self.embeddings.training
+        words = emb.word_embeddings
+        if self.kernels:
+            x = row_accumulated_embedding(batch.input_ids, words.weight, words.padding_idx)
+        else:
+            x = words(batch.input_ids)
+        x = x + emb.position_embeddings(batch.position_ids + self.position_offset)
+        token_types = getattr(emb, "token_type_embeddings", None)
+        if token_types is not None:
+            ids = batch.token_type_ids if batch.token_type_ids is not None else torch.zeros_like(batch.input_ids)
+            x = x + token_types(ids)
+        norm, p = emb.LayerNorm, _p(emb.dropout)
+        if self.kernels:
+            x = layer_norm_dropout(x, norm.weight, norm.bias, p, eps=norm.eps, training=training)
+        else:
+            x = F.dropout(F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps), p, training)
+        return x if self.project is None else self.project(x)
+
+    def layer(self, index: int, h: torch.Tensor, batch: Batch, cls_only: bool = False) -> torch.Tensor:
+        """Layer `index` on tokens h [T, d]; with cls_only, returns only the [CLS] rows' output [rows, d]."""
+        part = self.layers[index]
+        training = part.module.training
+        query_input = h.index_select(0, batch.cls_index) if cls_only else h
+        q = part.query(query_input).unflatten(-1, (part.heads, -1))
+        k, v = part.key(h).unflatten(-1, (part.heads, -1)), part.value(h).unflatten(-1, (part.heads, -1))
+        p = part.attn_dropout if training else 0.0
+        if not cls_only and isinstance(batch, PackedBatch) and attn.varlen_applies(q, p):
+            context = attn.varlen_attention(q, k, v, batch.cu_seqlens, batch.max_len).flatten(-2)
+        else:
+            queries = q.view(batch.num_rows, part.heads, 1, -1) if cls_only else batch.to_heads(q)
+            out = attn.attention(queries, batch.to_heads(k), batch.to_heads(v), batch.key_mask[:, None, None, :], p,
+                                 kernels=self.kernels)
+            out = out.transpose(1, 2).flatten(-2)  # [rows, L, H * D]
+            context = out[:, 0] if cls_only else batch.from_heads(out)
+        h = _add_norm(part.attn_norm, part.attn_out(context), query_input, part.attn_out_dropout, training,
+                      self.kernels)
+        return _add_norm(part.out_norm, part.ffn_out(part.act(part.ffn_in(h))), h, part.out_dropout, training,
+                         self.kernels)
+
+    def _prefix(self, batch: Batch) -> torch.Tensor:
+        """The frozen prefix's output [T, d]: from the cache where it holds these rows, else computed (and stored
+        there). Without frozen embeddings the frozen layers still need a graph: the embeddings' gradient flows
+        through them."""
+        cache = self.prefix_cache if isinstance(batch, PackedBatch) and batch.source == self.cache_source else None
+        if cache is not None and cache.filled(batch.rows):
+            return cache.get(batch.rows).to(self._prefix_dtype)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_embeddings):
+            h = self.embed(batch)
+            for index in range(self.frozen_layers):
+                h = self.layer(index, h, batch)
+        if cache is not None and self.frozen_embeddings:
+            cache.put(batch.rows, h)
+            self._prefix_dtype = h.dtype
+        return h
+
+    def cls_hidden(self, batch: Batch) -> torch.Tensor:
+        n = len(self.layers)
+        h = self._prefix(batch)
+        if self.frozen_layers == n:
+            return h.index_select(0, batch.cls_index)
+        for index in range(self.frozen_layers, n):
+            cls_only = index == n - 1
+            if self.checkpointing and torch.is_grad_enabled():
+                h = checkpoint(self.layer, index, h, batch, cls_only, use_reentrant=False,
+                               context_fn=attn.recompute_in_the_same_context)
+            else:
+                h = self.layer(index, h, batch, cls_only)
+        return h
+
+
+class OwnForwardEncoder:
+    """Any other encoder: its own forward on padded batches. It takes input_ids and attention_mask (and
+    token_type_ids where its forward names them) and returns an output with `last_hidden_state`, a tuple whose
+    first item is the hidden states, or the hidden states [rows, L, d] themselves."""
+
+    takes_packed = False
+
+    def __init__(self, encoder: nn.Module):
+        self.encoder = encoder
+        # BERT's tokenizer emits token types that a DistilBERT or RoBERTa encoder built on it may not take
+        self.takes_token_types = "token_type_ids" in inspect.signature(encoder.forward).parameters
+        self.frozen_embeddings, self.frozen_layers, self.checkpointing = False, 0, False
+
+    def enable_checkpointing(self) -> None:
+        """Non-reentrant checkpointing of every trainable layer: gradients reach them even when their input,
+        coming from a frozen prefix, needs none."""
+        self.checkpointing = True
+        for layer in encoder_layers(self.encoder)[self.frozen_layers:]:
+            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False,
+                                              context_fn=attn.recompute_in_the_same_context)
+
+    def cls_hidden(self, batch: Batch) -> torch.Tensor:
+        if isinstance(batch, PackedBatch):
+            raise ValueError(f"{type(self.encoder).__name__} runs through its own forward: it takes padded batches")
+        inputs = batch.padded_inputs()
+        if not self.takes_token_types:
+            inputs.pop("token_type_ids", None)
+        out = self.encoder(**inputs)
+        hidden = getattr(out, "last_hidden_state", None)
+        if hidden is None:
+            hidden = out[0] if isinstance(out, tuple | list) else out
+        return hidden[:, 0]
+
+
+def encoder_body(encoder: nn.Module, kernels: bool) -> LayerwiseEncoder | OwnForwardEncoder:
+    return LayerwiseEncoder(encoder, kernels) if LayerwiseEncoder.supports(encoder) else OwnForwardEncoder(encoder)

@@ -1,0 +1,156 @@
+"""Typed calls into the C++ kernels (`fastcls._C`): the one place that hands them tensor addresses.
+
+The extension takes raw addresses (csrc/bindings.cpp), so a tensor of the wrong dtype, shape, layout or device
+makes it read or write memory the tensor does not own. Each wrapper takes tensors (None for an absent one),
+checks what the kernel assumes of them, and passes their addresses with torch's thread count. A wrapper takes
+the arguments of its Triton twin in `fastcls.kernels` and allocates what that one allocates, so an op calls
+either the same way. The dtype tables below are what the ops register as their cpp kernels' dtypes.
+"""
+import torch
+
+from fastcls.ops import dispatch
+
+_SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+CROSS_ENTROPY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DROPOUT_DTYPES = (torch.float32, torch.bfloat16)
+# the layer_norm kernels' dtype codes: the index in this tuple
+LAYER_NORM_DTYPES = (torch.float32, torch.bfloat16)
+# AdamW's entry points by dtype key: the parameter dtype, paired with "master" where fp32 master weights and
+# moments back it; the gradients share the parameter's dtype
+ADAMW_KERNELS = {torch.float32: "adamw_f32", (torch.bfloat16, "master"): "adamw_bf16_master"}
+ADAMW_TABLE_WIDTH = 8  # kAdamWTableWidth in csrc/adamw.h
+
+
+def _check(tensor: torch.Tensor, name: str, dtypes, shape: tuple[int, ...] | None, *,
+           contiguous: bool = True) -> None:
+    if tensor.device.type != "cpu":
+        raise ValueError(f"{name} must be a CPU tensor for the C++ kernels, got one on {tensor.device}")
+    if tensor.dtype not in dtypes:
+        raise ValueError(f"{name} must be one of {[dispatch.dtype_name(d) for d in dtypes]}, got {tensor.dtype}")
+    if shape is not None and tuple(tensor.shape) != shape:
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(tensor.shape)}")
+    if contiguous and not tensor.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {tensor.stride()}")
+
+
+def _address(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None else tensor.data_ptr()
+
+
+def _fp32_vector(tensor: torch.Tensor, name: str, length: int) -> torch.Tensor:
+    """tensor as the contiguous fp32 vector the kernels read; the caller keeps it alive through the call."""
+    if tensor.device.type != "cpu" or tuple(tensor.shape) != (length,):
+        raise ValueError(f"{name} must be a CPU tensor of shape ({length},), got {tuple(tensor.shape)} on "
+                         f"{tensor.device}")
+    return tensor.detach().to(torch.float32).contiguous()
+
+
+def cross_entropy_target_summary(target: torch.Tensor, n_classes: int, ignore_index: int,
+                                 class_weight: torch.Tensor | None) -> tuple[float, int]:
+    """(sum of class_weight[target] over kept rows (their count without weights), number of kept rows);
+    IndexError on a target neither ignore_index nor in [0, n_classes)."""
+    _check(target, "target", (torch.int64,), (target.numel(),))
+    weight32 = None if class_weight is None else _fp32_vector(class_weight, "class_weight", n_classes)
+    return dispatch.cpp_ext.cross_entropy_target_summary(
+        target.data_ptr(), target.shape[0], n_classes, ignore_index, _address(weight32))
+
+
+def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, class_weight: torch.Tensor | None,
+                       ignore_index: int, label_smoothing: float, grad: torch.Tensor | None,
+                       grad_scale: float) -> torch.Tensor:
+    """Per-row fp32 losses of logits [N, K] (class stride 1); unless `grad` is None, also writes grad_scale times
+    the gradient into it (the logits' shape and dtype, class stride 1; may be `logits` itself)."""
+    if logits.ndim != 2 or logits.stride(1) != 1:
+        raise ValueError(f"logits must be 2-D with class stride 1, got shape {tuple(logits.shape)} and strides "
+                         f"{logits.stride()}")
+    n_rows, n_classes = logits.shape
+    _check(logits, "logits", CROSS_ENTROPY_DTYPES, None, contiguous=False)
+    _check(target, "target", (torch.int64,), (n_rows,))
+    if grad is not None:
+        _check(grad, "grad", (logits.dtype,), (n_rows, n_classes), contiguous=False)
+        if grad.stride(1) != 1:
+            raise ValueError(f"grad must have class stride 1, got strides {grad.stride()}")
+    weight32 = None if class_weight is None else _fp32_vector(class_weight, "class_weight", n_classes)
+    loss_rows = torch.empty(n_rows, dtype=torch.float32)
+    kernel = getattr(dispatch.cpp_ext, f"cross_entropy_rows_{_SUFFIXES[logits.dtype]}")
+    kernel(logits.data_ptr(), n_rows, n_classes, logits.stride(0), target.data_ptr(), ignore_index,
+           _address(weight32), label_smoothing, loss_rows.data_ptr(), _address(grad),
+           0 if grad is None else grad.stride(0), float(grad_scale), torch.get_num_threads())
+    return loss_rows
+
+
+def dropout(x: torch.Tensor, seed: int, threshold: int, scale: float) -> torch.Tensor:
+    """A new tensor: x's elements whose Philox word is >= threshold times scale, the others 0 (contiguous x;
+    0 <= seed < 2^64, 0 <= threshold <= 2^32)."""
+    _check(x, "x", DROPOUT_DTYPES, None)
+    out = torch.empty_like(x)
+    kernel = getattr(dispatch.cpp_ext, f"dropout_{_SUFFIXES[x.dtype]}")
+    kernel(x.data_ptr(), out.data_ptr(), x.numel(), seed, threshold, scale, torch.get_num_threads())
+    return out
+
+
+def layer_norm_forward(x, residual, weight, bias, out, summed, mean, rstd, eps, seed, threshold, scale,
+                       dropout_after) -> None:
+    """Fill out [N, H] (and summed, unless None, and the per-row fp32 mean and rstd) from contiguous x [N, H] and
+    residual (or None); out and summed share one dtype."""
+    n_rows, n_cols = x.shape
+    _check(x, "x", LAYER_NORM_DTYPES, (n_rows, n_cols))
+    if residual is not None:
+        _check(residual, "residual", LAYER_NORM_DTYPES, (n_rows, n_cols))
+    _check(out, "out", LAYER_NORM_DTYPES, (n_rows, n_cols))
+    if summed is not None:
+        _check(summed, "summed", (out.dtype,), (n_rows, n_cols))
+    for name, tensor in (("mean", mean), ("rstd", rstd)):
+        _check(tensor, name, (torch.float32,), (n_rows,))
+    weight32, bias32 = _fp32_vector(weight, "weight", n_cols), _fp32_vector(bias, "bias", n_cols)
+    dispatch.cpp_ext.layer_norm_forward(
+        x.data_ptr(), _dtype_code(x), _address(residual), _dtype_code(residual), weight32.data_ptr(),
+        bias32.data_ptr(), out.data_ptr(), _address(summed), _dtype_code(out), mean.data_ptr(), rstd.data_ptr(),
+        n_rows, n_cols, eps, seed, threshold, scale, dropout_after, torch.get_num_threads())
+
+
+def layer_norm_backward(grad_out, saved, saved_is_output, weight, bias, mean, rstd, grad_sum, grad_x,
+                        grad_residual, seed, threshold, scale, dropout_after) -> torch.Tensor:
+    """Fill grad_x (and grad_residual, unless None) from grad_out and grad_sum (or None) in saved's dtype; returns
+    the [2, threads, H] fp32 partial weight and bias gradients."""
+    n_rows, n_cols = saved.shape
+    _check(saved, "saved", LAYER_NORM_DTYPES, (n_rows, n_cols))
+    _check(grad_out, "grad_out", (saved.dtype,), (n_rows, n_cols))
+    if grad_sum is not None:
+        _check(grad_sum, "grad_sum", (saved.dtype,), (n_rows, n_cols))
+    _check(grad_x, "grad_x", LAYER_NORM_DTYPES, (n_rows, n_cols))
+    if grad_residual is not None:
+        _check(grad_residual, "grad_residual", LAYER_NORM_DTYPES, (n_rows, n_cols))
+    for name, tensor in (("mean", mean), ("rstd", rstd)):
+        _check(tensor, name, (torch.float32,), (n_rows,))
+    weight32, bias32 = _fp32_vector(weight, "weight", n_cols), _fp32_vector(bias, "bias", n_cols)
+    n_threads = torch.get_num_threads()
+    partials = torch.empty((2, n_threads, n_cols), dtype=torch.float32)
+    dispatch.cpp_ext.layer_norm_backward(
+        grad_out.data_ptr(), saved.data_ptr(), _dtype_code(saved), saved_is_output, weight32.data_ptr(),
+        bias32.data_ptr(), mean.data_ptr(), rstd.data_ptr(), _address(grad_sum), grad_x.data_ptr(),
+        _dtype_code(grad_x), _address(grad_residual), _dtype_code(grad_residual), partials[0].data_ptr(),
+        partials[1].data_ptr(), n_rows, n_cols, seed, threshold, scale, dropout_after, n_threads)
+    return partials
+
+
+def _dtype_code(tensor: torch.Tensor | None) -> int:
+    """The layer_norm kernels' code for the tensor's dtype; 0 for an absent tensor."""
+    return 0 if tensor is None else LAYER_NORM_DTYPES.index(tensor.dtype)
+
+
+def adamw(table: torch.Tensor, dtype_key, *, lr: float, beta1: float, beta2: float, eps: float,
+          weight_decay: float, amsgrad: bool, maximize: bool, bias_correction: bool,
+          grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
+    """One AdamW step over the tensors whose addresses `table` holds (int64, a row per tensor laid out as
+    `fastcls.optim.adamw_table.TABLE_COLUMNS`), with the entry point of `dtype_key` (a key of ADAMW_KERNELS).
+    grad_scale and found_inf: None or one-element fp32 CPU tensors."""
+    _check(table, "table", (torch.int64,), (table.shape[0], ADAMW_TABLE_WIDTH))
+    for name, tensor in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if tensor is not None:
+            _check(tensor, name, (torch.float32,), None)
+            if tensor.numel() != 1:
+                raise ValueError(f"{name} must have one element, got shape {tuple(tensor.shape)}")
+    getattr(dispatch.cpp_ext, ADAMW_KERNELS[dtype_key])(
+        table.data_ptr(), table.shape[0], lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, bias_correction,
+        _address(grad_scale), _address(found_inf), torch.get_num_threads())

@@ -1,0 +1,66 @@
+"""The address tables FusedAdamW's kernels read: a row of addresses per parameter (TABLE_COLUMNS), one table per
+bucket, kept on the device while the rows stay the same (see `fastcls.optim.adamw` for the design)."""
+from dataclasses import dataclass
+
+import torch
+
+TABLE_COLUMNS = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param", "step", "numel")
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """Whether t's elements fill one gap-free block of memory in some order (contiguous up to a permutation)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda pair: pair[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+@dataclass(slots=True)
+class Entry:
+    """One parameter's tensors as a kernel sees them; `staged` holds the originals that staging copies replace."""
+    param: torch.Tensor
+    grad: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    max_exp_avg_sq: torch.Tensor | None
+    master: torch.Tensor | None
+    step: torch.Tensor
+    staged: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+
+    def row(self) -> list[int]:
+        """The entry's table row (TABLE_COLUMNS)."""
+        return [self.param.data_ptr(), self.grad.data_ptr(), self.exp_avg.data_ptr(), self.exp_avg_sq.data_ptr(),
+                0 if self.max_exp_avg_sq is None else self.max_exp_avg_sq.data_ptr(),
+                0 if self.master is None else self.master.data_ptr(), self.step.data_ptr(), self.param.numel()]
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # from pinned memory the copy queues behind the device's work instead of waiting for it
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+class AddressTable:
+    """A bucket's address table on its device (plus, for Triton, the program-to-chunk map and step tickets),
+    kept while the rows stay the same. Gradients reallocated elsewhere change only the addresses: the chunk map
+    and tickets of the previous table are kept when the element counts are the same."""
+
+    def __init__(self, rows: list[list[int]], device: torch.device, block: int | None,
+                 previous: "AddressTable | None"):
+        self.rows = rows
+        self.table = to_device(torch.tensor(rows, dtype=torch.int64), device)
+        self.block = block
+        self.numels = [r[-1] for r in rows]
+        if block is None:
+            return
+        if previous is not None and previous.block == block and previous.numels == self.numels:
+            self.chunk_tensor, self.chunk_index, self.tickets = previous.chunk_tensor, previous.chunk_index, \
+                previous.tickets
+            return
+        from fastcls.kernels.adamw import chunk_map
+
+        self.chunk_tensor, self.chunk_index = (to_device(t, device) for t in chunk_map(self.numels, block))
+        self.tickets = torch.zeros(len(rows), dtype=torch.int32, device=device)

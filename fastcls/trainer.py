@@ -1,0 +1,271 @@
+"""The training loop: the step from batch to optimizer update, evaluation, keeping the best checkpoint.
+
+`train(cfg)` composes the components (fastcls/components/) around one step:
+
+    batch = collate(train_set, rows, packed=model.packed).to(device)
+    with autocast(device, precision):
+        loss, _ = model(batch)
+    scaler.scale(loss / grad_accum).backward()
+    clip, scaler.step(optimizer), scaler.update(), scheduler.step(), optimizer.zero_grad()
+"""
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastcls.components.callbacks import Callback, TrainState
+from fastcls.components.checkpoint import Checkpointer
+from fastcls.components.early_stopping import EarlyStopping
+from fastcls.components.lr_schedule import ScheduleConfig, build_scheduler, resolve_warmup_steps
+from fastcls.components.metrics import MetricsLogger
+from fastcls.components.optimizer import OptimizerConfig, build_optimizer, param_groups
+from fastcls.components.precision import autocast, grad_scaler, resolve_device, resolve_precision
+from fastcls.components.prefix_cache import PrefixCache
+from fastcls.config import TrainConfig
+from fastcls.data import LabelMap, LengthGroupedBatches, collate, read_examples, tokenize_examples
+from fastcls.errors import ConfigError, DataError, TrainingError
+from fastcls.evaluate import evaluate_logits, predict_logits
+from fastcls.models.classifier import EncoderClassifier, choose_packed
+from fastcls.models.loading import head_dropout, load_encoder, load_tokenizer, own_aligned_storage
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    model: nn.Module  # the kept checkpoint (the best evaluation's, or the last step's without a dev set), eval mode
+    tokenizer: object
+    labels: LabelMap
+    steps: int
+    best: dict | None  # dev metrics of the kept checkpoint
+    train_samples_per_s: float
+    train_tokens_per_s: float  # real tokens, padding excluded
+    train_seconds: float
+    total_seconds: float
+    frozen: dict | None = None  # what freezing and the prefix cache did (None when nothing is frozen)
+    max_length: int = 256
+
+    @property
+    def classifier(self):
+        """The kept checkpoint as a `fastcls.Classifier` (predict / predict_proba on strings)."""
+        from fastcls.inference import Classifier
+
+        return Classifier(self.model, self.tokenizer, self.labels, self.max_length)
+
+
+def _read(data, cfg: TrainConfig, name: str):
+    return read_examples(data, text_columns=cfg.text_columns, text_pair_column=cfg.text_pair_column,
+                         label_column=cfg.label_column, name=name)
+
+
+def _tokenizer_for(cfg: TrainConfig, encoder: nn.Module | None, tokenizer):
+    if tokenizer is not None:
+        return tokenizer
+    source = cfg.model
+    if encoder is not None and source is None:
+        source = getattr(getattr(encoder, "config", None), "_name_or_path", None)
+        if not source or not Path(source).is_dir():
+            raise ConfigError("tokenizer: an encoder given as a module needs tokenizer= (or model= naming the "
+                              "folder its tokenizer is in)")
+    return load_tokenizer(source)
+
+
+def _prefix_cache(cfg: TrainConfig, model: EncoderClassifier, train_set, device, epochs: int):
+    """(the cache of the frozen prefix's output per training row, or None; why not, when None)."""
+    if not model.frozen_embeddings:
+        return None, "nothing to cache: the embeddings train"
+    if not cfg.cache_frozen:
+        return None, "off (--no-cache-frozen)"
+    if not model.packed:
+        return None, ("needs unpadded batches (--unpad off)" if model.body.takes_packed
+                      else f"{type(model.encoder).__name__} runs through its own forward")
+    if epochs < 2:
+        return None, "one epoch: every row is seen once"
+    cache = PrefixCache(train_set.offsets, model.head.linear.in_features, device, int(cfg.cache_budget_gb * 2**30))
+    model.body.use_prefix_cache(cache, train_set.key)
+    return cache, None
+
+
+def _frozen_report(model, cache: PrefixCache | None, no_cache_reason: str | None, epoch_seconds: list[float]):
+    """What freezing skipped. The cache's saving is measured, not modelled: every later epoch runs only the
+    trainable layers, so (first epoch - later epochs' mean) x later epochs is the prefix time it saved."""
+    if not model.frozen_embeddings and not model.frozen_layers:
+        return None
+    counts = [0, 0]
+    for p in model.parameters():
+        counts[p.requires_grad] += p.numel()
+    report = {"frozen_params": counts[0], "trainable_params": counts[1],
+              "epoch_seconds": [round(s, 2) for s in epoch_seconds]}
+    if cache is None:
+        report["cache"] = no_cache_reason
+        return report
+    later = epoch_seconds[1:]
+    saved = (epoch_seconds[0] - sum(later) / len(later)) * len(later) if later else 0.0
+    report.update(cache="on", cache_rows=cache.rows_filled, cache_hits=cache.hits,
+                  cache_memory_mb=round(cache.bytes_in_memory / 2**20, 1),
+                  cache_disk_mb=round(cache.bytes_on_disk / 2**20, 1), cache_seconds_saved=round(saved, 2))
+    return report
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train(cfg: TrainConfig, *, encoder: nn.Module | None = None, tokenizer=None,
+          optimizer_factory: Callable[[list[dict]], torch.optim.Optimizer] | None = None,
+          scheduler_factory: Callable[[torch.optim.Optimizer, int], object] | None = None,
+          callbacks: Sequence[Callback] = ()) -> TrainResult:
+    """Fine-tune on `cfg` (left unchanged) and return the kept checkpoint loaded; see `fastcls.train` for the
+    keyword arguments. Torch's global RNG state is restored afterwards."""
+    cfg = cfg.resolve()
+    device = resolve_device(cfg.device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        return _train(cfg, device, encoder, tokenizer, optimizer_factory, scheduler_factory, callbacks)
+
+
+def _train(cfg, device, encoder, tokenizer, optimizer_factory, scheduler_factory, callbacks) -> TrainResult:
+    start = time.perf_counter()
+    precision = resolve_precision(cfg.precision, device)
+    run = Checkpointer(cfg.output)
+    if not cfg.overwrite and run.holds_a_model():
+        raise ConfigError(f"--output {run.out} already holds a model; choose another folder or pass --overwrite")
+
+    tokenizer = _tokenizer_for(cfg, encoder, tokenizer)
+    train_rows = _read(cfg.train, cfg, "train")
+    labels = LabelMap.from_labels([row.label for row in train_rows]).renamed(cfg.label_names)
+    if len(labels) < 2:
+        raise DataError(f"--train: {cfg.train} has a single label {labels.names}; classification needs two or more")
+    train_set = tokenize_examples(train_rows, tokenizer, cfg.max_length, label_map=labels)
+    dev_set = None
+    if cfg.dev is not None:
+        dev_set = tokenize_examples(_read(cfg.dev, cfg, "dev"), tokenizer, cfg.max_length, label_map=labels)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    encoder = load_encoder(cfg.model) if encoder is None else own_aligned_storage(encoder)
+    wants_cache = cfg.freeze_embeddings and cfg.cache_frozen
+    model = EncoderClassifier(encoder, len(labels), head_dropout(getattr(encoder, "config", None))
+                              if cfg.dropout is None else cfg.dropout, head_impl=cfg.head_impl, kernels=cfg.kernels,
+                              packed=choose_packed(cfg.unpad, encoder, device, wants_cache)).to(device)
+    model.freeze(cfg.freeze_embeddings, cfg.freeze_layers)
+    if cfg.grad_checkpointing:
+        model.enable_checkpointing()
+    model.train()
+    groups = param_groups(model, cfg.weight_decay)
+    optimizer = (optimizer_factory(groups) if optimizer_factory is not None
+                 else build_optimizer(groups, OptimizerConfig(lr=cfg.lr)))
+    batches = LengthGroupedBatches(train_set.lengths, cfg.batch_size, group_size=cfg.group_size, seed=cfg.seed)
+    steps_per_epoch = math.ceil(len(batches) / cfg.grad_accum)
+    total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
+    scheduler = (scheduler_factory(optimizer, total_steps) if scheduler_factory is not None else build_scheduler(
+        optimizer, ScheduleConfig(total_steps, resolve_warmup_steps(cfg.warmup, total_steps), cfg.decay)))
+    scaler = grad_scaler(device, precision)
+    eval_every = cfg.eval_every or steps_per_epoch
+    cache, no_cache_reason = _prefix_cache(cfg, model, train_set, device, math.ceil(total_steps / steps_per_epoch))
+
+    run.write_static(model, tokenizer, labels, {"max_length": cfg.max_length, "text_columns": cfg.text_columns,
+                                                 "text_pair_column": cfg.text_pair_column},
+                     {**cfg.to_dict(), "resolved_precision": precision, "device": str(device)})
+    logger = MetricsLogger(run.metrics_path, total_steps)
+    logger.write(f"fastcls: {len(train_set)} training rows, {len(labels)} labels, {total_steps} steps, "
+                 f"{device} {precision}, {'unpadded' if model.packed else 'padded'} batches, "
+                 f"{train_set.num_truncated} rows truncated to --max-length {cfg.max_length}")
+    state = TrainState(model, optimizer, total_steps, run.out)
+    stopping = EarlyStopping(cfg.metric, cfg.patience)
+    for callback in callbacks:
+        callback.on_train_begin(state)
+
+    samples = tokens = 0
+    train_seconds, epoch_seconds = 0.0, []
+    loss_sum, loss_count = torch.zeros((), device=device), 0  # summed on the device: read back at logging steps
+    tick = time.perf_counter()
+    while state.step < total_steps and not state.should_stop:
+        micro_batches = batches.batches(state.epoch)
+        epoch_start = train_seconds + time.perf_counter() - tick
+        for i, rows in enumerate(micro_batches):
+            batch = collate(train_set, rows, packed=model.packed, pad_token_id=pad_id).to(device)
+            with autocast(device, precision):
+                loss, _ = model(batch)
+            scaler.scale(loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
+            loss_count += 1
+            samples += len(rows)
+            tokens += int(train_set.lengths[rows].sum())
+            if (i + 1) % cfg.grad_accum and i + 1 < len(micro_batches):
+                continue  # accumulate another micro-batch
+            if cfg.max_grad_norm > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm, foreach=True)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            logger.step()
+
+            if state.step % cfg.log_every == 0 or state.step == total_steps:
+                state.last_loss = (loss_sum / loss_count).item()
+                lr = optimizer.param_groups[0]["lr"]
+                if not math.isfinite(state.last_loss):
+                    logger.close()
+                    raise TrainingError(f"training loss is {state.last_loss} at step {state.step} (lr {lr:.3g}); "
+                                        f"try a lower --lr or --precision fp32. The best checkpoint so far stays "
+                                        f"in {run.out}")
+                logger.train(state.last_loss, lr, samples / (train_seconds + time.perf_counter() - tick))
+            if dev_set is not None and (state.step % eval_every == 0 or state.step == total_steps):
+                train_seconds += time.perf_counter() - tick
+                record = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4),
+                          "train_loss": (loss_sum / max(1, loss_count)).item(),
+                          "samples_per_s": samples / train_seconds}
+                loss_sum.zero_()
+                loss_count = 0
+                report = evaluate_logits(predict_logits(model, dev_set, cfg.eval_batch_size, device, precision,
+                                                        pad_id), dev_set, labels)
+                record.update(report, dev_loss=report.pop("loss"))
+                logger.evaluation(record)
+                state.log.append(record)
+                if stopping.improved(record):
+                    state.best = record
+                    run.save(model)
+                    for callback in callbacks:
+                        callback.on_save(state, run.out)
+                for callback in callbacks:
+                    callback.on_evaluate(state, record)
+                if stopping.should_stop:
+                    logger.write(f"early stop: no {cfg.metric} gain in {cfg.patience} evaluations")
+                    state.should_stop = True
+                tick = time.perf_counter()
+            for callback in callbacks:
+                callback.on_step_end(state)
+            if state.step >= total_steps or state.should_stop:
+                break
+        _synchronize(device)  # once an epoch, so that the epoch's time is the device's
+        epoch_seconds.append(train_seconds + time.perf_counter() - tick - epoch_start)
+        state.epoch += 1
+    logger.close()
+    if dev_set is None or stopping.best is None:  # no dev set, or a callback stopped before any evaluation
+        train_seconds += time.perf_counter() - tick
+        run.save(model)
+        for callback in callbacks:
+            callback.on_save(state, run.out)
+    frozen = _frozen_report(model, cache, no_cache_reason, epoch_seconds)
+    if cache is not None:
+        model.body.use_prefix_cache(None, None)
+        cache.close()
+    run.load_into(model)  # the kept checkpoint, which may be an earlier step's than the last
+    model.eval()
+    train_seconds = max(train_seconds, 1e-9)
+    result = TrainResult(run.out, model, tokenizer, labels, state.step, stopping.best, samples / train_seconds,
+                         tokens / train_seconds, train_seconds, time.perf_counter() - start, frozen, cfg.max_length)
+    run.write_state({"steps": state.step, "best": stopping.best, "train_samples_per_s": result.train_samples_per_s,
+                     "train_tokens_per_s": result.train_tokens_per_s, "train_seconds": train_seconds,
+                     "total_seconds": result.total_seconds, "epoch_seconds": epoch_seconds, "frozen": frozen})
+    if frozen is not None:
+        print("frozen: " + ", ".join(f"{k} {v}" for k, v in frozen.items()))
+    for callback in callbacks:
+        callback.on_train_end(state)
+    return result

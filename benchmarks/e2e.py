@@ -41,6 +41,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_SST2 = ROOT.parent / "shared" / "data" / "sst2"  # ../shared/data/sst2 beside the project root
 REFERENCE_RUN = "hf-best"
+BASELINE_RUN = "fastcls-baseline"  # --baseline: the default configuration from another checkout
 HALF_FROZEN = {"freeze_embeddings": True, "freeze_layers": "half"}
 # What each fastcls run sets on TrainConfig; "half" becomes num_hidden_layers // 2 of the encoder.
 FASTCLS_RUNS = {
@@ -49,7 +50,7 @@ FASTCLS_RUNS = {
     # the default (--unpad auto) is unpadded on the CPU and padded on CUDA: these two show the other choice
     "fastcls-padded": {"unpad": "off"},
     "fastcls-unpadded": {"unpad": "on"},
-    "fastcls-no-kernels": {"patch": False, "head_impl": "reference"},
+    "fastcls-no-kernels": {"kernels": False, "head_impl": "reference"},
     "fastcls-checkpointing": {"grad_checkpointing": True},
     "fastcls-frozen-half": {**HALF_FROZEN, "cache_frozen": True},
     "fastcls-frozen-half-nocache": {**HALF_FROZEN, "cache_frozen": False},
@@ -137,9 +138,12 @@ def device_name(device: str) -> str:
 def run_fastcls(args, epochs: float, out: Path) -> dict:
     from transformers import AutoConfig
 
+    from fastcls.components.host_memory import keep_freed_host_memory
     from fastcls.config import TrainConfig
-    from fastcls.train import train as fastcls_train
+    from fastcls.trainer import train as fastcls_train
 
+    if not args.device.startswith("cuda"):
+        keep_freed_host_memory()  # as `fastcls train` does
     settings = dict(FASTCLS_RUNS.get(args.worker, {}))
     if settings.get("freeze_layers") == "half":
         settings["freeze_layers"] = AutoConfig.from_pretrained(args.model).num_hidden_layers // 2
@@ -289,6 +293,10 @@ def main() -> None:
     parser.add_argument("--runs", default=None, help=f"comma-separated, from {', '.join(known_runs(1, 3))} "
                              "(fastcls-<N>ep follows --frozen-epochs N), or all; "
                              f"default: all but {', '.join(SLOW_RUNS)}")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also run the default fastcls configuration from another checkout of fastcls (a git "
+                             "worktree with its C++ extension built in place), right before each fastcls run: "
+                             "the row fastcls-baseline")
     parser.add_argument("--json", help="also write the rows as JSON here")
     parser.add_argument("--chart", help="also draw the table as a PNG bar chart here (needs matplotlib)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -334,12 +342,19 @@ def main() -> None:
             if args.encoder == "bert-base":
                 print("== building the BERT-base-sized encoder", file=sys.stderr, flush=True)
                 model = str(build_bert_base(Path(args.model), Path(tmp) / "bert-base", args.seed))
-            for i, run in enumerate(runs, 1):
-                cmd = [sys.executable, __file__, "--worker", run, "--epochs", str(args.epochs),
+            schedule = [(run, None) for run in runs]
+            if args.baseline:
+                at = runs.index("fastcls") if "fastcls" in runs else 0
+                schedule.insert(at, (BASELINE_RUN, Path(args.baseline).resolve()))
+            for i, (run, checkout) in enumerate(schedule, 1):
+                script, env = __file__, None
+                if checkout is not None:  # that checkout's own worker, importing that checkout's fastcls
+                    script, env = str(checkout / "benchmarks" / "e2e.py"), {**os.environ, "PYTHONPATH": str(checkout)}
+                cmd = [sys.executable, script, "--worker", "fastcls" if checkout else run, "--epochs", str(args.epochs),
                        "--frozen-epochs", str(args.frozen_epochs), "--device", args.device, "--seed", str(args.seed),
                        "--model", model, "--train", str(train), "--dev", str(dev)]
-                print(f"== {run} ({i}/{len(runs)})", file=sys.stderr, flush=True)
-                proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+                print(f"== {run} ({i}/{len(schedule)})", file=sys.stderr, flush=True)
+                proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
                 lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
                 if proc.returncode != 0 or not lines:
                     # one broken configuration must not cost the others their rows
@@ -347,7 +362,7 @@ def main() -> None:
                     print(f"   run {run} failed (exit {proc.returncode})", file=sys.stderr, flush=True)
                     failed.append(run)
                     continue
-                row = json.loads(lines[-1][len("RESULT "):])
+                row = {**json.loads(lines[-1][len("RESULT "):]), "run": run}
                 rows.append(row)
                 print(f"   {row['samples_per_s']:.1f} samples/s, {row['train_s']:.1f} s training, "
                       f"{row['wall_s']:.1f} s in all, dev acc {row['accuracy']:.4f}", file=sys.stderr, flush=True)

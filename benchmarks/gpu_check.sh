@@ -24,7 +24,7 @@ python3 -m fastcls info
 echo "== CUDA tests"
 # The CUDA cases (ids naming cuda) of the files changed since the last GPU run (H200, 2026-11-27: every other
 # CUDA case passed); CUDA_TESTS=tests/ runs them all (about 3 minutes).
-files=${CUDA_TESTS:-"tests/test_adamw.py tests/test_dropout_add_layer_norm.py tests/test_encoder_stack.py tests/test_prefix_cache.py"}
+files=${CUDA_TESTS:-"tests/test_adamw.py tests/test_dropout_add_layer_norm.py tests/test_encoder.py tests/test_prefix_cache.py"}
 # shellcheck disable=SC2086
 timeout -k 10 120 python3 -m pytest -q -p no:cacheprovider -k cuda $files \
     2>&1 | tee "$OUT/tests.log" | tail -4 || status=1

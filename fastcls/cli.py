@@ -33,8 +33,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--dev", help="dev file, evaluated during training")
     p.add_argument("--output", help="output folder (default: fastcls_runs/<date-time>)")
     _add_data_args(p)
-    p.add_argument("--label-name", dest="label_names", action="append",
-                   help="display name of each label in id order (repeat; labels sorted as integers or alphabetically)")
+    p.add_argument("--label-names", nargs="+", metavar="NAME",
+                   help="display names of the labels in id order (labels sort as integers, else alphabetically)")
     p.add_argument("--max-length", type=int, help="tokens per row, special tokens included (default 256)")
     p.add_argument("--batch-size", type=int, help="rows per optimizer micro-batch (default 32)")
     p.add_argument("--eval-batch-size", type=int)

@@ -24,7 +24,7 @@ UNPAD = ("auto", "on", "off")
 # settings whose value must be one of a list: the CLI's `choices=` and the checks below read this table
 CHOICES = {"decay": DECAYS, "metric": METRICS, "precision": PRECISIONS, "head_impl": HEAD_IMPLS, "unpad": UNPAD}
 # flags whose name is not the setting's with dashes
-FLAG_NAMES = {"text_columns": "--text-column", "label_names": "--label-name", "kernels": "--no-kernels",
+FLAG_NAMES = {"text_columns": "--text-column", "kernels": "--no-kernels",
               "cache_frozen": "--no-cache-frozen"}
 
 

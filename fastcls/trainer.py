@@ -8,6 +8,7 @@
     scaler.scale(loss / grad_accum).backward()
     clip, scaler.step(optimizer), scaler.update(), scheduler.step(), optimizer.zero_grad()
 """
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -121,7 +122,8 @@ def train(cfg: TrainConfig, *, encoder: nn.Module | None = None, tokenizer=None,
           callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Fine-tune on `cfg` (left unchanged) and return the kept checkpoint loaded; see `fastcls.train` for the
     keyword arguments. Torch's global RNG state is restored afterwards."""
-    cfg = cfg.resolve()
+    # an encoder given as a module is not the bundled model: `model` then only names where its tokenizer is
+    cfg = cfg.resolve() if encoder is None else dataclasses.replace(cfg.resolve(), model=cfg.model)
     device = resolve_device(cfg.device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)

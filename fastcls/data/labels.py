@@ -10,7 +10,7 @@ class LabelMap:
     """The class names in id order: ``names[i]`` is the label of class id ``i``.
 
     ``values`` are the labels as the data spells them (``"0"``, ``"1"``), when ``names`` renames them
-    (``--label-name negative --label-name positive``); data may then use either spelling."""
+    (``--label-names negative positive``); data may then use either spelling."""
 
     def __init__(self, names: Sequence[str], values: Sequence[str] | None = None):
         names = list(names)
@@ -27,7 +27,7 @@ class LabelMap:
         self.names, self.values = names, values
         self._ids = {**{name: i for i, name in enumerate(names)}, **{value: i for i, value in enumerate(values)}}
 
-    def renamed(self, names: Sequence[str] | None, flag: str = "--label-name") -> "LabelMap":
+    def renamed(self, names: Sequence[str] | None, flag: str = "--label-names") -> "LabelMap":
         """The same classes under display `names` (None keeps these)."""
         if names is None:
             return self

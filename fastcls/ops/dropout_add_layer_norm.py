@@ -61,8 +61,7 @@ MAX_HIDDEN = 8192
 MAX_BIAS_OVER_WEIGHT = 64.0
 
 
-# --------------------------------------------------------------------------------------------------------------
-# References
+# References --------------------------------------------------------------------------------------------------------
 
 
 def dropout_add_layer_norm_reference(x, residual, weight, bias, p, eps, seed, return_sum=False):
@@ -104,8 +103,7 @@ def _scale(p, dtype, device):
     return torch.tensor(kept_scale(p), dtype=dtype, device=device)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# The same arithmetic as the kernels, in torch: for dtypes or cases the kernels do not take
+# The same arithmetic as the kernels, in torch: for dtypes or cases the kernels do not take -------------------------
 
 
 def _forward_math(x, residual, weight, bias, eps, p, seed, dropout_after, out_dtype, keep_sum):
@@ -154,8 +152,7 @@ def _backward_math(grad_out, saved, saved_is_output, weight, bias, mean, rstd, g
     return grad_x.to(x_dtype), grad_residual, grad_weight, grad_bias
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Kernels
+# Kernels -----------------------------------------------------------------------------------------------------------
 
 
 def _kernels_run(backend, dropout_after, dtypes, p, n_rows) -> bool:
@@ -207,8 +204,7 @@ def _backward(grad_out, saved, saved_is_output, weight, bias, mean, rstd, grad_s
     return grad_x, grad_residual, grad_weight, grad_bias
 
 
-# --------------------------------------------------------------------------------------------------------------
-# When the output can stand in for the pre-norm sum
+# When the output can stand in for the pre-norm sum -----------------------------------------------------------------
 
 
 _recoverable_cache: dict[int, "_RecoverableCheck"] = {}
@@ -291,8 +287,7 @@ def _recoverable(weight, bias) -> bool:
         return bool(_recoverable_flag(weight, bias))
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Autograd
+# Autograd ----------------------------------------------------------------------------------------------------------
 
 
 class _FusedLayerNormFunction(torch.autograd.Function):
@@ -362,6 +357,15 @@ def _check_inputs(x, residual, weight, bias, eps):
         raise ValueError(f"eps must be positive, got {eps}")
 
 
+def _prepare(op, x, residual, weight, bias, p, eps, training, seed, backend):
+    """(the dropout probability in effect, its seed, the backend) after checking the inputs."""
+    _check_p(p)
+    _check_inputs(x, residual, weight, bias, eps)
+    p = p if training else 0.0
+    seed = (draw_seed() if seed is None else seed % 2**64) if p > 0 else 0
+    return p, seed, dispatch.backend_for(op, x.device, backend=backend)
+
+
 def dropout_add_layer_norm(x, residual, weight, bias, p, *, eps=1e-12, training=True, seed=None,
                            return_sum=False, backend=None):
     """LayerNorm(dropout(x) + residual) over the last dimension, with no dropout mask kept for the backward.
@@ -370,11 +374,7 @@ def dropout_add_layer_norm(x, residual, weight, bias, p, *, eps=1e-12, training=
     modulo 2^64) fixes the mask; by default each call draws one from torch's generator. return_sum=True returns
     (output, dropout(x) + residual), both differentiable (a pre-norm residual stream can continue from the sum).
     """
-    _check_p(p)
-    _check_inputs(x, residual, weight, bias, eps)
-    p = p if training else 0.0
-    seed = (draw_seed() if seed is None else seed % 2**64) if p > 0 else 0
-    backend = dispatch.backend_for("dropout_add_layer_norm", x.device, backend=backend)
+    p, seed, backend = _prepare("dropout_add_layer_norm", x, residual, weight, bias, p, eps, training, seed, backend)
     if backend == "reference":
         return dropout_add_layer_norm_reference(x, residual, weight, bias, p, eps, seed, return_sum)
     hidden = x.shape[-1]
@@ -389,11 +389,7 @@ def dropout_add_layer_norm(x, residual, weight, bias, p, *, eps=1e-12, training=
 def layer_norm_dropout(x, weight, bias, p, *, eps=1e-12, training=True, seed=None, backend=None):
     """dropout(LayerNorm(x)) over the last dimension, with no dropout mask kept for the backward; the mask is
     drawn over the output's (= x's) flat index."""
-    _check_p(p)
-    _check_inputs(x, None, weight, bias, eps)
-    p = p if training else 0.0
-    seed = (draw_seed() if seed is None else seed % 2**64) if p > 0 else 0
-    backend = dispatch.backend_for("layer_norm_dropout", x.device, backend=backend)
+    p, seed, backend = _prepare("layer_norm_dropout", x, None, weight, bias, p, eps, training, seed, backend)
     if backend == "reference":
         return layer_norm_dropout_reference(x, weight, bias, p, eps, seed)
     hidden = x.shape[-1]

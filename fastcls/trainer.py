@@ -258,7 +258,8 @@ def _train(cfg, device, encoder, tokenizer, optimizer_factory, scheduler_factory
     if cache is not None:
         model.body.use_prefix_cache(None, None)
         cache.close()
-    run.load_into(model)  # the kept checkpoint, which may be an earlier step's than the last
+    if (stopping.best or {}).get("step", state.step) != state.step:
+        run.load_into(model)  # the kept checkpoint is an earlier step's than the last
     model.eval()
     train_seconds = max(train_seconds, 1e-9)
     result = TrainResult(run.out, model, tokenizer, labels, state.step, stopping.best, samples / train_seconds,

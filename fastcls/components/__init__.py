@@ -1,1 +1,2 @@
-"""The loop's parts, each a small module with its config: optimizer, LR schedule, checkpoint, metrics."""
+"""The loop's parts, one concern each: optimizer, LR schedule, precision, the run folder (checkpoint), metrics
+and their log, early stopping, callbacks, the frozen-prefix cache, host memory and activation memory."""

@@ -11,7 +11,7 @@ import contextlib
 import torch
 from torch import nn
 
-from fastcls.data import Batch, PackedBatch
+from fastcls.data import Batch
 from fastcls.errors import ConfigError
 from fastcls.models.attention import sdpa_backends
 from fastcls.models.encoder import LayerwiseEncoder, encoder_body
@@ -106,8 +106,6 @@ class EncoderClassifier(nn.Module):
     def forward(self, batch: Batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(mean cross-entropy, or None for a batch without labels; logits [rows, K], or None where the head ran
         its fused linear + cross-entropy for a large label space)."""
-        if isinstance(batch, PackedBatch) and not self.body.takes_packed:
-            raise ValueError(f"{type(self.encoder).__name__} takes padded batches only")
         with sdpa_backends() if batch.input_ids.is_cuda else contextlib.nullcontext():
             h_cls = self.body.cls_hidden(batch)
         return self.head(h_cls, batch.labels)

@@ -202,7 +202,7 @@ class OwnForwardEncoder:
 
     def cls_hidden(self, batch: Batch) -> torch.Tensor:
         if isinstance(batch, PackedBatch):
-            raise ValueError(f"{type(self.encoder).__name__} runs through its own forward: it takes padded batches")
+            raise ValueError(f"{type(self.encoder).__name__} runs through its own forward: it takes padded batches only")
         inputs = batch.padded_inputs()
         if not self.takes_token_types:
             inputs.pop("token_type_ids", None)

@@ -38,7 +38,12 @@ def evaluate_logits(logits: torch.Tensor, encoded: Encoded, labels: LabelMap) ->
 
 
 def _cell(name: str) -> str:
-    return "'" + name if name.startswith(_FORMULA_START) else name
+    """A label cell that no spreadsheet runs as a formula; numbers ("-1", "+2") stay as they are."""
+    try:
+        float(name)
+        return name
+    except ValueError:
+        return "'" + name if name.startswith(_FORMULA_START) else name
 
 
 def write_predictions(path: str | Path, logits: torch.Tensor, labels: LabelMap) -> None:

@@ -1,20 +1,27 @@
 """One AdamW step over a whole encoder's parameters: fastcls's FusedAdamW against torch.optim.AdamW.
 
     python benchmarks/bench_adamw.py [--device cpu|cuda] [--models minilm,bert-base] [--configs fp32,bf16-master]
-                                     [--json F]
+                                     [--steps N] [--repeats N] [--json F]
 
 CPU: fastcls's C++ step against torch's foreach=True and fused=True. CUDA: fastcls's Triton step against the
 same two, in fp32 and in bf16 with fp32 master weights (torch has no master weights: its rows widen the bf16
-gradients into fp32 masters, step those, and round them back into the parameters). Parameter sets: the shapes
-of all-MiniLM-L6-v2 (22.7M), BERT-base (110M) and BERT-large (335M) from a BertConfig (no download, random values), split into a decayed group (matrices) and
-an undecayed one (biases, LayerNorm), as the training loop does. All optimizers step the same parameters and
-gradients; the gradients never change address, so fastcls's address table is built once.
+gradients into fp32 masters, step those, and round them back into the parameters). fastcls and torch fused also
+run with the learning rate as a 0-dim fp32 tensor on the device (lr "tensor"), as a CUDA-graph-captured step
+with `fastcls.components.lr_schedule.DeviceLRSchedule` reads it; torch's foreach path takes a tensor lr only
+with capturable=True and is left out there. Parameter sets: the shapes of all-MiniLM-L6-v2 (22.7M), BERT-base
+(bert-base-uncased's 110M: embeddings 30522x768, 512x768, 2x768; 12 layers of four 768x768, 3072x768 and
+768x3072 matrices, biases and LayerNorms; the pooler; a 2-label head) and BERT-large (335M), from a BertConfig
+(no download, random values), split into a decayed group (matrices) and an undecayed one (biases, LayerNorm), as
+the training loop does. All optimizers step the same parameters and gradients; the gradients never change
+address, so fastcls's address table is built once. On the CPU a run times 3 steps (10 on CUDA): torch's foreach
+step over BERT-base takes up to seconds there, and `--repeats 1` should finish within a minute on two cores.
 
 The same run measures the memory's streaming bandwidth (benchmarks/bandwidth.py: an in-place add on the CPU, a
 device copy on CUDA, read + write counted). GB/s for an optimizer
 counts the 28 bytes per parameter a step must move at least, for fp32 (read w, g, m, v; write w, m, v) and for
-bf16 with fp32 master (read g, master, m, v; write master, m, v, w) alike. CUDA rows also count the
-kernels launched per step (torch.profiler). Timings are medians of --repeats runs of --steps steps.
+bf16 with fp32 master (read g, master, m, v; write master, m, v, w) alike. speedup_vs_torch_fused is torch
+fused's time over the row's, with the same kind of lr. CUDA rows also count the kernels launched per step
+(torch.profiler). Timings are medians of --repeats runs of --steps steps.
 """
 import argparse
 import json
@@ -42,6 +49,8 @@ BYTES_PER_PARAM = 28
 CONFIGS = {"fp32": (torch.float32, False), "bf16-master": (torch.bfloat16, True)}
 DEFAULT_CONFIGS = {"cpu": "fp32", "cuda": "fp32,bf16-master"}
 DEFAULT_MODELS = {"cpu": "minilm,bert-base", "cuda": "bert-base,bert-large"}
+DEFAULT_STEPS = {"cpu": 3, "cuda": 10}
+LR = 1e-4
 
 
 def parameter_shapes(model: str) -> list[torch.Size]:
@@ -124,14 +133,20 @@ class TorchWithMasterCopies:
         torch._foreach_copy_(self.params, masters)
 
 
-def optimizers(master: bool):
-    """(name, factory) of each contender."""
+def optimizers(master: bool, device: torch.device):
+    """(name, lr kind, factory) of each contender."""
     torch_kind = TorchWithMasterCopies if master else torch.optim.AdamW
     suffix = " + master copies" if master else ""
+
+    def tensor_lr():
+        return torch.tensor(LR, device=device)
+
     return [
-        ("fastcls", lambda g: FusedAdamW(g, lr=1e-4, master_weights=master)),
-        ("torch foreach" + suffix, lambda g: torch_kind(g, lr=1e-4, foreach=True)),
-        ("torch fused" + suffix, lambda g: torch_kind(g, lr=1e-4, fused=True)),
+        ("fastcls", "float", lambda g: FusedAdamW(g, lr=LR, master_weights=master)),
+        ("fastcls", "tensor", lambda g: FusedAdamW(g, lr=tensor_lr(), master_weights=master)),
+        ("torch foreach" + suffix, "float", lambda g: torch_kind(g, lr=LR, foreach=True)),
+        ("torch fused" + suffix, "float", lambda g: torch_kind(g, lr=LR, fused=True)),
+        ("torch fused" + suffix, "tensor", lambda g: torch_kind(g, lr=tensor_lr(), fused=True)),
     ]
 
 
@@ -140,23 +155,24 @@ def bench_model(model, device, dtype, master, args, generator):
     params = make_parameters(shapes, device, dtype, generator)
     n_params = sum(p.numel() for p in params)
     rows = []
-    for name, factory in optimizers(master):
+    for name, lr_kind, factory in optimizers(master, device):
         try:
             optimizer = factory(groups(params))
             optimizer.step()
         except (RuntimeError, ValueError) as err:  # e.g. fused=True unsupported for this device/dtype here
-            print(f"skipping {name} on {model}: {err}", file=sys.stderr)
+            print(f"skipping {name} (lr {lr_kind}) on {model}: {err}", file=sys.stderr)
             continue
         ms = time_ms(optimizer.step, device, args.steps, args.repeats)
         rows.append({"model": model, "params_M": round(n_params / 1e6, 2),
                      "dtype": "bf16+master" if master else str(dtype).removeprefix("torch."),
-                     "optimizer": name, "ms_per_step": round(ms, 3),
+                     "optimizer": name, "lr": lr_kind, "ms_per_step": round(ms, 3),
                      "GBps": round(n_params * BYTES_PER_PARAM / ms / 1e6, 1),
                      "kernels_per_step": kernels_per_step(optimizer.step, device)})
         del optimizer
-    fused_ms = next((r["ms_per_step"] for r in rows if r["optimizer"].startswith("torch fused")), None)
+    fused_ms = {r["lr"]: r["ms_per_step"] for r in rows if r["optimizer"].startswith("torch fused")}
     for r in rows:
-        r["speedup_vs_torch_fused"] = round(fused_ms / r["ms_per_step"], 3) if fused_ms else None
+        baseline = fused_ms.get(r["lr"])
+        r["speedup_vs_torch_fused"] = round(baseline / r["ms_per_step"], 3) if baseline else None
     return rows
 
 
@@ -167,7 +183,7 @@ def main():
                                          f"{DEFAULT_MODELS})")
     parser.add_argument("--configs", help=f"comma-separated from {sorted(CONFIGS)} (default per device: "
                                           f"{DEFAULT_CONFIGS})")
-    parser.add_argument("--steps", type=int, default=10, help="steps per timed run")
+    parser.add_argument("--steps", type=int, help=f"steps per timed run (default per device: {DEFAULT_STEPS})")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported")
     parser.add_argument("--json", help="also write the results as JSON here")
     args = parser.parse_args()
@@ -181,6 +197,7 @@ def main():
     for config in (args.configs or DEFAULT_CONFIGS[device.type]).split(","):
         if config not in CONFIGS:
             sys.exit(f"--configs: unknown config {config!r}; choose from {sorted(CONFIGS)}")
+    args.steps = args.steps or DEFAULT_STEPS[device.type]
     generator = torch.Generator().manual_seed(0)
     backend = dispatch.pick_backend(device)
     card = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -196,7 +213,7 @@ def main():
 
     print(f"AdamW step, {card}, torch {torch.__version__}, fastcls backend {backend}, {time.strftime('%Y-%m-%d')}")
     print(f"streaming bandwidth: {reference_bw:.1f} GB/s, {yardstick} (% below is of it)")
-    header = ["model", "params_M", "dtype", "optimizer", "ms_per_step", "GBps", "pct_of_stream_bw",
+    header = ["model", "params_M", "dtype", "optimizer", "lr", "ms_per_step", "GBps", "pct_of_stream_bw",
               "speedup_vs_torch_fused", "kernels_per_step"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -204,7 +221,8 @@ def main():
         print("| " + " | ".join("" if r[h] is None else str(r[h]) for h in header) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": card, "torch": torch.__version__, "backend": backend,
-                                               "bandwidth_GBps": reference_bw, "yardstick": yardstick, "rows": rows}, indent=2))
+                                               "bandwidth_GBps": reference_bw, "yardstick": yardstick, "rows": rows},
+                                              indent=2))
 
 
 if __name__ == "__main__":

@@ -16,11 +16,21 @@ The frozen runs (embeddings and the bottom half of the layers frozen) train --fr
 their cache of the frozen prefix's output only pays from the second epoch on; the row fastcls-<N>ep is full
 training for the same number of epochs, to compare against.
 
-The default list leaves out fastcls-no-kernels and hf-defaults, the two slowest runs on the CPU; `--runs all`
-runs everything. On SIGTERM (for instance from `timeout`), the runs finished so far are still reported.
+The default list leaves out fastcls-no-kernels and hf-defaults, the two slowest runs on the CPU, and on the CPU
+fastcls-graphs (CUDA graphs need CUDA); `--runs all` runs everything, `--runs targets` the runs the end-to-end
+targets compare: fastcls, fastcls-graphs, hf-defaults, hf-best. On SIGTERM (for instance from `timeout`), the
+runs finished so far are still reported.
+
+On CUDA each row also reports gpu_busy: the mean NVML GPU utilisation (the fraction of time a kernel was running)
+sampled every 20 ms from 10% to 90% of the training steps, through a training callback; None where NVML is
+unavailable. It is a coarse figure (the driver averages over its own sample period, 1/6 s to 1 s).
+
+Over ~400 lines because every configuration it compares (fastcls's and the Trainer's, each in its own worker
+process) must run from this one file, so that a table's rows share their data, model and settings.
 """
 import argparse
 import csv
+import ctypes
 import dataclasses
 import json
 import os
@@ -31,6 +41,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,12 +65,19 @@ FASTCLS_RUNS = {
     "fastcls-checkpointing": {"grad_checkpointing": True},
     "fastcls-frozen-half": {**HALF_FROZEN, "cache_frozen": True},
     "fastcls-frozen-half-nocache": {**HALF_FROZEN, "cache_frozen": False},
+    # the defaults with each step replayed from CUDA graphs (`fastcls train --cuda-graphs on`): CUDA only
+    "fastcls-graphs": {"cuda_graphs": "on"},
 }
 FROZEN_RUNS = ("fastcls-frozen-half", "fastcls-frozen-half-nocache")
 HF_RUNS = ("hf-defaults", "hf-best")
 # Left out of the default list to keep the CPU table near 6 minutes on 2 cores (about 75 s and 100 s each);
 # `--runs all` brings them back.
 SLOW_RUNS = ("fastcls-no-kernels", "hf-defaults")
+CUDA_ONLY_RUNS = ("fastcls-graphs",)  # left out of the default list on the CPU, where they refuse to run
+# named lists for --runs: "targets" is what the issue's end-to-end targets compare (fastcls against the faster of
+# the Trainer's defaults and its best flags), for either encoder
+RUN_SETS = {"targets": ["fastcls", "fastcls-graphs", "hf-defaults", "hf-best"]}
+RUN_SET_TEXT = {name: ",".join(runs) for name, runs in RUN_SETS.items()}
 BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 ENCODER_NAMES = {"minilm": "all-MiniLM-L6-v2", "bert-base": "BERT-base-sized encoder (random init)"}
@@ -135,9 +153,76 @@ def device_name(device: str) -> str:
     return f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
+class GpuBusy:
+    """Mean NVML GPU utilisation while `start()`..`stop()`: polled every 20 ms on a thread. `mean` is a fraction,
+    or None where NVML (libnvidia-ml) or the device is unavailable."""
+
+    def __init__(self, device: str):
+        self.samples: list[int] = []
+        self.lib = self.handle = self.thread = None
+        self.done = threading.Event()
+        if not device.startswith("cuda"):
+            return
+        try:
+            import torch
+
+            lib = ctypes.CDLL("libnvidia-ml.so.1")
+            if lib.nvmlInit_v2() != 0:
+                return
+            handle = ctypes.c_void_p()
+            index = torch.device(device).index or 0
+            props = torch.cuda.get_device_properties(index)
+            bus = getattr(props, "pci_bus_id", None)
+            found = 1
+            if bus is not None:  # the same GPU whatever CUDA_VISIBLE_DEVICES reorders
+                domain, slot = getattr(props, "pci_domain_id", 0), getattr(props, "pci_device_id", 0)
+                bus_id = f"{domain:08X}:{bus:02X}:{slot:02X}.0"
+                found = lib.nvmlDeviceGetHandleByPciBusId_v2(bus_id.encode(), ctypes.byref(handle))
+            if found != 0:
+                visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+                if index < len(visible) and visible[index].strip().isdigit():
+                    index = int(visible[index])
+                found = lib.nvmlDeviceGetHandleByIndex_v2(index, ctypes.byref(handle))
+            if found == 0:
+                self.lib, self.handle = lib, handle
+        except Exception:  # noqa: BLE001 - no NVML: no figure
+            self.lib = None
+
+    def _poll(self) -> None:
+        class Utilization(ctypes.Structure):
+            _fields_ = [("gpu", ctypes.c_uint), ("memory", ctypes.c_uint)]
+
+        rates = Utilization()
+        while not self.done.wait(0.02):
+            if self.lib.nvmlDeviceGetUtilizationRates(self.handle, ctypes.byref(rates)) == 0:
+                self.samples.append(rates.gpu)
+
+    def start(self) -> None:
+        if self.lib is not None and self.thread is None:
+            self.thread = threading.Thread(target=self._poll, daemon=True)
+            self.thread.start()
+
+    def stop(self) -> None:
+        if self.thread is not None and not self.done.is_set():
+            self.done.set()
+            self.thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.samples) / len(self.samples) / 100 if self.samples else None
+
+    def window(self, step: int, total: int) -> None:
+        """Sample from 10% to 90% of the `total` steps (at least from step 3: compilation and capture come first)."""
+        if step >= max(3, total // 10):
+            self.start()
+        if step >= max(4, total * 9 // 10):
+            self.stop()
+
+
 def run_fastcls(args, epochs: float, out: Path) -> dict:
     from transformers import AutoConfig
 
+    from fastcls.components.callbacks import Callback
     from fastcls.components.host_memory import keep_freed_host_memory
     from fastcls.config import TrainConfig
     from fastcls.trainer import train as fastcls_train
@@ -150,10 +235,20 @@ def run_fastcls(args, epochs: float, out: Path) -> dict:
     cfg = TrainConfig(model=args.model, train=args.train, dev=args.dev, output=str(out), epochs=epochs,
                       batch_size=32, lr=5e-5, max_length=128, warmup=0.06, weight_decay=0.01, seed=args.seed,
                       device=args.device, log_every=50, **settings)
-    result = fastcls_train(cfg)
+    busy = GpuBusy(args.device)
+
+    class BusyWindow(Callback):
+        def on_step_end(self, state):
+            busy.window(state.step, state.total_steps)
+
+        def on_train_end(self, state):
+            busy.stop()
+
+    result = fastcls_train(cfg, callbacks=[BusyWindow()] if busy.lib is not None else [])
+    busy.stop()
     return {"samples_per_s": result.train_samples_per_s, "tokens_per_s": result.train_tokens_per_s,
             "train_s": result.train_seconds, "accuracy": result.best["accuracy"],
-            "frozen": getattr(result, "frozen", None)}
+            "frozen": getattr(result, "frozen", None), "gpu_busy": busy.mean}
 
 
 def run_hf(args, epochs: float, out: Path) -> dict:
@@ -164,6 +259,7 @@ def run_hf(args, epochs: float, out: Path) -> dict:
         AutoTokenizer,
         DataCollatorWithPadding,
         Trainer,
+        TrainerCallback,
         TrainingArguments,
     )
 
@@ -197,13 +293,25 @@ def run_hf(args, epochs: float, out: Path) -> dict:
         save_strategy="no", report_to="none", logging_steps=50, disable_tqdm=True,
         use_cpu=args.device == "cpu", **flags,
     )
-    trainer = Trainer(model=model, args=targs, train_dataset=train_set, data_collator=DataCollatorWithPadding(tokenizer))
+    busy = GpuBusy(args.device)
+
+    class BusyWindow(TrainerCallback):
+        def on_step_end(self, targs, state, control, **kwargs):
+            busy.window(state.global_step, state.max_steps)
+
+        def on_train_end(self, targs, state, control, **kwargs):
+            busy.stop()
+
+    trainer = Trainer(model=model, args=targs, train_dataset=train_set,
+                      data_collator=DataCollatorWithPadding(tokenizer),
+                      callbacks=[BusyWindow()] if busy.lib is not None else None)
     metrics = trainer.train().metrics
+    busy.stop()
     pred = trainer.predict(dev_set)
     accuracy = float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())
     real_tokens = sum(len(row["input_ids"]) for row in train_set) * epochs
     return {"samples_per_s": metrics["train_samples_per_second"], "tokens_per_s": real_tokens / metrics["train_runtime"],
-            "train_s": metrics["train_runtime"], "accuracy": accuracy, "frozen": None}
+            "train_s": metrics["train_runtime"], "accuracy": accuracy, "frozen": None, "gpu_busy": busy.mean}
 
 
 def worker(args) -> None:
@@ -237,6 +345,9 @@ def print_table(rows: list[dict], header: str, reference: dict | None, footnotes
             report = r["frozen"]
             text = ", ".join(f"{k}={v}" for k, v in report.items()) if isinstance(report, dict) else str(report)
             print(f"  {r['run']} frozen: {text}")
+    busy = [f"{r['run']} {r['gpu_busy']:.0%}" for r in rows if r.get("gpu_busy") is not None]
+    if busy:
+        print(f"  GPU busy (NVML utilisation, 10-90% of the steps): {', '.join(busy)}")
     for note in footnotes:
         print(f"  note: {note}")
 
@@ -291,8 +402,10 @@ def main() -> None:
                              "the source of the vocabulary and tokenizer")
     parser.add_argument("--sst2", default=str(SHARED_SST2), help="folder with SST-2 train.tsv and dev.tsv")
     parser.add_argument("--runs", default=None, help=f"comma-separated, from {', '.join(known_runs(1, 3))} "
-                             "(fastcls-<N>ep follows --frozen-epochs N), or all; "
-                             f"default: all but {', '.join(SLOW_RUNS)}")
+                             "(fastcls-<N>ep follows --frozen-epochs N), or all, or "
+                             f"{', '.join(f'{name} ({sets})' for name, sets in RUN_SET_TEXT.items())}; "
+                             f"default: all but {', '.join(SLOW_RUNS)} "
+                             f"(and on the CPU {', '.join(CUDA_ONLY_RUNS)})")
     parser.add_argument("--baseline", metavar="DIR",
                         help="also run the default fastcls configuration from another checkout of fastcls (a git "
                              "worktree with its C++ extension built in place), right before each fastcls run: "
@@ -319,7 +432,10 @@ def main() -> None:
     if args.runs is None:
         # the padding choice the default already makes on this device is not run twice
         same_as_default = "fastcls-unpadded" if args.device == "cpu" else "fastcls-padded"
-        runs = [run for run in names if run not in SLOW_RUNS and run != same_as_default]
+        runs = [run for run in names if run not in SLOW_RUNS and run != same_as_default
+                and not (run in CUDA_ONLY_RUNS and not args.device.startswith("cuda"))]
+    elif args.runs in RUN_SETS:
+        runs = list(RUN_SETS[args.runs])
     else:
         runs = names if args.runs == "all" else [run.strip() for run in args.runs.split(",") if run.strip()]
     unknown = [run for run in runs if run not in names and run != full_training_run(args.frozen_epochs)]

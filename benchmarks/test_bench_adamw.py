@@ -1,5 +1,6 @@
 """pytest-benchmark: one AdamW step over MiniLM's parameter set (22.7M, fp32, two groups) on the CPU, fastcls's
-C++ FusedAdamW against torch.optim.AdamW foreach and fused.
+C++ FusedAdamW (with a float lr, and with a tensor lr as DeviceLRSchedule sets it) against torch.optim.AdamW
+foreach and fused.
 
     python -m pytest benchmarks/test_bench_adamw.py --benchmark-enable
 """
@@ -15,6 +16,7 @@ from fastcls.optim import FusedAdamW
 
 CONTENDERS = {
     "fastcls": lambda g: FusedAdamW(g, lr=1e-4),
+    "fastcls-tensor-lr": lambda g: FusedAdamW(g, lr=torch.tensor(1e-4)),
     "torch-foreach": lambda g: torch.optim.AdamW(g, lr=1e-4, foreach=True),
     "torch-fused": lambda g: torch.optim.AdamW(g, lr=1e-4, fused=True),
 }

@@ -165,9 +165,10 @@ void update_all(const std::vector<Row<Param>>& rows, const std::vector<int64_t>&
 }
 
 template <typename Param>
-void adamw(const int64_t* table, int64_t n_tensors, const AdamWOptions& o, const float* grad_scale,
-           const float* found_inf, int num_threads) {
+void adamw(const int64_t* table, int64_t n_tensors, const AdamWOptions& o, const float* lr_tensor,
+           const float* grad_scale, const float* found_inf, int num_threads) {
   if (found_inf != nullptr && *found_inf != 0.0f) return;
+  const double lr = lr_tensor != nullptr ? double(*lr_tensor) : o.lr;
   std::vector<Row<Param>> rows(n_tensors);
   std::vector<int64_t> first(n_tensors + 1, 0);
   std::vector<StepConstants> step_constants(n_tensors);
@@ -180,9 +181,9 @@ void adamw(const int64_t* table, int64_t n_tensors, const AdamWOptions& o, const
     const double t_step = steps[t];
     const double bias_correction1 = o.bias_correction ? 1.0 - std::pow(o.beta1, t_step) : 1.0;
     const double bias_correction2 = o.bias_correction ? 1.0 - std::pow(o.beta2, t_step) : 1.0;
-    step_constants[t] = {float(o.lr / bias_correction1), float(1.0 / std::sqrt(bias_correction2))};
+    step_constants[t] = {float(lr / bias_correction1), float(1.0 / std::sqrt(bias_correction2))};
   }
-  const Constants c{float(1.0 - o.lr * o.weight_decay), float(1.0 - o.beta1), float(o.beta2), float(1.0 - o.beta2),
+  const Constants c{float(1.0 - lr * o.weight_decay), float(1.0 - o.beta1), float(o.beta2), float(1.0 - o.beta2),
                     float(o.eps), grad_scale != nullptr ? *grad_scale : 1.0f, o.maximize};
   const bool scaled = grad_scale != nullptr;
   if (scaled && o.amsgrad) update_all<true, true>(rows, first, c, step_constants, num_threads);
@@ -194,14 +195,14 @@ void adamw(const int64_t* table, int64_t n_tensors, const AdamWOptions& o, const
 
 }  // namespace
 
-void adamw_f32(const int64_t* table, int64_t n_tensors, const AdamWOptions& options, const float* grad_scale,
-               const float* found_inf, int num_threads) {
-  adamw<float>(table, n_tensors, options, grad_scale, found_inf, num_threads);
+void adamw_f32(const int64_t* table, int64_t n_tensors, const AdamWOptions& options, const float* lr,
+               const float* grad_scale, const float* found_inf, int num_threads) {
+  adamw<float>(table, n_tensors, options, lr, grad_scale, found_inf, num_threads);
 }
 
-void adamw_bf16_master(const int64_t* table, int64_t n_tensors, const AdamWOptions& options, const float* grad_scale,
-                       const float* found_inf, int num_threads) {
-  adamw<uint16_t>(table, n_tensors, options, grad_scale, found_inf, num_threads);
+void adamw_bf16_master(const int64_t* table, int64_t n_tensors, const AdamWOptions& options, const float* lr,
+                       const float* grad_scale, const float* found_inf, int num_threads) {
+  adamw<uint16_t>(table, n_tensors, options, lr, grad_scale, found_inf, num_threads);
 }
 
 }  // namespace fastcls

@@ -3,9 +3,10 @@
 // Row r of `table` (int64, kAdamWTableWidth columns) describes tensor r by address: param, grad, exp_avg,
 // exp_avg_sq, max_exp_avg_sq (0 unless amsgrad), master (fp32 copy; 0 unless master weights), step (an fp32
 // scalar), numel. The tensors of a row share one dense memory layout and are updated element by element in memory
-// order. Each tensor's bias corrections come from its own step count, which the call increments. grad_scale
-// (nullable) divides the gradients, which are stored back unscaled; a nonzero *found_inf (nullable) makes the call
-// change nothing at all.
+// order. Each tensor's bias corrections come from its own step count, which the call increments. lr (nullable)
+// points to an fp32 learning rate that replaces options.lr, so that a schedule can keep the rate in a tensor and
+// the caller never reads it. grad_scale (nullable) divides the gradients, which are stored back unscaled; a
+// nonzero *found_inf (nullable) makes the call change nothing at all.
 #pragma once
 
 #include <cstdint>
@@ -26,11 +27,11 @@ struct AdamWOptions {
 };
 
 // fp32 parameters, gradients and moments.
-void adamw_f32(const int64_t* table, int64_t n_tensors, const AdamWOptions& options, const float* grad_scale,
-               const float* found_inf, int num_threads);
+void adamw_f32(const int64_t* table, int64_t n_tensors, const AdamWOptions& options, const float* lr,
+               const float* grad_scale, const float* found_inf, int num_threads);
 // bf16 parameters and gradients (uint16 bit patterns), fp32 master weights and moments; the parameter receives
 // the updated master rounded to nearest even.
-void adamw_bf16_master(const int64_t* table, int64_t n_tensors, const AdamWOptions& options, const float* grad_scale,
-                       const float* found_inf, int num_threads);
+void adamw_bf16_master(const int64_t* table, int64_t n_tensors, const AdamWOptions& options, const float* lr,
+                       const float* grad_scale, const float* found_inf, int num_threads);
 
 }  // namespace fastcls

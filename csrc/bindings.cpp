@@ -58,18 +58,19 @@ void def_cross_entropy_target_summary(py::module_& m) {
 }
 
 template <typename Element>
-using DropoutKernel = void (*)(const Element*, Element*, int64_t, uint64_t, uint64_t, float, int);
+using DropoutKernel = void (*)(const Element*, Element*, int64_t, uint64_t, uint64_t, uint64_t, float, int);
 
 template <typename Element>
 void def_dropout(py::module_& m, const char* suffix, DropoutKernel<Element> kernel) {
   m.def(
       (std::string("dropout_") + suffix).c_str(),
-      [kernel](std::uintptr_t x, std::uintptr_t out, int64_t n, uint64_t seed, uint64_t threshold, float scale,
-               int num_threads) {
+      [kernel](std::uintptr_t x, std::uintptr_t out, int64_t n, uint64_t seed, uint64_t counter_offset,
+               uint64_t threshold, float scale, int num_threads) {
         py::gil_scoped_release release;
-        kernel(as_ptr<const Element>(x), as_ptr<Element>(out), n, seed, threshold, scale, num_threads);
+        kernel(as_ptr<const Element>(x), as_ptr<Element>(out), n, seed, counter_offset, threshold, scale, num_threads);
       },
-      py::arg("x"), py::arg("out"), py::arg("n"), py::arg("seed"), py::arg("threshold"), py::arg("scale"),
+      py::arg("x"), py::arg("out"), py::arg("n"), py::arg("seed"), py::arg("counter_offset"), py::arg("threshold"),
+      py::arg("scale"),
       py::arg("num_threads"),
       "out = keep * x * scale over n contiguous elements, keep = Philox bits >= threshold (see dropout.h); "
       "the same call on the upstream gradient is the backward.");
@@ -81,18 +82,18 @@ void def_layer_norm(py::module_& m) {
       "layer_norm_forward",
       [](std::uintptr_t x, int x_dtype, std::uintptr_t residual, int residual_dtype, std::uintptr_t weight,
          std::uintptr_t bias, std::uintptr_t out, std::uintptr_t sum, int out_dtype, std::uintptr_t mean,
-         std::uintptr_t rstd, int64_t n_rows, int64_t n_cols, float eps, uint64_t seed, uint64_t threshold,
-         float scale, bool dropout_after, int num_threads) {
+         std::uintptr_t rstd, int64_t n_rows, int64_t n_cols, float eps, uint64_t seed, uint64_t counter_offset,
+         uint64_t threshold, float scale, bool dropout_after, int num_threads) {
         py::gil_scoped_release release;
         fastcls::layer_norm_forward(as_ptr<const void>(x), x_dtype, as_ptr<const void>(residual), residual_dtype,
                                     as_ptr<const float>(weight), as_ptr<const float>(bias), as_ptr<void>(out),
                                     as_ptr<void>(sum), out_dtype, as_ptr<float>(mean), as_ptr<float>(rstd), n_rows,
-                                    n_cols, eps, seed, threshold, scale, dropout_after, num_threads);
+                                    n_cols, eps, seed, counter_offset, threshold, scale, dropout_after, num_threads);
       },
       py::arg("x"), py::arg("x_dtype"), py::arg("residual"), py::arg("residual_dtype"), py::arg("weight"),
       py::arg("bias"), py::arg("out"), py::arg("sum"), py::arg("out_dtype"), py::arg("mean"), py::arg("rstd"),
-      py::arg("n_rows"), py::arg("n_cols"), py::arg("eps"), py::arg("seed"), py::arg("threshold"), py::arg("scale"),
-      py::arg("dropout_after"), py::arg("num_threads"),
+      py::arg("n_rows"), py::arg("n_cols"), py::arg("eps"), py::arg("seed"), py::arg("counter_offset"),
+      py::arg("threshold"), py::arg("scale"), py::arg("dropout_after"), py::arg("num_threads"),
       "out = LayerNorm(dropout(x) + residual) or dropout(LayerNorm(x)) over contiguous rows, with the per-row mean "
       "and rstd (layer_norm.h); dtype codes 0 fp32, 1 bf16; a null address is 0.");
   m.def(
@@ -101,40 +102,43 @@ void def_layer_norm(py::module_& m) {
          std::uintptr_t bias, std::uintptr_t mean, std::uintptr_t rstd, std::uintptr_t grad_sum,
          std::uintptr_t grad_x, int x_dtype, std::uintptr_t grad_residual, int residual_dtype,
          std::uintptr_t grad_weight_partial, std::uintptr_t grad_bias_partial, int64_t n_rows, int64_t n_cols,
-         uint64_t seed, uint64_t threshold, float scale, bool dropout_after, int num_threads) {
+         uint64_t seed, uint64_t counter_offset, uint64_t threshold, float scale, bool dropout_after,
+         int num_threads) {
         py::gil_scoped_release release;
         fastcls::layer_norm_backward(
             as_ptr<const void>(grad_out), as_ptr<const void>(saved), saved_dtype, saved_is_output,
             as_ptr<const float>(weight), as_ptr<const float>(bias), as_ptr<const float>(mean),
             as_ptr<const float>(rstd), as_ptr<const void>(grad_sum), as_ptr<void>(grad_x), x_dtype,
             as_ptr<void>(grad_residual), residual_dtype, as_ptr<float>(grad_weight_partial),
-            as_ptr<float>(grad_bias_partial), n_rows, n_cols, seed, threshold, scale, dropout_after, num_threads);
+            as_ptr<float>(grad_bias_partial), n_rows, n_cols, seed, counter_offset, threshold, scale, dropout_after,
+            num_threads);
       },
       py::arg("grad_out"), py::arg("saved"), py::arg("saved_dtype"), py::arg("saved_is_output"), py::arg("weight"),
       py::arg("bias"), py::arg("mean"), py::arg("rstd"), py::arg("grad_sum"), py::arg("grad_x"), py::arg("x_dtype"),
       py::arg("grad_residual"), py::arg("residual_dtype"), py::arg("grad_weight_partial"),
-      py::arg("grad_bias_partial"), py::arg("n_rows"), py::arg("n_cols"), py::arg("seed"), py::arg("threshold"),
-      py::arg("scale"), py::arg("dropout_after"), py::arg("num_threads"),
+      py::arg("grad_bias_partial"), py::arg("n_rows"), py::arg("n_cols"), py::arg("seed"), py::arg("counter_offset"),
+      py::arg("threshold"), py::arg("scale"), py::arg("dropout_after"), py::arg("num_threads"),
       "Gradients of layer_norm_forward, redrawing its mask; per-thread fp32 partial weight and bias gradients "
       "(layer_norm.h).");
 }
 
-using AdamWKernel = void (*)(const int64_t*, int64_t, const fastcls::AdamWOptions&, const float*, const float*, int);
+using AdamWKernel = void (*)(const int64_t*, int64_t, const fastcls::AdamWOptions&, const float*, const float*,
+                             const float*, int);
 
 void def_adamw(py::module_& m, const char* name, AdamWKernel kernel, const char* doc) {
   m.def(
       name,
-      [kernel](std::uintptr_t table, int64_t n_tensors, double lr, double beta1, double beta2, double eps,
-               double weight_decay, bool amsgrad, bool maximize, bool bias_correction, std::uintptr_t grad_scale,
-               std::uintptr_t found_inf, int num_threads) {
+      [kernel](std::uintptr_t table, int64_t n_tensors, double lr, std::uintptr_t lr_tensor, double beta1,
+               double beta2, double eps, double weight_decay, bool amsgrad, bool maximize, bool bias_correction,
+               std::uintptr_t grad_scale, std::uintptr_t found_inf, int num_threads) {
         py::gil_scoped_release release;
         const fastcls::AdamWOptions options{lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, bias_correction};
-        kernel(as_ptr<const int64_t>(table), n_tensors, options, as_ptr<const float>(grad_scale),
-               as_ptr<const float>(found_inf), num_threads);
+        kernel(as_ptr<const int64_t>(table), n_tensors, options, as_ptr<const float>(lr_tensor),
+               as_ptr<const float>(grad_scale), as_ptr<const float>(found_inf), num_threads);
       },
-      py::arg("table"), py::arg("n_tensors"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
-      py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"), py::arg("bias_correction"),
-      py::arg("grad_scale"), py::arg("found_inf"), py::arg("num_threads"), doc);
+      py::arg("table"), py::arg("n_tensors"), py::arg("lr"), py::arg("lr_tensor"), py::arg("beta1"),
+      py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"),
+      py::arg("bias_correction"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("num_threads"), doc);
 }
 
 }  // namespace
@@ -142,7 +146,8 @@ void def_adamw(py::module_& m, const char* name, AdamWKernel kernel, const char*
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastcls C++ CPU kernels (raw-pointer interface; see fastcls/ops for the torch-facing ops)";
   def_adamw(m, "adamw_f32", fastcls::adamw_f32,
-            "AdamW step over a table of fp32 tensors (row layout in adamw.h); grad_scale/found_inf: 0 or addresses.");
+            "AdamW step over a table of fp32 tensors (row layout in adamw.h); lr_tensor (replacing lr), grad_scale, "
+            "found_inf: 0 or addresses.");
   def_adamw(m, "adamw_bf16_master", fastcls::adamw_bf16_master,
             "AdamW step over a table of bf16 params/grads with fp32 master weights and moments (see adamw.h).");
   def_cross_entropy_target_summary(m);

@@ -1,3 +1,5 @@
+// Over ~400 lines: the exp approximations, the AVX-512 and portable loops over a row's chunks, and the dtype
+// dispatch of one kernel belong together; apart, each part would be meaningless.
 #include "cross_entropy.h"
 
 #include "bf16.h"

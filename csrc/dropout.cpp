@@ -22,8 +22,8 @@ constexpr int64_t kMinElementsPerThread = 16384;
 constexpr uint64_t kDropAll = uint64_t(1) << 32;
 
 template <typename Element>
-void dropout_task(const Element* x, Element* out, int64_t begin, int64_t end, PhiloxKey key, uint64_t threshold,
-                  float scale) {
+void dropout_task(const Element* x, Element* out, int64_t begin, int64_t end, PhiloxKey key, uint64_t counter_offset,
+                  uint64_t threshold, float scale) {
   if (threshold >= kDropAll) {
     std::fill(out + begin, out + end, from_f32<Element>(0.0f));
     return;
@@ -36,7 +36,7 @@ void dropout_task(const Element* x, Element* out, int64_t begin, int64_t end, Ph
   const uint32_t bound = uint32_t(threshold);
   alignas(64) uint32_t bits[kStep];
   for (int64_t start = begin; start < end; start += kStep) {
-    philox_bits(uint64_t(start) / 4, key, bits);
+    philox_bits(counter_offset + uint64_t(start) / 4, key, bits);
     const Element* xs = x + start;
     Element* os = out + start;
     const int64_t len = std::min(kStep, end - start);
@@ -47,8 +47,8 @@ void dropout_task(const Element* x, Element* out, int64_t begin, int64_t end, Ph
 }
 
 template <typename Element>
-void dropout(const Element* x, Element* out, int64_t n, uint64_t seed, uint64_t threshold, float scale,
-             int num_threads) {
+void dropout(const Element* x, Element* out, int64_t n, uint64_t seed, uint64_t counter_offset, uint64_t threshold,
+             float scale, int num_threads) {
   const PhiloxKey key{uint32_t(seed), uint32_t(seed >> 32)};
   const int64_t n_steps = (n + kStep - 1) / kStep;
   const int64_t n_tasks = std::max<int64_t>(1, std::min<int64_t>(num_threads, n / kMinElementsPerThread));
@@ -56,20 +56,20 @@ void dropout(const Element* x, Element* out, int64_t n, uint64_t seed, uint64_t 
   for (int64_t task = 0; task < n_tasks; ++task) {
     const int64_t begin = std::min(n, task * n_steps / n_tasks * kStep);
     const int64_t end = std::min(n, (task + 1) * n_steps / n_tasks * kStep);
-    dropout_task(x, out, begin, end, key, threshold, scale);
+    dropout_task(x, out, begin, end, key, counter_offset, threshold, scale);
   }
 }
 
 }  // namespace
 
-void dropout_f32(const float* x, float* out, int64_t n, uint64_t seed, uint64_t threshold, float scale,
-                 int num_threads) {
-  dropout(x, out, n, seed, threshold, scale, num_threads);
+void dropout_f32(const float* x, float* out, int64_t n, uint64_t seed, uint64_t counter_offset, uint64_t threshold,
+                 float scale, int num_threads) {
+  dropout(x, out, n, seed, counter_offset, threshold, scale, num_threads);
 }
 
-void dropout_bf16(const uint16_t* x, uint16_t* out, int64_t n, uint64_t seed, uint64_t threshold, float scale,
-                  int num_threads) {
-  dropout(x, out, n, seed, threshold, scale, num_threads);
+void dropout_bf16(const uint16_t* x, uint16_t* out, int64_t n, uint64_t seed, uint64_t counter_offset,
+                  uint64_t threshold, float scale, int num_threads) {
+  dropout(x, out, n, seed, counter_offset, threshold, scale, num_threads);
 }
 
 }  // namespace fastcls

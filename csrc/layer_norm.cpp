@@ -1,3 +1,5 @@
+// Over ~400 lines: the portable and the AVX-512 row loops of both orders, forward and backward, share their
+// helpers here; split, each file would repeat them.
 #include "layer_norm.h"
 
 #include "bf16.h"
@@ -32,12 +34,12 @@ class RowBits {
   }
 
   // Returns words with words[col] the word of element row * n_cols + col.
-  const uint32_t* draw(int64_t row, int64_t n_cols, PhiloxKey key) {
+  const uint32_t* draw(int64_t row, int64_t n_cols, PhiloxKey key, uint64_t counter_offset) {
     const uint64_t first = uint64_t(row) * uint64_t(n_cols);
     const int64_t lead = int64_t(first % 4);
     const int64_t n_counters = (lead + n_cols + 3) / 4;
     uint32_t* words = words_;
-    for (int64_t c = 0; c < n_counters; c += kPhiloxCounters) philox_bits(first / 4 + uint64_t(c), key, words + 4 * c);
+    for (int64_t c = 0; c < n_counters; c += kPhiloxCounters) philox_bits(counter_offset + first / 4 + uint64_t(c), key, words + 4 * c);
     return words + lead;
   }
 
@@ -52,6 +54,7 @@ struct Dropout {
   uint32_t bound;
   float scale;
   PhiloxKey key;
+  uint64_t counter_offset;  // added to every element's counter (a stream's offset, see layer_norm.h)
 };
 
 // The per-row loops, specialised on what applies so that each is one branch-free vectorised pass over the row.
@@ -145,7 +148,7 @@ void forward_rows(const X* x, const R* residual, const float* weight, const floa
   RowBits row_bits(n_cols);
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t offset = row * n_cols;
-    const uint32_t* bits = drop.on ? row_bits.draw(row, n_cols, drop.key) : nullptr;
+    const uint32_t* bits = drop.on ? row_bits.draw(row, n_cols, drop.key, drop.counter_offset) : nullptr;
     float total = 0.0f;
     with_flag(drop.on && !drop.after, [&](auto drop_x) {
       with_flag(residual != nullptr, [&](auto has_residual) {
@@ -195,7 +198,7 @@ void backward_rows(const O* grad_out, const O* saved, bool saved_is_output, cons
   const float inverse_n = 1.0f / float(n_cols);
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t offset = row * n_cols;
-    const uint32_t* bits = drop.on ? row_bits.draw(row, n_cols, drop.key) : nullptr;
+    const uint32_t* bits = drop.on ? row_bits.draw(row, n_cols, drop.key, drop.counter_offset) : nullptr;
     const float row_rstd = rstd[row];
     std::pair<float, float> sums;
     with_flag(drop.on && drop.after, [&](auto drop_y) {
@@ -325,10 +328,10 @@ class RowKeep {
   explicit RowKeep(int64_t n_cols)
       : words_(size_t((n_cols + 3 + kBlockColumns) / kBlockColumns * kPhiloxRegisters + 2)) {}
 
-  void start(int64_t row, int64_t n_cols, PhiloxKey key, uint32_t bound) {
+  void start(int64_t row, int64_t n_cols, PhiloxKey key, uint32_t bound, uint64_t counter_offset) {
     const uint64_t first = uint64_t(row) * uint64_t(n_cols);
     lead_ = unsigned(first % 4);
-    first_counter_ = first / 4;
+    first_counter_ = counter_offset + first / 4;
     n_blocks_ = ((int64_t(lead_) + n_cols + 3) / 4 + kPhiloxCounters - 1) / kPhiloxCounters;
     key_ = key;
     bound_ = bound;
@@ -458,7 +461,7 @@ void forward_rows_avx512(const X* x, const R* residual, const float* weight, con
         with_flag(sum != nullptr, [&](auto has_sum) {
           for (int64_t row = row_begin; row < row_end; ++row) {
             const int64_t offset = row * n_cols;
-            if (drop.on) keep.start(row, n_cols, drop.key, drop.bound);
+            if (drop.on) keep.start(row, n_cols, drop.key, drop.bound, drop.counter_offset);
             forward_row_avx512<decltype(drop_x)::value, decltype(drop_y)::value, decltype(has_residual)::value,
                                decltype(has_sum)::value, decltype(streamed)::value>(
                 x + offset, has_residual ? residual + offset : nullptr, weight, bias, out + offset,
@@ -492,7 +495,7 @@ void backward_rows_avx512(const O* grad_out, const O* saved, bool saved_is_outpu
           with_flag(grad_residual != nullptr, [&](auto has_residual) {
             for (int64_t row = row_begin; row < row_end; ++row) {
               const int64_t offset = row * n_cols;
-              if (drop.on) keep.start(row, n_cols, drop.key, drop.bound);
+              if (drop.on) keep.start(row, n_cols, drop.key, drop.bound, drop.counter_offset);
               backward_row_avx512<decltype(drop_y)::value, decltype(from_output)::value, decltype(drop_x)::value,
                                   decltype(has_grad_sum)::value, decltype(has_residual)::value,
                                   decltype(streamed)::value>(
@@ -511,9 +514,9 @@ void backward_rows_avx512(const O* grad_out, const O* saved, bool saved_is_outpu
 }
 #endif
 
-Dropout make_dropout(uint64_t seed, uint64_t threshold, float scale, bool dropout_after) {
+Dropout make_dropout(uint64_t seed, uint64_t counter_offset, uint64_t threshold, float scale, bool dropout_after) {
   return Dropout{threshold != 0, dropout_after, uint32_t(threshold), scale,
-                 PhiloxKey{uint32_t(seed), uint32_t(seed >> 32)}};
+                 PhiloxKey{uint32_t(seed), uint32_t(seed >> 32)}, counter_offset};
 }
 
 // Calls f with a value of the element type of a dtype code.
@@ -549,9 +552,9 @@ bool streams(int64_t touched_bytes, std::initializer_list<std::pair<const void*,
 
 void layer_norm_forward(const void* x, int x_dtype, const void* residual, int residual_dtype, const float* weight,
                         const float* bias, void* out, void* sum, int out_dtype, float* mean, float* rstd,
-                        int64_t n_rows, int64_t n_cols, float eps, uint64_t seed, uint64_t threshold, float scale,
-                        bool dropout_after, int num_threads) {
-  const Dropout drop = make_dropout(seed, threshold, scale, dropout_after);
+                        int64_t n_rows, int64_t n_cols, float eps, uint64_t seed, uint64_t counter_offset,
+                        uint64_t threshold, float scale, bool dropout_after, int num_threads) {
+  const Dropout drop = make_dropout(seed, counter_offset, threshold, scale, dropout_after);
   const int n_tasks = threads_for(n_rows, n_cols, num_threads);
 #if defined(FASTCLS_LAYER_NORM_AVX512)
   const int64_t out_row_bytes = n_cols * element_bytes(out_dtype);
@@ -587,8 +590,9 @@ void layer_norm_backward(const void* grad_out, const void* saved, int saved_dtyp
                          const float* weight, const float* bias, const float* mean, const float* rstd,
                          const void* grad_sum, void* grad_x, int x_dtype, void* grad_residual, int residual_dtype,
                          float* grad_weight_partial, float* grad_bias_partial, int64_t n_rows, int64_t n_cols,
-                         uint64_t seed, uint64_t threshold, float scale, bool dropout_after, int num_threads) {
-  const Dropout drop = make_dropout(seed, threshold, scale, dropout_after);
+                         uint64_t seed, uint64_t counter_offset, uint64_t threshold, float scale,
+                         bool dropout_after, int num_threads) {
+  const Dropout drop = make_dropout(seed, counter_offset, threshold, scale, dropout_after);
   const int n_tasks = threads_for(n_rows, n_cols, num_threads);
   std::fill(grad_weight_partial, grad_weight_partial + int64_t(num_threads) * n_cols, 0.0f);
   std::fill(grad_bias_partial, grad_bias_partial + int64_t(num_threads) * n_cols, 0.0f);

@@ -1,7 +1,8 @@
 // LayerNorm over the last dimension of contiguous [n_rows, n_cols] tensors, fused with a mask-free dropout either
 // before a residual add (out = LayerNorm(dropout(x) + residual)) or after the norm (out = dropout(LayerNorm(x))).
 //
-// Element i = row * n_cols + col is kept iff word i % 4 of Philox4x32-10 at counter i / 4 (philox.h) is
+// Element i = row * n_cols + col is kept iff word i % 4 of Philox4x32-10 at counter counter_offset + i / 4
+// (philox.h; counter_offset places the call in a generator's stream, 0 for a plain seed) is
 // >= threshold (1 <= threshold < 2^32; 0 means no dropout); kept elements are multiplied by scale. The backward
 // redraws the same bits. Dtype codes: 0 fp32, 1 bf16 (bf16 as uint16 bit patterns); all math is fp32, and
 // weight and bias are fp32. residual, sum and grad_sum may be null (0). mean and rstd are fp32 per row.
@@ -18,13 +19,14 @@ namespace fastcls {
 
 void layer_norm_forward(const void* x, int x_dtype, const void* residual, int residual_dtype, const float* weight,
                         const float* bias, void* out, void* sum, int out_dtype, float* mean, float* rstd,
-                        int64_t n_rows, int64_t n_cols, float eps, uint64_t seed, uint64_t threshold, float scale,
-                        bool dropout_after, int num_threads);
+                        int64_t n_rows, int64_t n_cols, float eps, uint64_t seed, uint64_t counter_offset,
+                        uint64_t threshold, float scale, bool dropout_after, int num_threads);
 
 void layer_norm_backward(const void* grad_out, const void* saved, int saved_dtype, bool saved_is_output,
                          const float* weight, const float* bias, const float* mean, const float* rstd,
                          const void* grad_sum, void* grad_x, int x_dtype, void* grad_residual, int residual_dtype,
                          float* grad_weight_partial, float* grad_bias_partial, int64_t n_rows, int64_t n_cols,
-                         uint64_t seed, uint64_t threshold, float scale, bool dropout_after, int num_threads);
+                         uint64_t seed, uint64_t counter_offset, uint64_t threshold, float scale,
+                         bool dropout_after, int num_threads);
 
 }  // namespace fastcls

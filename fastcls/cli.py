@@ -67,6 +67,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--unpad", **_choices("unpad"),
                    help="run the encoder on unpadded, concatenated tokens (auto: on the CPU, and on CUDA where the "
                         "frozen-prefix cache needs it)")
+    p.add_argument("--cuda-graphs", **_choices("cuda_graphs"),
+                   help="replay each step from CUDA graphs, batches padded to a few fixed shapes (auto: off)")
     p.add_argument("--log-every", type=int)
     p.add_argument("--group-size", type=int, help="batches per length-sorted group (default 50)")
     p.add_argument("--overwrite", action="store_true", help="train into a folder that already holds a model")

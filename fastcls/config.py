@@ -21,8 +21,10 @@ METRICS = ("accuracy", "macro_f1", "loss")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 HEAD_IMPLS = ("fused", "reference")
 UNPAD = ("auto", "on", "off")
+CUDA_GRAPHS = ("auto", "on", "off")
 # settings whose value must be one of a list: the CLI's `choices=` and the checks below read this table
-CHOICES = {"decay": DECAYS, "metric": METRICS, "precision": PRECISIONS, "head_impl": HEAD_IMPLS, "unpad": UNPAD}
+CHOICES = {"decay": DECAYS, "metric": METRICS, "precision": PRECISIONS, "head_impl": HEAD_IMPLS, "unpad": UNPAD,
+           "cuda_graphs": CUDA_GRAPHS}
 # flags whose name is not the setting's with dashes
 FLAG_NAMES = {"text_columns": "--text-column", "kernels": "--no-kernels",
               "cache_frozen": "--no-cache-frozen"}
@@ -80,6 +82,9 @@ class TrainConfig:
     # run supported encoders on unpadded, concatenated tokens: auto = on the CPU, and on CUDA only where the frozen
     # prefix cache needs it (on an H200 the unpadded path's extra gathers made launch-bound BERT-base steps slower)
     unpad: str = "auto"
+    # replay each training step from CUDA graphs (fastcls.components.train_step): on needs CUDA, padded batches and
+    # the default optimizer and schedule; auto = off until the H200 figures show where it is faster
+    cuda_graphs: str = "auto"
     log_every: int = 10  # steps between progress updates (each reads the loss back from the device)
     group_size: int = 50  # batches per length-sorted mega-batch
     overwrite: bool = False  # allow --output to be a folder that already holds a model

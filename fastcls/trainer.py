@@ -1,12 +1,11 @@
 """The training loop: the step from batch to optimizer update, evaluation, keeping the best checkpoint.
 
-`train(cfg)` composes the components (fastcls/components/) around one step:
+`train(cfg)` composes the components (fastcls/components/) around one step (`TrainStep`, eager or replayed
+from CUDA graphs):
 
-    batch = collate(train_set, rows, packed=model.packed).to(device)
-    with autocast(device, precision):
-        loss, _ = model(batch)
-    scaler.scale(loss / grad_accum).backward()
-    clip, scaler.step(optimizer), scaler.update(), scheduler.step(), optimizer.zero_grad()
+    for each micro-batch: batch = collate(train_set, rows, packed=model.packed); step.micro(batch)
+        (forward under autocast, scaler.scale(loss / grad_accum).backward(), the dropout generator's end_step)
+    step.update(): clip, scaler.step(optimizer), scaler.update(), scheduler.step(), optimizer.zero_grad()
 """
 import dataclasses
 import math
@@ -21,17 +20,19 @@ from torch import nn
 from fastcls.components.callbacks import Callback, TrainState
 from fastcls.components.checkpoint import Checkpointer
 from fastcls.components.early_stopping import EarlyStopping
-from fastcls.components.lr_schedule import ScheduleConfig, build_scheduler, resolve_warmup_steps
+from fastcls.components.lr_schedule import DeviceLRSchedule, ScheduleConfig, build_scheduler, resolve_warmup_steps
 from fastcls.components.metrics import MetricsLogger
 from fastcls.components.optimizer import OptimizerConfig, build_optimizer, param_groups
-from fastcls.components.precision import autocast, grad_scaler, resolve_device, resolve_precision
+from fastcls.components.precision import grad_scaler, resolve_device, resolve_precision
 from fastcls.components.prefix_cache import PrefixCache
+from fastcls.components.train_step import StepConfig, TrainStep
 from fastcls.config import TrainConfig
-from fastcls.data import LabelMap, LengthGroupedBatches, collate, read_examples, tokenize_examples
+from fastcls.data import LabelMap, LengthGroupedBatches, bucket_length, collate, read_examples, tokenize_examples
 from fastcls.errors import ConfigError, DataError, TrainingError
 from fastcls.evaluate import evaluate_logits, predict_logits
 from fastcls.models.classifier import EncoderClassifier, choose_packed
 from fastcls.models.loading import head_dropout, load_encoder, load_tokenizer, own_aligned_storage
+from fastcls.ops.dropout import DropoutGenerator, draw_seed, use_generator
 
 
 @dataclass
@@ -111,6 +112,34 @@ def _frozen_report(model, cache: PrefixCache | None, no_cache_reason: str | None
     return report
 
 
+def _cuda_graphs(cfg: TrainConfig, device, precision, custom_optimizer, custom_schedule, model=None,
+                 cache=None) -> bool:
+    """Whether the steps replay from CUDA graphs; --cuda-graphs on where they cannot is an error naming why.
+    Without `model`, checks what the settings alone decide (before the model is loaded)."""
+    if cfg.cuda_graphs == "off":
+        return False
+    blockers = [(device.type != "cuda", "needs a CUDA device"),
+                (precision == "fp16", "does not capture fp16's loss scaling (use --precision bf16)"),
+                (custom_optimizer, "needs fastcls's FusedAdamW (no optimizer= factory)"),
+                (custom_schedule, "needs fastcls's schedule (no scheduler= factory)")]
+    if model is not None:
+        blockers += [(model.packed, "needs padded batches (--unpad off)"),
+                     (not model.body.takes_packed, f"{type(model.encoder).__name__} runs through its own forward"),
+                     (cache is not None, "cannot replay the frozen-prefix cache (--no-cache-frozen)")]
+    reasons = [why for blocked, why in blockers if blocked]
+    if cfg.cuda_graphs == "on" and reasons:
+        raise ConfigError(f"--cuda-graphs on {reasons[0]}")
+    return cfg.cuda_graphs == "on"
+
+
+def _graph_report(step: TrainStep, tokens: int, padded_tokens: int) -> dict:
+    report = dataclasses.asdict(step.report)
+    report["padding_fraction"] = round(1 - tokens / max(1, padded_tokens), 4)  # bucketing's and the rows' own
+    print(f"CUDA graphs: {report['graphs']} captured in {report['capture_seconds']:.2f} s, {report['replays']} "
+          f"replays, {report['padding_fraction']:.1%} of the tokens were padding")
+    return report
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -133,6 +162,7 @@ def train(cfg: TrainConfig, *, encoder: nn.Module | None = None, tokenizer=None,
 def _train(cfg, device, encoder, tokenizer, optimizer_factory, scheduler_factory, callbacks) -> TrainResult:
     start = time.perf_counter()
     precision = resolve_precision(cfg.precision, device)
+    _cuda_graphs(cfg, device, precision, optimizer_factory is not None, scheduler_factory is not None)
     run = Checkpointer(cfg.output)
     if not cfg.overwrite and run.holds_a_model():
         raise ConfigError(f"--output {run.out} already holds a model; choose another folder or pass --overwrite")
@@ -163,91 +193,99 @@ def _train(cfg, device, encoder, tokenizer, optimizer_factory, scheduler_factory
     batches = LengthGroupedBatches(train_set.lengths, cfg.batch_size, group_size=cfg.group_size, seed=cfg.seed)
     steps_per_epoch = math.ceil(len(batches) / cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
-    scheduler = (scheduler_factory(optimizer, total_steps) if scheduler_factory is not None else build_scheduler(
-        optimizer, ScheduleConfig(total_steps, resolve_warmup_steps(cfg.warmup, total_steps), cfg.decay)))
     scaler = grad_scaler(device, precision)
     eval_every = cfg.eval_every or steps_per_epoch
     cache, no_cache_reason = _prefix_cache(cfg, model, train_set, device, math.ceil(total_steps / steps_per_epoch))
+    graphs = _cuda_graphs(cfg, device, precision, optimizer_factory is not None, scheduler_factory is not None,
+                          model, cache)
+    schedule = ScheduleConfig(total_steps, resolve_warmup_steps(cfg.warmup, total_steps), cfg.decay)
+    if scheduler_factory is not None:
+        scheduler = scheduler_factory(optimizer, total_steps)
+    else:  # graphs: the rate lives on the device, so that a replayed update reads the step's own
+        scheduler = DeviceLRSchedule(optimizer, schedule) if graphs else build_scheduler(optimizer, schedule)
+    if graphs:
+        model.body.row_accumulated_embedding = False  # its buffer bookkeeping is host-side
+    generator = DropoutGenerator(draw_seed(), device)
+    step = TrainStep(model, optimizer, scheduler, scaler, generator,
+                     StepConfig(cfg.grad_accum, cfg.max_grad_norm, precision, graphs), device)
 
     run.write_static(model, tokenizer, labels, {"max_length": cfg.max_length, "text_columns": cfg.text_columns,
                                                  "text_pair_column": cfg.text_pair_column},
                      {**cfg.to_dict(), "resolved_precision": precision, "device": str(device)})
     logger = MetricsLogger(run.metrics_path, total_steps)
     logger.write(f"fastcls: {len(train_set)} training rows, {len(labels)} labels, {total_steps} steps, "
-                 f"{device} {precision}, {'unpadded' if model.packed else 'padded'} batches, "
-                 f"{train_set.num_truncated} rows truncated to --max-length {cfg.max_length}")
+                 f"{device} {precision}, {'unpadded' if model.packed else 'padded'} batches"
+                 f"{', CUDA graphs' if graphs else ''}, {train_set.num_truncated} rows truncated to --max-length "
+                 f"{cfg.max_length}")
     state = TrainState(model, optimizer, total_steps, run.out)
     stopping = EarlyStopping(cfg.metric, cfg.patience)
     for callback in callbacks:
         callback.on_train_begin(state)
 
-    samples = tokens = 0
+    samples = tokens = padded_tokens = 0
     train_seconds, epoch_seconds = 0.0, []
-    loss_sum, loss_count = torch.zeros((), device=device), 0  # summed on the device: read back at logging steps
+    loss_sum, loss_count = step.loss_sum, 0
     tick = time.perf_counter()
-    while state.step < total_steps and not state.should_stop:
-        micro_batches = batches.batches(state.epoch)
-        epoch_start = train_seconds + time.perf_counter() - tick
-        for i, rows in enumerate(micro_batches):
-            batch = collate(train_set, rows, packed=model.packed, pad_token_id=pad_id).to(device)
-            with autocast(device, precision):
-                loss, _ = model(batch)
-            scaler.scale(loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach()
-            loss_count += 1
-            samples += len(rows)
-            tokens += int(train_set.lengths[rows].sum())
-            if (i + 1) % cfg.grad_accum and i + 1 < len(micro_batches):
-                continue  # accumulate another micro-batch
-            if cfg.max_grad_norm > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm, foreach=True)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            logger.step()
+    with use_generator(generator):
+        while state.step < total_steps and not state.should_stop:
+            micro_batches = batches.batches(state.epoch)
+            epoch_start = train_seconds + time.perf_counter() - tick
+            for i, rows in enumerate(micro_batches):
+                shape = None
+                if graphs:  # a few fixed shapes, each replayed from its own graph
+                    shape = (cfg.batch_size, bucket_length(int(train_set.lengths[rows].max()), cfg.max_length))
+                batch = collate(train_set, rows, packed=model.packed, pad_token_id=pad_id, shape=shape)
+                step.micro(batch)
+                loss_count += 1
+                samples += len(rows)
+                tokens += int(train_set.lengths[rows].sum())
+                padded_tokens += batch.num_tokens
+                if (i + 1) % cfg.grad_accum and i + 1 < len(micro_batches):
+                    continue  # accumulate another micro-batch
+                step.update()
+                state.step += 1
+                logger.step()
 
-            if state.step % cfg.log_every == 0 or state.step == total_steps:
-                state.last_loss = (loss_sum / loss_count).item()
-                lr = optimizer.param_groups[0]["lr"]
-                if not math.isfinite(state.last_loss):
-                    logger.close()
-                    raise TrainingError(f"training loss is {state.last_loss} at step {state.step} (lr {lr:.3g}); "
-                                        f"try a lower --lr or --precision fp32. The best checkpoint so far stays "
-                                        f"in {run.out}")
-                logger.train(state.last_loss, lr, samples / (train_seconds + time.perf_counter() - tick))
-            if dev_set is not None and (state.step % eval_every == 0 or state.step == total_steps):
-                train_seconds += time.perf_counter() - tick
-                record = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4),
-                          "train_loss": (loss_sum / max(1, loss_count)).item(),
-                          "samples_per_s": samples / train_seconds}
-                loss_sum.zero_()
-                loss_count = 0
-                report = evaluate_logits(predict_logits(model, dev_set, cfg.eval_batch_size, device, precision,
-                                                        pad_id), dev_set, labels)
-                record.update(report, dev_loss=report.pop("loss"))
-                logger.evaluation(record)
-                state.log.append(record)
-                if stopping.improved(record):
-                    state.best = record
-                    run.save(model)
+                if state.step % cfg.log_every == 0 or state.step == total_steps:
+                    state.last_loss = (loss_sum / loss_count).item()
+                    lr = (scheduler.lrs_after(state.step)[0] if isinstance(scheduler, DeviceLRSchedule)
+                          else optimizer.param_groups[0]["lr"])  # the device schedule's without a sync
+                    if not math.isfinite(state.last_loss):
+                        logger.close()
+                        raise TrainingError(f"training loss is {state.last_loss} at step {state.step} (lr {lr:.3g}); "
+                                            f"try a lower --lr or --precision fp32. The best checkpoint so far stays "
+                                            f"in {run.out}")
+                    logger.train(state.last_loss, lr, samples / (train_seconds + time.perf_counter() - tick))
+                if dev_set is not None and (state.step % eval_every == 0 or state.step == total_steps):
+                    train_seconds += time.perf_counter() - tick
+                    record = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4),
+                              "train_loss": (loss_sum / max(1, loss_count)).item(),
+                              "samples_per_s": samples / train_seconds}
+                    loss_sum.zero_()
+                    loss_count = 0
+                    report = evaluate_logits(predict_logits(model, dev_set, cfg.eval_batch_size, device, precision,
+                                                            pad_id), dev_set, labels)
+                    record.update(report, dev_loss=report.pop("loss"))
+                    logger.evaluation(record)
+                    state.log.append(record)
+                    if stopping.improved(record):
+                        state.best = record
+                        run.save(model)
+                        for callback in callbacks:
+                            callback.on_save(state, run.out)
                     for callback in callbacks:
-                        callback.on_save(state, run.out)
+                        callback.on_evaluate(state, record)
+                    if stopping.should_stop:
+                        logger.write(f"early stop: no {cfg.metric} gain in {cfg.patience} evaluations")
+                        state.should_stop = True
+                    tick = time.perf_counter()
                 for callback in callbacks:
-                    callback.on_evaluate(state, record)
-                if stopping.should_stop:
-                    logger.write(f"early stop: no {cfg.metric} gain in {cfg.patience} evaluations")
-                    state.should_stop = True
-                tick = time.perf_counter()
-            for callback in callbacks:
-                callback.on_step_end(state)
-            if state.step >= total_steps or state.should_stop:
-                break
-        _synchronize(device)  # once an epoch, so that the epoch's time is the device's
-        epoch_seconds.append(train_seconds + time.perf_counter() - tick - epoch_start)
-        state.epoch += 1
+                    callback.on_step_end(state)
+                if state.step >= total_steps or state.should_stop:
+                    break
+            _synchronize(device)  # once an epoch, so that the epoch's time is the device's
+            epoch_seconds.append(train_seconds + time.perf_counter() - tick - epoch_start)
+            state.epoch += 1
     logger.close()
     if dev_set is None or stopping.best is None:  # no dev set, or a callback stopped before any evaluation
         train_seconds += time.perf_counter() - tick
@@ -266,7 +304,8 @@ def _train(cfg, device, encoder, tokenizer, optimizer_factory, scheduler_factory
                          tokens / train_seconds, train_seconds, time.perf_counter() - start, frozen, cfg.max_length)
     run.write_state({"steps": state.step, "best": stopping.best, "train_samples_per_s": result.train_samples_per_s,
                      "train_tokens_per_s": result.train_tokens_per_s, "train_seconds": train_seconds,
-                     "total_seconds": result.total_seconds, "epoch_seconds": epoch_seconds, "frozen": frozen})
+                     "total_seconds": result.total_seconds, "epoch_seconds": epoch_seconds, "frozen": frozen,
+                     "cuda_graphs": _graph_report(step, tokens, padded_tokens) if graphs else None})
     if frozen is not None:
         print("frozen: " + ", ".join(f"{k} {v}" for k, v in frozen.items()))
     for callback in callbacks:

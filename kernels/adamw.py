@@ -7,10 +7,12 @@ addresses of tensor r's parameter, gradient, moments, optional amsgrad maximum a
 element chunk_index[i] * BLOCK on; every tensor has at least one program, so even an empty one counts its step.
 
 No host sync: the step count lives on the device, the bias corrections are computed from it once per program
-(in fp64, by squaring, so no libdevice pow), and a GradScaler's found_inf turns every program into a no-op by
-shrinking its element count to 0. The programs of a tensor all read the step count before any of them writes it:
-each takes a ticket (an atomic counter per tensor) after reading, and the last one writes step + 1 and resets the
-counter, so the step is written exactly once per launch, after every read.
+(in fp64, by squaring, so no libdevice pow), the learning rate may be a device tensor that each program loads
+(LR_IS_TENSOR: a schedule updating it in place changes no launch argument, so a CUDA graph replays it), and a
+GradScaler's found_inf turns every program into a no-op by shrinking its element count to 0. The programs of a
+tensor all read the step count before any of them writes it: each takes a ticket (an atomic counter per tensor)
+after reading, and the last one writes step + 1 and resets the counter, so the step is written exactly once per
+launch, after every read.
 """
 import torch
 import triton

@@ -5,7 +5,13 @@ the loss and the gradient; a wider row is walked in BLOCK-wide chunks with an on
 rescaled sum) and read a second time, from L2 where it fits, to write the gradient. Math is fp32 whatever the
 logits' dtype; the loss comes out fp32 and the gradient in the logits' dtype, written in the forward (into a new
 buffer or over the logits) and scaled by the upstream gradient in the backward by `scale_rows_triton`, which
-reads that gradient on the device and leaves the buffer alone when it is exactly 1 (no host sync).
+reads that gradient on the device and leaves the buffer alone when it is exactly 1 (no host sync). A "mean"
+reduction's divisor and its reciprocal (the gradient's scale) come from `target_summary_triton`: one launch of
+one program over the targets rather than a chain of small tensor ops, each a launch of its own.
+
+Launch arguments that change from call to call (the number of rows) are grid sizes or unspecialised ints, so a
+new batch size never compiles a kernel again; what is specialised (the class count and row strides, the options
+as constexprs) is fixed for a model.
 
 The options are torch's: class weights w, ignore_index, label smoothing eps (see fastcls/ops/cross_entropy.py
 for the formulas). A target outside [0, K) that is not ignore_index is treated as ignored here, never read out
@@ -38,8 +44,8 @@ def _cast_rounded(x, dtype: tl.constexpr):
 def _cross_entropy_kernel(
     logits_ptr, logits_row_stride, target_ptr, weight_ptr, weight_total_ptr, loss_ptr, grad_ptr, grad_row_stride,
     grad_scale_ptr, n_classes, ignore_index, label_smoothing,
-    HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, WITH_GRAD: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
-    BLOCK: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, WITH_GRAD: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_logits_ptr = logits_ptr + row * logits_row_stride
@@ -85,9 +91,13 @@ def _cross_entropy_kernel(
 
     safe_target = tl.where(kept, target, 0)
     target_logit = tl.load(row_logits_ptr + safe_target).to(tl.float32)
+    # The class weights' total only enters through the smoothing term.
     if HAS_WEIGHT:
         target_weight = tl.load(weight_ptr + safe_target)
-        weight_total = tl.load(weight_total_ptr)
+        if SMOOTHING:
+            weight_total = tl.load(weight_total_ptr)
+        else:
+            weight_total = 0.0
     else:
         target_weight = 1.0
         weight_total = n_classes * 1.0
@@ -100,7 +110,10 @@ def _cross_entropy_kernel(
     # Pass 2: grad_k = scale * (prob_coef * p_k - [k == t] * target_coef - class_coef * w_k), 0 on ignored rows.
     if WITH_GRAD:
         row_grad_ptr = grad_ptr + row * grad_row_stride
-        scale = tl.where(kept, tl.load(grad_scale_ptr), 0.0)
+        if HAS_GRAD_SCALE:
+            scale = tl.where(kept, tl.load(grad_scale_ptr), 0.0)
+        else:
+            scale = tl.where(kept, 1.0, 0.0)
         prob_coef = scale * ((1.0 - label_smoothing) * target_weight + (label_smoothing / n_classes) * weight_total)
         target_coef = scale * (1.0 - label_smoothing) * target_weight
         class_coef = scale * (label_smoothing / n_classes)
@@ -125,6 +138,32 @@ def _cross_entropy_kernel(
                     else:
                         grad -= class_coef
                 tl.store(row_grad_ptr + start + cols, _cast_rounded(grad, grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["n_rows"])
+def _target_summary_kernel(target_ptr, weight_ptr, summary_ptr, n_rows, n_classes, ignore_index,
+                           HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+    """summary = (divisor, 1 / divisor): the divisor is the sum of w[target] over kept rows (their count without
+    weights), or 1 where no row is kept, so that an all-ignored mean is 0."""
+    offsets = tl.arange(0, BLOCK)
+    kept_rows = tl.zeros([BLOCK], dtype=tl.int32)
+    weight_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n_rows, BLOCK):
+        rows = start + offsets
+        target = tl.load(target_ptr + rows, mask=rows < n_rows, other=ignore_index)
+        kept = (target != ignore_index) & (target >= 0) & (target < n_classes)
+        kept_rows += kept.to(tl.int32)
+        if HAS_WEIGHT:
+            weight_sum += tl.load(weight_ptr + tl.where(kept, target, 0), mask=kept, other=0.0)
+    n_kept = tl.sum(kept_rows, axis=0)
+    if HAS_WEIGHT:
+        total = tl.sum(weight_sum, axis=0)
+    else:
+        total = n_kept.to(tl.float32)
+    divisor = tl.where(n_kept > 0, total, 1.0)
+    tl.store(summary_ptr, divisor)
+    # Correctly rounded, as torch's reciprocal is: a plain division may compile to an approximate one.
+    tl.store(summary_ptr + 1, tl.math.div_rn(tl.full((), 1.0, tl.float32), divisor))
 
 
 @triton.jit
@@ -167,25 +206,43 @@ def cross_entropy_rows_triton(
     ignore_index: int,
     label_smoothing: float,
     grad: torch.Tensor | None,
-    grad_scale: torch.Tensor,
+    grad_scale: torch.Tensor | None,
     *,
     block_size: int | None = None,
 ) -> torch.Tensor:
     """Per-row fp32 losses (0 for ignored rows) of logits[N, K]; unless `grad` is None, also writes grad_scale
     times the gradient into it (it may be `logits` itself). `weight`: fp32 class weights [K] or None;
-    `grad_scale`: a 0-dim fp32 device tensor. `block_size` forces chunked rows, which tests use."""
+    `grad_scale`: a one-element fp32 device tensor, or None for 1. `block_size` forces chunked rows, which tests
+    use."""
     _check_layout(logits, target, grad)
     n_rows, n_classes = logits.shape
     loss_rows = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     single, block, num_warps = launch_config(n_classes, block_size)
-    weight_total = weight.sum() if weight is not None else None
+    smoothing = label_smoothing > 0
+    weight_total = weight.sum() if weight is not None and smoothing else None
     _cross_entropy_kernel[(n_rows,)](
         logits, logits.stride(0), target, weight, weight_total, loss_rows, grad,
         0 if grad is None else grad.stride(0), grad_scale, n_classes, ignore_index, label_smoothing,
-        HAS_WEIGHT=weight is not None, SMOOTHING=label_smoothing > 0, WITH_GRAD=grad is not None,
-        SINGLE_BLOCK=single, BLOCK=block, num_warps=num_warps,
+        HAS_WEIGHT=weight is not None, SMOOTHING=smoothing, WITH_GRAD=grad is not None,
+        HAS_GRAD_SCALE=grad_scale is not None, SINGLE_BLOCK=single, BLOCK=block, num_warps=num_warps,
     )
     return loss_rows
+
+
+# Targets per step of the summary's single program (a few steps for the batches here): fixed, so that the batch
+# size specialises nothing.
+SUMMARY_BLOCK = 4096
+
+
+def target_summary_triton(target: torch.Tensor, weight: torch.Tensor | None, n_classes: int,
+                          ignore_index: int) -> torch.Tensor:
+    """fp32 [divisor, 1 / divisor] of a "mean" over contiguous int64 `target`, on its device: the divisor is the
+    sum of `weight` (fp32 [K] or None for all 1) over the kept rows, 1 where none is kept. A target neither
+    ignore_index nor in [0, n_classes) counts as ignored, as in the loss kernel."""
+    summary = torch.empty(2, dtype=torch.float32, device=target.device)
+    _target_summary_kernel[(1,)](target, weight, summary, target.shape[0], n_classes, ignore_index,
+                                 HAS_WEIGHT=weight is not None, BLOCK=SUMMARY_BLOCK, num_warps=8)
+    return summary
 
 
 def scale_rows_triton(grad: torch.Tensor, scale: torch.Tensor, *, block_size: int = 4096) -> None:

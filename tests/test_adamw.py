@@ -1,6 +1,12 @@
 """FusedAdamW against torch.optim.AdamW(foreach=False) on every backend: groups, options, odd sizes, non-contiguous
 parameters, the worked example, GradScaler skips and unscaling, state dicts both ways, schedulers, master
-weights, and the training loop's optimizer."""
+weights, the training loop's optimizer, and (CUDA) a step captured in a CUDA graph. FusedAdamW driven by
+fastcls's device schedule (host-read-free steps on every backend, CUDA graphs of step and schedule) is tested in
+test_schedule.py.
+
+Over ~400 lines: the optimizer's contract with torch.optim.AdamW (state dicts both ways, every option, every
+backend) is one subject; the schedule and capture tests live in test_schedule.py.
+"""
 import copy
 
 import pytest

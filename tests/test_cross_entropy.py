@@ -296,7 +296,7 @@ def test_torch_compile_gives_the_same_loss_and_gradient(backend, generator):
     eager_x, compiled_x = logits.clone().requires_grad_(), logits.clone().requires_grad_()
     eager = step(eager_x)
     eager.backward()
-    compiled = torch.compile(step)(compiled_x)
+    compiled = torch.compile(step, fullgraph=True)(compiled_x)
     compiled.backward()
     assert_close(compiled, eager.double(), 1e-6)
     assert_close(compiled_x.grad, eager_x.grad.double(), 1e-6)

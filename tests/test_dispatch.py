@@ -69,7 +69,7 @@ def test_a_dtype_the_kernels_do_not_take_runs_the_reference(cpp_by_default, monk
     x = torch.randn(1000, dtype=torch.float16, requires_grad=True)
     out = dropout(x, 0.3, seed=5)
     assert torch.equal(out, dropout_reference(x, 0.3, 5))
-    assert type(out.grad_fn).__name__ == "_DropoutFunctionBackward"  # still the mask-free Function
+    assert "dropout_function" in type(out.grad_fn).__name__  # still the mask-free op
     logits = torch.randn(6, 4, dtype=torch.float64)
     target = torch.tensor([0, 3, 1, 2, 2, 0])
     assert torch.equal(cross_entropy(logits, target), cross_entropy_reference(logits, target))

@@ -188,7 +188,7 @@ def test_torch_compile_gives_the_same_loss_and_gradients(backend, generator):
     compiled_leaves = [t.clone().requires_grad_() for t in (x, w, b)]
     eager = step(*eager_leaves)
     eager.backward()
-    compiled = torch.compile(step)(*compiled_leaves)
+    compiled = torch.compile(step, fullgraph=True)(*compiled_leaves)
     compiled.backward()
     assert_close(compiled, eager.double(), 1e-6)
     for compiled_leaf, eager_leaf in zip(compiled_leaves, eager_leaves):

@@ -1,5 +1,7 @@
 """AdamW with bias correction, decoupled weight decay kept off biases and normalisation weights: fastcls's
-FusedAdamW (one launch per group, no host sync; Triton on CUDA, C++ on the CPU)."""
+FusedAdamW (one launch per group, no host sync; Triton on CUDA, C++ on the CPU). Its groups' lr starts as a
+float; `fastcls.components.lr_schedule.DeviceLRSchedule` turns it into a device tensor, as a step captured in a
+CUDA graph needs."""
 from dataclasses import dataclass
 
 import torch

@@ -33,11 +33,13 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
-def autocast(device: torch.device, precision: str):
-    """Weights and the optimizer stay fp32; matrix products run in the low precision."""
+def autocast(device: torch.device, precision: str, cache: bool = True):
+    """Weights and the optimizer stay fp32; matrix products run in the low precision. `cache=False` for steps
+    captured in a CUDA graph: a weight cast cached at capture would outlive the weights' next update."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
+                          cache_enabled=cache)
 
 
 def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:

@@ -7,7 +7,7 @@ from fastcls.data.batching import (
     restore_order,
     tokenize_examples,
 )
-from fastcls.data.collate import Batch, PackedBatch, PaddedBatch, collate
+from fastcls.data.collate import Batch, PackedBatch, PaddedBatch, bucket_length, collate
 from fastcls.data.errors import DataError
 from fastcls.data.labels import LabelMap
 from fastcls.data.reader import Example, read_examples

@@ -13,7 +13,6 @@ Dropout follows each module's mode (`EncoderClassifier.train` keeps frozen modul
 layer never drops. The layer code reproduces transformers 5.x BertLayer and its copies (BERT, MiniLM, RoBERTa,
 XLM-R, CamemBERT, ELECTRA) and DistilBERT's TransformerBlock; tests compare it with the model's own forward.
 """
-import functools
 import inspect
 
 import torch
@@ -30,6 +29,7 @@ from fastcls.ops.dropout_add_layer_norm import (
     dropout_add_layer_norm,
     layer_norm_dropout,
 )
+from fastcls.ops.dropout import recomputed_alike
 from fastcls.ops.embedding import row_accumulated_embedding
 
 
@@ -82,6 +82,9 @@ class LayerwiseEncoder:
         self.position_offset = self.embeddings.padding_idx + 1 if family.position_offset else 0
         self.layers = [_Layer(layer, family.layer_kind) for layer in encoder_layers(encoder)]
         self.frozen_embeddings, self.frozen_layers, self.checkpointing = False, 0, False
+        # the word-embedding gradient added row by row into a buffer kept across steps (fastcls.ops.embedding);
+        # torch's own embedding where a CUDA graph or torch.compile must see every gradient
+        self.row_accumulated_embedding = True
         self.prefix_cache: PrefixCache | None = None
         self.cache_source: int | None = None  # the `Encoded.key` whose rows the cache holds
         self._prefix_dtype = None  # the dtype the prefix produced, restored when reading the cache
@@ -111,7 +114,7 @@ class LayerwiseEncoder:
     def embed(self, batch: Batch) -> torch.Tensor:
         emb, training = self.embeddings, self.embeddings.training
         words = emb.word_embeddings
-        if self.kernels:
+        if self.kernels and self.row_accumulated_embedding and not torch.compiler.is_compiling():
             x = row_accumulated_embedding(batch.input_ids, words.weight, words.padding_idx)
         else:
             x = words(batch.input_ids)
@@ -172,11 +175,19 @@ class LayerwiseEncoder:
         for index in range(self.frozen_layers, n):
             cls_only = index == n - 1
             if self.checkpointing and torch.is_grad_enabled():
-                h = checkpoint(self.layer, index, h, batch, cls_only, use_reentrant=False,
+                h = checkpoint(recomputed_alike(self.layer), index, h, batch, cls_only, use_reentrant=False,
                                context_fn=attn.recompute_in_the_same_context)
             else:
                 h = self.layer(index, h, batch, cls_only)
         return h
+
+
+def _checkpointed(forward):
+    """forward under non-reentrant checkpointing, each call's recomputation redrawing that call's dropout masks."""
+    def call(*args, **kwargs):
+        return checkpoint(recomputed_alike(forward), *args, use_reentrant=False,
+                          context_fn=attn.recompute_in_the_same_context, **kwargs)
+    return call
 
 
 class OwnForwardEncoder:
@@ -197,8 +208,7 @@ class OwnForwardEncoder:
         coming from a frozen prefix, needs none."""
         self.checkpointing = True
         for layer in encoder_layers(self.encoder)[self.frozen_layers:]:
-            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False,
-                                              context_fn=attn.recompute_in_the_same_context)
+            layer.forward = _checkpointed(layer.forward)
 
     def cls_hidden(self, batch: Batch) -> torch.Tensor:
         if isinstance(batch, PackedBatch):

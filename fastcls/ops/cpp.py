@@ -79,18 +79,18 @@ def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, class_weight:
     return loss_rows
 
 
-def dropout(x: torch.Tensor, seed: int, threshold: int, scale: float) -> torch.Tensor:
+def dropout(x: torch.Tensor, seed: int, counter_offset: int, threshold: int, scale: float) -> torch.Tensor:
     """A new tensor: x's elements whose Philox word is >= threshold times scale, the others 0 (contiguous x;
-    0 <= seed < 2^64, 0 <= threshold <= 2^32)."""
+    0 <= seed, counter_offset < 2^64, 0 <= threshold <= 2^32)."""
     _check(x, "x", DROPOUT_DTYPES, None)
     out = torch.empty_like(x)
     kernel = getattr(dispatch.cpp_ext, f"dropout_{_SUFFIXES[x.dtype]}")
-    kernel(x.data_ptr(), out.data_ptr(), x.numel(), seed, threshold, scale, torch.get_num_threads())
+    kernel(x.data_ptr(), out.data_ptr(), x.numel(), seed, counter_offset, threshold, scale, torch.get_num_threads())
     return out
 
 
-def layer_norm_forward(x, residual, weight, bias, out, summed, mean, rstd, eps, seed, threshold, scale,
-                       dropout_after) -> None:
+def layer_norm_forward(x, residual, weight, bias, out, summed, mean, rstd, eps, seed, counter_offset, threshold,
+                       scale, dropout_after) -> None:
     """Fill out [N, H] (and summed, unless None, and the per-row fp32 mean and rstd) from contiguous x [N, H] and
     residual (or None); out and summed share one dtype."""
     n_rows, n_cols = x.shape
@@ -106,11 +106,11 @@ def layer_norm_forward(x, residual, weight, bias, out, summed, mean, rstd, eps, 
     dispatch.cpp_ext.layer_norm_forward(
         x.data_ptr(), _dtype_code(x), _address(residual), _dtype_code(residual), weight32.data_ptr(),
         bias32.data_ptr(), out.data_ptr(), _address(summed), _dtype_code(out), mean.data_ptr(), rstd.data_ptr(),
-        n_rows, n_cols, eps, seed, threshold, scale, dropout_after, torch.get_num_threads())
+        n_rows, n_cols, eps, seed, counter_offset, threshold, scale, dropout_after, torch.get_num_threads())
 
 
 def layer_norm_backward(grad_out, saved, saved_is_output, weight, bias, mean, rstd, grad_sum, grad_x,
-                        grad_residual, seed, threshold, scale, dropout_after) -> torch.Tensor:
+                        grad_residual, seed, counter_offset, threshold, scale, dropout_after) -> torch.Tensor:
     """Fill grad_x (and grad_residual, unless None) from grad_out and grad_sum (or None) in saved's dtype; returns
     the [2, threads, H] fp32 partial weight and bias gradients."""
     n_rows, n_cols = saved.shape
@@ -130,7 +130,7 @@ def layer_norm_backward(grad_out, saved, saved_is_output, weight, bias, mean, rs
         grad_out.data_ptr(), saved.data_ptr(), _dtype_code(saved), saved_is_output, weight32.data_ptr(),
         bias32.data_ptr(), mean.data_ptr(), rstd.data_ptr(), _address(grad_sum), grad_x.data_ptr(),
         _dtype_code(grad_x), _address(grad_residual), _dtype_code(grad_residual), partials[0].data_ptr(),
-        partials[1].data_ptr(), n_rows, n_cols, seed, threshold, scale, dropout_after, n_threads)
+        partials[1].data_ptr(), n_rows, n_cols, seed, counter_offset, threshold, scale, dropout_after, n_threads)
     return partials
 
 
@@ -139,11 +139,12 @@ def _dtype_code(tensor: torch.Tensor | None) -> int:
     return 0 if tensor is None else LAYER_NORM_DTYPES.index(tensor.dtype)
 
 
-def adamw(table: torch.Tensor, dtype_key, *, lr: float, beta1: float, beta2: float, eps: float,
+def adamw(table: torch.Tensor, dtype_key, *, lr: float | torch.Tensor, beta1: float, beta2: float, eps: float,
           weight_decay: float, amsgrad: bool, maximize: bool, bias_correction: bool,
           grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
     """One AdamW step over the tensors whose addresses `table` holds (int64, a row per tensor laid out as
     `fastcls.optim.adamw_table.TABLE_COLUMNS`), with the entry point of `dtype_key` (a key of ADAMW_KERNELS).
+    lr: a float, or a one-element fp32/fp64 CPU tensor that the kernel reads itself (Python never reads it);
     grad_scale and found_inf: None or one-element fp32 CPU tensors."""
     _check(table, "table", (torch.int64,), (table.shape[0], ADAMW_TABLE_WIDTH))
     for name, tensor in (("grad_scale", grad_scale), ("found_inf", found_inf)):
@@ -151,6 +152,13 @@ def adamw(table: torch.Tensor, dtype_key, *, lr: float, beta1: float, beta2: flo
             _check(tensor, name, (torch.float32,), None)
             if tensor.numel() != 1:
                 raise ValueError(f"{name} must have one element, got shape {tuple(tensor.shape)}")
+    lr32 = None
+    if isinstance(lr, torch.Tensor):
+        _check(lr, "lr", (torch.float32, torch.float64), None)
+        if lr.numel() != 1:
+            raise ValueError(f"lr must have one element, got shape {tuple(lr.shape)}")
+        lr32 = lr.detach().reshape(()).to(torch.float32)  # itself when already fp32
     getattr(dispatch.cpp_ext, ADAMW_KERNELS[dtype_key])(
-        table.data_ptr(), table.shape[0], lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, bias_correction,
-        _address(grad_scale), _address(found_inf), torch.get_num_threads())
+        table.data_ptr(), table.shape[0], 0.0 if lr32 is not None else lr, _address(lr32), beta1, beta2, eps,
+        weight_decay, amsgrad, maximize, bias_correction, _address(grad_scale), _address(found_inf),
+        torch.get_num_threads())

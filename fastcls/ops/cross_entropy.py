@@ -9,10 +9,25 @@ fp32 (fp64 for fp64 logits), the gradient has the logits' dtype.
 When the logits require grad, the kernels write the gradient in the same pass that computes the loss (each
 logit read once, each gradient element written once); the backward only scales it by the incoming gradient,
 which costs nothing when that is exactly 1 (checked on the CPU, and on the device by the Triton kernel itself,
-so no host sync). The gradient lives in a new buffer unless `inplace_grad=True`, which writes it over the
-logits: only safe when nothing else reads those logits afterwards (Liger-Kernel's in-place gradients corrupted
-users' models, its issues 272 and 343). fastcls bumps the logits' autograd version counter in that case, so an
-op that saved them for its own backward raises instead of silently using the gradient as logits.
+so no host sync). The gradient is handed over once: a second eager backward through the same graph
+(retain_graph=True) raises instead of scaling it again.
+
+The kernels run inside the torch.library custom op "fastcls::cross_entropy_forward"(logits, target, weight,
+ignore_index, label_smoothing, reduction, backend, with_grad) -> (loss, grad), so torch.compile traces through
+it (no graph break) and a CUDA graph captures it (nothing on the default path reads the device from the host).
+`grad` is the gradient for an upstream gradient of 1 (an empty tensor without `with_grad`, which must be set
+when the logits need a gradient); the op's autograd saves it, and its backward scales it and hands it over.
+Eagerly the op's implementation, autograd context and backward run without the dispatcher
+(`fastcls.ops.library.KernelOp`: dispatching would add 60% to the host time of a small batch's step) and the
+scaling is in place, by the kernels above. In a trace (torch.compile's AOT autograd) the scaling is a
+multiplication the compiler sees, since a traced backward may not write over a forward output: no host sync
+either way, but the compiled backward always passes over the gradient once.
+
+`inplace_grad=True` writes the gradient over the logits instead of into a new buffer: only safe when nothing
+else reads those logits afterwards (Liger-Kernel's in-place gradients corrupted users' models, its issues 272
+and 343). fastcls bumps the logits' autograd version counter then, so an op that saved them for its own backward
+raises instead of silently using the gradient as logits. torch.library differentiates only ops that write no
+input, so this path is no custom op and eager only: torch.compile breaks the graph around it.
 
 Backends (registered below with `fastcls.ops.dispatch`, which `linear_cross_entropy` shares):
 
@@ -23,7 +38,8 @@ Backends (registered below with `fastcls.ops.dispatch`, which `linear_cross_entr
 Out-of-range targets (neither ignore_index nor in [0, K)) raise IndexError naming the row. The C++ path finds
 them while it sums the class weights of the kept rows; the Triton and reference paths check with one vectorised
 comparison, which on CUDA costs a host sync: `validate=False` skips it on the Triton path (a bad row is then
-treated as ignored, never read out of bounds), and it is skipped while torch.compile traces.
+treated as ignored, never read out of bounds), and it is skipped while torch.compile traces and while a CUDA
+graph is captured.
 """
 import math
 
@@ -31,6 +47,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from fastcls.ops import cpp, dispatch
+from fastcls.ops.library import KernelOp
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -86,8 +103,7 @@ def cross_entropy_reference(
     """PyTorch softmax cross-entropy in fp32 math (fp64 for fp64 logits), differentiable by autograd."""
     _check_inputs(logits, target, weight, label_smoothing, reduction)
     n_classes = logits.shape[1]
-    if not torch.compiler.is_compiling():
-        check_target_range(target, n_classes, ignore_index)
+    check_target_range_eagerly(target, n_classes, ignore_index)
     x = logits.to(torch.promote_types(logits.dtype, torch.float32))
     kept = target != ignore_index
     safe_target = torch.where(kept, target, 0).long()
@@ -115,59 +131,83 @@ class RowKernel:
     def __init__(self, backend: str, n_classes: int, weight: torch.Tensor | None, ignore_index: int,
                  label_smoothing: float, device: torch.device):
         self.backend, self.n_classes, self.ignore_index = backend, n_classes, ignore_index
-        self.label_smoothing = float(label_smoothing)
-        self.weight = None if weight is None else weight.detach().to(device=device, dtype=torch.float32).contiguous()
+        self.label_smoothing = label_smoothing
+        self.weight = None if weight is None else weight.to(device=device, dtype=torch.float32).contiguous()
 
-    def mean_divisor(self, target: torch.Tensor, validate: bool):
-        """sum of w[target] over kept rows (1 where no row is kept, so that an all-ignored mean is 0): a float
-        on the cpp path, where computing it also validates the targets, a 0-dim device tensor on the triton path."""
+    def mean_divisor(self, target: torch.Tensor, reduction: str):
+        """For "mean": the sum of w[target] over kept rows (1 where no row is kept, so that an all-ignored mean is
+        0) and the scale of its gradient, 1 / that; floats on the cpp path, one-element device tensors on the
+        triton path. (None, None) for the other reductions, except on the cpp path, where computing them also
+        validates the targets."""
         if self.backend == "cpp":
             weight_sum, kept_rows = cpp.cross_entropy_target_summary(target, self.n_classes, self.ignore_index,
                                                                      self.weight)
-            return weight_sum if kept_rows else 1.0
-        if validate and not torch.compiler.is_compiling():
-            check_target_range(target, self.n_classes, self.ignore_index)
-        kept = (target != self.ignore_index) & (target >= 0) & (target < self.n_classes)
-        if self.weight is None:
-            return kept.sum().clamp_min(1).float()
-        target_weight = torch.where(kept, self.weight[torch.where(kept, target, 0)], 0.0)
-        return torch.where(kept.any(), target_weight.sum(), 1.0)
+            divisor = weight_sum if kept_rows else 1.0
+            return divisor, math.inf if divisor == 0 else 1.0 / divisor
+        if reduction != "mean":
+            return None, None
+        from fastcls.kernels.cross_entropy import target_summary_triton
+
+        summary = target_summary_triton(target, self.weight, self.n_classes, self.ignore_index)
+        return summary[0], summary[1:]
 
     def rows(self, logits: torch.Tensor, target: torch.Tensor, grad: torch.Tensor | None, grad_scale) -> torch.Tensor:
         """Per-row fp32 losses; writes grad_scale times the gradient into `grad` (class stride 1, the logits'
-        dtype; may be `logits` itself) unless it is None. `grad_scale`: a float (cpp) or 0-dim tensor (triton)."""
+        dtype; may be `logits` itself) unless it is None. `grad_scale`: a float (cpp), a one-element device tensor
+        (triton), or None for 1."""
         if self.backend == "triton":
-            from fastcls.kernels.cross_entropy import cross_entropy_rows_triton as kernel
-        else:
-            kernel = cpp.cross_entropy_rows
-        return kernel(logits, target, self.weight, self.ignore_index, self.label_smoothing, grad, grad_scale)
+            from fastcls.kernels.cross_entropy import cross_entropy_rows_triton
+
+            return cross_entropy_rows_triton(logits, target, self.weight, self.ignore_index, self.label_smoothing,
+                                             grad, grad_scale)
+        return cpp.cross_entropy_rows(logits, target, self.weight, self.ignore_index, self.label_smoothing, grad,
+                                      1.0 if grad_scale is None else grad_scale)
 
 
-def reciprocal(divisor):
-    """1 / divisor for a float (inf for 0, as a tensor division gives) or a tensor."""
-    if isinstance(divisor, torch.Tensor):
-        return divisor.reciprocal()
-    return math.inf if divisor == 0 else 1.0 / divisor
+def reduce_rows(loss_rows: torch.Tensor, reduction: str, divisor) -> torch.Tensor:
+    """The loss from per-row losses (a fresh tensor); `divisor`: what `RowKernel.mean_divisor` gave."""
+    if reduction == "none":
+        return loss_rows
+    total = loss_rows.sum()
+    return total.div_(divisor) if reduction == "mean" else total
 
 
-def unit_scale(backend: str, device: torch.device):
-    """A gradient scale of 1 as each backend takes it: a float (cpp) or a 0-dim device tensor (triton), filled on
-    the device rather than copied from the host."""
-    return torch.ones((), dtype=torch.float32, device=device) if backend == "triton" else 1.0
+def check_target_range_eagerly(target: torch.Tensor, n_classes: int, ignore_index: int) -> None:
+    """check_target_range, except while torch.compile traces or a CUDA graph is captured: there the host cannot
+    read the targets, and the kernels treat a bad row as ignored."""
+    if torch.compiler.is_compiling() or (target.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    check_target_range(target, n_classes, ignore_index)
 
 
-def scale_gradient_(grad: torch.Tensor, grad_output: torch.Tensor, backend: str) -> torch.Tensor:
-    """grad *= grad_output in place (a scalar, or one value per row of grad), skipped where grad_output is 1."""
+def scale_gradient_(grad: torch.Tensor, grad_output: torch.Tensor, backend: str) -> None:
+    """grad *= grad_output in place: a scalar, or one value per row of a 2-D grad; skipped where grad_output is
+    exactly 1, without a host sync on the triton path."""
     if backend == "triton":
         from fastcls.kernels.cross_entropy import scale_rows_triton
 
-        scale_rows_triton(grad, grad_output)
-        return grad
-    if grad_output.numel() == 1:
-        if grad_output.item() != 1.0:  # a CPU tensor: no sync to pay
-            grad.mul_(grad_output.to(grad.dtype))
-        return grad
-    return grad.mul_(grad_output.to(grad.dtype).unsqueeze(1))
+        scale_rows_triton(grad.view(1, -1) if grad.ndim == 1 else grad, grad_output)
+    elif grad_output.numel() == 1:
+        if grad_output.item() != 1.0:  # a CPU tensor on the cpp path: no sync to pay
+            grad.mul_(grad_output)
+    else:
+        grad.mul_(grad_output.unsqueeze(1))
+
+
+# Eager tensors; any other type is a trace's (fake, functional) or a subclass's.
+PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def scale_gradient(grad: torch.Tensor, grad_output: torch.Tensor, backend: str) -> torch.Tensor:
+    """grad scaled by grad_output (a scalar, or one value per row), in grad's dtype. Eagerly that is
+    `scale_gradient_`, in place and free when grad_output is 1. Where AOT autograd traces the backward (its
+    tensor subclasses; torch.compile), plain tensor ops giving a new tensor: a traced backward may not write
+    over the forward op's output, and the compiler fuses them or reuses the buffer."""
+    if torch.compiler.is_compiling() or type(grad) not in PLAIN_TENSORS or type(grad_output) not in PLAIN_TENSORS:
+        per_row = grad_output.reshape(grad_output.shape + (1,) * (grad.ndim - grad_output.ndim))
+        return (grad * per_row).to(grad.dtype)
+    scale_gradient_(grad, grad_output, backend)
+    return grad
 
 
 CONSUMED_GRADIENT = (
@@ -176,36 +216,83 @@ CONSUMED_GRADIENT = (
 )
 
 
-class _CrossEntropyFunction(torch.autograd.Function):
-    """Kernel-backed cross-entropy; `logits` must have class stride 1 and `target` be contiguous int64."""
+def _forward(logits, target, weight, ignore_index, label_smoothing, reduction, backend, grad) -> torch.Tensor:
+    """The loss, writing its gradient (for an upstream gradient of 1) into `grad` unless that is None."""
+    kernel = RowKernel(backend, logits.shape[1], weight, ignore_index, label_smoothing, logits.device)
+    divisor, mean_scale = kernel.mean_divisor(target, reduction)
+    loss_rows = kernel.rows(logits, target, grad, mean_scale if reduction == "mean" else None)
+    return reduce_rows(loss_rows, reduction, divisor)
+
+
+def _forward_impl(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int,
+                  label_smoothing: float, reduction: str, backend: str,
+                  with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if with_grad else None
+    loss = _forward(logits, target, weight, ignore_index, label_smoothing, reduction, backend, grad)
+    return loss, grad if with_grad else logits.new_empty(0)
+
+
+def _forward_fake(logits, target, weight, ignore_index, label_smoothing, reduction, backend, with_grad):
+    loss = logits.new_empty(logits.shape[:1] if reduction == "none" else (), dtype=torch.float32)
+    return loss, logits.new_empty(logits.shape if with_grad else (0,))
+
+
+def _setup_forward(ctx, inputs, output):
+    _, grad = output
+    ctx.mark_non_differentiable(grad)
+    ctx.set_materialize_grads(False)  # the gradient output's own gradient stays None, not an [N, K] of zeros
+    ctx.grad, ctx.backend = grad, inputs[6]
+
+
+def take_gradient(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+    """The gradient the forward left in ctx.grad, scaled by grad_output; once only."""
+    grad, ctx.grad = ctx.grad, None
+    if grad is None:
+        raise RuntimeError(CONSUMED_GRADIENT)
+    return scale_gradient(grad, grad_output, ctx.backend)
+
+
+def _gradients(ctx, grad_loss):
+    grad = take_gradient(ctx, grad_loss) if ctx.needs_input_grad[0] else None
+    return grad, None, None, None, None, None, None, None
+
+
+_gradients_once = once_differentiable(_gradients)
+
+
+def _backward(ctx, grad_loss, _grad_of_grad):
+    # Only a backward that builds a graph (create_graph=True) needs once_differentiable's refusal to be
+    # differentiated, and its wrapper costs a tenth of a small batch's step.
+    if torch.is_grad_enabled():
+        return _gradients_once(ctx, grad_loss)
+    return _gradients(ctx, grad_loss)
+
+
+_forward_op = KernelOp("cross_entropy_forward", _forward_impl, _forward_fake).with_autograd(_backward,
+                                                                                           _setup_forward)
+
+
+class _GradientOverLogits(torch.autograd.Function):
+    """The eager-only `inplace_grad=True` path: the gradient written over the logits, which must have class
+    stride 1."""
 
     @staticmethod
-    def forward(ctx, logits, target, weight, ignore_index, label_smoothing, reduction, backend, inplace_grad,
-                validate):
-        n_rows, n_classes = logits.shape
-        kernel = RowKernel(backend, n_classes, weight, ignore_index, label_smoothing, logits.device)
-        divisor = kernel.mean_divisor(target, validate)
-        grad = None
-        if ctx.needs_input_grad[0]:
-            grad = logits if inplace_grad else torch.empty((n_rows, n_classes), dtype=logits.dtype,
-                                                           device=logits.device)
-        scale = reciprocal(divisor) if reduction == "mean" else unit_scale(backend, logits.device)
-        loss_rows = kernel.rows(logits, target, grad, scale)
-        if inplace_grad and grad is not None:
-            torch.autograd.graph.increment_version(logits)
-        ctx.grad, ctx.backend = grad, backend
-        if reduction == "none":
-            return loss_rows
-        total = loss_rows.sum()
-        return total / divisor if reduction == "mean" else total
+    def forward(ctx, logits, target, weight, ignore_index, label_smoothing, reduction, backend):
+        loss = _forward(logits, target, weight, ignore_index, label_smoothing, reduction, backend, logits)
+        torch.autograd.graph.increment_version(logits)
+        ctx.grad, ctx.backend = logits, backend
+        return loss
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_output):
-        grad, ctx.grad = ctx.grad, None
-        if grad is None:
-            raise RuntimeError(CONSUMED_GRADIENT)
-        return scale_gradient_(grad, grad_output, ctx.backend), None, None, None, None, None, None, None, None
+    def backward(ctx, grad_loss):
+        return take_gradient(ctx, grad_loss), None, None, None, None, None, None
+
+
+# A kernel writing over a graph's tensor is nothing torch.compile can trace: it runs that call eagerly.
+@torch.compiler.disable
+def _gradient_over_logits(*args):
+    return _GradientOverLogits.apply(*args)
 
 
 def cross_entropy(
@@ -225,7 +312,7 @@ def cross_entropy(
     Returns a scalar for reduction "mean"/"sum" and per-row losses for "none", in fp32. `weight`: per-class
     rescaling weights [K]. `validate=False` skips the target check that costs a host sync on the Triton path.
     `inplace_grad=True` writes the gradient over the logits (see the module docstring: only when nothing else
-    reads them).
+    reads them; eager only).
     """
     _check_inputs(logits, target, weight, label_smoothing, reduction)
     backend = dispatch.backend_for("cross_entropy", logits.device, logits.dtype, backend=backend)
@@ -234,11 +321,12 @@ def cross_entropy(
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     target = target.to(torch.int64).contiguous()
-    return _apply_kernels(logits, target, weight, ignore_index, float(label_smoothing), reduction, backend,
-                          inplace_grad, validate)
-
-
-# torch.compile runs the kernels eagerly (a graph break) instead of tracing into raw pointers and pybind calls.
-@torch.compiler.disable
-def _apply_kernels(*args):
-    return _CrossEntropyFunction.apply(*args)
+    if validate and backend == "triton":
+        check_target_range_eagerly(target, logits.shape[1], ignore_index)
+    with_grad = logits.requires_grad and torch.is_grad_enabled()
+    if inplace_grad and with_grad:
+        return _gradient_over_logits(logits, target, weight, ignore_index, float(label_smoothing), reduction,
+                                     backend)
+    loss, _ = _forward_op(logits, target, weight, ignore_index, float(label_smoothing), reduction, backend,
+                          with_grad)
+    return loss

@@ -9,14 +9,31 @@ cross-entropy kernel (C++ on CPU, Triton on CUDA) writes the chunk's loss and ov
 gradient, and two more products give that chunk's grad_input rows and add its share of grad_weight into an fp32
 accumulator. Extra memory is that buffer plus the fp32 accumulator, whatever N. For "mean" and "sum" all of
 this happens in the forward and the backward only scales the gradients by the upstream one (nothing to do when
-it is exactly 1, the usual case, checked without a host sync on CUDA). For "none", whose upstream gradient
-differs per row, the forward computes the losses only and the backward recomputes each chunk.
+it is exactly 1, the usual case, checked without a host sync on CUDA) and casts them to their tensors' dtypes;
+they are handed over once, so a second eager backward through the same graph raises. For "none", whose upstream
+gradient differs per row, the forward computes the losses only and the backward recomputes each chunk.
+
+The chunk loops run inside torch.library custom ops, so torch.compile traces through them and CUDA graphs
+capture them:
+
+- "fastcls::linear_cross_entropy_forward"(input, linear_weight, target, linear_bias, weight, ignore_index,
+  label_smoothing, reduction, backend, chunk_size, compute_dtype, grad_input, grad_weight, grad_bias) ->
+  (loss, grad_input, grad_weight, grad_bias): the loss and the gradients asked for, for an upstream gradient of 1
+  (grad_input in the compute dtype, the others fp32 accumulators; empty tensors where not asked for, and always
+  for "none"); its autograd scales them as `fastcls.ops.cross_entropy` scales its gradient or, for "none", calls
+- "fastcls::linear_cross_entropy_backward"(input, linear_weight, target, linear_bias, weight, ignore_index,
+  label_smoothing, backend, chunk_size, compute_dtype, grad_output, grad_input, grad_weight, grad_bias) ->
+  (grad_input, grad_weight, grad_bias), in the dtypes of the tensors they belong to (empty where not asked for).
+
+`chunk_size` 0 there picks the default; in eager mode the implementations run without the dispatcher, as in
+`fastcls.ops.cross_entropy`.
 
 Under autocast the products run in the autocast dtype, as F.linear's would; the gradients come back in the
 dtypes of the tensors they belong to. The op is registered with `fastcls.ops.dispatch` as taking what the
 cross-entropy kernels take, in the products' dtype; others (fp64) run the reference.
 """
 import torch
+from torch.autograd.function import once_differentiable
 
 from fastcls.ops import dispatch
 from fastcls.ops.cross_entropy import (
@@ -24,10 +41,12 @@ from fastcls.ops.cross_entropy import (
     RowKernel,
     check_options,
     check_target,
+    check_target_range_eagerly,
     cross_entropy_reference,
-    reciprocal,
-    unit_scale,
+    reduce_rows,
+    scale_gradient,
 )
+from fastcls.ops.library import KernelOp
 
 dispatch.register_op("linear_cross_entropy", **dispatch.kernel_dtypes("cross_entropy"))
 
@@ -132,46 +151,92 @@ class _Chunked:
             torch.addmm(self.b, self.x[start:end], self.w.t(), out=out)
 
 
-class _LinearCrossEntropyFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, input, linear_weight, target, linear_bias, weight, ignore_index, label_smoothing, reduction,
-                backend, validate, chunk_size):
-        dtype = _compute_dtype(input, linear_weight, *(() if linear_bias is None else (linear_bias,)))
-        x = input.to(dtype).contiguous()
-        w = linear_weight.to(dtype).contiguous()
-        b = None if linear_bias is None else linear_bias.to(dtype)
-        n_rows, n_classes = x.shape[0], w.shape[0]
-        kernel = RowKernel(backend, n_classes, weight, ignore_index, label_smoothing, x.device)
-        divisor = kernel.mean_divisor(target, validate)
-        rows_per_chunk = chunk_rows(n_rows, n_classes, x.element_size(), x.device.type, chunk_size)
-        chunked = _Chunked(kernel, x, w, b, target, rows_per_chunk)
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], linear_bias is not None and ctx.needs_input_grad[3])
-        ctx.dtypes = (input.dtype, linear_weight.dtype, None if linear_bias is None else linear_bias.dtype)
-        ctx.backend, ctx.reduction = backend, reduction
-        loss_rows = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        if reduction == "none":
-            chunked.run(unit_scale(backend, x.device), None, (False, False, False), loss_rows)
-            ctx.chunked, ctx.needs = chunked, needs
-            return loss_rows
-        scale = reciprocal(divisor) if reduction == "mean" else unit_scale(backend, x.device)
-        ctx.grads = chunked.run(scale, None, needs, loss_rows)
-        total = loss_rows.sum()
-        return total / divisor if reduction == "mean" else total
+def _operands(input, linear_weight, linear_bias, compute_dtype):
+    """x, w, b in the products' dtype, laid out as the chunk loop reads them."""
+    x = input.to(compute_dtype).contiguous()
+    w = linear_weight.to(compute_dtype).contiguous()
+    return x, w, None if linear_bias is None else linear_bias.to(compute_dtype)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        if ctx.reduction == "none":
-            chunked = ctx.chunked
-            grads = chunked.run(unit_scale(ctx.backend, grad_output.device), grad_output.float(), ctx.needs)
-        else:
-            grads, ctx.grads = ctx.grads, None
-            if grads is None:
-                raise RuntimeError(CONSUMED_GRADIENT)
-            if ctx.backend == "triton" or grad_output.item() != 1.0:  # a CPU tensor on the cpp path: no sync
-                grads = [None if g is None else g.mul_(grad_output) for g in grads]
-        grad_x, grad_w, grad_b = (None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes))
-        return grad_x, grad_w, None, grad_b, None, None, None, None, None, None, None
+
+def _forward_impl(input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor,
+                  linear_bias: torch.Tensor | None, weight: torch.Tensor | None, ignore_index: int,
+                  label_smoothing: float, reduction: str, backend: str, chunk_size: int, compute_dtype: torch.dtype,
+                  grad_input: bool, grad_weight: bool,
+                  grad_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    x, w, b = _operands(input, linear_weight, linear_bias, compute_dtype)
+    n_rows, n_classes = x.shape[0], w.shape[0]
+    kernel = RowKernel(backend, n_classes, weight, ignore_index, label_smoothing, x.device)
+    divisor, mean_scale = kernel.mean_divisor(target, reduction)
+    chunked = _Chunked(kernel, x, w, b, target, chunk_rows(n_rows, n_classes, x.element_size(), x.device.type,
+                                                           chunk_size or None))
+    loss_rows = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    grads = chunked.run(mean_scale if reduction == "mean" else None, None, (grad_input, grad_weight, grad_bias),
+                        loss_rows)
+    return (reduce_rows(loss_rows, reduction, divisor), *(input.new_empty(0) if g is None else g for g in grads))
+
+
+def _forward_fake(input, linear_weight, target, linear_bias, weight, ignore_index, label_smoothing, reduction,
+                  backend, chunk_size, compute_dtype, grad_input, grad_weight, grad_bias):
+    loss = input.new_empty(input.shape[:1] if reduction == "none" else (), dtype=torch.float32)
+    n_classes = linear_weight.shape[0]
+    return (loss, input.new_empty(input.shape, dtype=compute_dtype) if grad_input else input.new_empty(0),
+            input.new_empty(linear_weight.shape, dtype=torch.float32) if grad_weight else input.new_empty(0),
+            input.new_empty((n_classes,), dtype=torch.float32) if grad_bias else input.new_empty(0))
+
+
+def _setup_forward(ctx, inputs, output):
+    (input, linear_weight, target, linear_bias, weight, ctx.ignore_index, ctx.label_smoothing, ctx.reduction,
+     ctx.backend, ctx.chunk_size, ctx.compute_dtype, *_) = inputs
+    _, *grads = output
+    ctx.mark_non_differentiable(*grads)
+    ctx.set_materialize_grads(False)
+    ctx.dtypes = (input.dtype, linear_weight.dtype, None if linear_bias is None else linear_bias.dtype)
+    if ctx.reduction == "none":
+        ctx.save_for_backward(input, linear_weight, target, linear_bias, weight)
+    else:
+        ctx.grads = grads
+
+
+@once_differentiable
+def _backward(ctx, grad_loss, *_grads_of_grads):
+    needs = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+    if ctx.reduction == "none":
+        input, linear_weight, target, linear_bias, weight = ctx.saved_tensors
+        grads = _backward_op(input, linear_weight, target, linear_bias, weight, ctx.ignore_index,
+                             ctx.label_smoothing, ctx.backend, ctx.chunk_size, ctx.compute_dtype, grad_loss, *needs)
+    else:
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError(CONSUMED_GRADIENT)
+        grads = [scale_gradient(grad, grad_loss, ctx.backend) if need else None for grad, need in zip(grads, needs)]
+    grad_x, grad_w, grad_b = (grad.to(dtype) if need else None for grad, need, dtype in zip(grads, needs, ctx.dtypes))
+    return grad_x, grad_w, None, grad_b, None, None, None, None, None, None, None, None, None, None
+
+
+def _backward_impl(input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor,
+                   linear_bias: torch.Tensor | None, weight: torch.Tensor | None, ignore_index: int,
+                   label_smoothing: float, backend: str, chunk_size: int, compute_dtype: torch.dtype,
+                   grad_output: torch.Tensor, grad_input: bool, grad_weight: bool,
+                   grad_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x, w, b = _operands(input, linear_weight, linear_bias, compute_dtype)
+    kernel = RowKernel(backend, w.shape[0], weight, ignore_index, label_smoothing, x.device)
+    chunked = _Chunked(kernel, x, w, b, target, chunk_rows(x.shape[0], w.shape[0], x.element_size(), x.device.type,
+                                                           chunk_size or None))
+    grads = chunked.run(None, grad_output.float(), (grad_input, grad_weight, grad_bias))
+    # A gradient already in its tensor's dtype is the loop's own fresh buffer, which .to returns as is.
+    return tuple(input.new_empty(0) if g is None else g.to(t.dtype)
+                 for g, t in zip(grads, (input, linear_weight, linear_bias)))
+
+
+def _backward_fake(input, linear_weight, target, linear_bias, weight, ignore_index, label_smoothing, backend,
+                   chunk_size, compute_dtype, grad_output, grad_input, grad_weight, grad_bias):
+    return tuple(t.new_empty(t.shape) if need else input.new_empty(0)
+                 for t, need in ((input, grad_input), (linear_weight, grad_weight), (linear_bias, grad_bias)))
+
+
+_backward_op = KernelOp("linear_cross_entropy_backward", _backward_impl, _backward_fake)
+_forward_op = KernelOp("linear_cross_entropy_forward", _forward_impl, _forward_fake).with_autograd(_backward,
+                                                                                                  _setup_forward)
 
 
 def linear_cross_entropy(
@@ -190,8 +255,7 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...) for input [N, d], linear_weight
     [K, d], without materialising the [N, K] logits (see the module docstring). `chunk_size`: rows per chunk
-    (default: about 16 MiB of logits on the CPU, 256 MiB
-    on CUDA, at least 64 rows)."""
+    (default: about 16 MiB of logits on the CPU, 256 MiB on CUDA, at least 64 rows)."""
     _check_inputs(input, linear_weight, target, linear_bias, weight, label_smoothing, reduction)
     dtype = _compute_dtype(input, linear_weight, *(() if linear_bias is None else (linear_bias,)))
     backend = dispatch.backend_for("linear_cross_entropy", input.device, dtype, backend=backend)
@@ -199,11 +263,12 @@ def linear_cross_entropy(
         return linear_cross_entropy_reference(input, linear_weight, target, linear_bias, weight, ignore_index,
                                               label_smoothing, reduction)
     target = target.to(torch.int64).contiguous()
-    return _apply_kernels(input, linear_weight, target, linear_bias, weight, ignore_index, float(label_smoothing),
-                          reduction, backend, validate, chunk_size)
-
-
-# torch.compile runs the kernels eagerly (a graph break) instead of tracing into raw pointers and pybind calls.
-@torch.compiler.disable
-def _apply_kernels(*args):
-    return _LinearCrossEntropyFunction.apply(*args)
+    if validate and backend == "triton":
+        check_target_range_eagerly(target, linear_weight.shape[0], ignore_index)
+    # Gradients of "mean" and "sum" come out of the forward; those of "none" out of the backward's recomputation.
+    in_forward = reduction != "none" and torch.is_grad_enabled()
+    loss, *_ = _forward_op(input, linear_weight, target, linear_bias, weight, ignore_index, float(label_smoothing),
+                           reduction, backend, 0 if chunk_size is None else max(1, chunk_size), dtype,
+                           in_forward and input.requires_grad, in_forward and linear_weight.requires_grad,
+                           in_forward and linear_bias is not None and linear_bias.requires_grad)
+    return loss

@@ -16,9 +16,17 @@ parameters stay the user's own tensors, so `param.data = ...`, `model.to(...)`, 
 cached one (a gradient reallocated elsewhere, as zero_grad(set_to_none=True) allows, rebuilds the addresses
 only). Non-contiguous parameters whose gradient and state share their strides and cover their storage densely
 are updated in place in memory order; others, and tensors not starting on a 16-byte boundary (the Triton
-kernel's vector accesses assume it; fresh allocations always do), go through a staging copy. Step counts stay on
-the device and the bias corrections are computed in the kernel, so a step never waits for the device and can be
-captured in a CUDA graph (a tensor lr should then live on the device too).
+kernel's vector accesses assume it; fresh allocations always do), go through staging copies kept from step to
+step.
+
+CUDA graphs. A step reads no device value on the host: step counts stay on the device and the bias corrections
+are computed in the kernels; a tensor lr is read by the kernels where it lies (the C++ kernel through its
+address); tensor betas are read on the host when first seen and after an in-place change only. Once a bucket's
+address table is built (first step; again only when an address moves), each step launches the same kernels with
+the same arguments, so `optimizer.step()` can be captured with `torch.cuda.graph` and replayed. A capture bakes in
+Python numbers (a float lr, betas, eps, weight decay): a rate that changes must be a tensor on the parameters'
+device that is updated in place, as `fastcls.components.lr_schedule.DeviceLRSchedule` does (a tensor elsewhere
+is copied to the device every step, which a capture cannot hold).
 
 Backends (registered below with `fastcls.ops.dispatch`, keyed by parameter dtype and master weights): triton
 for CUDA tensors (fp32, bf16 and fp16 parameters, with or without master weights); cpp for CPU tensors (fp32,
@@ -41,7 +49,7 @@ and are not seen.
 import torch
 
 from fastcls.ops import cpp, dispatch
-from fastcls.optim.adamw_table import AddressTable, Entry, is_dense, to_device
+from fastcls.optim.adamw_table import AddressTable, Entry, StagingBuffers, dense_strides, is_dense, to_device
 
 MASTER_KEY = "master_param"
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -98,10 +106,9 @@ def adamw_reference(
             step_size = lr / (1 - beta1**t)
             bias_correction2_sqrt = (1 - beta2**t).sqrt()
         else:
-            step_size = torch.as_tensor(lr, dtype=torch.float64, device=device)
-            bias_correction2_sqrt = torch.ones((), dtype=torch.float64, device=device)
-        denom = (second_moment.sqrt() / bias_correction2_sqrt.to(device)).add_(eps)
-        weight = weight + (-step_size.to(device) * exp_avg) / denom
+            step_size, bias_correction2_sqrt = lr, 1.0
+        denom = (second_moment.sqrt() / bias_correction2_sqrt).add_(eps)
+        weight = weight + (-step_size * exp_avg) / denom
         commit(exp_avgs[i], exp_avg, skip)
         commit(exp_avg_sqs[i], exp_avg_sq, skip)
         if master_params[i] is not None:
@@ -116,7 +123,8 @@ class FusedAdamW(torch.optim.Optimizer):
     Args beyond torch.optim.AdamW's: `bias_correction` (default True) divides the moments by 1 − βᵗ;
     `master_weights` keeps fp32 master copies and moments for bf16/fp16 parameters; `backend` forces
     "triton", "cpp" or "reference" (default: `fastcls.ops.dispatch.backend_for` per device and dtype). lr may be
-    a float or a one-element tensor, and may differ per group; schedulers write `group["lr"]` as usual.
+    a float or a one-element tensor (fp32 or fp64, best on the parameters' device), and may differ per group;
+    schedulers write `group["lr"]` as usual, and `DeviceLRSchedule` writes into a tensor lr on the device.
     """
 
     def __init__(
@@ -145,6 +153,9 @@ class FusedAdamW(torch.optim.Optimizer):
         self.backend = backend
         self._tables: dict[tuple, AddressTable] = {}
         self._betas64: dict[tuple, torch.Tensor] = {}
+        self._staging = StagingBuffers()
+        # tensor hyperparameter -> (its version when read, its value): see _host_float
+        self._tensor_floats: dict[torch.Tensor, tuple[int, float]] = {}
         # param -> (address, version) when its master copy last matched it
         self._master_marks: dict[torch.Tensor, tuple[int, int]] = {}
         # param -> the (amsgrad, master, device) its state was last conformed to (see _conform_state)
@@ -158,6 +169,8 @@ class FusedAdamW(torch.optim.Optimizer):
         self.__dict__.setdefault("backend", None)
         self.__dict__.setdefault("_tables", {})
         self.__dict__.setdefault("_betas64", {})
+        self.__dict__.setdefault("_staging", StagingBuffers())
+        self.__dict__.setdefault("_tensor_floats", {})
         self.__dict__.setdefault("_master_marks", {})
         self.__dict__["_conformed"] = {}
 
@@ -235,22 +248,33 @@ class FusedAdamW(torch.optim.Optimizer):
                 and (entry.max_exp_avg_sq is None or entry.max_exp_avg_sq.is_contiguous()) \
                 and (master_param is None or master_param.is_contiguous()):
             return entry, row
-        # empty_like: the parameter's strides where it is dense, contiguous where not; always a fresh allocation
-        layout = param if is_dense(param) and param.data_ptr() % 16 == 0 else torch.empty_like(param)
-        strides = layout.stride()
-        if layout is not param:
-            entry.param = layout.copy_(param)
+        # every tensor of the row takes the parameter's strides where it is dense, contiguous ones where not
+        strides = dense_strides(param)
+        staged_param = not is_dense(param) or param.data_ptr() % 16 != 0
+        if staged_param:
+            entry.param = self._staging.get(param, "param", strides, param.dtype).copy_(param)
         if grad.stride() != strides or grad.data_ptr() % 16:
-            entry.grad = torch.empty_like(layout, dtype=grad.dtype).copy_(grad)
-        entry.staged = (param if layout is not param else None, grad if entry.grad is not grad else None)
+            entry.grad = self._staging.get(param, "grad", strides, grad.dtype).copy_(grad)
+        entry.staged = (param if staged_param else None, grad if entry.grad is not grad else None)
         # the state is ours: re-lay it out once rather than stage it every step
         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", MASTER_KEY):
             value = state.get(key)
             if value is not None and (value.stride() != strides or value.data_ptr() % 16):
-                state[key] = torch.empty_like(layout, dtype=value.dtype).copy_(value)
+                state[key] = torch.empty_strided(param.shape, strides, dtype=value.dtype,
+                                                 device=param.device).copy_(value)
         entry.exp_avg, entry.exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         entry.max_exp_avg_sq, entry.master = state.get("max_exp_avg_sq"), state[MASTER_KEY] if master else None
         return entry, entry.row()
+
+    def _host_float(self, value, name: str) -> float:
+        """A hyperparameter as a float. A tensor (torch.optim.AdamW takes tensor betas) is read when first seen
+        and again only after an in-place change: a read every step would wait for the device."""
+        if not isinstance(value, torch.Tensor):
+            return float(value)
+        version, number = self._tensor_floats.get(value, (None, None))
+        if version != value._version:
+            version, number = self._tensor_floats[value] = (value._version, _scalar(value, name))
+        return number
 
     def _betas_on(self, device: torch.device, beta1: float, beta2: float) -> torch.Tensor:
         key = (device, beta1, beta2)
@@ -278,16 +302,21 @@ class FusedAdamW(torch.optim.Optimizer):
         backend = dispatch.backend_for("adamw", device, dtype_key, backend=self.backend)
         if grad_dtype != param_dtype:  # the kernels read gradients in the parameter's dtype
             backend = "reference"
-        beta1, beta2 = (_scalar(beta, "betas") for beta in group["betas"])
-        hyper = {"beta1": beta1, "beta2": beta2, "eps": float(group["eps"]),
-                 "weight_decay": float(group["weight_decay"]), "amsgrad": bool(group["amsgrad"]),
-                 "maximize": bool(group["maximize"]), "bias_correction": bool(group["bias_correction"])}
+        beta1, beta2 = (self._host_float(beta, "betas") for beta in group["betas"])
+        hyper = {"beta1": beta1, "beta2": beta2, "eps": self._host_float(group["eps"], "eps"),
+                 "weight_decay": self._host_float(group["weight_decay"], "weight_decay"),
+                 "amsgrad": bool(group["amsgrad"]), "maximize": bool(group["maximize"]),
+                 "bias_correction": bool(group["bias_correction"])}
         if grad_scale is not None:
             grad_scale = grad_scale.to(device=device, dtype=torch.float32, non_blocking=True)
         if found_inf is not None:
             found_inf = found_inf.to(device=device, dtype=torch.float32, non_blocking=True)
         entries, rows = zip(*(self._entry(p, self.state[p], master) for p in params))
         lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            # the kernels read it where it is, so a schedule can update it on the device; no copy when it is
+            # already there, as a captured step needs
+            lr = lr.detach().reshape(()).to(device)
         if backend == "reference":
             adamw_reference(
                 [e.param for e in entries], [e.grad for e in entries], [e.exp_avg for e in entries],
@@ -305,8 +334,7 @@ class FusedAdamW(torch.optim.Optimizer):
                 table = AddressTable(rows, device, block, table)
                 self._tables[key] = table
             if backend == "cpp":
-                cpp.adamw(table.table, dtype_key, lr=_scalar(lr, "lr"), grad_scale=grad_scale, found_inf=found_inf,
-                          **hyper)
+                cpp.adamw(table.table, dtype_key, lr=lr, grad_scale=grad_scale, found_inf=found_inf, **hyper)
             else:
                 self._launch_triton(table, entries[0], device, master, lr, hyper, grad_scale, found_inf)
             # Kernel stores bypass autograd's version counters: bump them as an in-place torch update would, so
@@ -326,8 +354,6 @@ class FusedAdamW(torch.optim.Optimizer):
                        found_inf) -> None:
         from fastcls.kernels.adamw import adamw_triton
 
-        if isinstance(lr, torch.Tensor):
-            lr = lr.to(device=device, non_blocking=True)
         # the kernel addresses every tensor from these, which are 16-byte aligned like all the others
         bases = (first.param, first.grad, first.exp_avg, first.master if master else first.exp_avg)
         adamw_triton(

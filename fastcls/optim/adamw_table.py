@@ -38,6 +38,38 @@ class Entry:
                 0 if self.master is None else self.master.data_ptr(), self.step.data_ptr(), self.param.numel()]
 
 
+def dense_strides(t: torch.Tensor) -> tuple[int, ...]:
+    """t's strides where it is dense, else the contiguous ones (the layout torch.empty_like(t) gives)."""
+    if is_dense(t):
+        return t.stride()
+    strides, expected = [], 1
+    for size in reversed(t.shape):
+        strides.append(expected)
+        expected *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+class StagingBuffers:
+    """The copies that stand in for tensors the kernels cannot address in place, one per (tensor, role), reused
+    while the wanted layout stays: a fresh copy every step would move the table's addresses every step, rebuilding
+    it (a host-to-device copy) and invalidating a CUDA graph that captured the step."""
+
+    def __init__(self):
+        # keyed by the tensor itself: its hash is its id, so a lookup never compares tensor values
+        self._buffers: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+
+    def get(self, owner: torch.Tensor, role: str, strides: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A buffer of owner's shape and device with `strides` and `dtype`, kept for owner under `role`; its values
+        are whatever the last user left."""
+        buffers = self._buffers.setdefault(owner, {})
+        buffer = buffers.get(role)
+        if buffer is None or buffer.shape != owner.shape or buffer.stride() != strides or buffer.dtype != dtype \
+                or buffer.device != owner.device:
+            buffer = torch.empty_strided(owner.shape, strides, dtype=dtype, device=owner.device)
+            buffers[role] = buffer
+        return buffer
+
+
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     # from pinned memory the copy queues behind the device's work instead of waiting for it
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t

@@ -1,0 +1,145 @@
+"""The training step, run eagerly or replayed from CUDA graphs.
+
+A step is micro-steps (forward and backward of one batch, gradients accumulating) then one update (clipping, the
+optimizer, the schedule, zeroing the gradients). On a GPU, small models are launch-bound: the host queues a few
+hundred kernels a step slower than the GPU runs them. With `cuda_graphs`, each micro-step shape and the update are
+captured once as CUDA graphs and replayed, so a step costs a handful of launches:
+
+- a shape (rows, length) is first run eagerly, which compiles its kernels and builds the optimizer's tables; its
+  second occurrence is captured, then replayed from then on. The batches come padded to a few shapes
+  (`fastcls.data.bucket_length`, filler rows), so a run captures a dozen or two graphs, sharing one memory pool;
+- everything a replay changes lives at fixed addresses outside the graphs' pool: the inputs (copied into each
+  shape's static batch), the gradients (allocated once, zeroed in place instead of set to None), the summed loss,
+  the dropout generator's state (`fastcls.ops.dropout.DropoutGenerator`: a replay draws new masks) and the
+  learning rate (a device tensor that the schedule updates on the device);
+- nothing in a step reads a device value on the host, so capture never meets a sync.
+
+Graphs change no result: a replay runs the kernels the eager step runs, on the same values.
+"""
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fastcls.components.precision import autocast
+from fastcls.data import Batch
+from fastcls.ops.dropout import DropoutGenerator
+
+
+@dataclass
+class StepConfig:
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    precision: str = "fp32"
+    cuda_graphs: bool = False
+
+
+@dataclass
+class GraphReport:
+    """What capturing cost: graphs made, their capture time, and the padding the fixed shapes added."""
+    graphs: int = 0
+    capture_seconds: float = 0.0
+    replays: int = 0
+    shapes: list = field(default_factory=list)
+
+
+class TrainStep:
+    def __init__(self, model: nn.Module, optimizer, scheduler, scaler, generator: DropoutGenerator,
+                 cfg: StepConfig, device: torch.device):
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.generator, self.cfg, self.device = generator, cfg, device
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.loss_sum = torch.zeros((), device=device)  # summed on the device: read back at logging steps
+        self.report = GraphReport()
+        if cfg.cuda_graphs:
+            for p in self.params:  # fixed addresses that every captured backward accumulates into
+                p.grad = torch.zeros_like(p)
+            self.pool = torch.cuda.graph_pool_handle()
+            self.seen: dict[tuple, int] = {}
+            self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Batch | None]] = {}
+
+    # the step's two parts, as they run eagerly and as they are captured
+
+    def _micro(self, batch: Batch) -> None:
+        with autocast(self.device, self.cfg.precision, cache=not self.cfg.cuda_graphs):
+            loss, _ = self.model(batch)
+        self.scaler.scale(loss / self.cfg.grad_accum).backward()
+        self.generator.end_step()  # each micro-step draws fresh masks, also when replayed
+        self.loss_sum += loss.detach()
+
+    def _update(self) -> None:
+        if self.cfg.max_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm, foreach=True)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=not self.cfg.cuda_graphs)
+
+    def micro(self, batch: Batch) -> None:
+        """Forward and backward of one micro-batch (on the host), its loss added to `loss_sum`."""
+        if not self.cfg.cuda_graphs:
+            return self._micro(batch.to(self.device))
+        key = ("micro", batch.num_rows, batch.max_len, batch.token_type_ids is not None, batch.labels is not None)
+        self._run(key, self._micro, batch)
+
+    def update(self) -> None:
+        if not self.cfg.cuda_graphs:
+            return self._update()
+        self._run(("update",), self._update, None)
+
+    # graphs
+
+    def _run(self, key: tuple, part, batch: Batch | None) -> None:
+        entry = self.graphs.get(key)
+        if entry is not None:
+            graph, static = entry
+            if static is not None:
+                _copy_batch(static, batch)
+            graph.replay()
+            self.report.replays += 1
+            return
+        occurrence = self.seen[key] = self.seen.get(key, 0) + 1
+        args = () if batch is None else (batch.to(self.device),)
+        if occurrence == 1:
+            # eagerly, on a side stream as capture will: compiles the shape's kernels, builds the optimizer's
+            # address tables and cuBLAS's workspaces, none of which a capture may do
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                part(*args)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            return
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph = torch.cuda.CUDAGraph()
+        static = _clone_batch(args[0]) if args else None
+        with torch.cuda.graph(graph, pool=self.pool):
+            part(*([static] if args else []))
+        end.record()
+        end.synchronize()
+        self.report.capture_seconds += start.elapsed_time(end) / 1e3
+        self.report.graphs += 1
+        if static is not None:
+            self.report.shapes.append([static.num_rows, static.max_len])
+        self.graphs[key] = (graph, static)
+        graph.replay()  # capture only recorded the work: this runs the step
+        self.report.replays += 1
+
+
+_BATCH_TENSORS = ("input_ids", "position_ids", "token_type_ids", "cls_index", "key_mask", "labels")
+
+
+def _clone_batch(batch: Batch) -> Batch:
+    return dataclasses.replace(batch, **{name: getattr(batch, name).clone() for name in _BATCH_TENSORS
+                                         if getattr(batch, name) is not None})
+
+
+def _copy_batch(static: Batch, batch: Batch) -> None:
+    """The host batch's tensors into the static batch's, from pinned memory without waiting for the GPU."""
+    for name in _BATCH_TENSORS:
+        source = getattr(batch, name)
+        if source is not None:
+            getattr(static, name).copy_(source.pin_memory(), non_blocking=True)

@@ -47,7 +47,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from fastcls.ops import cpp, dispatch
-from fastcls.ops.library import KernelOp
+from fastcls.ops.library import KernelOp, traced
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -194,16 +194,12 @@ def scale_gradient_(grad: torch.Tensor, grad_output: torch.Tensor, backend: str)
         grad.mul_(grad_output.unsqueeze(1))
 
 
-# Eager tensors; any other type is a trace's (fake, functional) or a subclass's.
-PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
-
-
 def scale_gradient(grad: torch.Tensor, grad_output: torch.Tensor, backend: str) -> torch.Tensor:
     """grad scaled by grad_output (a scalar, or one value per row), in grad's dtype. Eagerly that is
     `scale_gradient_`, in place and free when grad_output is 1. Where AOT autograd traces the backward (its
     tensor subclasses; torch.compile), plain tensor ops giving a new tensor: a traced backward may not write
     over the forward op's output, and the compiler fuses them or reuses the buffer."""
-    if torch.compiler.is_compiling() or type(grad) not in PLAIN_TENSORS or type(grad_output) not in PLAIN_TENSORS:
+    if traced(grad, grad_output):
         per_row = grad_output.reshape(grad_output.shape + (1,) * (grad.ndim - grad_output.ndim))
         return (grad * per_row).to(grad.dtype)
     scale_gradient_(grad, grad_output, backend)

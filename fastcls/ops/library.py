@@ -16,6 +16,13 @@ import torch
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
+def traced(*args) -> bool:
+    """Whether torch.compile traces, or a tensor among `args` is a subclass (a trace's fake or functional tensor,
+    or a DTensor): where the registered op, not its implementation, must run."""
+    return torch.compiler.is_compiling() or any(
+        isinstance(a, torch.Tensor) and type(a) not in _PLAIN_TENSORS for a in args)
+
+
 class KernelOp:
     """`impl` (type-annotated, returning fresh tensors) as the custom op "fastcls::<name>" with `fake` as its meta
     implementation; `with_autograd(backward, setup_context)` makes it differentiable, as `register_autograd`."""
@@ -40,8 +47,7 @@ class KernelOp:
         return self
 
     def __call__(self, *args):
-        if torch.compiler.is_compiling() or any(
-                isinstance(a, torch.Tensor) and type(a) not in _PLAIN_TENSORS for a in args):
+        if traced(*args):
             return self.op(*args)
         if self.function is not None and torch.is_grad_enabled() and any(
                 isinstance(a, torch.Tensor) and a.requires_grad for a in args):

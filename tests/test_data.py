@@ -60,6 +60,15 @@ def test_tsv_keeps_quotes_and_backslashes_verbatim(tmp_path):
     assert examples[1].where == f"{path}:3"
 
 
+@pytest.mark.parametrize("name", ["a.tsv", "a.csv"])
+def test_a_field_past_csvs_default_limit_is_read_whole(tmp_path, name):
+    """csv refuses fields over 128 KB unless told otherwise; a long review is no malformed record."""
+    sep = "\t" if name.endswith(".tsv") else ","
+    long_text = "word " * 40_000  # 200 KB
+    examples = read_examples(write(tmp_path, name, f"label{sep}text\n1{sep}{long_text}\n0{sep}short\n"))
+    assert [e.texts[0] for e in examples] == [long_text.strip(), "short"]  # stripped, whole
+
+
 def test_csv_quoting_and_multiline_records_report_their_first_line(tmp_path):
     path = write(
         tmp_path,

@@ -141,12 +141,25 @@ def _missing_as_none(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
+MAX_FIELD_CHARS = 2**31 - 1  # the largest limit csv takes on every platform (a C long)
+
+
 def _read_table(path: Path, suffix: str) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     source = str(path)
     if suffix == ".tsv":
         options: dict[str, Any] = {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
     else:
         options = {"strict": True}  # strict turns an unclosed quote into an error instead of a giant field
+    # a field past csv's default limit (128 KB) is ordinary long text, truncated at --max-length anyway; strict
+    # parsing still ends an unclosed quote with an error at the end of the file
+    previous_limit = csv.field_size_limit(MAX_FIELD_CHARS)
+    try:
+        return _read_records(path, source, options)
+    finally:
+        csv.field_size_limit(previous_limit)
+
+
+def _read_records(path: Path, source: str, options: dict) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     records = []
     # utf-8-sig drops the byte-order mark spreadsheet exports put in front of the first column name
     with path.open(newline="", encoding="utf-8-sig") as f:

@@ -140,6 +140,17 @@ def _graph_report(step: TrainStep, tokens: int, padded_tokens: int) -> dict:
     return report
 
 
+def _save_finite(run: Checkpointer, model: nn.Module, step: int) -> None:
+    """Save the checkpoint unless a weight is non-finite (one host read per save): a run folder never holds a
+    silently broken model."""
+    params = [p.detach() for p in model.parameters()]
+    if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        bad = next(name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all()))
+        raise TrainingError(f"weights are non-finite at step {step} (first: {bad}), so they were not saved; try a "
+                            f"lower --lr or --precision fp32. {run.out} keeps the best checkpoint so far")
+    run.save(model)
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -270,7 +281,7 @@ def _train(cfg, device, encoder, tokenizer, optimizer_factory, scheduler_factory
                     state.log.append(record)
                     if stopping.improved(record):
                         state.best = record
-                        run.save(model)
+                        _save_finite(run, model, state.step)
                         for callback in callbacks:
                             callback.on_save(state, run.out)
                     for callback in callbacks:
@@ -289,7 +300,7 @@ def _train(cfg, device, encoder, tokenizer, optimizer_factory, scheduler_factory
     logger.close()
     if dev_set is None or stopping.best is None:  # no dev set, or a callback stopped before any evaluation
         train_seconds += time.perf_counter() - tick
-        run.save(model)
+        _save_finite(run, model, state.step)
         for callback in callbacks:
             callback.on_save(state, run.out)
     frozen = _frozen_report(model, cache, no_cache_reason, epoch_seconds)

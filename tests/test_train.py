@@ -11,6 +11,7 @@ from tiny import make_tiny_encoder, sst2_rows, write_tsv
 from transformers import AutoModelForSequenceClassification
 
 from fastcls.cli import main
+from fastcls.components.callbacks import Callback
 from fastcls.components.checkpoint import load_run
 from fastcls.config import BUNDLED_DEV, BUNDLED_TRAIN, TrainConfig, bundled_model_path
 from fastcls.data import collate, read_examples, tokenize_examples
@@ -96,6 +97,22 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_files(tiny_bert, tmp_path, 
     with pytest.raises(TrainingError, match="loss is nan at step 2"):
         train(cfg)
     assert (tmp_path / "out" / "labels.json").is_file()
+
+
+def test_non_finite_weights_are_never_saved(tiny_bert, tmp_path):
+    data = write_tsv(tmp_path / "train.tsv", sst2_rows(16))
+
+    class BreakAWeight(Callback):
+        def on_step_end(self, state):
+            if state.step == 1:
+                with torch.no_grad():
+                    state.model.head.linear.weight[0, 0] = float("nan")
+
+    cfg = TrainConfig(model=str(tiny_bert), train=str(data), dev=str(data), output=str(tmp_path / "out"),
+                      max_steps=4, batch_size=8, log_every=100, eval_every=2)
+    with pytest.raises(TrainingError, match=r"weights are non-finite at step 2 \(first: "):
+        train(cfg, callbacks=[BreakAWeight()])
+    assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
 def test_cli_names_the_file_and_line_or_argument(tiny_bert, overfit_run, tmp_path, capsys):

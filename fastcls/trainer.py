@@ -177,6 +177,11 @@ def _train(cfg, device, encoder, tokenizer, optimizer_factory, scheduler_factory
     run = Checkpointer(cfg.output)
     if not cfg.overwrite and run.holds_a_model():
         raise ConfigError(f"--output {run.out} already holds a model; choose another folder or pass --overwrite")
+    if run.out.exists() and not run.out.is_dir():
+        raise ConfigError(f"--output {run.out} is a file, not a folder")
+    if not cfg.overwrite and run.out.is_dir() and any(run.out.iterdir()):
+        # a folder of the user's own files would get a run's config.json and metrics.jsonl written over them
+        raise ConfigError(f"--output {run.out} is not empty; choose a new or empty folder, or pass --overwrite")
 
     tokenizer = _tokenizer_for(cfg, encoder, tokenizer)
     train_rows = _read(cfg.train, cfg, "train")

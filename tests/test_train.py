@@ -99,6 +99,22 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_files(tiny_bert, tmp_path, 
     assert (tmp_path / "out" / "labels.json").is_file()
 
 
+def test_an_output_that_is_a_file_or_a_non_empty_folder_is_refused_and_left_alone(tiny_bert, tmp_path, capsys):
+    data = write_tsv(tmp_path / "train.tsv", sst2_rows(8))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"my": "settings"}')
+    a_file = tmp_path / "a_file"
+    a_file.write_text("notes")
+    for output, why in ((mine, "is not empty"), (a_file, "is a file")):
+        code = main(["train", "--model", str(tiny_bert), "--train", str(data), "--output", str(output),
+                     "--max-steps", "1"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and f"--output {output} {why}" in err[0]
+    assert (mine / "config.json").read_text() == '{"my": "settings"}' and len(list(mine.iterdir())) == 1
+    assert a_file.read_text() == "notes"
+
+
 def test_non_finite_weights_are_never_saved(tiny_bert, tmp_path):
     data = write_tsv(tmp_path / "train.tsv", sst2_rows(16))
 

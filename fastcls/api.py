@@ -17,6 +17,7 @@ from torch import nn
 
 from fastcls.components.callbacks import Callback
 from fastcls.components.checkpoint import load_run
+from fastcls.components.resume import find_run, resumed_config
 from fastcls.components.precision import resolve_device
 from fastcls.config import TrainConfig
 from fastcls.errors import ConfigError
@@ -28,7 +29,7 @@ from fastcls.trainer import train as _train_loop
 def train(config: TrainConfig | None = None, /, *, encoder: nn.Module | None = None, tokenizer=None,
           optimizer: Callable[[list[dict]], torch.optim.Optimizer] | None = None,
           scheduler: Callable[[torch.optim.Optimizer, int], object] | None = None,
-          callbacks: Sequence[Callback] = (), **settings) -> TrainResult:
+          callbacks: Sequence[Callback] = (), resume: str | Path | None = None, **settings) -> TrainResult:
     """Fine-tune a classifier and return the kept checkpoint (the best evaluation's) loaded.
 
     Settings come from `config`, from keyword arguments named as `TrainConfig`'s fields (they override
@@ -42,6 +43,13 @@ def train(config: TrainConfig | None = None, /, *, encoder: nn.Module | None = N
       (default: fastcls's FusedAdamW with `lr` and `weight_decay`); `scheduler`: `f(optimizer, total_steps)
       -> an LR scheduler` stepped once per optimizer step (default: warmup then `decay`).
     - `callbacks`: `fastcls.Callback` objects, called at train begin, step end, evaluation, save and train end.
+    - `resume`: a run folder (or "latest": the run in `output`, else the newest under fastcls_runs/) to continue
+      from its newest resumable checkpoint with the run's own settings; settings given here (or in `config`,
+      where they differ from the defaults) may only change what does not change the run's results (`log_every`,
+      `save_every`, ...). Python's `random` and numpy's global generator are set to the checkpoint's state.
+
+    SIGINT and SIGTERM (in the main thread) end training after the current step: a resumable checkpoint is
+    written, then `fastcls.errors.TrainingInterrupted` is raised, naming it (`.checkpoint`, `.run_dir`).
 
     The result has `output` (the run folder), `model`, `classifier` (predict / predict_proba), `best` (its dev
     metrics) and the run's figures.
@@ -53,8 +61,20 @@ def train(config: TrainConfig | None = None, /, *, encoder: nn.Module | None = N
     unknown = sorted(set(settings) - known)
     if unknown:
         raise ConfigError(f"fastcls.train: unknown settings {unknown}; known: {sorted(known)}")
+    run = None
+    if resume is not None:
+        defaults = TrainConfig()
+        settings = {**{name: getattr(base, name) for name in known
+                       if not _same(getattr(base, name), getattr(defaults, name))}, **settings}
+        run = find_run(resume, settings.get("output"))
+        base, settings = resumed_config(run, settings), {}
     return _train_loop(dataclasses.replace(base, **settings), encoder=encoder, tokenizer=tokenizer,
-                       optimizer_factory=optimizer, scheduler_factory=scheduler, callbacks=callbacks)
+                       optimizer_factory=optimizer, scheduler_factory=scheduler, callbacks=callbacks, resume=run)
+
+
+def _same(value, default) -> bool:
+    # rows in memory (a DataFrame, say) have no plain equality: they are a setting given
+    return value is default or (isinstance(value, str | int | float | list) and value == default)
 
 
 def load(path: str | Path, *, device: str = "auto", precision: str = "auto",

@@ -72,6 +72,14 @@ def _train_parser(sub) -> None:
     p.add_argument("--log-every", type=int)
     p.add_argument("--group-size", type=int, help="batches per length-sorted group (default 50)")
     p.add_argument("--overwrite", action="store_true", help="train into a folder that already holds a model")
+    p.add_argument("--save-every", type=int, metavar="N",
+                   help="write a resumable checkpoint every N optimizer steps into OUTPUT/checkpoints/")
+    p.add_argument("--save-total-limit", type=int, metavar="K", help="keep the newest K resumable checkpoints")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue a run from its newest resumable checkpoint, with its settings ('latest': the run "
+                        "in --output, else the newest under fastcls_runs/)")
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction,
+                   help="deterministic kernels and reductions (default: on for the CPU, off on CUDA)")
 
 
 def _infer_parsers(sub) -> None:
@@ -103,15 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(args: argparse.Namespace) -> None:
     from fastcls.components.host_memory import keep_freed_host_memory
     from fastcls.components.precision import resolve_device
+    from fastcls.components.resume import find_run, resumed_config
     from fastcls.config import TrainConfig, load_config_file
     from fastcls.trainer import train
 
     settings = load_config_file(args.config) if "config" in args else {}
-    settings.update({k: v for k, v in vars(args).items() if k not in ("command", "config")})
-    cfg = TrainConfig(**settings)
+    settings.update({k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")})
+    run = find_run(args.resume, settings.get("output")) if "resume" in args else None
+    cfg = resumed_config(run, settings) if run is not None else TrainConfig(**settings)
     if resolve_device(cfg.device).type == "cpu":
         keep_freed_host_memory()  # a process-wide allocator setting: the command's choice, not the library's
-    result = train(cfg)
+    result = train(cfg, resume=run)
     print(f"trained {result.steps} steps in {result.train_seconds:.1f} s "
           f"({result.train_samples_per_s:.1f} samples/s); model in {result.output}")
     if result.best is not None:
@@ -178,7 +188,7 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "expor
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from fastcls.errors import UserError
+    from fastcls.errors import TrainingInterrupted, UserError
 
     try:
         COMMANDS[args.command](args)
@@ -187,6 +197,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fastcls {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as stop:  # SIGINT/SIGTERM in training: a checkpoint was written first
+        print(f"fastcls {args.command}: {stop}", file=sys.stderr)
+        return 128 + stop.signum
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop: nothing to save
+        print(f"fastcls {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -88,6 +88,13 @@ class TrainConfig:
     log_every: int = 10  # steps between progress updates (each reads the loss back from the device)
     group_size: int = 50  # batches per length-sorted mega-batch
     overwrite: bool = False  # allow --output to be a folder that already holds a model
+    # resumable checkpoints (fastcls/components/resume.py): every N optimizer steps into output/checkpoints/, the
+    # newest K kept (None: all)
+    save_every: int | None = None
+    save_total_limit: int | None = None
+    # deterministic kernels and reductions, the thread count of the run kept on resume; None = on the CPU
+    # (it costs nothing measurable there), off on CUDA
+    deterministic: bool | None = None
 
     def resolve(self) -> "TrainConfig":
         """A copy with the bundled defaults filled in, every value checked (naming the flag at fault)."""
@@ -125,6 +132,8 @@ class TrainConfig:
             (cfg.freeze_layers >= 0, "freeze_layers", "must be >= 0"),
             (cfg.cache_budget_gb >= 0, "cache_budget_gb", "must be >= 0"),
             (cfg.group_size >= 1, "group_size", "must be >= 1"),
+            (cfg.save_every is None or cfg.save_every >= 1, "save_every", "must be >= 1"),
+            (cfg.save_total_limit is None or cfg.save_total_limit >= 1, "save_total_limit", "must be >= 1"),
             (cfg.label_names is None or len(set(cfg.label_names)) == len(cfg.label_names), "label_names",
              "must not repeat a name"),
         ]

@@ -25,3 +25,15 @@ class ModelLoadError(UserError):
 
 class TrainingError(UserError):
     """Training cannot go on (a non-finite loss, say); what was already written stays."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped training after a finished step, whose resumable checkpoint was written first. Not
+    a UserError: the CLI prints the message in one line and exits with 128 + the signal's number (130, 143)."""
+
+    def __init__(self, signum: int, step: int, checkpoint, run_dir):
+        import signal
+
+        self.signum, self.step, self.checkpoint, self.run_dir = signum, step, checkpoint, run_dir
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; resumable checkpoint in "
+                         f"{checkpoint}; continue with: fastcls train --resume {run_dir}")

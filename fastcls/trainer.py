@@ -19,16 +19,18 @@ from torch import nn
 
 from fastcls.components.callbacks import Callback, TrainState
 from fastcls.components.checkpoint import Checkpointer
+from fastcls.components.determinism import deterministic_mode, resolve_deterministic
 from fastcls.components.early_stopping import EarlyStopping
 from fastcls.components.lr_schedule import DeviceLRSchedule, ScheduleConfig, build_scheduler, resolve_warmup_steps
 from fastcls.components.metrics import MetricsLogger
 from fastcls.components.optimizer import OptimizerConfig, build_optimizer, param_groups
 from fastcls.components.precision import grad_scaler, resolve_device, resolve_precision
 from fastcls.components.prefix_cache import PrefixCache
+from fastcls.components.resume import Loop, Resumer, Training, checkpoints, refill_prefix_cache, rewrite_metrics
 from fastcls.components.train_step import StepConfig, TrainStep
 from fastcls.config import TrainConfig
 from fastcls.data import LabelMap, LengthGroupedBatches, bucket_length, collate, read_examples, tokenize_examples
-from fastcls.errors import ConfigError, DataError, TrainingError
+from fastcls.errors import ConfigError, DataError, TrainingError, TrainingInterrupted
 from fastcls.evaluate import evaluate_logits, predict_logits
 from fastcls.models.classifier import EncoderClassifier, choose_packed
 from fastcls.models.loading import head_dropout, load_encoder, load_tokenizer, own_aligned_storage
@@ -159,22 +161,19 @@ def _synchronize(device: torch.device) -> None:
 def train(cfg: TrainConfig, *, encoder: nn.Module | None = None, tokenizer=None,
           optimizer_factory: Callable[[list[dict]], torch.optim.Optimizer] | None = None,
           scheduler_factory: Callable[[torch.optim.Optimizer, int], object] | None = None,
-          callbacks: Sequence[Callback] = ()) -> TrainResult:
+          callbacks: Sequence[Callback] = (), resume: str | Path | None = None) -> TrainResult:
     """Fine-tune on `cfg` (left unchanged) and return the kept checkpoint loaded; see `fastcls.train` for the
-    keyword arguments. Torch's global RNG state is restored afterwards."""
+    keyword arguments. `resume`: a run folder to continue from its newest resumable checkpoint, `cfg` being its
+    settings (`fastcls.components.resume.resumed_config`). Torch's global RNG state is restored afterwards."""
     # an encoder given as a module is not the bundled model: `model` then only names where its tokenizer is
     cfg = cfg.resolve() if encoder is None else dataclasses.replace(cfg.resolve(), model=cfg.model)
     device = resolve_device(cfg.device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
-        return _train(cfg, device, encoder, tokenizer, optimizer_factory, scheduler_factory, callbacks)
+        return _train(cfg, device, encoder, tokenizer, optimizer_factory, scheduler_factory, callbacks, resume)
 
 
-def _train(cfg, device, encoder, tokenizer, optimizer_factory, scheduler_factory, callbacks) -> TrainResult:
-    start = time.perf_counter()
-    precision = resolve_precision(cfg.precision, device)
-    _cuda_graphs(cfg, device, precision, optimizer_factory is not None, scheduler_factory is not None)
-    run = Checkpointer(cfg.output)
+def _refuse_used_output(run: Checkpointer, cfg: TrainConfig) -> None:
     if not cfg.overwrite and run.holds_a_model():
         raise ConfigError(f"--output {run.out} already holds a model; choose another folder or pass --overwrite")
     if run.out.exists() and not run.out.is_dir():
@@ -182,6 +181,15 @@ def _train(cfg, device, encoder, tokenizer, optimizer_factory, scheduler_factory
     if not cfg.overwrite and run.out.is_dir() and any(run.out.iterdir()):
         # a folder of the user's own files would get a run's config.json and metrics.jsonl written over them
         raise ConfigError(f"--output {run.out} is not empty; choose a new or empty folder, or pass --overwrite")
+
+
+def _train(cfg, device, encoder, tokenizer, optimizer_factory, scheduler_factory, callbacks, resume) -> TrainResult:
+    start = time.perf_counter()
+    precision = resolve_precision(cfg.precision, device)
+    _cuda_graphs(cfg, device, precision, optimizer_factory is not None, scheduler_factory is not None)
+    run = Checkpointer(cfg.output)
+    if resume is None:  # a resumed run continues in its own folder
+        _refuse_used_output(run, cfg)
 
     tokenizer = _tokenizer_for(cfg, encoder, tokenizer)
     train_rows = _read(cfg.train, cfg, "train")
@@ -225,9 +233,14 @@ def _train(cfg, device, encoder, tokenizer, optimizer_factory, scheduler_factory
     step = TrainStep(model, optimizer, scheduler, scaler, generator,
                      StepConfig(cfg.grad_accum, cfg.max_grad_norm, precision, graphs), device)
 
-    run.write_static(model, tokenizer, labels, {"max_length": cfg.max_length, "text_columns": cfg.text_columns,
-                                                 "text_pair_column": cfg.text_pair_column},
-                     {**cfg.to_dict(), "resolved_precision": precision, "device": str(device)})
+    train_config = {**cfg.to_dict(), "resolved_precision": precision, "device": str(device)}
+    resumer = Resumer(run.out, cfg.save_every, cfg.save_total_limit)
+    if resume is None:
+        resumer.discard_all()
+        run.write_static(model, tokenizer, labels, {"max_length": cfg.max_length, "text_columns": cfg.text_columns,
+                                                     "text_pair_column": cfg.text_pair_column}, train_config)
+    else:
+        run.write_train_config(train_config)
     logger = MetricsLogger(run.metrics_path, total_steps)
     logger.write(f"fastcls: {len(train_set)} training rows, {len(labels)} labels, {total_steps} steps, "
                  f"{device} {precision}, {'unpadded' if model.packed else 'padded'} batches"
@@ -235,18 +248,29 @@ def _train(cfg, device, encoder, tokenizer, optimizer_factory, scheduler_factory
                  f"{cfg.max_length}")
     state = TrainState(model, optimizer, total_steps, run.out)
     stopping = EarlyStopping(cfg.metric, cfg.patience)
+    training = Training(model, optimizer, scheduler, scaler, generator, state, stopping, step.loss_sum)
+    loop, threads = Loop(), None
+    if resume is not None:  # the newest checkpoint's state, and the run folder as it was then
+        loop, threads = resumer.load(checkpoints(resume)[-1], training)
+        rewrite_metrics(run.out, state.log)
+        logger.write(f"resumed from {checkpoints(resume)[-1]}: step {state.step}, epoch {state.epoch}")
     for callback in callbacks:
         callback.on_train_begin(state)
 
-    samples = tokens = padded_tokens = 0
-    train_seconds, epoch_seconds = 0.0, []
-    loss_sum, loss_count = step.loss_sum, 0
+    samples, tokens, padded_tokens, loss_count = loop.samples, loop.tokens, loop.padded_tokens, loop.loss_count
+    train_seconds, epoch_seconds, epoch_start, first_micro = (loop.train_seconds, loop.epoch_seconds,
+                                                              loop.epoch_start, loop.micro)
+    loss_sum = step.loss_sum
     tick = time.perf_counter()
-    with use_generator(generator):
+    with (use_generator(generator), resumer.signals,
+          deterministic_mode(resolve_deterministic(cfg.deterministic, device), device, threads)):
+        if resume is not None and cache is not None:  # what the interrupted run had cached
+            refill_prefix_cache(model, train_set, batches, state.epoch, first_micro, device, precision, pad_id)
         while state.step < total_steps and not state.should_stop:
             micro_batches = batches.batches(state.epoch)
-            epoch_start = train_seconds + time.perf_counter() - tick
-            for i, rows in enumerate(micro_batches):
+            if not first_micro:  # a resumed epoch keeps its start
+                epoch_start = train_seconds + time.perf_counter() - tick
+            for i, rows in enumerate(micro_batches[first_micro:], start=first_micro):
                 shape = None
                 if graphs:  # a few fixed shapes, each replayed from its own graph
                     shape = (cfg.batch_size, bucket_length(int(train_set.lengths[rows].max()), cfg.max_length))
@@ -297,8 +321,18 @@ def _train(cfg, device, encoder, tokenizer, optimizer_factory, scheduler_factory
                     tick = time.perf_counter()
                 for callback in callbacks:
                     callback.on_step_end(state)
+                if resumer.due(state.step):  # --save-every, or SIGINT/SIGTERM
+                    saving = time.perf_counter()
+                    saved = resumer.save(training, Loop(i + 1, samples, tokens, padded_tokens,
+                                                        train_seconds + saving - tick, epoch_start, epoch_seconds,
+                                                        loss_count), state.epoch)
+                    tick += time.perf_counter() - saving  # saving is not training time
+                    if resumer.signals.received is not None:
+                        logger.close()
+                        raise TrainingInterrupted(resumer.signals.received, state.step, saved, run.out)
                 if state.step >= total_steps or state.should_stop:
                     break
+            first_micro = 0
             _synchronize(device)  # once an epoch, so that the epoch's time is the device's
             epoch_seconds.append(train_seconds + time.perf_counter() - tick - epoch_start)
             state.epoch += 1

@@ -85,8 +85,11 @@ class Checkpointer:
         labels.save(self.out / LABELS_FILE)
         save_json_atomic({"format": FORMAT, "num_labels": model.num_labels, "head_dropout": model.head.dropout_p,
                           **meta}, self.out / FASTCLS_FILE)
-        save_json_atomic(train_config, self.out / CONFIG_FILE)
+        self.write_train_config(train_config)
         self.metrics_path.unlink(missing_ok=True)
+
+    def write_train_config(self, train_config: dict) -> None:
+        save_json_atomic(train_config, self.out / CONFIG_FILE)
 
     def save(self, model: EncoderClassifier) -> None:
         """The model's weights as the run's checkpoint: the exact head first, then the transformers layout, under

@@ -165,7 +165,14 @@ class LayerwiseEncoder:
         if cache is not None and self.frozen_embeddings:
             cache.put(batch.rows, h)
             self._prefix_dtype = h.dtype
+            # rounded as the cache serves it later: the layers above see a row's same values every epoch, and a
+            # run resumed with an empty cache recomputes exactly what it would have served
+            h = h.to(cache.dtype).to(h.dtype)
         return h
+
+    def fill_prefix_cache(self, batch: Batch) -> None:
+        """Run the frozen prefix on `batch` for its rows to be stored in the cache (a resumed run's refill)."""
+        self._prefix(batch)
 
     def cls_hidden(self, batch: Batch) -> torch.Tensor:
         n = len(self.layers)

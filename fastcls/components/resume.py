@@ -1,0 +1,316 @@
+"""The resumable training state: `--save-every N` writes it every N optimizer steps, SIGINT and SIGTERM write it
+before stopping, and `--resume RUN_DIR` continues the run from the newest one.
+
+A resumable checkpoint is a folder RUN_DIR/checkpoints/step-000120/ (the optimizer steps done):
+- `weights.safetensors`: every parameter and buffer of the model under fastcls's names (fp32 masters), exactly;
+- `optimizer.pt`, `scheduler.pt`, `scaler.pt`: their state_dicts (torch.save, read back with weights_only=True);
+- `rng_state_{rank}.pt`, one per rank: Python's `random`, numpy's global generator, torch's CPU (and CUDA)
+  generator and fastcls's dropout generator (its seed and base counter);
+- `trainer_state.json`: the format, the loop's position (epoch, micro-batches of it done: an epoch's batch order
+  is a function of the seed and the epoch, so the position fixes the rest), TrainState's fields, early stopping,
+  the loss and throughput counters, the metrics so far, the world size and the thread count.
+
+Writes are atomic: everything goes into checkpoints/.tmp-step-000120/, each file fsynced, and one rename commits
+the folder, so every step-* folder is complete and `--resume` takes the newest. A killed write leaves only a
+temporary folder, which the next run removes. Checkpoints beyond `--save-total-limit` are removed (renamed
+away, then deleted) only after the new one is committed.
+"""
+import json
+import os
+import random
+import shutil
+import signal
+import threading
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from fastcls.components.checkpoint import CONFIG_FILE, METRICS_FILE
+from fastcls.components.precision import autocast
+from fastcls.config import TrainConfig, flag
+from fastcls.data import collate
+from fastcls.errors import ConfigError
+
+FORMAT = 1
+CHECKPOINTS = "checkpoints"
+PREFIX = "step-"
+TEMP = ".tmp-"  # a write in progress, or killed
+TRASH = ".trash-"  # a pruned checkpoint being deleted
+WEIGHTS = "weights.safetensors"
+STATE = "trainer_state.json"
+PARTS = ("optimizer", "scheduler", "scaler")
+# settings a resumed run may change: none of them changes what the run computes (`device` and `eval_batch_size`
+# can change the last bits of the weights or of the metrics; bitwise equality holds on the same device)
+CHANGEABLE = {"output", "device", "eval_batch_size", "log_every", "save_every", "save_total_limit",
+              "cache_budget_gb", "deterministic", "overwrite"}
+
+
+@dataclass
+class Loop:
+    """Where the loop stands and what it has counted: saved with every checkpoint, restored on resume."""
+    micro: int = 0  # micro-batches of the current epoch done (the next one's index)
+    samples: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
+    train_seconds: float = 0.0
+    epoch_start: float = 0.0  # train_seconds when the current epoch began
+    epoch_seconds: list[float] = field(default_factory=list)
+    loss_count: int = 0  # micro-batches in the loss sum (since the last evaluation)
+
+
+@dataclass
+class Training:
+    """What a checkpoint holds the state of."""
+    model: torch.nn.Module
+    optimizer: object
+    scheduler: object
+    scaler: object
+    generator: object  # fastcls.ops.dropout.DropoutGenerator
+    state: object  # fastcls.components.callbacks.TrainState
+    stopping: object  # fastcls.components.early_stopping.EarlyStopping
+    loss_sum: torch.Tensor  # the training loss summed on the device since the last evaluation
+
+
+def _step_of(folder: Path) -> int:
+    return int(folder.name[len(PREFIX):])
+
+
+def checkpoints(run_dir: str | Path) -> list[Path]:
+    """The run's committed resumable checkpoints, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    return sorted(found, key=_step_of)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write(path: Path, write) -> None:
+    write(path)
+    _fsync(path)
+
+
+class Resumer:
+    """Writes one run's resumable checkpoints and reads them back; `signals` is the SIGINT/SIGTERM catcher whose
+    first signal makes the next checkpoint due."""
+
+    def __init__(self, run_dir: str | Path, save_every: int | None, keep: int | None, *, rank: int = 0,
+                 world_size: int = 1):
+        self.root = Path(run_dir) / CHECKPOINTS
+        self.save_every, self.keep, self.rank, self.world_size = save_every, keep, rank, world_size
+        self.signals = StopOnSignal()
+        if rank == 0 and self.root.is_dir():  # what killed writes and prunes left behind
+            for leftover in self.root.iterdir():
+                if leftover.name.startswith((TEMP, TRASH)):
+                    shutil.rmtree(leftover, ignore_errors=True)
+
+    def discard_all(self) -> None:
+        """A fresh run in a folder (--overwrite) does not continue the checkpoints of the run it replaces."""
+        if self.rank == 0 and self.root.is_dir():
+            shutil.rmtree(self.root)
+
+    def due(self, step: int) -> bool:
+        return bool(self.save_every and step % self.save_every == 0) or self.signals.received is not None
+
+    def save(self, t: Training, loop: Loop, epoch: int) -> Path:
+        """Write the checkpoint of step `t.state.step` and commit it; returns its folder."""
+        step = t.state.step
+        final = self.root / f"{PREFIX}{step:06d}"
+        if final.is_dir():  # this step's state is committed already (a resumed run stopped again at once)
+            return final
+        temp = self.root / f"{TEMP}{final.name}"
+        if self.rank == 0:
+            shutil.rmtree(temp, ignore_errors=True)
+            temp.mkdir(parents=True)
+        # DDP: barrier here, so that every rank finds the temporary folder
+        _write(temp / f"rng_state_{self.rank}.pt", lambda p: torch.save(rng_state(t.generator), p))
+        if self.rank == 0:
+            weights = {k: v.detach().to("cpu").contiguous().clone() for k, v in t.model.state_dict().items()}
+            _write(temp / WEIGHTS, lambda p: save_file(weights, p))
+            for name in PARTS:
+                _write(temp / f"{name}.pt", lambda p, name=name: torch.save(getattr(t, name).state_dict(), p))
+            record = {"format": FORMAT, "world_size": self.world_size, "num_threads": torch.get_num_threads(),
+                      **_train_state(t, loop, epoch)}
+            _write(temp / STATE, lambda p: p.write_text(json.dumps(record, indent=1)))
+        # DDP: barrier here, so that rank 0 commits only once every rank's RNG state is on disk
+        if self.rank == 0:
+            _fsync(temp)
+            os.rename(temp, final)  # the commit
+            _fsync(self.root)
+            self._prune()
+        return final
+
+    def _prune(self) -> None:
+        if self.keep is None:
+            return
+        for old in checkpoints(self.root.parent)[:-self.keep]:
+            trash = old.with_name(f"{TRASH}{old.name}")
+            os.rename(old, trash)  # gone from the committed ones at once; deleted at leisure
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def load(self, folder: Path, t: Training) -> tuple[Loop, int]:
+        """Put checkpoint `folder`'s state into `t` (in place); returns the loop's position and counters, and the
+        thread count the run had."""
+        saved = json.loads((folder / STATE).read_text())
+        if saved.get("format") != FORMAT:
+            raise ConfigError(f"--resume: {folder} is a checkpoint of format {saved.get('format')}, this fastcls "
+                              f"reads format {FORMAT}")
+        if saved["world_size"] != self.world_size:
+            raise ConfigError(f"--resume: {folder} was written by {saved['world_size']} processes, this run has "
+                              f"{self.world_size}")
+        device = t.loss_sum.device
+        t.model.load_state_dict(load_file(folder / WEIGHTS))
+        for name in PARTS:  # the optimizer first: the device schedule re-installs its lr tensors after it
+            state = torch.load(folder / f"{name}.pt", map_location=device, weights_only=True)
+            getattr(t, name).load_state_dict(state)
+        set_rng_state(torch.load(folder / f"rng_state_{self.rank}.pt", weights_only=True), t.generator)
+        s, stopping = t.state, t.stopping
+        s.step, s.epoch, s.best, s.log = saved["step"], saved["epoch"], saved["best"], saved["log"]
+        stopping.best, stopping.evals_without_gain = saved["stopping_best"], saved["evals_without_gain"]
+        # early stopping's decision stands; a callback's request to stop was this process's
+        s.last_loss, s.should_stop = saved["last_loss"], stopping.should_stop
+        t.loss_sum.fill_(saved["loss_sum"])
+        return Loop(**saved["loop"]), saved["num_threads"]
+
+
+def _train_state(t: Training, loop: Loop, epoch: int) -> dict:
+    s = t.state
+    return {"step": s.step, "epoch": epoch, "best": s.best, "log": s.log, "last_loss": s.last_loss,
+            "stopping_best": t.stopping.best,
+            "evals_without_gain": t.stopping.evals_without_gain, "loss_sum": t.loss_sum.item(),
+            "loop": {f.name: getattr(loop, f.name) for f in fields(loop)}}
+
+
+def rng_state(generator) -> dict:
+    """This process's generators: plain lists and tensors, which torch.load reads with weights_only=True."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), position, has_gauss, gauss],
+             "torch": torch.get_rng_state(), "dropout": generator.state_dict()}
+    if torch.cuda.is_available() and generator.state.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(generator.state.device)
+    return state
+
+
+def set_rng_state(state: dict, generator) -> None:
+    random.setstate(state["python"])
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], generator.state.device)
+    generator.load_state_dict(state["dropout"])
+
+
+class StopOnSignal:
+    """Inside the block, SIGINT and SIGTERM only record the first signal received (`received`), so that the loop
+    finishes its step, writes a checkpoint and stops; a second signal while that is saved changes nothing. The
+    previous handlers come back on leaving. Outside the main thread (where Python delivers no signals) it does
+    nothing."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def _record(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+
+def refill_prefix_cache(model, train_set, batches, epoch: int, micro: int, device, precision: str,
+                        pad_id: int) -> None:
+    """Store in the (empty) frozen-prefix cache what the interrupted run had stored: the prefix's output for the
+    first epoch's batches run before the checkpoint, computed batch by batch as they ran then (a row's output in
+    another batch may differ in its last bits: the matrix products' blocking follows the batch's shape)."""
+    done = batches.batches(0)[:micro] if epoch == 0 else batches.batches(0)
+    with torch.no_grad(), autocast(device, precision):
+        for rows in done:
+            model.body.fill_prefix_cache(collate(train_set, rows, packed=True, pad_token_id=pad_id).to(device))
+
+
+def find_run(resume: str | Path, output: str | None) -> Path:
+    """The run folder `--resume` names: a folder, or "latest": `output`, else the newest folder under the default
+    fastcls_runs/. It must hold a committed resumable checkpoint."""
+    if str(resume) == "latest":
+        if output is not None:
+            run = Path(output)
+        else:
+            root = Path("fastcls_runs")
+            runs = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+            if not runs:
+                raise ConfigError("--resume latest: no run in fastcls_runs/ (name the run folder, or give --output)")
+            run = runs[-1]
+    else:
+        run = Path(resume)
+    if not run.is_dir():
+        raise ConfigError(f"--resume: {run} is not a folder")
+    if not checkpoints(run):
+        raise ConfigError(f"--resume: {run} holds no resumable checkpoint (they are written by --save-every N, and "
+                          f"when SIGINT or SIGTERM stops a run)")
+    return run
+
+
+def resumed_config(run: Path, overrides: dict) -> TrainConfig:
+    """The run's own settings (its train_config.json) with `overrides` applied where they change nothing the run
+    computes; any other change is refused, naming its flag. Rows given in memory (Python API) are passed again."""
+    path = run / CONFIG_FILE
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"--resume: cannot read {path}: {err}") from None
+    precision = saved.pop("resolved_precision", None)
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        raise ConfigError(f"--resume: {path} has settings this fastcls does not know: {unknown}")
+    cfg = TrainConfig(**saved)
+    described = cfg.to_dict()
+    for name, value in overrides.items():
+        if name in CHANGEABLE:
+            continue
+        if TrainConfig(**{name: value}).to_dict()[name] != described[name]:
+            raise ConfigError(f"{flag(name)}: a resumed run keeps its setting ({described[name]!r} in {path}); "
+                              f"changing it would change what the run computes")
+    given_output = overrides.get("output")
+    if given_output is not None and Path(given_output).resolve() != run.resolve():
+        raise ConfigError(f"--output: a resumed run continues in its own folder {run}")
+    changes = {k: v for k, v in overrides.items() if k != "output"}
+    cfg = TrainConfig(**{**saved, **changes, "output": str(run)})
+    for name in ("train", "dev"):
+        value = getattr(cfg, name)
+        if isinstance(value, str) and value.startswith("<in memory"):
+            raise ConfigError(f"{name}: the run trained on rows in memory; pass the same rows as {name}= to resume")
+    if cfg.precision == "auto" and precision is not None and "device" not in overrides:
+        cfg.precision = precision  # pinned: "auto" must not resolve differently than it did
+    return cfg
+
+
+def rewrite_metrics(run_dir: Path, log: list[dict]) -> None:
+    """metrics.jsonl as it was at the checkpoint: evaluations the interrupted run made after it are dropped (the
+    resumed run makes them again)."""
+    path = Path(run_dir) / METRICS_FILE
+    lines = "".join(json.dumps(record) + "\n" for record in log)
+    temp = path.with_name(f".{path.name}.tmp")
+    _write(temp, lambda p: p.write_text(lines))
+    os.replace(temp, path)
+

@@ -26,6 +26,7 @@ _EXPORTS = {
     "DataError": "fastcls.errors",
     "ModelLoadError": "fastcls.errors",
     "TrainingError": "fastcls.errors",
+    "TrainingInterrupted": "fastcls.errors",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -49,7 +49,7 @@ def train(config: TrainConfig | None = None, /, *, encoder: nn.Module | None = N
       `save_every`, ...). Python's `random` and numpy's global generator are set to the checkpoint's state.
 
     SIGINT and SIGTERM (in the main thread) end training after the current step: a resumable checkpoint is
-    written, then `fastcls.errors.TrainingInterrupted` is raised, naming it (`.checkpoint`, `.run_dir`).
+    written, then `fastcls.TrainingInterrupted` is raised, naming it (`.checkpoint`, `.run_dir`).
 
     The result has `output` (the run folder), `model`, `classifier` (predict / predict_proba), `best` (its dev
     metrics) and the run's figures.
@@ -61,15 +61,14 @@ def train(config: TrainConfig | None = None, /, *, encoder: nn.Module | None = N
     unknown = sorted(set(settings) - known)
     if unknown:
         raise ConfigError(f"fastcls.train: unknown settings {unknown}; known: {sorted(known)}")
-    run = None
-    if resume is not None:
+    if resume is not None:  # the run's own settings; what `config` and the keywords change is checked
         defaults = TrainConfig()
         settings = {**{name: getattr(base, name) for name in known
                        if not _same(getattr(base, name), getattr(defaults, name))}, **settings}
-        run = find_run(resume, settings.get("output"))
-        base, settings = resumed_config(run, settings), {}
+        base, settings = resumed_config(find_run(resume, settings.get("output")), settings), {}
     return _train_loop(dataclasses.replace(base, **settings), encoder=encoder, tokenizer=tokenizer,
-                       optimizer_factory=optimizer, scheduler_factory=scheduler, callbacks=callbacks, resume=run)
+                       optimizer_factory=optimizer, scheduler_factory=scheduler, callbacks=callbacks,
+                       resume=resume is not None)
 
 
 def _same(value, default) -> bool:

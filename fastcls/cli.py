@@ -121,7 +121,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = resumed_config(run, settings) if run is not None else TrainConfig(**settings)
     if resolve_device(cfg.device).type == "cpu":
         keep_freed_host_memory()  # a process-wide allocator setting: the command's choice, not the library's
-    result = train(cfg, resume=run)
+    result = train(cfg, resume=run is not None)
     print(f"trained {result.steps} steps in {result.train_seconds:.1f} s "
           f"({result.train_samples_per_s:.1f} samples/s); model in {result.output}")
     if result.best is not None:

@@ -26,7 +26,7 @@ from fastcls.components.metrics import MetricsLogger
 from fastcls.components.optimizer import OptimizerConfig, build_optimizer, param_groups
 from fastcls.components.precision import grad_scaler, resolve_device, resolve_precision
 from fastcls.components.prefix_cache import PrefixCache
-from fastcls.components.resume import Loop, Resumer, Training, checkpoints, refill_prefix_cache, rewrite_metrics
+from fastcls.components.resume import Loop, Resumer, Training, refill_prefix_cache
 from fastcls.components.train_step import StepConfig, TrainStep
 from fastcls.config import TrainConfig
 from fastcls.data import LabelMap, LengthGroupedBatches, bucket_length, collate, read_examples, tokenize_examples
@@ -161,10 +161,10 @@ def _synchronize(device: torch.device) -> None:
 def train(cfg: TrainConfig, *, encoder: nn.Module | None = None, tokenizer=None,
           optimizer_factory: Callable[[list[dict]], torch.optim.Optimizer] | None = None,
           scheduler_factory: Callable[[torch.optim.Optimizer, int], object] | None = None,
-          callbacks: Sequence[Callback] = (), resume: str | Path | None = None) -> TrainResult:
+          callbacks: Sequence[Callback] = (), resume: bool = False) -> TrainResult:
     """Fine-tune on `cfg` (left unchanged) and return the kept checkpoint loaded; see `fastcls.train` for the
-    keyword arguments. `resume`: a run folder to continue from its newest resumable checkpoint, `cfg` being its
-    settings (`fastcls.components.resume.resumed_config`). Torch's global RNG state is restored afterwards."""
+    keyword arguments. `resume`: continue the run in `cfg.output` from its newest resumable checkpoint, `cfg`
+    being its settings (`fastcls.components.resume.resumed_config`). Torch's global RNG state is restored afterwards."""
     # an encoder given as a module is not the bundled model: `model` then only names where its tokenizer is
     cfg = cfg.resolve() if encoder is None else dataclasses.replace(cfg.resolve(), model=cfg.model)
     device = resolve_device(cfg.device)
@@ -188,7 +188,7 @@ def _train(cfg, device, encoder, tokenizer, optimizer_factory, scheduler_factory
     precision = resolve_precision(cfg.precision, device)
     _cuda_graphs(cfg, device, precision, optimizer_factory is not None, scheduler_factory is not None)
     run = Checkpointer(cfg.output)
-    if resume is None:  # a resumed run continues in its own folder
+    if not resume:  # a resumed run continues in its own folder
         _refuse_used_output(run, cfg)
 
     tokenizer = _tokenizer_for(cfg, encoder, tokenizer)
@@ -235,7 +235,7 @@ def _train(cfg, device, encoder, tokenizer, optimizer_factory, scheduler_factory
 
     train_config = {**cfg.to_dict(), "resolved_precision": precision, "device": str(device)}
     resumer = Resumer(run.out, cfg.save_every, cfg.save_total_limit)
-    if resume is None:
+    if not resume:
         resumer.discard_all()
         run.write_static(model, tokenizer, labels, {"max_length": cfg.max_length, "text_columns": cfg.text_columns,
                                                      "text_pair_column": cfg.text_pair_column}, train_config)
@@ -250,10 +250,9 @@ def _train(cfg, device, encoder, tokenizer, optimizer_factory, scheduler_factory
     stopping = EarlyStopping(cfg.metric, cfg.patience)
     training = Training(model, optimizer, scheduler, scaler, generator, state, stopping, step.loss_sum)
     loop, threads = Loop(), None
-    if resume is not None:  # the newest checkpoint's state, and the run folder as it was then
-        loop, threads = resumer.load(checkpoints(resume)[-1], training)
-        rewrite_metrics(run.out, state.log)
-        logger.write(f"resumed from {checkpoints(resume)[-1]}: step {state.step}, epoch {state.epoch}")
+    if resume:  # the newest checkpoint's state, and the run folder as it was then
+        loop, threads = resumer.load_newest(training)
+        logger.write(f"resumed from {resumer.loaded}: step {state.step}, epoch {state.epoch}")
     for callback in callbacks:
         callback.on_train_begin(state)
 
@@ -264,7 +263,7 @@ def _train(cfg, device, encoder, tokenizer, optimizer_factory, scheduler_factory
     tick = time.perf_counter()
     with (use_generator(generator), resumer.signals,
           deterministic_mode(resolve_deterministic(cfg.deterministic, device), device, threads)):
-        if resume is not None and cache is not None:  # what the interrupted run had cached
+        if resume and cache is not None:  # what the interrupted run had cached
             refill_prefix_cache(model, train_set, batches, state.epoch, first_micro, device, precision, pad_id)
         while state.step < total_steps and not state.should_stop:
             micro_batches = batches.batches(state.epoch)
@@ -323,9 +322,10 @@ def _train(cfg, device, encoder, tokenizer, optimizer_factory, scheduler_factory
                     callback.on_step_end(state)
                 if resumer.due(state.step):  # --save-every, or SIGINT/SIGTERM
                     saving = time.perf_counter()
-                    saved = resumer.save(training, Loop(i + 1, samples, tokens, padded_tokens,
-                                                        train_seconds + saving - tick, epoch_start, epoch_seconds,
-                                                        loss_count), state.epoch)
+                    loop = Loop(micro=i + 1, samples=samples, tokens=tokens, padded_tokens=padded_tokens,
+                                train_seconds=train_seconds + saving - tick, epoch_start=epoch_start,
+                                epoch_seconds=epoch_seconds, loss_count=loss_count)
+                    saved = resumer.save(training, loop, state.epoch)
                     tick += time.perf_counter() - saving  # saving is not training time
                     if resumer.signals.received is not None:
                         logger.close()

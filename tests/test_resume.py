@@ -2,6 +2,7 @@
 checkpoint ends with bitwise the weights of the uninterrupted run, on the CPU (deterministic by default there)."""
 import hashlib
 import json
+import os
 import random
 import signal
 import subprocess
@@ -146,6 +147,13 @@ def test_resume_refuses_what_would_change_the_run(tiny_dir, tmp_path, capsys, mo
         assert main(["train", "--resume", str(run), *flags]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
+    newest = checkpoints(run)[-1] / "optimizer.pt"
+    intact = newest.read_bytes()
+    newest.write_bytes(intact[:100])  # damaged after its commit (a disk fault, a hand edit)
+    assert main(["train", "--resume", str(run)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # after the model's loading
+    assert len(errors) == 1 and f"--resume: {newest.parent} cannot be read back" in errors[0], errors
+    newest.write_bytes(intact)
     (tmp_path / "empty").mkdir()
     assert main(["train", "--resume", str(tmp_path / "empty")]) == 2
     assert "--resume: " in capsys.readouterr().err
@@ -250,3 +258,25 @@ def test_kill_9_at_random_moments_loses_only_the_work_since_the_last_checkpoint(
     assert checkpoints(out)[-1].name == "step-000018"
     assert digest(out) == digest(whole_cli_run)
     assert metrics(out) == metrics(whole_cli_run)
+
+
+def test_a_best_checkpoint_saved_after_the_newest_resumable_one_is_put_back(tiny_dir, tmp_path):
+    """The run folder's best model written after the newest resumable checkpoint belongs to the work a resume
+    redoes: the resume puts back the best files of the checkpoint's moment (hard links kept in it)."""
+    run = tmp_path / "run"
+    options = settings(tiny_dir, epochs=1, eval_every=1, metric="loss", save_every=2)
+    fastcls.train(output=str(run), callbacks=[StopAt(3)], **options)
+    newest = checkpoints(run)[-1]
+    assert newest.name == "step-000002" and json.loads((newest / "trainer_state.json").read_text())["best"]["step"] == 2
+    assert not os.path.samefile(run / "model.safetensors", newest / "best" / "model.safetensors")  # step 3's
+
+    class Check(fastcls.Callback):
+        def on_train_begin(self, state):
+            self.restored = all(os.path.samefile(run / name, newest / "best" / name)
+                                for name in ("model.safetensors", "fastcls_head.safetensors"))
+
+    check = Check()
+    result = fastcls.train(resume=str(run), callbacks=[check])
+    assert check.restored and result.steps == 5
+    fastcls.train(output=str(tmp_path / "whole"), **options)
+    assert digest(run) == digest(tmp_path / "whole")

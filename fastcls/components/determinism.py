@@ -23,11 +23,15 @@ def deterministic_mode(enabled: bool, device: torch.device, threads: int | None 
         return
     previous = (torch.are_deterministic_algorithms_enabled(),
                 torch.is_deterministic_algorithms_warn_only_enabled(), torch.get_num_threads(),
-                torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+                torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+                torch.utils.deterministic.fill_uninitialized_memory)
     if device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS makes its handle
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+    # that mode also NaN-fills every new tensor, a check for reads of uninitialized memory: fastcls makes none,
+    # so it would cost time and change no result
+    torch.utils.deterministic.fill_uninitialized_memory = False
     if threads is not None:
         torch.set_num_threads(threads)
     try:
@@ -36,3 +40,4 @@ def deterministic_mode(enabled: bool, device: torch.device, threads: int | None 
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         torch.set_num_threads(previous[2])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous[3], previous[4]
+        torch.utils.deterministic.fill_uninitialized_memory = previous[5]

@@ -8,7 +8,9 @@ A resumable checkpoint is a folder RUN_DIR/checkpoints/step-000120/ (the optimiz
   generator and fastcls's dropout generator (its seed and base counter);
 - `trainer_state.json`: the format, the loop's position (epoch, micro-batches of it done: an epoch's batch order
   is a function of the seed and the epoch, so the position fixes the rest), TrainState's fields, early stopping,
-  the loss and throughput counters, the metrics so far, the world size and the thread count.
+  the loss and throughput counters, the metrics so far, the world size and the thread count;
+- `best/`: hard links to the run folder's best-checkpoint files of that moment (no copy), which a resume puts
+  back: a best checkpoint saved after this one belongs to the work the resume redoes.
 
 Writes are atomic: everything goes into checkpoints/.tmp-step-000120/, each file fsynced, and one rename commits
 the folder, so every step-* folder is complete and `--resume` takes the newest. A killed write leaves only a
@@ -17,6 +19,7 @@ away, then deleted) only after the new one is committed.
 """
 import json
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -26,9 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from fastcls.components.checkpoint import CONFIG_FILE, METRICS_FILE
+from fastcls.components.checkpoint import CONFIG_FILE, HEAD_FILE, METRICS_FILE, WEIGHTS_FILE
 from fastcls.components.precision import autocast
 from fastcls.config import TrainConfig, flag
 from fastcls.data import collate
@@ -41,6 +45,7 @@ TEMP = ".tmp-"  # a write in progress, or killed
 TRASH = ".trash-"  # a pruned checkpoint being deleted
 WEIGHTS = "weights.safetensors"
 STATE = "trainer_state.json"
+BEST = "best"
 PARTS = ("optimizer", "scheduler", "scaler")
 # settings a resumed run may change: none of them changes what the run computes (`device` and `eval_batch_size`
 # can change the last bits of the weights or of the metrics; bitwise equality holds on the same device)
@@ -109,6 +114,7 @@ class Resumer:
         self.root = Path(run_dir) / CHECKPOINTS
         self.save_every, self.keep, self.rank, self.world_size = save_every, keep, rank, world_size
         self.signals = StopOnSignal()
+        self.loaded: Path | None = None  # the checkpoint load_newest read
         if rank == 0 and self.root.is_dir():  # what killed writes and prunes left behind
             for leftover in self.root.iterdir():
                 if leftover.name.startswith((TEMP, TRASH)):
@@ -142,6 +148,7 @@ class Resumer:
             record = {"format": FORMAT, "world_size": self.world_size, "num_threads": torch.get_num_threads(),
                       **_train_state(t, loop, epoch)}
             _write(temp / STATE, lambda p: p.write_text(json.dumps(record, indent=1)))
+            _link_best(self.root.parent, temp / BEST)
         # DDP: barrier here, so that rank 0 commits only once every rank's RNG state is on disk
         if self.rank == 0:
             _fsync(temp)
@@ -158,9 +165,25 @@ class Resumer:
             os.rename(old, trash)  # gone from the committed ones at once; deleted at leisure
             shutil.rmtree(trash, ignore_errors=True)
 
-    def load(self, folder: Path, t: Training) -> tuple[Loop, int]:
-        """Put checkpoint `folder`'s state into `t` (in place); returns the loop's position and counters, and the
-        thread count the run had."""
+    def load_newest(self, t: Training) -> tuple[Loop, int]:
+        """Put the newest checkpoint's state into `t` (in place) and the run folder's best checkpoint and
+        metrics.jsonl back as they were then; returns the loop's position and counters, and the thread count the
+        run had."""
+        folder = self.loaded = checkpoints(self.root.parent)[-1]
+        try:
+            loop, threads = self._load(folder, t)
+        except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:
+            if isinstance(err, ConfigError):
+                raise
+            raise ConfigError(f"--resume: {folder} cannot be read back ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}); remove it to resume from the one "
+                              f"before") from err
+        if self.rank == 0:
+            _restore_best(folder / BEST, self.root.parent)
+            _rewrite_metrics(self.root.parent, t.state.log)
+        return loop, threads
+
+    def _load(self, folder: Path, t: Training) -> tuple[Loop, int]:
         saved = json.loads((folder / STATE).read_text())
         if saved.get("format") != FORMAT:
             raise ConfigError(f"--resume: {folder} is a checkpoint of format {saved.get('format')}, this fastcls "
@@ -181,6 +204,33 @@ class Resumer:
         s.last_loss, s.should_stop = saved["last_loss"], stopping.should_stop
         t.loss_sum.fill_(saved["loss_sum"])
         return Loop(**saved["loop"]), saved["num_threads"]
+
+
+def _link_best(run: Path, best: Path) -> None:
+    for name in (HEAD_FILE, WEIGHTS_FILE):
+        if (run / name).is_file():
+            best.mkdir(exist_ok=True)
+            try:
+                os.link(run / name, best / name)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(run / name, best / name)
+                _fsync(best / name)
+
+
+def _restore_best(best: Path, run: Path) -> None:
+    """The run's best-checkpoint files as the checkpoint saw them (the head first, as Checkpointer.save writes:
+    until the weights follow, the two files' tags differ and a reader refuses the pair)."""
+    for name in (HEAD_FILE, WEIGHTS_FILE):
+        if not (best / name).is_file() or ((run / name).is_file() and os.path.samefile(best / name, run / name)):
+            continue
+        temp = run / f".{name}.restore"
+        temp.unlink(missing_ok=True)
+        try:
+            os.link(best / name, temp)
+        except OSError:
+            shutil.copyfile(best / name, temp)
+            _fsync(temp)
+        os.replace(temp, run / name)
 
 
 def _train_state(t: Training, loop: Loop, epoch: int) -> dict:
@@ -305,7 +355,7 @@ def resumed_config(run: Path, overrides: dict) -> TrainConfig:
     return cfg
 
 
-def rewrite_metrics(run_dir: Path, log: list[dict]) -> None:
+def _rewrite_metrics(run_dir: Path, log: list[dict]) -> None:
     """metrics.jsonl as it was at the checkpoint: evaluations the interrupted run made after it are dropped (the
     resumed run makes them again)."""
     path = Path(run_dir) / METRICS_FILE

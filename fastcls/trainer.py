@@ -26,7 +26,7 @@ from fastcls.components.metrics import MetricsLogger
 from fastcls.components.optimizer import OptimizerConfig, build_optimizer, param_groups
 from fastcls.components.precision import grad_scaler, resolve_device, resolve_precision
 from fastcls.components.prefix_cache import PrefixCache
-from fastcls.components.resume import Loop, Resumer, Training, refill_prefix_cache
+from fastcls.components.resume import Loop, Resumer, Training, data_digest, refill_prefix_cache
 from fastcls.components.train_step import StepConfig, TrainStep
 from fastcls.config import TrainConfig
 from fastcls.data import LabelMap, LengthGroupedBatches, bucket_length, collate, read_examples, tokenize_examples
@@ -248,7 +248,8 @@ def _train(cfg, device, encoder, tokenizer, optimizer_factory, scheduler_factory
                  f"{cfg.max_length}")
     state = TrainState(model, optimizer, total_steps, run.out)
     stopping = EarlyStopping(cfg.metric, cfg.patience)
-    training = Training(model, optimizer, scheduler, scaler, generator, state, stopping, step.loss_sum)
+    training = Training(model, optimizer, scheduler, scaler, generator, state, stopping, step.loss_sum,
+                        data_digest(train_set))
     loop, threads = Loop(), None
     if resume:  # the newest checkpoint's state, and the run folder as it was then
         loop, threads = resumer.load_newest(training)

@@ -147,6 +147,14 @@ def test_resume_refuses_what_would_change_the_run(tiny_dir, tmp_path, capsys, mo
         assert main(["train", "--resume", str(run), *flags]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
+    original = (tiny_dir / "train.tsv").read_text()
+    header, first, rest = original.split("\n", 2)
+    (tiny_dir / "train.tsv").write_text(f"{header}\n{first} indeed\n{rest}")
+    try:  # the same file name, other rows
+        assert main(["train", "--resume", str(run)]) == 2
+    finally:
+        (tiny_dir / "train.tsv").write_text(original)
+    assert "--train: the training rows differ from those the run in" in capsys.readouterr().err
     newest = checkpoints(run)[-1] / "optimizer.pt"
     intact = newest.read_bytes()
     newest.write_bytes(intact[:100])  # damaged after its commit (a disk fault, a hand edit)
@@ -180,7 +188,7 @@ def cli_train(folder: Path, out: Path, *extra: str) -> list[str]:
 
 
 SLOW_FSYNC = ("import sys, time; import fastcls.components.resume as r; f = r._fsync; "
-              "r._fsync = lambda p: (time.sleep(0.03), f(p))[1]; from fastcls.cli import main; sys.exit(main())")
+              "r._fsync = lambda p: (time.sleep(0.05), f(p))[1]; from fastcls.cli import main; sys.exit(main())")
 
 
 def start(args: list[str], cwd: Path, slow_writes: bool = False, stderr=subprocess.PIPE) -> subprocess.Popen:
@@ -205,7 +213,7 @@ def wait_for(proc: subprocess.Popen, text: str) -> str:
 def whole_cli_run(tiny_dir):
     """The uninterrupted run of `cli_train`'s settings (18 steps), in this process."""
     out = tiny_dir / "whole-cli"
-    assert main([*cli_train(tiny_dir, out), "--save-every", "1", "--save-total-limit", "1"]) == 0
+    assert main([*cli_train(tiny_dir, out), "--save-every", "18"]) == 0
     return out
 
 
@@ -224,7 +232,7 @@ def test_a_signal_saves_says_where_and_exits_without_a_traceback(tiny_dir, whole
     assert message[0].endswith(f"continue with: fastcls train --resume {out}")
     assert f"stopped by {signal.Signals(signum).name} after step " in message[0]
     assert str(checkpoints(out)[-1]) in message[0] and len(checkpoints(out)) == 1
-    assert main(["train", "--resume", str(out), "--save-every", "1"]) == 0
+    assert main(["train", "--resume", str(out), "--save-every", "18"]) == 0
     assert digest(out) == digest(whole_cli_run)
     assert metrics(out) == metrics(whole_cli_run)
 

@@ -17,6 +17,7 @@ the folder, so every step-* folder is complete and `--resume` takes the newest. 
 temporary folder, which the next run removes. Checkpoints beyond `--save-total-limit` are removed (renamed
 away, then deleted) only after the new one is committed.
 """
+import hashlib
 import json
 import os
 import pickle
@@ -77,6 +78,15 @@ class Training:
     state: object  # fastcls.components.callbacks.TrainState
     stopping: object  # fastcls.components.early_stopping.EarlyStopping
     loss_sum: torch.Tensor  # the training loss summed on the device since the last evaluation
+    data: str  # data_digest of the training set: a resume refuses other rows behind the same file name
+
+
+def data_digest(encoded) -> str:
+    """sha256 of the tokenised training rows and their labels (what the run trains on, whatever their source)."""
+    digest = hashlib.sha256()
+    for array in (encoded.input_ids, encoded.lengths, encoded.labels):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
 
 
 def _step_of(folder: Path) -> int:
@@ -188,6 +198,9 @@ class Resumer:
         if saved.get("format") != FORMAT:
             raise ConfigError(f"--resume: {folder} is a checkpoint of format {saved.get('format')}, this fastcls "
                               f"reads format {FORMAT}")
+        if saved["data"] != t.data:
+            raise ConfigError(f"--train: the training rows differ from those the run in {self.root.parent} trained "
+                              f"on (the file changed since?); a resumed run needs the same rows")
         if saved["world_size"] != self.world_size:
             raise ConfigError(f"--resume: {folder} was written by {saved['world_size']} processes, this run has "
                               f"{self.world_size}")
@@ -235,7 +248,7 @@ def _restore_best(best: Path, run: Path) -> None:
 
 def _train_state(t: Training, loop: Loop, epoch: int) -> dict:
     s = t.state
-    return {"step": s.step, "epoch": epoch, "best": s.best, "log": s.log, "last_loss": s.last_loss,
+    return {"data": t.data, "step": s.step, "epoch": epoch, "best": s.best, "log": s.log, "last_loss": s.last_loss,
             "stopping_best": t.stopping.best,
             "evals_without_gain": t.stopping.evals_without_gain, "loss_sum": t.loss_sum.item(),
             "loop": {f.name: getattr(loop, f.name) for f in fields(loop)}}

@@ -8,7 +8,8 @@ A resumable checkpoint is a folder RUN_DIR/checkpoints/step-000120/ (the optimiz
   generator and fastcls's dropout generator (its seed and base counter);
 - `trainer_state.json`: the format, the loop's position (epoch, micro-batches of it done: an epoch's batch order
   is a function of the seed and the epoch, so the position fixes the rest), TrainState's fields, early stopping,
-  the loss and throughput counters, the metrics so far, the world size and the thread count;
+  the loss and throughput counters, the metrics so far, the world size, the thread count and a digest of the
+  tokenised training rows;
 - `best/`: hard links to the run folder's best-checkpoint files of that moment (no copy), which a resume puts
   back: a best checkpoint saved after this one belongs to the work the resume redoes.
 

@@ -165,8 +165,7 @@ class LayerwiseEncoder:
         if cache is not None and self.frozen_embeddings:
             cache.put(batch.rows, h)
             self._prefix_dtype = h.dtype
-            # rounded as the cache serves it later: the layers above see a row's same values every epoch, and a
-            # run resumed with an empty cache recomputes exactly what it would have served
+            # rounded as the cache serves it later: the layers above see a row's same values every epoch
             h = h.to(cache.dtype).to(h.dtype)
         return h
 

@@ -180,6 +180,21 @@ def test_resume_refuses_what_would_change_the_run(tiny_dir, tmp_path, capsys, mo
     assert json.loads((run / "train_config.json").read_text())["log_every"] == 3
 
 
+def test_in_python_a_signal_raises_training_interrupted_after_saving(tiny_dir, tmp_path):
+    class Terminate(fastcls.Callback):
+        def on_step_end(self, state):
+            if state.step == 2:  # arrives mid-step: the step ends first
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(fastcls.TrainingInterrupted, match="stopped by SIGTERM after step 2") as stop:
+        fastcls.train(output=str(tmp_path / "run"), callbacks=[Terminate()], **settings(tiny_dir, epochs=1))
+    assert stop.value.checkpoint == checkpoints(tmp_path / "run")[-1] == tmp_path / "run" / CHECKPOINTS / "step-000002"
+    assert stop.value.signum == signal.SIGTERM and stop.value.run_dir == tmp_path / "run"
+    assert signal.getsignal(signal.SIGTERM) is handler  # the caller's handler is back
+
+
 def cli_train(folder: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--model", str(folder / "encoder"), "--train", str(folder / "train.tsv"), "--output", str(out),
             "--dev", str(folder / "train.tsv"), "--batch-size", "8", "--lr", "2e-3", "--seed", "5", "--log-every", "1",

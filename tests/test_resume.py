@@ -170,6 +170,7 @@ def test_resume_refuses_what_would_change_the_run(tiny_dir, tmp_path, capsys, mo
         fastcls.train(output=str(tmp_path / "mem"), callbacks=[StopAt(1)],
                       **{**base, "train": rows, "dev": None, "save_every": 1})
         fastcls.train(resume=str(tmp_path / "mem"))
+    assert fastcls.train(resume=str(tmp_path / "mem"), train=rows).steps == 2  # the same rows given again
     monkeypatch.chdir(tmp_path)  # --resume latest without --output: the newest run under fastcls_runs/
     for name in ("20260101-000000", "20260102-000000"):
         (tmp_path / "fastcls_runs" / name).mkdir(parents=True)

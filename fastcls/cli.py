@@ -72,6 +72,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--log-every", type=int)
     p.add_argument("--group-size", type=int, help="batches per length-sorted group (default 50)")
     p.add_argument("--overwrite", action="store_true", help="train into a folder that already holds a model")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the model with FSDP2 (one unit per encoder layer) instead of DDP")
 
 
 def _infer_parsers(sub) -> None:
@@ -112,6 +114,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     if resolve_device(cfg.device).type == "cpu":
         keep_freed_host_memory()  # a process-wide allocator setting: the command's choice, not the library's
     result = train(cfg)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun rank 0 reports for all
     print(f"trained {result.steps} steps in {result.train_seconds:.1f} s "
           f"({result.train_samples_per_s:.1f} samples/s); model in {result.output}")
     if result.best is not None:

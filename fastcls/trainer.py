@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from fastcls.components.callbacks import Callback, TrainState
-from fastcls.components.checkpoint import Checkpointer
+from fastcls.components.checkpoint import Checkpointer, load_start
 from fastcls.components.early_stopping import EarlyStopping
 from fastcls.components.lr_schedule import DeviceLRSchedule, ScheduleConfig, build_scheduler, resolve_warmup_steps
 from fastcls.components.metrics import MetricsLogger
+from fastcls.components.output_path import check_writable
 from fastcls.components.optimizer import OptimizerConfig, build_optimizer, param_groups
 from fastcls.components.precision import grad_scaler, resolve_device, resolve_precision
 from fastcls.components.prefix_cache import PrefixCache
@@ -31,7 +32,7 @@ from fastcls.data import LabelMap, LengthGroupedBatches, bucket_length, collate,
 from fastcls.errors import ConfigError, DataError, TrainingError
 from fastcls.evaluate import evaluate_logits, predict_logits
 from fastcls.models.classifier import EncoderClassifier, choose_packed
-from fastcls.models.loading import head_dropout, load_encoder, load_tokenizer, own_aligned_storage
+from fastcls.models.loading import head_dropout, load_tokenizer, own_aligned_storage
 from fastcls.ops.dropout import DropoutGenerator, draw_seed, use_generator
 
 
@@ -182,6 +183,7 @@ def _train(cfg, device, encoder, tokenizer, optimizer_factory, scheduler_factory
     if not cfg.overwrite and run.out.is_dir() and any(run.out.iterdir()):
         # a folder of the user's own files would get a run's config.json and metrics.jsonl written over them
         raise ConfigError(f"--output {run.out} is not empty; choose a new or empty folder, or pass --overwrite")
+    check_writable(run.out, folder=True)
 
     tokenizer = _tokenizer_for(cfg, encoder, tokenizer)
     train_rows = _read(cfg.train, cfg, "train")
@@ -194,11 +196,13 @@ def _train(cfg, device, encoder, tokenizer, optimizer_factory, scheduler_factory
         dev_set = tokenize_examples(_read(cfg.dev, cfg, "dev"), tokenizer, cfg.max_length, label_map=labels)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    encoder = load_encoder(cfg.model) if encoder is None else own_aligned_storage(encoder)
+    encoder, head = load_start(cfg.model, labels) if encoder is None else (own_aligned_storage(encoder), None)
     wants_cache = cfg.freeze_embeddings and cfg.cache_frozen
     model = EncoderClassifier(encoder, len(labels), head_dropout(getattr(encoder, "config", None))
                               if cfg.dropout is None else cfg.dropout, head_impl=cfg.head_impl, kernels=cfg.kernels,
                               packed=choose_packed(cfg.unpad, encoder, device, wants_cache)).to(device)
+    if head is not None:  # --model: a run of these labels
+        model.head.linear.load_state_dict(head)
     model.freeze(cfg.freeze_embeddings, cfg.freeze_layers)
     if cfg.grad_checkpointing:
         model.enable_checkpointing()

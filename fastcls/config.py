@@ -88,6 +88,7 @@ class TrainConfig:
     log_every: int = 10  # steps between progress updates (each reads the loss back from the device)
     group_size: int = 50  # batches per length-sorted mega-batch
     overwrite: bool = False  # allow --output to be a folder that already holds a model
+    skip_bad_rows: bool = False  # drop malformed rows and rows without text or label (counted, named); else stop
 
     def resolve(self) -> "TrainConfig":
         """A copy with the bundled defaults filled in, every value checked (naming the flag at fault)."""

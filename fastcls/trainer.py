@@ -28,7 +28,8 @@ from fastcls.components.precision import grad_scaler, resolve_device, resolve_pr
 from fastcls.components.prefix_cache import PrefixCache
 from fastcls.components.train_step import StepConfig, TrainStep
 from fastcls.config import TrainConfig
-from fastcls.data import LabelMap, LengthGroupedBatches, bucket_length, collate, read_examples, tokenize_examples
+from fastcls.data import (LabelMap, LengthGroupedBatches, SkippedRows, bucket_length, collate, read_examples,
+                          tokenize_examples)
 from fastcls.errors import ConfigError, DataError, TrainingError
 from fastcls.evaluate import evaluate_logits, predict_logits
 from fastcls.models.classifier import EncoderClassifier, choose_packed
@@ -59,9 +60,15 @@ class TrainResult:
         return Classifier(self.model, self.tokenizer, self.labels, self.max_length)
 
 
-def _read(data, cfg: TrainConfig, name: str):
-    return read_examples(data, text_columns=cfg.text_columns, text_pair_column=cfg.text_pair_column,
-                         label_column=cfg.label_column, name=name)
+def _read(data, cfg: TrainConfig, name: str, skipped_rows: dict):
+    """The examples of `data`; with --skip-bad-rows, the rows dropped are printed and counted in `skipped_rows`."""
+    skipped = SkippedRows() if cfg.skip_bad_rows else None
+    rows = read_examples(data, text_columns=cfg.text_columns, text_pair_column=cfg.text_pair_column,
+                         label_column=cfg.label_column, name=name, skipped=skipped)
+    if skipped is not None and skipped.lines:
+        print(skipped.summary())
+        skipped_rows[name] = skipped.counts
+    return rows
 
 
 def _tokenizer_for(cfg: TrainConfig, encoder: nn.Module | None, tokenizer):
@@ -186,14 +193,16 @@ def _train(cfg, device, encoder, tokenizer, optimizer_factory, scheduler_factory
     check_writable(run.out, folder=True)
 
     tokenizer = _tokenizer_for(cfg, encoder, tokenizer)
-    train_rows = _read(cfg.train, cfg, "train")
+    skipped_rows = {}
+    train_rows = _read(cfg.train, cfg, "train", skipped_rows)
     labels = LabelMap.from_labels([row.label for row in train_rows]).renamed(cfg.label_names)
     if len(labels) < 2:
         raise DataError(f"--train: {cfg.train} has a single label {labels.names}; classification needs two or more")
     train_set = tokenize_examples(train_rows, tokenizer, cfg.max_length, label_map=labels)
     dev_set = None
     if cfg.dev is not None:
-        dev_set = tokenize_examples(_read(cfg.dev, cfg, "dev"), tokenizer, cfg.max_length, label_map=labels)
+        dev_rows = _read(cfg.dev, cfg, "dev", skipped_rows)
+        dev_set = tokenize_examples(dev_rows, tokenizer, cfg.max_length, label_map=labels)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     encoder, head = load_start(cfg.model, labels) if encoder is None else (own_aligned_storage(encoder), None)
@@ -325,6 +334,7 @@ def _train(cfg, device, encoder, tokenizer, optimizer_factory, scheduler_factory
     run.write_state({"steps": state.step, "best": stopping.best, "train_samples_per_s": result.train_samples_per_s,
                      "train_tokens_per_s": result.train_tokens_per_s, "train_seconds": train_seconds,
                      "total_seconds": result.total_seconds, "epoch_seconds": epoch_seconds, "frozen": frozen,
+                     "skipped_rows": skipped_rows,
                      "cuda_graphs": _graph_report(step, tokens, padded_tokens) if graphs else None})
     if frozen is not None:
         print("frozen: " + ", ".join(f"{k} {v}" for k, v in frozen.items()))

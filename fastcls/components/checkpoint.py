@@ -199,8 +199,8 @@ def read_meta(folder: Path, argument: str = "--model") -> tuple[dict, LabelMap]:
                              "(train it again with this fastcls)")
     for key, kind in FASTCLS_META_TYPES.items():
         if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
-            raise ModelLoadError(f"{folder / FASTCLS_FILE}: incomplete or damaged: {key!r} is "
-                                 f"{meta.get(key)!r}; train again")
+            what = f"{key!r} is {meta[key]!r}" if key in meta else f"lacks {key!r}"
+            raise ModelLoadError(f"{folder / FASTCLS_FILE}: incomplete or damaged: {what}; train again")
     try:
         labels = LabelMap.load(folder / LABELS_FILE)
     except UnicodeDecodeError as err:

@@ -124,6 +124,7 @@ def test_an_interrupted_overwrite_leaves_a_folder_that_loads_whole_or_not_at_all
 def test_a_run_stopped_after_its_static_files_is_refused_by_eval(tiny_bert, data, tmp_path, capsys):
     out = tmp_path / "run"
     _run(tiny_bert, data, out)
+    old_weights = shutil.copytree(out, tmp_path / "old", ignore=shutil.ignore_patterns("*.json", "*.txt"))
 
     class Killed(Callback):
         def on_train_begin(self, state):
@@ -136,6 +137,12 @@ def test_a_run_stopped_after_its_static_files_is_refused_by_eval(tiny_bert, data
     assert main(["eval", "--model", str(out), "--data", str(data)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "lacks model.safetensors" in err[0]
+    # the old run's weights put back beside the new run's fastcls.json: of another run, refused
+    for name in ("model.safetensors", "fastcls_head.safetensors"):
+        shutil.copy(old_weights / name, out / name)
+    assert main(["eval", "--model", str(out), "--data", str(data)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.safetensors is not from the run that fastcls.json describes" in err[0]
 
 
 def test_symlinks_in_the_output_folder_are_replaced_never_written_through(tiny_bert, data, tmp_path):

@@ -79,13 +79,11 @@ def load_encoder(path: str | Path) -> nn.Module:
                                                           output_loading_info=True)
         except (OSError, ValueError, SafetensorError, StrictDataclassError) as err:
             raise ModelLoadError(f"--model: cannot load an encoder from {path}: {_one_line(err)}") from err
-    missing = sorted(info.get("missing_keys", ()))
-    mismatched = info.get("mismatched_keys", ())
-    unexpected = stray_encoder_keys(encoder, info.get("unexpected_keys", ()))
-    if missing or mismatched or unexpected:
-        raise ModelLoadError(f"--model: {path}: the weights do not fit its config.json: missing "
-                             f"{missing[:5]}{' ...' if len(missing) > 5 else ''}, wrong shape {list(mismatched)[:5]}, "
-                             f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    faults = {"missing": sorted(info.get("missing_keys", ())), "wrong shape": list(info.get("mismatched_keys", ())),
+              "unexpected": stray_encoder_keys(encoder, info.get("unexpected_keys", ()))}
+    if any(faults.values()):
+        raise ModelLoadError(f"--model: {path}: the weights do not fit its config.json: " + ", ".join(
+            f"{what} {keys[:5]}{' ...' if len(keys) > 5 else ''}" for what, keys in faults.items() if keys))
     return own_aligned_storage(encoder)
 
 

@@ -31,8 +31,8 @@ from fastcls.data import LabelMap
 from fastcls.errors import ModelLoadError
 from fastcls.models.classifier import EncoderClassifier, choose_packed
 from fastcls.models.hf_layout import encoder_state_from_hf, hf_config, hf_state_dict
-from fastcls.models.loading import check_model_dir, encoder_from_config, load_encoder, load_tokenizer, \
-    own_aligned_storage, read_config
+from fastcls.models.loading import (check_model_dir, encoder_from_config, load_encoder, load_tokenizer,
+                                    own_aligned_storage, read_config)
 
 WEIGHTS_FILE = "model.safetensors"
 HEAD_FILE = "fastcls_head.safetensors"

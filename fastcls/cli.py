@@ -18,6 +18,11 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-column", default=S, help="label column (default: label)")
 
 
+def _add_skip_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="drop malformed rows and rows without text or label, and say which, instead of stopping")
+
+
 def _choices(name: str) -> dict:
     from fastcls.config import CHOICES
 
@@ -74,6 +79,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="train into a folder that already holds a model")
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the model with FSDP2 (one unit per encoder layer) instead of DDP")
+    _add_skip_arg(p)
 
 
 def _infer_parsers(sub) -> None:
@@ -88,6 +94,8 @@ def _infer_parsers(sub) -> None:
         p.add_argument("--batch-size", type=int, default=128)
         p.add_argument("--device", default="auto")
         p.add_argument("--precision", default="auto", **_choices("precision"))
+        if name == "eval":  # not predict: its output rows stand for the input rows one for one
+            _add_skip_arg(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,19 +133,26 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def _load_for_inference(args: argparse.Namespace, require_labels: bool):
     from fastcls.components.checkpoint import load_run
+    from fastcls.components.output_path import check_writable
     from fastcls.components.precision import resolve_device, resolve_precision
-    from fastcls.data import read_examples, tokenize_examples
+    from fastcls.data import SkippedRows, read_examples, tokenize_examples
 
+    if args.output is not None:
+        check_writable(args.output, folder=False)
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     model, tokenizer, labels, meta = load_run(args.model, device)
+    skipped = SkippedRows() if getattr(args, "skip_bad_rows", False) else None
     rows = read_examples(
         args.data,
         text_columns=getattr(args, "text_columns", None) or meta.get("text_columns"),
         text_pair_column=getattr(args, "text_pair_column", None) or meta.get("text_pair_column"),
         label_column=getattr(args, "label_column", "label"),
         require_labels=require_labels,
+        skipped=skipped,
     )
+    if skipped is not None and skipped.lines:
+        print(skipped.summary())
     encoded = tokenize_examples(rows, tokenizer, meta["max_length"], label_map=labels if require_labels else None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return model, labels, encoded, device, precision, pad_id

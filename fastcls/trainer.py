@@ -18,21 +18,23 @@ import torch
 from torch import nn
 
 from fastcls.components.callbacks import Callback, TrainState
-from fastcls.components.checkpoint import Checkpointer
+from fastcls.components.checkpoint import Checkpointer, load_start
 from fastcls.components.distributed import DataParallel, Distributed, rank_seed, setup
 from fastcls.components.early_stopping import EarlyStopping
 from fastcls.components.lr_schedule import DeviceLRSchedule, ScheduleConfig, build_scheduler, resolve_warmup_steps
 from fastcls.components.metrics import MetricsLogger
+from fastcls.components.output_path import check_writable
 from fastcls.components.optimizer import OptimizerConfig, build_optimizer, param_groups
 from fastcls.components.precision import grad_scaler, resolve_precision
 from fastcls.components.prefix_cache import PrefixCache
 from fastcls.components.train_step import StepConfig, TrainStep
 from fastcls.config import TrainConfig
-from fastcls.data import LabelMap, LengthGroupedBatches, bucket_length, collate, read_examples, tokenize_examples
+from fastcls.data import (LabelMap, LengthGroupedBatches, SkippedRows, bucket_length, collate, read_examples,
+                          tokenize_examples)
 from fastcls.errors import ConfigError, DataError, TrainingError
 from fastcls.evaluate import evaluate_logits, predict_logits
 from fastcls.models.classifier import EncoderClassifier, choose_packed
-from fastcls.models.loading import head_dropout, load_encoder, load_tokenizer, own_aligned_storage
+from fastcls.models.loading import head_dropout, load_tokenizer, own_aligned_storage
 from fastcls.ops.dropout import DropoutGenerator, draw_seed, use_generator
 
 
@@ -59,9 +61,15 @@ class TrainResult:
         return Classifier(self.model, self.tokenizer, self.labels, self.max_length)
 
 
-def _read(data, cfg: TrainConfig, name: str):
-    return read_examples(data, text_columns=cfg.text_columns, text_pair_column=cfg.text_pair_column,
-                         label_column=cfg.label_column, name=name)
+def _read(data, cfg: TrainConfig, name: str, skipped_rows: dict):
+    """The examples of `data`; with --skip-bad-rows, the rows dropped are printed and counted in `skipped_rows`."""
+    skipped = SkippedRows() if cfg.skip_bad_rows else None
+    rows = read_examples(data, text_columns=cfg.text_columns, text_pair_column=cfg.text_pair_column,
+                         label_column=cfg.label_column, name=name, skipped=skipped)
+    if skipped is not None and skipped.lines:
+        print(skipped.summary())
+        skipped_rows[name] = skipped.counts
+    return rows
 
 
 def _tokenizer_for(cfg: TrainConfig, encoder: nn.Module | None, tokenizer):
@@ -230,23 +238,29 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
     if not cfg.overwrite and run.out.is_dir() and any(run.out.iterdir()):
         # a folder of the user's own files would get a run's config.json and metrics.jsonl written over them
         raise ConfigError(f"--output {run.out} is not empty; choose a new or empty folder, or pass --overwrite")
+    check_writable(run.out, folder=True)
+    ddp.barrier()  # every rank has checked the folder before rank 0 writes into it
 
     tokenizer = _tokenizer_for(cfg, encoder, tokenizer)
-    train_rows = _read(cfg.train, cfg, "train")
+    skipped_rows = {}
+    train_rows = _read(cfg.train, cfg, "train", skipped_rows)
     labels = LabelMap.from_labels([row.label for row in train_rows]).renamed(cfg.label_names)
     if len(labels) < 2:
         raise DataError(f"--train: {cfg.train} has a single label {labels.names}; classification needs two or more")
     train_set = tokenize_examples(train_rows, tokenizer, cfg.max_length, label_map=labels)
     dev_set = None
     if cfg.dev is not None:
-        dev_set = tokenize_examples(_read(cfg.dev, cfg, "dev"), tokenizer, cfg.max_length, label_map=labels)
+        dev_rows = _read(cfg.dev, cfg, "dev", skipped_rows)
+        dev_set = tokenize_examples(dev_rows, tokenizer, cfg.max_length, label_map=labels)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    encoder = load_encoder(cfg.model) if encoder is None else own_aligned_storage(encoder)
+    encoder, head = load_start(cfg.model, labels) if encoder is None else (own_aligned_storage(encoder), None)
     wants_cache = cfg.freeze_embeddings and cfg.cache_frozen
     model = EncoderClassifier(encoder, len(labels), head_dropout(getattr(encoder, "config", None))
                               if cfg.dropout is None else cfg.dropout, head_impl=cfg.head_impl, kernels=cfg.kernels,
                               packed=choose_packed(cfg.unpad, encoder, device, wants_cache)).to(device)
+    if head is not None:  # --model: a run of these labels
+        model.head.linear.load_state_dict(head)
     model.freeze(cfg.freeze_embeddings, cfg.freeze_layers)
     if cfg.grad_checkpointing:
         model.enable_checkpointing()
@@ -383,7 +397,7 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
         run.write_state({"steps": state.step, "best": stopping.best, "train_samples_per_s": result.train_samples_per_s,
                          "train_tokens_per_s": result.train_tokens_per_s, "train_seconds": train_seconds,
                          "total_seconds": result.total_seconds, "epoch_seconds": epoch_seconds, "frozen": frozen,
-                         "distributed": ranks,
+                         "distributed": ranks, "skipped_rows": skipped_rows,
                          "cuda_graphs": _graph_report(step, tokens, padded_tokens) if graphs else None})
     if frozen is not None and ddp.is_main:
         print("frozen: " + ", ".join(f"{k} {v}" for k, v in frozen.items()))

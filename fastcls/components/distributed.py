@@ -205,16 +205,19 @@ class DataParallel:
             self._reduce_rows(weight)
 
     def _reduce_rows(self, weight: nn.Parameter) -> None:
-        """Average a row-accumulated gradient over ranks by exchanging only the rows each rank touched (a batch's
-        few thousand ids, not the whole table), summed in rank order so that every rank gets the same bits; the
-        whole table where the rows are not tracked."""
+        """Average a row-accumulated gradient over ranks. On the CPU only the rows each rank touched are exchanged
+        (a batch's few thousand ids, not the whole table: gloo's all-reduce of MiniLM's 47 MB table would cost
+        more than the step's matrix products), summed in rank order so that every rank gets the same bits. On
+        CUDA, and where the rows are not tracked, the whole table is all-reduced: exchanging rows would need their
+        count on the host, a sync in every step."""
         from fastcls.ops.embedding import set_touched_rows, touched_rows
 
         if weight.grad is None:
             weight.grad = torch.zeros_like(weight)
         ids = touched_rows(weight)
-        if ids is None:
+        if ids is None or weight.grad.is_cuda:
             self.ddp.sum(weight.grad).div_(self.ddp.world_size)
+            set_touched_rows(weight, None)  # other ranks' rows are in it now: the next step zeroes it whole
             return
         ids = torch.unique(ids)
         sizes = self.ddp.gather_floats([float(len(ids))])

@@ -129,3 +129,49 @@ def test_fsdp_needs_torchrun(setup):
     tmp, base = setup
     with pytest.raises(fastcls.ConfigError, match="--fsdp needs several processes"):
         fastcls.train(**base, fsdp=True, max_steps=1, output=str(tmp / "no-fsdp"))
+
+
+def _reduce_rows_on_rank(rank: int, world: int, store: str, dense: bool, results) -> None:
+    """Two steps of a row-accumulated embedding gradient on each rank, reduced as the trainer does."""
+    import torch.distributed as dist
+
+    from fastcls.components.distributed import DataParallel
+    from fastcls.ops.embedding import row_accumulated_embedding, set_touched_rows
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        weight = torch.nn.Parameter(torch.randn(11, 3, generator=torch.Generator().manual_seed(0)))
+        parallel = DataParallel.__new__(DataParallel)
+        parallel.ddp = Distributed(rank, world)
+        grads = []
+        for step in range(2):  # rank r touches its own rows each step: stale rows of the other rank must go
+            ids = torch.tensor([[rank + 2 * step, 7], [9 - rank, 7]])
+            upstream = torch.randn(2, 2, 3, generator=torch.Generator().manual_seed(10 * step + rank))
+            (row_accumulated_embedding(ids, weight) * upstream).sum().backward()
+            if dense:
+                set_touched_rows(weight, None)
+            parallel._reduce_rows(weight)
+            grads.append(weight.grad.clone())
+            weight.grad = None  # the loop's zero_grad(set_to_none=True)
+        results[rank] = torch.stack(grads)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["rows", "whole-table"])
+def test_row_accumulated_gradient_is_averaged_over_ranks(tmp_path, dense):
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_reduce_rows_on_rank, args=(2, str(tmp_path / "store"), dense, results), nprocs=2)
+    expected = []
+    for step in range(2):
+        grad = torch.zeros(11, 3, dtype=torch.float64)
+        for rank in range(2):
+            ids = torch.tensor([[rank + 2 * step, 7], [9 - rank, 7]])
+            upstream = torch.randn(2, 2, 3, generator=torch.Generator().manual_seed(10 * step + rank))
+            grad.index_add_(0, ids.reshape(-1), upstream.reshape(-1, 3).double())
+        expected.append(grad / 2)
+    for rank in range(2):
+        assert torch.equal(results[rank], results[0])  # every rank holds the same bits
+        torch.testing.assert_close(results[rank].double(), torch.stack(expected), rtol=1e-6, atol=1e-6)

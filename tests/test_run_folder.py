@@ -164,7 +164,7 @@ def test_symlinks_in_the_output_folder_are_replaced_never_written_through(tiny_b
     export = tmp_path / "hf"
     export.mkdir()
     (export / "config.json").symlink_to(outside / "config.json")
-    assert main(["export", "--model", str(out), "--output", str(export)]) == 0
+    assert main(["export", "--model", str(out), "--output", str(export), "--overwrite"]) == 0
     assert (outside / "config.json").read_text() == "mine: config.json"
     assert not (export / "config.json").is_symlink()
 

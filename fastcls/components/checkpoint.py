@@ -216,7 +216,10 @@ def load_run(folder: str | Path, device: str | torch.device = "cpu", *, encoder=
     folder = check_model_dir(folder, argument) if encoder is None else Path(folder)
     meta, labels = read_meta(folder, argument)
     if encoder is None:
-        encoder = encoder_from_config(read_config(folder, argument))
+        try:
+            encoder = encoder_from_config(read_config(folder, argument))
+        except ValueError as err:  # a config.json that reads but describes no buildable model
+            raise ModelLoadError(f"{argument}: {folder / 'config.json'}: {err}") from err
     device = torch.device(device)
     model = EncoderClassifier(encoder, meta["num_labels"], meta["head_dropout"],
                               packed=choose_packed("auto", encoder, device))

@@ -133,6 +133,13 @@ CASES = [
     ("train-model-without-weights", lambda w: _train(w, "--model", str(w.tmp / "config-only")), ["config-only"]),
     ("train-output-is-a-file", lambda w: _train(w, "--output", str(w.a_file)), ["--output", "a_file.txt"]),
     ("train-output-under-a-file", lambda w: _train(w, "--output", str(w.a_file / "sub")), ["--output", "a_file.txt"]),
+    # the output is checked before anything is loaded: a bad --output is named even with a missing model
+    ("train-output-checked-first", lambda w: _train(w, "--output", str(w.a_file / "sub"), "--model", "nope"),
+     ["--output"]),
+    ("predict-output-checked-first", lambda w: ["predict", "--model", "nope", "--data", str(w.train), "--output",
+                                                str(w.a_file / "p.csv")], ["--output"]),
+    ("export-output-checked-first", lambda w: ["export", "--model", "nope", "--output", str(w.a_file / "hf")],
+     ["--output"]),
     ("train-output-not-empty", lambda w: _train(w, "--output", str(w.not_empty)), ["--output", "not empty"]),
     ("train-output-holds-a-model", lambda w: _train(w, "--output", str(w.run)), ["--output", "already holds"]),
     ("eval-missing-model", lambda w: ["eval", "--model", str(w.tmp / "nope"), "--data", str(w.train)], ["--model"]),

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tiny import make_tiny_encoder, sst2_rows, write_tsv
 
+import fastcls
 from fastcls.cli import main
 from fastcls.components.callbacks import Callback
 from fastcls.config import TrainConfig
@@ -205,6 +206,12 @@ def test_skip_bad_rows_drops_and_names_each_kind_of_bad_row(tiny_bert, tmp_path,
     assert state["skipped_rows"] == {"train": {"malformed": 1, "empty text": 2, "missing label": 1}}
     assert main(["eval", "--model", str(out), "--data", str(bad), "--skip-bad-rows"]) == 0
     assert capsys.readouterr().out.splitlines()[0] == expected
+
+    # rows in memory, through the Python API
+    rows = [{"text": text, "label": label} for label, text in sst2_rows(8)] + [{"text": " ", "label": "1"}]
+    capsys.readouterr()
+    fastcls.train(model=str(tiny_bert), train=rows, output=str(tmp_path / "api"), max_steps=1, skip_bad_rows=True)
+    assert capsys.readouterr().out.splitlines()[0] == "<train>: skipped 1 row: 1 empty text (row 8)"
 
     jsonl = tmp_path / "bad.jsonl"
     jsonl.write_text('{"text": "fine", "label": 1}\n{"text": \n[1]\n{"text": "", "label": 0}\n{"label": 1}\n'

@@ -222,3 +222,16 @@ def test_skip_bad_rows_drops_and_names_each_kind_of_bad_row(tiny_bert, tmp_path,
                           (csv_file, "1 malformed (line 3), 1 empty text (line 4)")):
         assert main(["eval", "--model", str(out), "--data", str(path), "--skip-bad-rows"]) == 0
         assert capsys.readouterr().out.splitlines()[0].endswith(summary), path
+
+
+def test_a_checkpointer_that_did_not_write_the_folder_keeps_its_run_id(tiny_bert, data, tmp_path):
+    """A run continued in its own folder (resume) saves under the id that fastcls.json already holds."""
+    from fastcls.components.checkpoint import Checkpointer, load_run
+
+    out = tmp_path / "run"
+    _run(tiny_bert, data, out)
+    model = load_run(out)[0]
+    with torch.no_grad():
+        model.head.linear.bias.add_(1.0)
+    Checkpointer(out).save(model)
+    assert torch.equal(load_run(out)[0].head.linear.bias, model.head.linear.bias)

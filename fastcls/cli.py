@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a folder that AutoModelForSequenceClassification loads")
     p.add_argument("--model", required=True)
     p.add_argument("--output", required=True)
+    p.add_argument("--overwrite", action="store_true", help="export into a folder that is not empty")
     sub.add_parser("info", help="versions, device and the backend of every op")
     return parser
 
@@ -183,7 +184,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from fastcls.export import export_hf
 
-    print(f"exported to {export_hf(args.model, args.output)}")
+    print(f"exported to {export_hf(args.model, args.output, overwrite=args.overwrite)}")
 
 
 def cmd_info(args: argparse.Namespace) -> None:

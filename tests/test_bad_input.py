@@ -47,6 +47,11 @@ CORRUPTIONS = {  # name: (file, damage, what the error line must name)
     "labels-not-a-map": ("labels.json", lambda p: p.write_text("[1, 2]"), "labels.json"),
     "config-garbage": ("config.json", lambda p: p.write_text("not json at all"), "config.json"),
     "config-no-model-type": ("config.json", lambda p: p.write_text("{}"), "config.json"),
+    "config-bad-sizes": ("config.json", lambda p: p.write_text(p.read_text().replace('"num_attention_heads": 2',
+                                                                                    '"num_attention_heads": 5')),
+                         "config.json"),
+    "tokenizer-garbage": ("tokenizer.json", lambda p: p.write_text("garbage"), "tokenizer.json"),
+    "tokenizer-wrong-shape": ("tokenizer.json", lambda p: p.write_text('{"a": 1}'), "tokenizer.json"),
 }
 
 
@@ -62,6 +67,9 @@ def world(tmp_path_factory):
                  for name, (file, damage, _) in CORRUPTIONS.items()}
     w.a_file = w.tmp / "a_file.txt"
     w.a_file.write_text("notes\n")
+    w.not_empty = w.tmp / "mine"
+    w.not_empty.mkdir()
+    (w.not_empty / "config.json").write_text('{"my": "settings"}')
     files = {
         "bad_fields.tsv": b"label\tsentence\n1\tfine\n0\ttoo\tmany\n",
         "empty_text.tsv": b"label\tsentence\n1\tfine\n0\t \n",
@@ -125,6 +133,14 @@ CASES = [
     ("train-model-without-weights", lambda w: _train(w, "--model", str(w.tmp / "config-only")), ["config-only"]),
     ("train-output-is-a-file", lambda w: _train(w, "--output", str(w.a_file)), ["--output", "a_file.txt"]),
     ("train-output-under-a-file", lambda w: _train(w, "--output", str(w.a_file / "sub")), ["--output", "a_file.txt"]),
+    # the output is checked before anything is loaded: a bad --output is named even with a missing model
+    ("train-output-checked-first", lambda w: _train(w, "--output", str(w.a_file / "sub"), "--model", "nope"),
+     ["--output"]),
+    ("predict-output-checked-first", lambda w: ["predict", "--model", "nope", "--data", str(w.train), "--output",
+                                                str(w.a_file / "p.csv")], ["--output"]),
+    ("export-output-checked-first", lambda w: ["export", "--model", "nope", "--output", str(w.a_file / "hf")],
+     ["--output"]),
+    ("train-output-not-empty", lambda w: _train(w, "--output", str(w.not_empty)), ["--output", "not empty"]),
     ("train-output-holds-a-model", lambda w: _train(w, "--output", str(w.run)), ["--output", "already holds"]),
     ("eval-missing-model", lambda w: ["eval", "--model", str(w.tmp / "nope"), "--data", str(w.train)], ["--model"]),
     ("eval-encoder-not-a-run", lambda w: ["eval", "--model", str(w.encoder), "--data", str(w.train)],
@@ -148,6 +164,8 @@ CASES = [
      ["--model"]),
     ("export-output-is-a-file", lambda w: ["export", "--model", str(w.run), "--output", str(w.a_file)],
      ["--output", "a_file.txt"]),
+    ("export-output-not-empty", lambda w: ["export", "--model", str(w.run), "--output", str(w.not_empty)],
+     ["--output", "not empty"]),
     ("export-output-under-a-file", lambda w: ["export", "--model", str(w.run), "--output", str(w.a_file / "hf")],
      ["--output", "a_file.txt"]),
 ]
@@ -172,7 +190,7 @@ def test_bad_input_gives_one_line_exit_2_and_touches_nothing(world, case, capsys
         (world.tmp / "config-only").mkdir()
         shutil.copy(world.encoder / "config.json", world.tmp / "config-only")
     watched = [world.tmp / "new_run", world.tmp / "hf", world.tmp / "p.csv", world.tmp / "p.jsonl", world.a_file,
-               world.run, *world.corrupt.values()]
+               world.not_empty, world.run, *world.corrupt.values()]
     before = [_snapshot(path) if path.is_dir() else path.exists() and path.read_bytes() for path in watched]
     code = main(argv)
     err = capsys.readouterr().err

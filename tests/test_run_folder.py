@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tiny import make_tiny_encoder, sst2_rows, write_tsv
 
+import fastcls
 from fastcls.cli import main
 from fastcls.components.callbacks import Callback
 from fastcls.config import TrainConfig
@@ -164,7 +165,7 @@ def test_symlinks_in_the_output_folder_are_replaced_never_written_through(tiny_b
     export = tmp_path / "hf"
     export.mkdir()
     (export / "config.json").symlink_to(outside / "config.json")
-    assert main(["export", "--model", str(out), "--output", str(export)]) == 0
+    assert main(["export", "--model", str(out), "--output", str(export), "--overwrite"]) == 0
     assert (outside / "config.json").read_text() == "mine: config.json"
     assert not (export / "config.json").is_symlink()
 
@@ -206,6 +207,12 @@ def test_skip_bad_rows_drops_and_names_each_kind_of_bad_row(tiny_bert, tmp_path,
     assert main(["eval", "--model", str(out), "--data", str(bad), "--skip-bad-rows"]) == 0
     assert capsys.readouterr().out.splitlines()[0] == expected
 
+    # rows in memory, through the Python API
+    rows = [{"text": text, "label": label} for label, text in sst2_rows(8)] + [{"text": " ", "label": "1"}]
+    capsys.readouterr()
+    fastcls.train(model=str(tiny_bert), train=rows, output=str(tmp_path / "api"), max_steps=1, skip_bad_rows=True)
+    assert capsys.readouterr().out.splitlines()[0] == "<train>: skipped 1 row: 1 empty text (row 8)"
+
     jsonl = tmp_path / "bad.jsonl"
     jsonl.write_text('{"text": "fine", "label": 1}\n{"text": \n[1]\n{"text": "", "label": 0}\n{"label": 1}\n'
                      '{"text": "ok", "label": 0}\n')
@@ -215,3 +222,16 @@ def test_skip_bad_rows_drops_and_names_each_kind_of_bad_row(tiny_bert, tmp_path,
                           (csv_file, "1 malformed (line 3), 1 empty text (line 4)")):
         assert main(["eval", "--model", str(out), "--data", str(path), "--skip-bad-rows"]) == 0
         assert capsys.readouterr().out.splitlines()[0].endswith(summary), path
+
+
+def test_a_checkpointer_that_did_not_write_the_folder_keeps_its_run_id(tiny_bert, data, tmp_path):
+    """A run continued in its own folder (resume) saves under the id that fastcls.json already holds."""
+    from fastcls.components.checkpoint import Checkpointer, load_run
+
+    out = tmp_path / "run"
+    _run(tiny_bert, data, out)
+    model = load_run(out)[0]
+    with torch.no_grad():
+        model.head.linear.bias.add_(1.0)
+    Checkpointer(out).save(model)
+    assert torch.equal(load_run(out)[0].head.linear.bias, model.head.linear.bias)

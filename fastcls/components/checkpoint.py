@@ -110,7 +110,7 @@ class Checkpointer:
     def __init__(self, out: str | Path):
         self.out = Path(out)
         self.metrics_path = self.out / METRICS_FILE
-        self.run_id = uuid.uuid4().hex
+        self.run_id: str | None = None  # a fresh one from write_static; else (a continued run) fastcls.json's
 
     def holds_a_model(self) -> bool:
         return any((self.out / name).exists() for name in (WEIGHTS_FILE, HEAD_FILE, FASTCLS_FILE))
@@ -122,6 +122,7 @@ class Checkpointer:
         for name in OLD_RUN_FILES:
             (self.out / name).unlink(missing_ok=True)
         remove_temp_files(self.out)
+        self.run_id = uuid.uuid4().hex
         if hasattr(model.encoder, "config") and hasattr(model.encoder.config, "save_pretrained"):
             save_pretrained_files(self.out, hf_config(model.encoder, labels), tokenizer)
         else:
@@ -134,7 +135,11 @@ class Checkpointer:
     def save(self, model: EncoderClassifier) -> None:
         """The model's weights as the run's checkpoint: the exact head first, then the transformers layout, under
         one fresh tag and the run's id."""
-        tag = {TAG: uuid.uuid4().hex, RUN_TAG: self.run_id, "format": "pt"}  # "format": transformers' loader's
+        if self.run_id is None:  # a run continued in its folder without write_static keeps its id
+            self.run_id = _read_json(self.out / FASTCLS_FILE).get("run_id")
+        tag = {TAG: uuid.uuid4().hex, "format": "pt"}  # "format": what transformers' loader looks for
+        if self.run_id is not None:
+            tag[RUN_TAG] = self.run_id
         head = model.head.linear
         save_weights_atomic({"weight": head.weight, "bias": head.bias}, self.out / HEAD_FILE, tag)
         save_weights_atomic(hf_state_dict(model), self.out / WEIGHTS_FILE, tag)
@@ -216,7 +221,10 @@ def load_run(folder: str | Path, device: str | torch.device = "cpu", *, encoder=
     folder = check_model_dir(folder, argument) if encoder is None else Path(folder)
     meta, labels = read_meta(folder, argument)
     if encoder is None:
-        encoder = encoder_from_config(read_config(folder, argument))
+        try:
+            encoder = encoder_from_config(read_config(folder, argument))
+        except ValueError as err:  # a config.json that reads but describes no buildable model
+            raise ModelLoadError(f"{argument}: {folder / 'config.json'}: {err}") from err
     device = torch.device(device)
     model = EncoderClassifier(encoder, meta["num_labels"], meta["head_dropout"],
                               packed=choose_packed("auto", encoder, device))

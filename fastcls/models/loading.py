@@ -125,8 +125,10 @@ def load_tokenizer(path: str | Path, argument: str = "--model"):
     path = check_model_dir(path, argument)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True, local_files_only=True)
-    except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception for a corrupt tokenizer.json
-        raise ModelLoadError(f"{argument}: cannot load a tokenizer from {path}: {_one_line(err)}") from err
+    except Exception as err:  # noqa: BLE001 - a damaged tokenizer file raises ValueError, KeyError or tokenizers'
+        # bare Exception, depending on where the parse stops
+        raise ModelLoadError(f"{argument}: cannot load a tokenizer from {path} (tokenizer.json, "
+                             f"tokenizer_config.json): {type(err).__name__}: {_one_line(err)}") from err
     if not tokenizer.is_fast:
         raise ModelLoadError(f"{argument}: {path} has no fast tokenizer (tokenizer.json); fastcls needs one")
     return tokenizer

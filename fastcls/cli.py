@@ -18,6 +18,11 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-column", default=S, help="label column (default: label)")
 
 
+def _add_skip_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="drop malformed rows and rows without text or label, and say which, instead of stopping")
+
+
 def _choices(name: str) -> dict:
     from fastcls.config import CHOICES
 
@@ -72,6 +77,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--log-every", type=int)
     p.add_argument("--group-size", type=int, help="batches per length-sorted group (default 50)")
     p.add_argument("--overwrite", action="store_true", help="train into a folder that already holds a model")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the model with FSDP2 (one unit per encoder layer) instead of DDP")
+    _add_skip_arg(p)
     p.add_argument("--save-every", type=int, metavar="N",
                    help="write a resumable checkpoint every N optimizer steps into OUTPUT/checkpoints/")
     p.add_argument("--save-total-limit", type=int, metavar="K", help="keep the newest K resumable checkpoints")
@@ -94,6 +102,8 @@ def _infer_parsers(sub) -> None:
         p.add_argument("--batch-size", type=int, default=128)
         p.add_argument("--device", default="auto")
         p.add_argument("--precision", default="auto", **_choices("precision"))
+        if name == "eval":  # not predict: its output rows stand for the input rows one for one
+            _add_skip_arg(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a folder that AutoModelForSequenceClassification loads")
     p.add_argument("--model", required=True)
     p.add_argument("--output", required=True)
+    p.add_argument("--overwrite", action="store_true", help="export into a folder that is not empty")
     sub.add_parser("info", help="versions, device and the backend of every op")
     return parser
 
@@ -122,6 +133,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     if resolve_device(cfg.device).type == "cpu":
         keep_freed_host_memory()  # a process-wide allocator setting: the command's choice, not the library's
     result = train(cfg, resume=run is not None)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun rank 0 reports for all
     print(f"trained {result.steps} steps in {result.train_seconds:.1f} s "
           f"({result.train_samples_per_s:.1f} samples/s); model in {result.output}")
     if result.best is not None:
@@ -131,19 +144,26 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def _load_for_inference(args: argparse.Namespace, require_labels: bool):
     from fastcls.components.checkpoint import load_run
+    from fastcls.components.output_path import check_writable
     from fastcls.components.precision import resolve_device, resolve_precision
-    from fastcls.data import read_examples, tokenize_examples
+    from fastcls.data import SkippedRows, read_examples, tokenize_examples
 
+    if args.output is not None:
+        check_writable(args.output, folder=False)
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     model, tokenizer, labels, meta = load_run(args.model, device)
+    skipped = SkippedRows() if getattr(args, "skip_bad_rows", False) else None
     rows = read_examples(
         args.data,
         text_columns=getattr(args, "text_columns", None) or meta.get("text_columns"),
         text_pair_column=getattr(args, "text_pair_column", None) or meta.get("text_pair_column"),
         label_column=getattr(args, "label_column", "label"),
         require_labels=require_labels,
+        skipped=skipped,
     )
+    if skipped is not None and skipped.lines:
+        print(skipped.summary())
     encoded = tokenize_examples(rows, tokenizer, meta["max_length"], label_map=labels if require_labels else None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return model, labels, encoded, device, precision, pad_id
@@ -174,7 +194,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from fastcls.export import export_hf
 
-    print(f"exported to {export_hf(args.model, args.output)}")
+    print(f"exported to {export_hf(args.model, args.output, overwrite=args.overwrite)}")
 
 
 def cmd_info(args: argparse.Namespace) -> None:

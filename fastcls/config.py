@@ -88,6 +88,8 @@ class TrainConfig:
     log_every: int = 10  # steps between progress updates (each reads the loss back from the device)
     group_size: int = 50  # batches per length-sorted mega-batch
     overwrite: bool = False  # allow --output to be a folder that already holds a model
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state with FSDP2 instead of DDP
+    skip_bad_rows: bool = False  # drop malformed rows and rows without text or label (counted, named); else stop
     # resumable checkpoints (fastcls/components/resume.py): every N optimizer steps into output/checkpoints/, the
     # newest K kept (None: all)
     save_every: int | None = None

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from fastcls.components.distributed import Distributed, rank_order, shard_batches
 from fastcls.components.metrics import classification_report
 from fastcls.components.precision import autocast
 from fastcls.data import Encoded, LabelMap, LengthGroupedBatches, collate, restore_order
@@ -15,19 +16,22 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 @torch.inference_mode()
-def predict_logits(model, encoded: Encoded, batch_size: int, device: torch.device, precision: str, pad_token_id: int):
+def predict_logits(model, encoded: Encoded, batch_size: int, device: torch.device, precision: str, pad_token_id: int,
+                   ddp: Distributed = Distributed()):
     """fp32 logits [N, K] in the data's own order, from the model's own forward on its own batch layout; rows
-    run sorted by length to keep padding small."""
+    run sorted by length to keep padding small. Under torchrun each rank runs every world-th batch and every rank
+    gets all the logits, the same as one process computes."""
     was_training = model.training
     model.eval()
     batches = LengthGroupedBatches(encoded.lengths, batch_size, shuffle=False).batches(0)
-    outputs = []
-    for rows in batches:
+    mine, counts = shard_batches(batches, ddp)
+    outputs = [torch.empty(0, model.num_labels, device=device)]
+    for rows in mine:
         batch = collate(encoded, rows, packed=model.packed, pad_token_id=pad_token_id, labels=False).to(device)
         with autocast(device, precision):
             outputs.append(model(batch)[1].float())
     model.train(was_training)
-    return restore_order(torch.cat(outputs), batches)
+    return restore_order(ddp.gather_rows(torch.cat(outputs), counts), rank_order(batches, ddp))
 
 
 def evaluate_logits(logits: torch.Tensor, encoded: Encoded, labels: LabelMap) -> dict:

@@ -4,13 +4,18 @@ so; the export leaves fastcls's own files behind. Families without a known Huggi
 (`families.HFHead`) cannot be exported: their run folders load with `fastcls.load` and `fastcls eval/predict`."""
 from pathlib import Path
 
-from fastcls.components.checkpoint import WEIGHTS_FILE, load_run, save_weights_atomic
-from fastcls.errors import ModelLoadError
+from fastcls.components.checkpoint import WEIGHTS_FILE, load_run, save_pretrained_files, save_weights_atomic
+from fastcls.components.output_path import check_writable
+from fastcls.errors import ConfigError, ModelLoadError
 from fastcls.models.families import FAMILIES, family_of
 from fastcls.models.hf_layout import hf_config, hf_state_dict
 
 
-def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
+def export_hf(model_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Export the run folder `model_dir` into `out_dir`, a new or empty folder (any folder with `overwrite`)."""
+    out_dir = check_writable(out_dir, folder=True)
+    if not overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
+        raise ConfigError(f"--output {out_dir} is not empty; choose a new or empty folder, or pass --overwrite")
     model, tokenizer, labels, _ = load_run(model_dir)
     family = family_of(model.encoder)
     if family is None or family.hf_head is None:
@@ -18,9 +23,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
         raise ModelLoadError(
             f"export: model type {model.encoder.config.model_type!r} is not supported (supported: "
             f"{', '.join(supported)}); the fastcls folder {model_dir} still loads with `fastcls eval/predict`")
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    hf_config(model.encoder, labels).save_pretrained(out_dir)
+    save_pretrained_files(out_dir, hf_config(model.encoder, labels), tokenizer)
     save_weights_atomic(hf_state_dict(model), out_dir / WEIGHTS_FILE, {"format": "pt"})
-    tokenizer.save_pretrained(out_dir)
     return out_dir

@@ -18,22 +18,25 @@ import torch
 from torch import nn
 
 from fastcls.components.callbacks import Callback, TrainState
-from fastcls.components.checkpoint import Checkpointer
+from fastcls.components.checkpoint import Checkpointer, load_start
 from fastcls.components.determinism import deterministic_mode, resolve_deterministic
+from fastcls.components.distributed import DataParallel, Distributed, rank_seed, setup
 from fastcls.components.early_stopping import EarlyStopping
 from fastcls.components.lr_schedule import DeviceLRSchedule, ScheduleConfig, build_scheduler, resolve_warmup_steps
 from fastcls.components.metrics import MetricsLogger
+from fastcls.components.output_path import check_writable
 from fastcls.components.optimizer import OptimizerConfig, build_optimizer, param_groups
-from fastcls.components.precision import grad_scaler, resolve_device, resolve_precision
+from fastcls.components.precision import grad_scaler, resolve_precision
 from fastcls.components.prefix_cache import PrefixCache
 from fastcls.components.resume import Loop, Resumer, Training, data_digest, refill_prefix_cache
 from fastcls.components.train_step import StepConfig, TrainStep
 from fastcls.config import TrainConfig
-from fastcls.data import LabelMap, LengthGroupedBatches, bucket_length, collate, read_examples, tokenize_examples
+from fastcls.data import (LabelMap, LengthGroupedBatches, SkippedRows, bucket_length, collate, read_examples,
+                          tokenize_examples)
 from fastcls.errors import ConfigError, DataError, TrainingError, TrainingInterrupted
 from fastcls.evaluate import evaluate_logits, predict_logits
 from fastcls.models.classifier import EncoderClassifier, choose_packed
-from fastcls.models.loading import head_dropout, load_encoder, load_tokenizer, own_aligned_storage
+from fastcls.models.loading import head_dropout, load_tokenizer, own_aligned_storage
 from fastcls.ops.dropout import DropoutGenerator, draw_seed, use_generator
 
 
@@ -60,9 +63,15 @@ class TrainResult:
         return Classifier(self.model, self.tokenizer, self.labels, self.max_length)
 
 
-def _read(data, cfg: TrainConfig, name: str):
-    return read_examples(data, text_columns=cfg.text_columns, text_pair_column=cfg.text_pair_column,
-                         label_column=cfg.label_column, name=name)
+def _read(data, cfg: TrainConfig, name: str, skipped_rows: dict):
+    """The examples of `data`; with --skip-bad-rows, the rows dropped are printed and counted in `skipped_rows`."""
+    skipped = SkippedRows() if cfg.skip_bad_rows else None
+    rows = read_examples(data, text_columns=cfg.text_columns, text_pair_column=cfg.text_pair_column,
+                         label_column=cfg.label_column, name=name, skipped=skipped)
+    if skipped is not None and skipped.lines:
+        print(skipped.summary())
+        skipped_rows[name] = skipped.counts
+    return rows
 
 
 def _tokenizer_for(cfg: TrainConfig, encoder: nn.Module | None, tokenizer):
@@ -114,8 +123,8 @@ def _frozen_report(model, cache: PrefixCache | None, no_cache_reason: str | None
     return report
 
 
-def _cuda_graphs(cfg: TrainConfig, device, precision, custom_optimizer, custom_schedule, model=None,
-                 cache=None) -> bool:
+def _cuda_graphs(cfg: TrainConfig, device, precision, custom_optimizer, custom_schedule, ddp: Distributed,
+                 model=None, cache=None) -> bool:
     """Whether the steps replay from CUDA graphs; --cuda-graphs on where they cannot is an error naming why.
     Without `model`, checks what the settings alone decide (before the model is loaded)."""
     if cfg.cuda_graphs == "off":
@@ -123,7 +132,8 @@ def _cuda_graphs(cfg: TrainConfig, device, precision, custom_optimizer, custom_s
     blockers = [(device.type != "cuda", "needs a CUDA device"),
                 (precision == "fp16", "does not capture fp16's loss scaling (use --precision bf16)"),
                 (custom_optimizer, "needs fastcls's FusedAdamW (no optimizer= factory)"),
-                (custom_schedule, "needs fastcls's schedule (no scheduler= factory)")]
+                (custom_schedule, "needs fastcls's schedule (no scheduler= factory)"),
+                (ddp.enabled, "does not capture DDP's or FSDP's collectives (run without torchrun)")]
     if model is not None:
         blockers += [(model.packed, "needs padded batches (--unpad off)"),
                      (not model.body.takes_packed, f"{type(model.encoder).__name__} runs through its own forward"),
@@ -142,15 +152,56 @@ def _graph_report(step: TrainStep, tokens: int, padded_tokens: int) -> dict:
     return report
 
 
-def _save_finite(run: Checkpointer, model: nn.Module, step: int) -> None:
+def _save_finite(run: Checkpointer, parallel: DataParallel, step: int) -> None:
     """Save the checkpoint unless a weight is non-finite (one host read per save): a run folder never holds a
-    silently broken model."""
-    params = [p.detach() for p in model.parameters()]
-    if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+    silently broken model. Under torchrun every rank calls it (FSDP2 gathers the weights) and rank 0 writes."""
+    model, ddp = parallel.full_model(), parallel.ddp
+    bad = None
+    if model is not None and not bool(torch.stack([torch.isfinite(p.detach()).all() for p in model.parameters()]).all()):
         bad = next(name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all()))
-        raise TrainingError(f"weights are non-finite at step {step} (first: {bad}), so they were not saved; try a "
-                            f"lower --lr or --precision fp32. {run.out} keeps the best checkpoint so far")
-    run.save(model)
+    if ddp.agree(bad is not None):
+        raise TrainingError(f"weights are non-finite at step {step} (first: {bad or 'see rank 0'}), so they were "
+                            f"not saved; try a lower --lr or --precision fp32. {run.out} keeps the best checkpoint "
+                            "so far")
+    if ddp.is_main:
+        run.save(model)
+    ddp.barrier()  # the files are whole before any rank reads them
+
+
+def _mean_loss(loss_sum: torch.Tensor, count: int, ddp: Distributed) -> float:
+    """The mean training loss since the last reset, over every rank's rows (each rank's sum is weighted by its
+    share of the global batches: fastcls.components.distributed)."""
+    return (ddp.sum(loss_sum.clone()) / (count * ddp.world_size)).item()
+
+
+def _finite_loss(loss: float, step: int, run: Checkpointer, logger: MetricsLogger, lr: float | None = None) -> float:
+    """`loss`, or a TrainingError when it is NaN or infinite. The loss sum on the device is the flag: a non-finite
+    loss of any step since the last reset stays in it, so reading it at logging steps and before every save checks
+    every step without a host sync in the step itself."""
+    if not math.isfinite(loss):
+        logger.close()
+        at = f" (lr {lr:.3g})" if lr is not None else ""
+        raise TrainingError(f"training loss is {loss} at step {step}{at}; try a lower --lr or --precision fp32. The "
+                            f"best checkpoint so far stays in {run.out}")
+    return loss
+
+
+def _rank_report(ddp: Distributed, tokens: int, padded_tokens: int, forward_seconds: float | None,
+                 batch_size: int) -> dict | None:
+    """How evenly the ranks shared the work: each rank's padding and forward time (the CPU's host clock; not
+    measured on CUDA, where it would need a sync)."""
+    if not ddp.enabled:
+        return None
+    per_rank = ddp.gather_floats([tokens, padded_tokens, forward_seconds or 0.0])
+    padding = [round(1 - t / max(1.0, p), 4) for t, p, _ in per_rank]
+    report = {"world_size": ddp.world_size, "global_batch": batch_size * ddp.world_size,
+              "padding_fraction_per_rank": padding}
+    if forward_seconds is not None:
+        seconds = [round(f, 3) for _, _, f in per_rank]
+        report.update(forward_seconds_per_rank=seconds, forward_spread=round(max(seconds) / max(1e-9, min(seconds)), 3))
+    if ddp.is_main:
+        print("ranks: " + ", ".join(f"{k} {v}" for k, v in report.items()))
+    return report
 
 
 def _synchronize(device: torch.device) -> None:
@@ -164,64 +215,76 @@ def train(cfg: TrainConfig, *, encoder: nn.Module | None = None, tokenizer=None,
           callbacks: Sequence[Callback] = (), resume: bool = False) -> TrainResult:
     """Fine-tune on `cfg` (left unchanged) and return the kept checkpoint loaded; see `fastcls.train` for the
     keyword arguments. `resume`: continue the run in `cfg.output` from its newest resumable checkpoint, `cfg`
-    being its settings (`fastcls.components.resume.resumed_config`). Torch's global RNG state is restored afterwards."""
+    being its settings (`fastcls.components.resume.resumed_config`). Torch's global RNG state is restored
+    afterwards."""
     # an encoder given as a module is not the bundled model: `model` then only names where its tokenizer is
     cfg = cfg.resolve() if encoder is None else dataclasses.replace(cfg.resolve(), model=cfg.model)
-    device = resolve_device(cfg.device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed)
-        return _train(cfg, device, encoder, tokenizer, optimizer_factory, scheduler_factory, callbacks, resume)
+    ddp, device = setup(cfg.device)  # under torchrun: this process's rank and GPU; else one process
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(cfg.seed)
+            return _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_factory, callbacks,
+                          resume)
+    finally:
+        ddp.close()
 
 
-def _refuse_used_output(run: Checkpointer, cfg: TrainConfig) -> None:
-    if not cfg.overwrite and run.holds_a_model():
+def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_factory, callbacks,
+           resume) -> TrainResult:
+    start = time.perf_counter()
+    precision = resolve_precision(cfg.precision, device)
+    _cuda_graphs(cfg, device, precision, optimizer_factory is not None, scheduler_factory is not None, ddp)
+    if cfg.fsdp and not ddp.enabled:
+        raise ConfigError("--fsdp needs several processes: launch with torchrun --nproc_per_node=N")
+    run = Checkpointer(cfg.output)
+    if not cfg.overwrite and not resume and run.holds_a_model():  # a resumed run continues in its own folder
         raise ConfigError(f"--output {run.out} already holds a model; choose another folder or pass --overwrite")
     if run.out.exists() and not run.out.is_dir():
         raise ConfigError(f"--output {run.out} is a file, not a folder")
-    if not cfg.overwrite and run.out.is_dir() and any(run.out.iterdir()):
+    if not cfg.overwrite and not resume and run.out.is_dir() and any(run.out.iterdir()):
         # a folder of the user's own files would get a run's config.json and metrics.jsonl written over them
         raise ConfigError(f"--output {run.out} is not empty; choose a new or empty folder, or pass --overwrite")
-
-
-def _train(cfg, device, encoder, tokenizer, optimizer_factory, scheduler_factory, callbacks, resume) -> TrainResult:
-    start = time.perf_counter()
-    precision = resolve_precision(cfg.precision, device)
-    _cuda_graphs(cfg, device, precision, optimizer_factory is not None, scheduler_factory is not None)
-    run = Checkpointer(cfg.output)
-    if not resume:  # a resumed run continues in its own folder
-        _refuse_used_output(run, cfg)
+    check_writable(run.out, folder=True)
+    ddp.barrier()  # every rank has checked the folder before rank 0 writes into it
 
     tokenizer = _tokenizer_for(cfg, encoder, tokenizer)
-    train_rows = _read(cfg.train, cfg, "train")
+    skipped_rows = {}
+    train_rows = _read(cfg.train, cfg, "train", skipped_rows)
     labels = LabelMap.from_labels([row.label for row in train_rows]).renamed(cfg.label_names)
     if len(labels) < 2:
         raise DataError(f"--train: {cfg.train} has a single label {labels.names}; classification needs two or more")
     train_set = tokenize_examples(train_rows, tokenizer, cfg.max_length, label_map=labels)
     dev_set = None
     if cfg.dev is not None:
-        dev_set = tokenize_examples(_read(cfg.dev, cfg, "dev"), tokenizer, cfg.max_length, label_map=labels)
+        dev_rows = _read(cfg.dev, cfg, "dev", skipped_rows)
+        dev_set = tokenize_examples(dev_rows, tokenizer, cfg.max_length, label_map=labels)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    encoder = load_encoder(cfg.model) if encoder is None else own_aligned_storage(encoder)
+    encoder, head = load_start(cfg.model, labels) if encoder is None else (own_aligned_storage(encoder), None)
     wants_cache = cfg.freeze_embeddings and cfg.cache_frozen
     model = EncoderClassifier(encoder, len(labels), head_dropout(getattr(encoder, "config", None))
                               if cfg.dropout is None else cfg.dropout, head_impl=cfg.head_impl, kernels=cfg.kernels,
                               packed=choose_packed(cfg.unpad, encoder, device, wants_cache)).to(device)
+    if head is not None:  # --model: a run of these labels
+        model.head.linear.load_state_dict(head)
     model.freeze(cfg.freeze_embeddings, cfg.freeze_layers)
     if cfg.grad_checkpointing:
         model.enable_checkpointing()
     model.train()
+    parallel = DataParallel(model, ddp, device, fsdp=cfg.fsdp, precision=precision)
     groups = param_groups(model, cfg.weight_decay)
     optimizer = (optimizer_factory(groups) if optimizer_factory is not None
-                 else build_optimizer(groups, OptimizerConfig(lr=cfg.lr)))
-    batches = LengthGroupedBatches(train_set.lengths, cfg.batch_size, group_size=cfg.group_size, seed=cfg.seed)
+                 else build_optimizer(groups, OptimizerConfig(lr=cfg.lr), sharded=cfg.fsdp))
+    # every rank cuts the same global batches and runs its share of each (fastcls.components.distributed)
+    batches = LengthGroupedBatches(train_set.lengths, cfg.batch_size * ddp.world_size, group_size=cfg.group_size,
+                                   seed=cfg.seed)
     steps_per_epoch = math.ceil(len(batches) / cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
     scaler = grad_scaler(device, precision)
     eval_every = cfg.eval_every or steps_per_epoch
     cache, no_cache_reason = _prefix_cache(cfg, model, train_set, device, math.ceil(total_steps / steps_per_epoch))
     graphs = _cuda_graphs(cfg, device, precision, optimizer_factory is not None, scheduler_factory is not None,
-                          model, cache)
+                          ddp, model, cache)
     schedule = ScheduleConfig(total_steps, resolve_warmup_steps(cfg.warmup, total_steps), cfg.decay)
     if scheduler_factory is not None:
         scheduler = scheduler_factory(optimizer, total_steps)
@@ -229,21 +292,24 @@ def _train(cfg, device, encoder, tokenizer, optimizer_factory, scheduler_factory
         scheduler = DeviceLRSchedule(optimizer, schedule) if graphs else build_scheduler(optimizer, schedule)
     if graphs:
         model.body.row_accumulated_embedding = False  # its buffer bookkeeping is host-side
-    generator = DropoutGenerator(draw_seed(), device)
-    step = TrainStep(model, optimizer, scheduler, scaler, generator,
+    generator = DropoutGenerator(rank_seed(draw_seed(), ddp), device)
+    step = TrainStep(parallel, optimizer, scheduler, scaler, generator,
                      StepConfig(cfg.grad_accum, cfg.max_grad_norm, precision, graphs), device)
 
-    train_config = {**cfg.to_dict(), "resolved_precision": precision, "device": str(device)}
-    resumer = Resumer(run.out, cfg.save_every, cfg.save_total_limit)
-    if not resume:
+    train_config = {**cfg.to_dict(), "resolved_precision": precision, "device": str(device),
+                    "world_size": ddp.world_size}
+    resumer = Resumer(run.out, cfg.save_every, cfg.save_total_limit, ddp, sharded=cfg.fsdp)
+    if ddp.is_main and not resume:
         resumer.discard_all()
         run.write_static(model, tokenizer, labels, {"max_length": cfg.max_length, "text_columns": cfg.text_columns,
                                                      "text_pair_column": cfg.text_pair_column}, train_config)
-    else:
+    elif ddp.is_main:
         run.write_train_config(train_config)
-    logger = MetricsLogger(run.metrics_path, total_steps)
+    logger = MetricsLogger(run.metrics_path, total_steps, enabled=ddp.is_main)
+    processes = (f", {ddp.world_size} processes ({'FSDP2' if cfg.fsdp else 'DDP'}), global batch "
+                 f"{cfg.batch_size * ddp.world_size}" if ddp.enabled else "")
     logger.write(f"fastcls: {len(train_set)} training rows, {len(labels)} labels, {total_steps} steps, "
-                 f"{device} {precision}, {'unpadded' if model.packed else 'padded'} batches"
+                 f"{device} {precision}{processes}, {'unpadded' if model.packed else 'padded'} batches"
                  f"{', CUDA graphs' if graphs else ''}, {train_set.num_truncated} rows truncated to --max-length "
                  f"{cfg.max_length}")
     state = TrainState(model, optimizer, total_steps, run.out)
@@ -257,60 +323,59 @@ def _train(cfg, device, encoder, tokenizer, optimizer_factory, scheduler_factory
     for callback in callbacks:
         callback.on_train_begin(state)
 
-    samples, tokens, padded_tokens, loss_count = loop.samples, loop.tokens, loop.padded_tokens, loop.loss_count
+    samples, tokens, padded_tokens, rank_tokens = loop.samples, loop.tokens, loop.padded_tokens, loop.rank_tokens
     train_seconds, epoch_seconds, epoch_start, first_micro = (loop.train_seconds, loop.epoch_seconds,
                                                               loop.epoch_start, loop.micro)
-    loss_sum = step.loss_sum
+    loss_sum, loss_count = step.loss_sum, loop.loss_count
     tick = time.perf_counter()
     with (use_generator(generator), resumer.signals,
           deterministic_mode(resolve_deterministic(cfg.deterministic, device), device, threads)):
         if resume and cache is not None:  # what the interrupted run had cached
-            refill_prefix_cache(model, train_set, batches, state.epoch, first_micro, device, precision, pad_id)
+            refill_prefix_cache(model, train_set, batches, state.epoch, first_micro, device, precision, pad_id, ddp)
         while state.step < total_steps and not state.should_stop:
             micro_batches = batches.batches(state.epoch)
             if not first_micro:  # a resumed epoch keeps its start
                 epoch_start = train_seconds + time.perf_counter() - tick
-            for i, rows in enumerate(micro_batches[first_micro:], start=first_micro):
+            for i, global_rows in enumerate(micro_batches[first_micro:], start=first_micro):
+                rows, weight = ddp.share(global_rows)  # all of them in a single process
                 shape = None
                 if graphs:  # a few fixed shapes, each replayed from its own graph
                     shape = (cfg.batch_size, bucket_length(int(train_set.lengths[rows].max()), cfg.max_length))
                 batch = collate(train_set, rows, packed=model.packed, pad_token_id=pad_id, shape=shape)
-                step.micro(batch)
+                accumulating = (i + 1) % cfg.grad_accum and i + 1 < len(micro_batches)
+                step.micro(batch, weight, sync=not accumulating)
                 loss_count += 1
-                samples += len(rows)
-                tokens += int(train_set.lengths[rows].sum())
+                samples += len(global_rows)
+                tokens += int(train_set.lengths[global_rows].sum())
+                rank_tokens += int(train_set.lengths[rows].sum()) if weight else 0
                 padded_tokens += batch.num_tokens
-                if (i + 1) % cfg.grad_accum and i + 1 < len(micro_batches):
-                    continue  # accumulate another micro-batch
+                if accumulating:
+                    continue
                 step.update()
                 state.step += 1
                 logger.step()
 
                 if state.step % cfg.log_every == 0 or state.step == total_steps:
-                    state.last_loss = (loss_sum / loss_count).item()
                     lr = (scheduler.lrs_after(state.step)[0] if isinstance(scheduler, DeviceLRSchedule)
                           else optimizer.param_groups[0]["lr"])  # the device schedule's without a sync
-                    if not math.isfinite(state.last_loss):
-                        logger.close()
-                        raise TrainingError(f"training loss is {state.last_loss} at step {state.step} (lr {lr:.3g}); "
-                                            f"try a lower --lr or --precision fp32. The best checkpoint so far stays "
-                                            f"in {run.out}")
+                    state.last_loss = _finite_loss(_mean_loss(loss_sum, loss_count, ddp), state.step, run, logger, lr)
                     logger.train(state.last_loss, lr, samples / (train_seconds + time.perf_counter() - tick))
                 if dev_set is not None and (state.step % eval_every == 0 or state.step == total_steps):
                     train_seconds += time.perf_counter() - tick
                     record = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4),
-                              "train_loss": (loss_sum / max(1, loss_count)).item(),
+                              "train_loss": _finite_loss(_mean_loss(loss_sum, max(1, loss_count), ddp), state.step,
+                                                         run, logger),
                               "samples_per_s": samples / train_seconds}
                     loss_sum.zero_()
                     loss_count = 0
                     report = evaluate_logits(predict_logits(model, dev_set, cfg.eval_batch_size, device, precision,
-                                                            pad_id), dev_set, labels)
+                                                            pad_id, ddp), dev_set, labels)
                     record.update(report, dev_loss=report.pop("loss"))
                     logger.evaluation(record)
                     state.log.append(record)
                     if stopping.improved(record):
                         state.best = record
-                        _save_finite(run, model, state.step)
+                        _save_finite(run, parallel, state.step)
                         for callback in callbacks:
                             callback.on_save(state, run.out)
                     for callback in callbacks:
@@ -321,16 +386,17 @@ def _train(cfg, device, encoder, tokenizer, optimizer_factory, scheduler_factory
                     tick = time.perf_counter()
                 for callback in callbacks:
                     callback.on_step_end(state)
+                if callbacks and ddp.enabled:  # a callback's stop on one rank stops them all
+                    state.should_stop = ddp.agree(state.should_stop)
                 if resumer.due(state.step):  # --save-every, or SIGINT/SIGTERM
                     saving = time.perf_counter()
-                    loop = Loop(micro=i + 1, samples=samples, tokens=tokens, padded_tokens=padded_tokens,
-                                train_seconds=train_seconds + saving - tick, epoch_start=epoch_start,
-                                epoch_seconds=epoch_seconds, loss_count=loss_count)
+                    loop = Loop(i + 1, samples, tokens, padded_tokens, rank_tokens, train_seconds + saving - tick,
+                                epoch_start, epoch_seconds, loss_count)
                     saved = resumer.save(training, loop, state.epoch)
                     tick += time.perf_counter() - saving  # saving is not training time
-                    if resumer.signals.received is not None:
+                    if resumer.stop_signal is not None:
                         logger.close()
-                        raise TrainingInterrupted(resumer.signals.received, state.step, saved, run.out)
+                        raise TrainingInterrupted(resumer.stop_signal, state.step, saved, run.out)
                 if state.step >= total_steps or state.should_stop:
                     break
             first_micro = 0
@@ -340,24 +406,31 @@ def _train(cfg, device, encoder, tokenizer, optimizer_factory, scheduler_factory
     logger.close()
     if dev_set is None or stopping.best is None:  # no dev set, or a callback stopped before any evaluation
         train_seconds += time.perf_counter() - tick
-        _save_finite(run, model, state.step)
+        _finite_loss(_mean_loss(loss_sum, max(1, loss_count), ddp), state.step, run, logger)
+        _save_finite(run, parallel, state.step)
         for callback in callbacks:
             callback.on_save(state, run.out)
     frozen = _frozen_report(model, cache, no_cache_reason, epoch_seconds)
     if cache is not None:
         model.body.use_prefix_cache(None, None)
         cache.close()
-    if (stopping.best or {}).get("step", state.step) != state.step:
+    ranks = _rank_report(ddp, rank_tokens, padded_tokens, step.forward_seconds, cfg.batch_size)
+    if cfg.fsdp:  # the kept model is rank 0's whole copy; the other ranks return their shards
+        full = parallel.full_model()
+        model = full if full is not None else model
+    if (stopping.best or {}).get("step", state.step) != state.step and not (cfg.fsdp and not ddp.is_main):
         run.load_into(model)  # the kept checkpoint is an earlier step's than the last
     model.eval()
     train_seconds = max(train_seconds, 1e-9)
     result = TrainResult(run.out, model, tokenizer, labels, state.step, stopping.best, samples / train_seconds,
                          tokens / train_seconds, train_seconds, time.perf_counter() - start, frozen, cfg.max_length)
-    run.write_state({"steps": state.step, "best": stopping.best, "train_samples_per_s": result.train_samples_per_s,
-                     "train_tokens_per_s": result.train_tokens_per_s, "train_seconds": train_seconds,
-                     "total_seconds": result.total_seconds, "epoch_seconds": epoch_seconds, "frozen": frozen,
-                     "cuda_graphs": _graph_report(step, tokens, padded_tokens) if graphs else None})
-    if frozen is not None:
+    if ddp.is_main:
+        run.write_state({"steps": state.step, "best": stopping.best, "train_samples_per_s": result.train_samples_per_s,
+                         "train_tokens_per_s": result.train_tokens_per_s, "train_seconds": train_seconds,
+                         "total_seconds": result.total_seconds, "epoch_seconds": epoch_seconds, "frozen": frozen,
+                         "distributed": ranks, "skipped_rows": skipped_rows,
+                         "cuda_graphs": _graph_report(step, tokens, padded_tokens) if graphs else None})
+    if frozen is not None and ddp.is_main:
         print("frozen: " + ", ".join(f"{k} {v}" for k, v in frozen.items()))
     for callback in callbacks:
         callback.on_train_end(state)

@@ -119,11 +119,12 @@ def test_checkpoint_layout_limit_and_leftovers(tiny_dir, tmp_path):
                                                                       save_total_limit=2))
     assert [p.name for p in checkpoints(run)] == ["step-000003", "step-000004"]
     newest = checkpoints(run)[-1]
-    assert sorted(p.name for p in newest.iterdir()) == ["optimizer.pt", "rng_state_0.pt", "scaler.pt",
+    assert sorted(p.name for p in newest.iterdir()) == ["optimizer.pt", "rank_state_0.pt", "scaler.pt",
                                                         "scheduler.pt", "trainer_state.json", "weights.safetensors"]
     state = json.loads((newest / "trainer_state.json").read_text())
     assert state["format"] == 1 and state["step"] == 4 and state["world_size"] == 1
     assert state["loop"]["micro"] == 4 and state["epoch"] == 0 and state["loop"]["samples"] == 32
+    assert torch.load(newest / "rank_state_0.pt", weights_only=True)["loop"] == state["loop"]
     # a write killed before its commit, and a prune killed halfway: neither is a checkpoint, both are cleaned
     (run / CHECKPOINTS / ".tmp-step-000005").mkdir()
     (run / CHECKPOINTS / ".tmp-step-000005" / "weights.safetensors").write_bytes(b"half")

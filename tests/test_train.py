@@ -115,19 +115,34 @@ def test_an_output_that_is_a_file_or_a_non_empty_folder_is_refused_and_left_alon
     assert a_file.read_text() == "notes"
 
 
+class _BreakAWeight(Callback):
+    def __init__(self, where):
+        self.where = where
+
+    def on_step_end(self, state):
+        if state.step == 1:
+            with torch.no_grad():
+                self.where(state.model)[0] = float("nan")
+
+
 def test_non_finite_weights_are_never_saved(tiny_bert, tmp_path):
+    """A position no text reaches: its NaN leaves every loss finite, so only the weights check can catch it."""
     data = write_tsv(tmp_path / "train.tsv", sst2_rows(16))
-
-    class BreakAWeight(Callback):
-        def on_step_end(self, state):
-            if state.step == 1:
-                with torch.no_grad():
-                    state.model.head.linear.weight[0, 0] = float("nan")
-
     cfg = TrainConfig(model=str(tiny_bert), train=str(data), dev=str(data), output=str(tmp_path / "out"),
                       max_steps=4, batch_size=8, log_every=100, eval_every=2)
-    with pytest.raises(TrainingError, match=r"weights are non-finite at step 2 \(first: "):
-        train(cfg, callbacks=[BreakAWeight()])
+    unused_position = _BreakAWeight(lambda model: model.encoder.embeddings.position_embeddings.weight[127])
+    with pytest.raises(TrainingError, match=r"weights are non-finite at step 2 \(first: encoder.embeddings.position"):
+        train(cfg, callbacks=[unused_position])
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_a_non_finite_loss_between_logging_steps_stops_the_run_before_the_save(tiny_bert, tmp_path):
+    data = write_tsv(tmp_path / "train.tsv", sst2_rows(16))
+    cfg = TrainConfig(model=str(tiny_bert), train=str(data), dev=str(data), output=str(tmp_path / "out"),
+                      max_steps=4, batch_size=8, log_every=100, eval_every=2)
+    head = _BreakAWeight(lambda model: model.head.linear.weight[0])
+    with pytest.raises(TrainingError, match=r"training loss is nan at step 2"):
+        train(cfg, callbacks=[head])
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 

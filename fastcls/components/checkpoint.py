@@ -8,9 +8,17 @@ A run folder holds:
   folder whose two files disagree (a write interrupted between them) is refused on load;
 - `fastcls.json` (head and data facts), `labels.json`, the tokenizer files, `train_config.json`,
   `metrics.jsonl` (one line per evaluation) and `trainer_state.json` (the run's figures).
+
+The folder is consistent at every moment: a new run (--overwrite) first removes the old model's files, the
+weights first and fastcls.json last, so every state in between lacks a file that loading requires; fastcls.json
+is written after every other static file and names the run, whose id both weight files carry and loading checks.
+fastcls never writes through a symlink in the folder: every file is written beside its name and moved over it,
+which replaces a link, never its target. Temporary files a killed write left behind are removed by the next run.
 """
 import json
 import os
+import re
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -18,13 +26,13 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
-from transformers import AutoConfig
 
 from fastcls.data import LabelMap
 from fastcls.errors import ModelLoadError
 from fastcls.models.classifier import EncoderClassifier, choose_packed
 from fastcls.models.hf_layout import encoder_state_from_hf, hf_config, hf_state_dict
-from fastcls.models.loading import check_model_dir, encoder_from_config, load_tokenizer
+from fastcls.models.loading import (check_model_dir, encoder_from_config, load_encoder, load_tokenizer,
+                                    own_aligned_storage, read_config)
 
 WEIGHTS_FILE = "model.safetensors"
 HEAD_FILE = "fastcls_head.safetensors"
@@ -35,6 +43,13 @@ CONFIG_FILE = "train_config.json"
 STATE_FILE = "trainer_state.json"
 FORMAT = 2  # fastcls.json's "format": 2 = weights in transformers' layout plus the exact head
 TAG = "fastcls_checkpoint"  # the metadata key both weight files share
+RUN_TAG = "fastcls_run"  # the weights' metadata key for the run id that fastcls.json holds as "run_id"
+# the previous run's files a new run removes first, the weights before fastcls.json (see the module docstring)
+OLD_RUN_FILES = (WEIGHTS_FILE, HEAD_FILE, STATE_FILE, METRICS_FILE, CONFIG_FILE, LABELS_FILE, FASTCLS_FILE)
+# the names of _atomic_write's and save_pretrained_files' temporary files (tempfile adds 8 characters of
+# [a-z0-9_]): what a killed write leaves behind
+TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+FASTCLS_META_TYPES = {"format": int, "num_labels": int, "head_dropout": (int, float), "max_length": int}
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -57,6 +72,29 @@ def save_weights_atomic(state_dict: dict[str, torch.Tensor], path: Path, metadat
     _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
+def save_pretrained_files(folder: Path, *objects) -> None:
+    """`obj.save_pretrained(folder)` for each object (a config, a tokenizer) without writing through a symlink in
+    `folder`: saved into a temporary folder beside, then moved in file by file."""
+    staging = Path(tempfile.mkdtemp(dir=folder, prefix=".staging.", suffix=".tmp"))
+    try:
+        for obj in objects:
+            obj.save_pretrained(staging)
+        for path in staging.iterdir():
+            os.replace(path, folder / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_temp_files(folder: Path) -> None:
+    """Remove the temporary files and folders a killed write left in `folder` (fastcls's own names only)."""
+    for path in folder.iterdir():
+        if TEMP_NAME.fullmatch(path.name):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
 def save_json_atomic(obj, path: Path) -> None:
     def write(tmp):
         with open(tmp, "w") as f:
@@ -72,29 +110,39 @@ class Checkpointer:
     def __init__(self, out: str | Path):
         self.out = Path(out)
         self.metrics_path = self.out / METRICS_FILE
+        self.run_id: str | None = None  # a fresh one from write_static; else (a continued run) fastcls.json's
 
     def holds_a_model(self) -> bool:
         return any((self.out / name).exists() for name in (WEIGHTS_FILE, HEAD_FILE, FASTCLS_FILE))
 
     def write_static(self, model: EncoderClassifier, tokenizer, labels: LabelMap, meta: dict, train_config: dict):
-        """What does not change during training: written once, before the first checkpoint."""
+        """What does not change during training: written once, before the first checkpoint, after the previous
+        run's model (--overwrite) and any orphaned temporary files are gone."""
         self.out.mkdir(parents=True, exist_ok=True)
+        for name in OLD_RUN_FILES:
+            (self.out / name).unlink(missing_ok=True)
+        remove_temp_files(self.out)
+        self.run_id = uuid.uuid4().hex
         if hasattr(model.encoder, "config") and hasattr(model.encoder.config, "save_pretrained"):
-            hf_config(model.encoder, labels).save_pretrained(self.out)
-        tokenizer.save_pretrained(self.out)
-        labels.save(self.out / LABELS_FILE)
+            save_pretrained_files(self.out, hf_config(model.encoder, labels), tokenizer)
+        else:
+            save_pretrained_files(self.out, tokenizer)
+        save_json_atomic(labels.to_dict(), self.out / LABELS_FILE)
+        save_json_atomic(train_config, self.out / CONFIG_FILE)
         save_json_atomic({"format": FORMAT, "num_labels": model.num_labels, "head_dropout": model.head.dropout_p,
-                          **meta}, self.out / FASTCLS_FILE)
-        self.write_train_config(train_config)
-        self.metrics_path.unlink(missing_ok=True)
+                          "run_id": self.run_id, **meta}, self.out / FASTCLS_FILE)
 
     def write_train_config(self, train_config: dict) -> None:
         save_json_atomic(train_config, self.out / CONFIG_FILE)
 
     def save(self, model: EncoderClassifier) -> None:
         """The model's weights as the run's checkpoint: the exact head first, then the transformers layout, under
-        one fresh tag."""
+        one fresh tag and the run's id."""
+        if self.run_id is None:  # a run continued in its folder without write_static keeps its id
+            self.run_id = _read_json(self.out / FASTCLS_FILE).get("run_id")
         tag = {TAG: uuid.uuid4().hex, "format": "pt"}  # "format": what transformers' loader looks for
+        if self.run_id is not None:
+            tag[RUN_TAG] = self.run_id
         head = model.head.linear
         save_weights_atomic({"weight": head.weight, "bias": head.bias}, self.out / HEAD_FILE, tag)
         save_weights_atomic(hf_state_dict(model), self.out / WEIGHTS_FILE, tag)
@@ -107,22 +155,26 @@ class Checkpointer:
         save_json_atomic(state, self.out / STATE_FILE)
 
 
-def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         with safe_open(path, framework="pt") as f:
-            tag = (f.metadata() or {}).get(TAG)
-        return load_file(path), tag
+            metadata = f.metadata() or {}
+        return load_file(path), metadata
     except (SafetensorError, OSError) as err:
         raise ModelLoadError(f"{path}: not a readable safetensors file ({err})") from err
 
 
-def load_weights(model: EncoderClassifier, folder: Path) -> None:
-    """Load a run folder's checkpoint into `model`; any missing, unexpected or misshapen weight is an error."""
-    weights, weights_tag = _read_tensors(folder / WEIGHTS_FILE)
-    head, head_tag = _read_tensors(folder / HEAD_FILE)
-    if weights_tag != head_tag:
+def load_weights(model: EncoderClassifier, folder: Path, run_id: str | None = None) -> None:
+    """Load a run folder's checkpoint into `model`; any missing, unexpected or misshapen weight is an error, and
+    so are weight files of another checkpoint or (given `run_id`, fastcls.json's) of another run."""
+    weights, weights_tags = _read_tensors(folder / WEIGHTS_FILE)
+    head, head_tags = _read_tensors(folder / HEAD_FILE)
+    if weights_tags.get(TAG) != head_tags.get(TAG):
         raise ModelLoadError(f"{folder}: {WEIGHTS_FILE} and {HEAD_FILE} come from different checkpoints "
                              "(a save was interrupted between them); train again or restore both files")
+    if run_id is not None and weights_tags.get(RUN_TAG) != run_id:
+        raise ModelLoadError(f"{folder}: {WEIGHTS_FILE} is not from the run that {FASTCLS_FILE} describes (a new "
+                             "run into this folder was interrupted); train again")
     encoder_state, stray = encoder_state_from_hf(model.encoder, weights)
     mismatch = f"{folder / WEIGHTS_FILE} does not match the model in {folder / 'config.json'}"
     if stray:
@@ -136,18 +188,31 @@ def load_weights(model: EncoderClassifier, folder: Path) -> None:
         raise ModelLoadError(f"{mismatch}: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+    except UnicodeDecodeError as err:
+        raise ModelLoadError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
 def read_meta(folder: Path, argument: str = "--model") -> tuple[dict, LabelMap]:
     for name in (FASTCLS_FILE, LABELS_FILE, WEIGHTS_FILE, HEAD_FILE):
         if not (folder / name).is_file():
             raise ModelLoadError(f"{argument}: {folder} lacks {name}; is it a folder written by `fastcls train`?")
-    try:
-        meta = json.loads((folder / FASTCLS_FILE).read_text())
-    except json.JSONDecodeError as err:
-        raise ModelLoadError(f"{folder / FASTCLS_FILE}:{err.lineno}: invalid JSON: {err.msg}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("num_labels"), int):
+    meta = _read_json(folder / FASTCLS_FILE)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ModelLoadError(f"{folder / FASTCLS_FILE}: not a fastcls run folder of format {FORMAT} "
                              "(train it again with this fastcls)")
-    labels = LabelMap.load(folder / LABELS_FILE)
+    for key, kind in FASTCLS_META_TYPES.items():
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            what = f"{key!r} is {meta[key]!r}" if key in meta else f"lacks {key!r}"
+            raise ModelLoadError(f"{folder / FASTCLS_FILE}: incomplete or damaged: {what}; train again")
+    try:
+        labels = LabelMap.load(folder / LABELS_FILE)
+    except UnicodeDecodeError as err:
+        raise ModelLoadError(f"{folder / LABELS_FILE}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     if len(labels) != meta["num_labels"]:
         raise ModelLoadError(f"{folder}: labels.json has {len(labels)} labels, fastcls.json {meta['num_labels']}")
     return meta, labels
@@ -159,9 +224,30 @@ def load_run(folder: str | Path, device: str | torch.device = "cpu", *, encoder=
     folder = check_model_dir(folder, argument) if encoder is None else Path(folder)
     meta, labels = read_meta(folder, argument)
     if encoder is None:
-        encoder = encoder_from_config(AutoConfig.from_pretrained(folder, local_files_only=True))
+        try:
+            encoder = encoder_from_config(read_config(folder, argument))
+        except ValueError as err:  # a config.json that reads but describes no buildable model
+            raise ModelLoadError(f"{argument}: {folder / 'config.json'}: {err}") from err
     device = torch.device(device)
     model = EncoderClassifier(encoder, meta["num_labels"], meta["head_dropout"],
                               packed=choose_packed("auto", encoder, device))
-    load_weights(model, folder)
+    load_weights(model, folder, meta.get("run_id"))
     return model.to(device).eval(), load_tokenizer(folder, argument), labels, meta
+
+
+def load_start(path: str | Path, labels: LabelMap) -> tuple[torch.nn.Module, dict[str, torch.Tensor] | None]:
+    """What `fastcls train --model PATH` starts from: (the encoder, the head's weights or None for a fresh head).
+    A Hugging Face folder gives its encoder. A folder written by `fastcls train` gives its checkpoint, checked as
+    for `eval`: the encoder's weights exactly, and the head's too when the run's labels are these; the run says
+    which in its first printed line."""
+    folder = Path(path)
+    if not (folder / FASTCLS_FILE).exists() and not (folder / HEAD_FILE).exists():
+        return load_encoder(folder), None
+    model, _, run_labels, _ = load_run(folder)
+    encoder = own_aligned_storage(model.encoder.train())
+    if run_labels == labels:
+        print(f"--model {folder}: continuing from the run's checkpoint, encoder and head")
+        return encoder, {name: t.detach().clone() for name, t in model.head.linear.state_dict().items()}
+    print(f"--model {folder}: continuing from the run's encoder with a fresh head: its labels "
+          f"{run_labels.names} are not these {labels.names}")
+    return encoder, None

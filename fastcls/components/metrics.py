@@ -45,11 +45,11 @@ class MetricsLogger:
     """What a run shows and records: a progress bar with loss, learning rate and samples/s on the console, and one
     JSONL record per evaluation (step, epoch, train loss, dev metrics, samples/s) in `jsonl_path`."""
 
-    def __init__(self, jsonl_path, total_steps: int):
+    def __init__(self, jsonl_path, total_steps: int, enabled: bool = True):
         from tqdm.auto import tqdm
 
-        self.jsonl_path = jsonl_path
-        self.progress = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+        self.jsonl_path, self.enabled = jsonl_path, enabled  # under torchrun only rank 0 shows and writes
+        self.progress = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True, disable=not enabled)
 
     def step(self) -> None:
         self.progress.update(1)
@@ -58,13 +58,16 @@ class MetricsLogger:
         self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.0f}")
 
     def evaluation(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.jsonl_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         self.write(f"step {record['step']}: dev accuracy {record['accuracy']:.4f}, "
                    f"macro-F1 {record['macro_f1']:.4f}, loss {record['dev_loss']:.4f}")
 
     def write(self, message: str) -> None:
-        self.progress.write(message)
+        if self.enabled:
+            self.progress.write(message)
 
     def close(self) -> None:
         self.progress.close()

@@ -39,6 +39,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(groups: list[dict], cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """FusedAdamW over `param_groups`' groups (their weight decay set there)."""
+def build_optimizer(groups: list[dict], cfg: OptimizerConfig, sharded: bool = False) -> torch.optim.Optimizer:
+    """FusedAdamW over `param_groups`' groups (their weight decay set there). `sharded`: FSDP2's DTensor
+    parameters, which FusedAdamW's address tables do not take: torch's AdamW (the same update) runs on them."""
+    if sharded:
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=True)
     return FusedAdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)

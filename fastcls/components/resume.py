@@ -4,17 +4,18 @@ before stopping, and `--resume RUN_DIR` continues the run from the newest one.
 A resumable checkpoint is a folder RUN_DIR/checkpoints/step-000120/ (the optimizer steps done):
 - `weights.safetensors`: every parameter and buffer of the model under fastcls's names (fp32 masters), exactly;
 - `optimizer.pt`, `scheduler.pt`, `scaler.pt`: their state_dicts (torch.save, read back with weights_only=True);
-- `rng_state_{rank}.pt`, one per rank: Python's `random`, numpy's global generator, torch's CPU (and CUDA)
-  generator and fastcls's dropout generator (its seed and base counter);
+- `rank_state_{rank}.pt`, one per rank (torchrun), written by that rank: its generators (Python's `random`,
+  numpy's global one, torch's CPU and CUDA ones, fastcls's dropout generator: seed and base counter, which
+  differ per rank), its loss sum and its counters (`Loop`: the padding and tokens are per rank);
 - `trainer_state.json`: the format, the loop's position (epoch, micro-batches of it done: an epoch's batch order
   is a function of the seed and the epoch, so the position fixes the rest), TrainState's fields, early stopping,
-  the loss and throughput counters, the metrics so far, the world size, the thread count and a digest of the
-  tokenised training rows;
+  the metrics so far, the world size, the thread count and a digest of the tokenised training rows;
 - `best/`: hard links to the run folder's best-checkpoint files of that moment (no copy), which a resume puts
   back: a best checkpoint saved after this one belongs to the work the resume redoes.
 
-Writes are atomic: everything goes into checkpoints/.tmp-step-000120/, each file fsynced, and one rename commits
-the folder, so every step-* folder is complete and `--resume` takes the newest. A killed write leaves only a
+Writes are atomic: everything goes into checkpoints/.tmp-step-000120/, each file fsynced, and one rename by rank 0
+(after a barrier: every rank's file is on disk) commits the folder, so every step-* folder is complete and
+`--resume` takes the newest. Every file but the per-rank ones is rank 0's to write. A killed write leaves only a
 temporary folder, which the next run removes. Checkpoints beyond `--save-total-limit` are removed (renamed
 away, then deleted) only after the new one is committed.
 """
@@ -35,6 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fastcls.components.checkpoint import CONFIG_FILE, HEAD_FILE, METRICS_FILE, WEIGHTS_FILE
+from fastcls.components.distributed import Distributed
 from fastcls.components.precision import autocast
 from fastcls.config import TrainConfig, flag
 from fastcls.data import collate
@@ -57,11 +59,13 @@ CHANGEABLE = {"output", "device", "eval_batch_size", "log_every", "save_every", 
 
 @dataclass
 class Loop:
-    """Where the loop stands and what it has counted: saved with every checkpoint, restored on resume."""
+    """Where the loop stands and what it has counted (this rank): saved with every checkpoint, restored on
+    resume."""
     micro: int = 0  # micro-batches of the current epoch done (the next one's index)
     samples: int = 0
     tokens: int = 0
     padded_tokens: int = 0
+    rank_tokens: int = 0
     train_seconds: float = 0.0
     epoch_start: float = 0.0  # train_seconds when the current epoch began
     epoch_seconds: list[float] = field(default_factory=list)
@@ -78,7 +82,7 @@ class Training:
     generator: object  # fastcls.ops.dropout.DropoutGenerator
     state: object  # fastcls.components.callbacks.TrainState
     stopping: object  # fastcls.components.early_stopping.EarlyStopping
-    loss_sum: torch.Tensor  # the training loss summed on the device since the last evaluation
+    loss_sum: torch.Tensor  # this rank's training loss summed on the device since the last evaluation
     data: str  # data_digest of the training set: a resume refuses other rows behind the same file name
 
 
@@ -117,16 +121,23 @@ def _write(path: Path, write) -> None:
 
 
 class Resumer:
-    """Writes one run's resumable checkpoints and reads them back; `signals` is the SIGINT/SIGTERM catcher whose
-    first signal makes the next checkpoint due."""
+    """Writes one run's resumable checkpoints and reads them back, every rank calling each method; `signals` is
+    the SIGINT/SIGTERM catcher whose first signal (on any rank) makes the next checkpoint due and then stops the
+    run (`stop_signal`). `sharded` (FSDP2): not supported yet, as each rank holds a shard of the weights and the
+    optimizer state: --save-every is refused and signals are left alone."""
 
-    def __init__(self, run_dir: str | Path, save_every: int | None, keep: int | None, *, rank: int = 0,
-                 world_size: int = 1):
+    def __init__(self, run_dir: str | Path, save_every: int | None, keep: int | None,
+                 ddp: Distributed = Distributed(), *, sharded: bool = False):
+        if sharded and save_every:
+            raise ConfigError("--save-every does not work with --fsdp yet (each rank holds a shard of the weights "
+                              "and optimizer state); leave out --fsdp to write resumable checkpoints")
         self.root = Path(run_dir) / CHECKPOINTS
-        self.save_every, self.keep, self.rank, self.world_size = save_every, keep, rank, world_size
-        self.signals = StopOnSignal()
+        self.save_every, self.keep, self.ddp, self.sharded = save_every, keep, ddp, sharded
+        self.rank = ddp.rank
+        self.signals = StopOnSignal(enabled=not sharded)
+        self.stop_signal: int | None = None  # the signal that stops the run, once every rank knows of it
         self.loaded: Path | None = None  # the checkpoint load_newest read
-        if rank == 0 and self.root.is_dir():  # what killed writes and prunes left behind
+        if self.rank == 0 and self.root.is_dir():  # what killed writes and prunes left behind
             for leftover in self.root.iterdir():
                 if leftover.name.startswith((TEMP, TRASH)):
                     shutil.rmtree(leftover, ignore_errors=True)
@@ -137,30 +148,36 @@ class Resumer:
             shutil.rmtree(self.root)
 
     def due(self, step: int) -> bool:
-        return bool(self.save_every and step % self.save_every == 0) or self.signals.received is not None
+        """Whether a checkpoint is due after `step`: every --save-every steps, or once a signal came."""
+        received = self.signals.received
+        if self.ddp.enabled and self.ddp.agree(received is not None):
+            # one decision for all ranks (a sync a step): torchrun signals every rank, not at the same step
+            received = received or signal.SIGTERM
+        self.stop_signal = received
+        return bool(self.save_every and step % self.save_every == 0) or received is not None
 
     def save(self, t: Training, loop: Loop, epoch: int) -> Path:
         """Write the checkpoint of step `t.state.step` and commit it; returns its folder."""
         step = t.state.step
         final = self.root / f"{PREFIX}{step:06d}"
-        if final.is_dir():  # this step's state is committed already (a resumed run stopped again at once)
-            return final
         temp = self.root / f"{TEMP}{final.name}"
         if self.rank == 0:
             shutil.rmtree(temp, ignore_errors=True)
             temp.mkdir(parents=True)
-        # DDP: barrier here, so that every rank finds the temporary folder
-        _write(temp / f"rng_state_{self.rank}.pt", lambda p: torch.save(rng_state(t.generator), p))
+        self.ddp.barrier()  # every rank finds the temporary folder
+        rank_state = {"rng": rng_state(t.generator), "loss_sum": t.loss_sum.item(),
+                      "loop": {f.name: getattr(loop, f.name) for f in fields(loop)}}
+        _write(temp / f"rank_state_{self.rank}.pt", lambda p: torch.save(rank_state, p))
         if self.rank == 0:
             weights = {k: v.detach().to("cpu").contiguous().clone() for k, v in t.model.state_dict().items()}
             _write(temp / WEIGHTS, lambda p: save_file(weights, p))
             for name in PARTS:
                 _write(temp / f"{name}.pt", lambda p, name=name: torch.save(getattr(t, name).state_dict(), p))
-            record = {"format": FORMAT, "world_size": self.world_size, "num_threads": torch.get_num_threads(),
+            record = {"format": FORMAT, "world_size": self.ddp.world_size, "num_threads": torch.get_num_threads(),
                       **_train_state(t, loop, epoch)}
             _write(temp / STATE, lambda p: p.write_text(json.dumps(record, indent=1)))
             _link_best(self.root.parent, temp / BEST)
-        # DDP: barrier here, so that rank 0 commits only once every rank's RNG state is on disk
+        self.ddp.barrier()  # rank 0 commits once every rank's file is on disk
         if self.rank == 0:
             _fsync(temp)
             os.rename(temp, final)  # the commit
@@ -180,6 +197,8 @@ class Resumer:
         """Put the newest checkpoint's state into `t` (in place) and the run folder's best checkpoint and
         metrics.jsonl back as they were then; returns the loop's position and counters, and the thread count the
         run had."""
+        if self.sharded:
+            raise ConfigError("--resume does not work with --fsdp yet; resume without --fsdp")
         folder = self.loaded = checkpoints(self.root.parent)[-1]
         try:
             loop, threads = self._load(folder, t)
@@ -202,22 +221,23 @@ class Resumer:
         if saved["data"] != t.data:
             raise ConfigError(f"--train: the training rows differ from those the run in {self.root.parent} trained "
                               f"on (the file changed since?); a resumed run needs the same rows")
-        if saved["world_size"] != self.world_size:
+        if saved["world_size"] != self.ddp.world_size:
             raise ConfigError(f"--resume: {folder} was written by {saved['world_size']} processes, this run has "
-                              f"{self.world_size}")
+                              f"{self.ddp.world_size}")
         device = t.loss_sum.device
         t.model.load_state_dict(load_file(folder / WEIGHTS))
         for name in PARTS:  # the optimizer first: the device schedule re-installs its lr tensors after it
             state = torch.load(folder / f"{name}.pt", map_location=device, weights_only=True)
             getattr(t, name).load_state_dict(state)
-        set_rng_state(torch.load(folder / f"rng_state_{self.rank}.pt", weights_only=True), t.generator)
+        mine = torch.load(folder / f"rank_state_{self.rank}.pt", weights_only=True)
+        set_rng_state(mine["rng"], t.generator)
         s, stopping = t.state, t.stopping
         s.step, s.epoch, s.best, s.log = saved["step"], saved["epoch"], saved["best"], saved["log"]
         stopping.best, stopping.evals_without_gain = saved["stopping_best"], saved["evals_without_gain"]
         # early stopping's decision stands; a callback's request to stop was this process's
         s.last_loss, s.should_stop = saved["last_loss"], stopping.should_stop
-        t.loss_sum.fill_(saved["loss_sum"])
-        return Loop(**saved["loop"]), saved["num_threads"]
+        t.loss_sum.fill_(mine["loss_sum"])
+        return Loop(**mine["loop"]), saved["num_threads"]
 
 
 def _link_best(run: Path, best: Path) -> None:
@@ -251,8 +271,8 @@ def _train_state(t: Training, loop: Loop, epoch: int) -> dict:
     s = t.state
     return {"data": t.data, "step": s.step, "epoch": epoch, "best": s.best, "log": s.log, "last_loss": s.last_loss,
             "stopping_best": t.stopping.best,
-            "evals_without_gain": t.stopping.evals_without_gain, "loss_sum": t.loss_sum.item(),
-            "loop": {f.name: getattr(loop, f.name) for f in fields(loop)}}
+            "evals_without_gain": t.stopping.evals_without_gain,
+            "loop": {f.name: getattr(loop, f.name) for f in fields(loop)}}  # rank 0's, for reading
 
 
 def rng_state(generator) -> dict:
@@ -281,8 +301,8 @@ class StopOnSignal:
     previous handlers come back on leaving. Outside the main thread (where Python delivers no signals) it does
     nothing."""
 
-    def __init__(self):
-        self.received: int | None = None
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.received = enabled, None
         self._previous = {}
 
     def _record(self, signum, frame) -> None:
@@ -290,7 +310,7 @@ class StopOnSignal:
             self.received = signum
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if self.enabled and threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._previous[signum] = signal.signal(signum, self._record)
         return self
@@ -301,14 +321,15 @@ class StopOnSignal:
         self._previous.clear()
 
 
-def refill_prefix_cache(model, train_set, batches, epoch: int, micro: int, device, precision: str,
-                        pad_id: int) -> None:
+def refill_prefix_cache(model, train_set, batches, epoch: int, micro: int, device, precision: str, pad_id: int,
+                        ddp: Distributed = Distributed()) -> None:
     """Store in the (empty) frozen-prefix cache what the interrupted run had stored: the prefix's output for the
     first epoch's batches run before the checkpoint, computed batch by batch as they ran then (a row's output in
     another batch may differ in its last bits: the matrix products' blocking follows the batch's shape)."""
     done = batches.batches(0)[:micro] if epoch == 0 else batches.batches(0)
     with torch.no_grad(), autocast(device, precision):
-        for rows in done:
+        for global_rows in done:
+            rows, _ = ddp.share(global_rows)  # this rank's share, as it ran
             model.body.fill_prefix_cache(collate(train_set, rows, packed=True, pad_token_id=pad_id).to(device))
 
 
@@ -343,6 +364,7 @@ def resumed_config(run: Path, overrides: dict) -> TrainConfig:
     except (OSError, json.JSONDecodeError) as err:
         raise ConfigError(f"--resume: cannot read {path}: {err}") from None
     precision = saved.pop("resolved_precision", None)
+    saved.pop("world_size", None)  # the run's facts, not settings; the checkpoint checks the world size
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(saved) - known)
     if unknown:

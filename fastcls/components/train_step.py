@@ -17,11 +17,13 @@ captured once as CUDA graphs and replayed, so a step costs a handful of launches
 Graphs change no result: a replay runs the kernels the eager step runs, on the same values.
 """
 import dataclasses
+import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from fastcls.components.distributed import DataParallel, Distributed
 from fastcls.components.precision import autocast
 from fastcls.data import Batch
 from fastcls.ops.dropout import DropoutGenerator
@@ -45,12 +47,18 @@ class GraphReport:
 
 
 class TrainStep:
-    def __init__(self, model: nn.Module, optimizer, scheduler, scaler, generator: DropoutGenerator,
+    """`model`: the classifier, or its `DataParallel` (fastcls.components.distributed) under torchrun."""
+
+    def __init__(self, model: nn.Module | DataParallel, optimizer, scheduler, scaler, generator: DropoutGenerator,
                  cfg: StepConfig, device: torch.device):
-        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.parallel = model if isinstance(model, DataParallel) else DataParallel(model, Distributed(), device)
+        self.model = self.parallel.module
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.generator, self.cfg, self.device = generator, cfg, device
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.params = [p for p in self.parallel.model.parameters() if p.requires_grad]
         self.loss_sum = torch.zeros((), device=device)  # summed on the device: read back at logging steps
+        # host time in the forward: the work of this rank's batches (on the CPU only; CUDA runs asynchronously)
+        self.forward_seconds = 0.0 if device.type == "cpu" else None
         self.report = GraphReport()
         if cfg.cuda_graphs:
             for p in self.params:  # fixed addresses that every captured backward accumulates into
@@ -61,14 +69,21 @@ class TrainStep:
 
     # the step's two parts, as they run eagerly and as they are captured
 
-    def _micro(self, batch: Batch) -> None:
-        with autocast(self.device, self.cfg.precision, cache=not self.cfg.cuda_graphs):
-            loss, _ = self.model(batch)
-        self.scaler.scale(loss / self.cfg.grad_accum).backward()
+    def _micro(self, batch: Batch, weight: float = 1.0, sync: bool = True) -> None:
+        with self.parallel.sync(sync):
+            start = time.perf_counter()
+            with autocast(self.device, self.cfg.precision, cache=not self.cfg.cuda_graphs):
+                loss, _ = self.model(batch)
+            if self.forward_seconds is not None:
+                self.forward_seconds += time.perf_counter() - start
+            if weight != 1.0:  # this rank's share of a global batch (fastcls.components.distributed)
+                loss = loss * weight
+            self.scaler.scale(loss / self.cfg.grad_accum).backward()
         self.generator.end_step()  # each micro-step draws fresh masks, also when replayed
         self.loss_sum += loss.detach()
 
     def _update(self) -> None:
+        self.parallel.finish_gradients()
         if self.cfg.max_grad_norm > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm, foreach=True)
@@ -77,10 +92,11 @@ class TrainStep:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=not self.cfg.cuda_graphs)
 
-    def micro(self, batch: Batch) -> None:
-        """Forward and backward of one micro-batch (on the host), its loss added to `loss_sum`."""
+    def micro(self, batch: Batch, weight: float = 1.0, sync: bool = True) -> None:
+        """Forward and backward of one micro-batch (on the host), its loss x `weight` added to `loss_sum`;
+        `sync=False`: a micro-step that only accumulates (no gradient all-reduce under torchrun)."""
         if not self.cfg.cuda_graphs:
-            return self._micro(batch.to(self.device))
+            return self._micro(batch.to(self.device), weight, sync)
         key = ("micro", batch.num_rows, batch.max_len, batch.token_type_ids is not None, batch.labels is not None)
         self._run(key, self._micro, batch)
 

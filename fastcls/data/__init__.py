@@ -10,7 +10,7 @@ from fastcls.data.batching import (
 from fastcls.data.collate import Batch, PackedBatch, PaddedBatch, bucket_length, collate
 from fastcls.data.errors import DataError
 from fastcls.data.labels import LabelMap
-from fastcls.data.reader import Example, read_examples
+from fastcls.data.reader import Example, SkippedRows, read_examples
 
 __all__ = [
     "UNLABELLED",
@@ -22,6 +22,7 @@ __all__ = [
     "LengthGroupedBatches",
     "PackedBatch",
     "PaddedBatch",
+    "SkippedRows",
     "collate",
     "padding_efficiency",
     "read_examples",

@@ -26,13 +26,16 @@ With ``text_columns=None`` the text column is inferred, in this order:
 3. the only column left besides the label (and pair) column.
 
 Anything else is ambiguous and raises ``DataError`` listing the columns found.
+
+A bad row (malformed, empty text, no label) is an error naming its line, unless a ``SkippedRows`` is passed
+(``--skip-bad-rows``): the row is then dropped and counted there per reason.
 """
 import csv
 import json
 import math
 import numbers
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,41 @@ from fastcls.data.errors import DataError, at
 KNOWN_TEXT_COLUMNS = ("text", "sentence", "content", "review")
 TITLE_AND_DESCRIPTION = ("title", "description")
 SUPPORTED_EXTENSIONS = (".tsv", ".csv", ".jsonl", ".json")
+
+
+class BadRow(DataError):
+    """A row that --skip-bad-rows drops: `reason` is what it is counted under."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class SkippedRows:
+    """The rows that reading dropped (--skip-bad-rows): per reason, the lines (or rows in memory) in file order."""
+
+    source: str = ""
+    lines: dict[str, list[int]] = field(default_factory=dict)
+
+    SHOWN = 5  # lines named per reason
+
+    def add(self, reason: str, line: int) -> None:
+        self.lines.setdefault(reason, []).append(line)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {reason: len(lines) for reason, lines in self.lines.items()}
+
+    def summary(self) -> str:
+        """One line: `data.tsv: skipped 3 rows: 2 empty text (lines 5, 9), 1 malformed (line 12)`."""
+        unit = "row" if self.source.startswith("<") else "line"
+        parts = []
+        for reason, lines in self.lines.items():
+            shown = ", ".join(map(str, lines[:self.SHOWN])) + (", ..." if len(lines) > self.SHOWN else "")
+            parts.append(f"{len(lines)} {reason} ({unit}{'s' if len(lines) > 1 else ''} {shown})")
+        total = sum(self.counts.values())
+        return f"{self.source}: skipped {total} row{'s' if total != 1 else ''}: {', '.join(parts)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,15 +101,20 @@ def read_examples(
     label_column: str | None = "label",
     require_labels: bool = True,
     name: str = "data",
+    skipped: SkippedRows | None = None,
 ) -> list[Example]:
     """Read every example of a .tsv, .csv or .jsonl file, or of rows in memory (a list of dicts, a dict of
     columns, a pandas DataFrame or a datasets.Dataset; errors then name the row as `<name> row N`, 0-based); see
-    the module docstring for the column rules."""
+    the module docstring for the column rules. `skipped`: drop bad rows and count them there instead of raising."""
     if isinstance(data, str | Path):
-        columns, records, source, from_table = _read_file(Path(data))
+        columns, records, source, from_table = _read_file(Path(data), skipped)
     else:
         source, from_table = f"<{name}>", False
         columns, records = _in_memory_records(data, source)
+    if skipped is not None:
+        skipped.source = source
+        if not records:
+            raise DataError(f"{source}: no rows left: {skipped.summary()}")
 
     texts_from = _resolve_text_columns(source, columns, text_columns, text_pair_column, label_column)
     wanted = [*texts_from, *([text_pair_column] if text_pair_column else [])]
@@ -84,19 +127,27 @@ def read_examples(
     examples = []
     for line, record in records:
         where = at(source, line)
-        if not from_table:
-            _check_columns(where, list(record), wanted, "key")
-        texts = (_joined_text(where, record, texts_from),)
-        if text_pair_column:
-            texts += (_joined_text(where, record, [text_pair_column]),)
-        label = _label(where, record.get(label_column)) if label_column is not None else None
-        if label is None and require_labels and label_column is not None:
-            raise DataError(f"{where}: missing label in column {label_column!r}")
+        try:
+            if not from_table:
+                _check_columns(where, list(record), wanted, "key")
+            texts = (_joined_text(where, record, texts_from),)
+            if text_pair_column:
+                texts += (_joined_text(where, record, [text_pair_column]),)
+            label = _label(where, record.get(label_column)) if label_column is not None else None
+            if label is None and require_labels and label_column is not None:
+                raise BadRow(f"{where}: missing label in column {label_column!r}", "missing label")
+        except BadRow as bad:
+            if skipped is None:
+                raise
+            skipped.add(bad.reason, line)
+            continue
         examples.append(Example(texts, label, line, source))
+    if not examples:
+        raise DataError(f"{source}: no rows left: {skipped.summary()}")
     return examples
 
 
-def _read_file(path: Path):
+def _read_file(path: Path, skipped: SkippedRows | None):
     source = str(path)
     if not path.is_file():
         raise DataError(f"{source}: file not found")
@@ -104,10 +155,29 @@ def _read_file(path: Path):
     if suffix not in SUPPORTED_EXTENSIONS:
         raise DataError(f"{source}: unsupported file type {suffix or '(none)'!r}; use one of {SUPPORTED_EXTENSIONS}")
     try:
-        columns, records = _read_jsonl(path) if suffix in (".jsonl", ".json") else _read_table(path, suffix)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{source}: not UTF-8 text ({e})") from None
+        if suffix in (".jsonl", ".json"):
+            columns, records = _read_jsonl(path, skipped)
+        else:
+            columns, records = _read_table(path, suffix, skipped)
+    except UnicodeDecodeError:
+        line, offset, byte = _first_non_utf8(path)
+        raise DataError(f"{at(source, line)}: not UTF-8 text: byte 0x{byte:02x} at byte offset {offset} of the "
+                        "file; save it as UTF-8") from None
     return columns, records, source, suffix in (".tsv", ".csv")
+
+
+def _first_non_utf8(path: Path) -> tuple[int, int, int]:
+    """(line, byte offset in the file, byte value) of the first byte that is not UTF-8. Line by line: a newline
+    byte never occurs inside a UTF-8 sequence, so each line decodes on its own."""
+    offset = 0
+    with path.open("rb") as f:
+        for line, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return line, offset + e.start, raw[e.start]
+            offset += len(raw)
+    raise AssertionError(f"{path}: a decode error, but every line is UTF-8")
 
 
 def _in_memory_records(data: Any, source: str) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
@@ -144,7 +214,7 @@ def _missing_as_none(value: Any) -> Any:
 MAX_FIELD_CHARS = 2**31 - 1  # the largest limit csv takes on every platform (a C long)
 
 
-def _read_table(path: Path, suffix: str) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+def _read_table(path: Path, suffix: str, skipped: SkippedRows | None):
     source = str(path)
     if suffix == ".tsv":
         options: dict[str, Any] = {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
@@ -154,12 +224,12 @@ def _read_table(path: Path, suffix: str) -> tuple[list[str], list[tuple[int, dic
     # parsing still ends an unclosed quote with an error at the end of the file
     previous_limit = csv.field_size_limit(MAX_FIELD_CHARS)
     try:
-        return _read_records(path, source, options)
+        return _read_records(path, source, options, skipped)
     finally:
         csv.field_size_limit(previous_limit)
 
 
-def _read_records(path: Path, source: str, options: dict) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+def _read_records(path: Path, source: str, options: dict, skipped: SkippedRows | None):
     records = []
     # utf-8-sig drops the byte-order mark spreadsheet exports put in front of the first column name
     with path.open(newline="", encoding="utf-8-sig") as f:
@@ -171,7 +241,11 @@ def _read_records(path: Path, source: str, options: dict) -> tuple[list[str], li
             try:
                 row = next(reader, None)
             except csv.Error as e:
-                raise DataError(f"{at(source, start)}: malformed CSV record starting on this line: {e}") from None
+                if skipped is None or header is None:
+                    raise DataError(f"{at(source, start)}: malformed CSV record starting on this line: {e}") from None
+                skipped.add("malformed", start)
+                end_of_previous = reader.line_num
+                continue
             end_of_previous = reader.line_num
             if row is None:
                 break
@@ -182,18 +256,21 @@ def _read_records(path: Path, source: str, options: dict) -> tuple[list[str], li
                 _check_unique(at(source, start), header)
                 continue
             if len(row) != len(header):
+                if skipped is not None:
+                    skipped.add("malformed", start)
+                    continue
                 raise DataError(
                     f"{at(source, start)}: expected {len(header)} fields ({', '.join(header)}), got {len(row)}"
                 )
             records.append((start, dict(zip(header, row, strict=True))))
     if header is None:
         raise DataError(f"{source}: empty file (no header row)")
-    if not records:
+    if not records and not (skipped and skipped.lines):
         raise DataError(f"{source}: no rows after the header")
     return header, records
 
 
-def _read_jsonl(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
+def _read_jsonl(path: Path, skipped: SkippedRows | None) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
     source = str(path)
     records = []
     with path.open(encoding="utf-8-sig") as f:
@@ -202,14 +279,22 @@ def _read_jsonl(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]]
                 continue
             try:
                 record = json.loads(text)
+                if not isinstance(record, dict):
+                    raise DataError(f"{at(source, line)}: expected a JSON object, got {type(record).__name__}")
             except json.JSONDecodeError as e:
-                raise DataError(f"{at(source, line)}: invalid JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{at(source, line)}: expected a JSON object, got {type(record).__name__}")
+                if skipped is None:
+                    raise DataError(f"{at(source, line)}: invalid JSON: {e.msg} (column {e.colno})") from None
+                skipped.add("malformed", line)
+                continue
+            except DataError:
+                if skipped is None:
+                    raise
+                skipped.add("malformed", line)
+                continue
             records.append((line, record))
-    if not records:
+    if not records and not (skipped and skipped.lines):
         raise DataError(f"{source}: empty file (no JSON records)")
-    return list(records[0][1]), records
+    return list(records[0][1]) if records else [], records
 
 
 def _check_unique(where: str, header: list[str]) -> None:
@@ -221,7 +306,7 @@ def _check_unique(where: str, header: list[str]) -> None:
 def _check_columns(where: str, columns: list[str], wanted: list[str], kind: str) -> None:
     for name in wanted:
         if name not in columns:
-            raise DataError(f"{where}: no {kind} {name!r} ({kind}s found: {', '.join(columns)})")
+            raise BadRow(f"{where}: no {kind} {name!r} ({kind}s found: {', '.join(columns)})", "malformed")
 
 
 def _resolve_text_columns(
@@ -258,11 +343,11 @@ def _joined_text(where: str, record: dict[str, Any], names: list[str]) -> str:
         if value is None:
             continue
         if not isinstance(value, str):
-            raise DataError(f"{where}: expected text in {name!r}, got {type(value).__name__} {value!r}")
+            raise BadRow(f"{where}: expected text in {name!r}, got {type(value).__name__} {value!r}", "malformed")
         if value.strip():
             parts.append(value.strip())
     if not parts:
-        raise DataError(f"{where}: empty text in {' + '.join(repr(name) for name in names)}")
+        raise BadRow(f"{where}: empty text in {' + '.join(repr(name) for name in names)}", "empty text")
     return " ".join(parts)
 
 
@@ -279,4 +364,5 @@ def _label(where: str, value: Any) -> str | None:
         return str(int(value)) if value.is_integer() else str(value)
     if isinstance(value, str):
         return value.strip() or None
-    raise DataError(f"{where}: a label must be a string or a number, got {type(value).__name__} {value!r}")
+    raise BadRow(f"{where}: a label must be a string or a number, got {type(value).__name__} {value!r}",
+                 "malformed")

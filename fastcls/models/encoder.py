@@ -13,6 +13,7 @@ Dropout follows each module's mode (`EncoderClassifier.train` keeps frozen modul
 layer never drops. The layer code reproduces transformers 5.x BertLayer and its copies (BERT, MiniLM, RoBERTa,
 XLM-R, CamemBERT, ELECTRA) and DistilBERT's TransformerBlock; tests compare it with the model's own forward.
 """
+import functools
 import inspect
 
 import torch
@@ -88,6 +89,7 @@ class LayerwiseEncoder:
         self.prefix_cache: PrefixCache | None = None
         self.cache_source: int | None = None  # the `Encoded.key` whose rows the cache holds
         self._prefix_dtype = None  # the dtype the prefix produced, restored when reading the cache
+        self.layers_as_modules = False
 
     @staticmethod
     def supports(encoder: nn.Module) -> bool:
@@ -130,8 +132,20 @@ class LayerwiseEncoder:
             x = F.dropout(F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps), p, training)
         return x if self.project is None else self.project(x)
 
+    def call_layers_as_modules(self) -> None:
+        """Run each layer through its module's call, so that hooks on the layer fire: FSDP2's gather and free the
+        layer's sharded weights around it."""
+        for index, part in enumerate(self.layers):
+            part.module.forward = functools.partial(self._layer, index)
+        self.layers_as_modules = True
+
     def layer(self, index: int, h: torch.Tensor, batch: Batch, cls_only: bool = False) -> torch.Tensor:
         """Layer `index` on tokens h [T, d]; with cls_only, returns only the [CLS] rows' output [rows, d]."""
+        if self.layers_as_modules:
+            return self.layers[index].module(h, batch, cls_only)
+        return self._layer(index, h, batch, cls_only)
+
+    def _layer(self, index: int, h: torch.Tensor, batch: Batch, cls_only: bool = False) -> torch.Tensor:
         part = self.layers[index]
         training = part.module.training
         query_input = h.index_select(0, batch.cls_index) if cls_only else h

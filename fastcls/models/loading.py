@@ -4,7 +4,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, PretrainedConfig
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig
 from transformers.utils import logging as hf_logging
 
 from fastcls.errors import ModelLoadError
@@ -34,6 +36,14 @@ def check_model_dir(path: str | Path, argument: str = "--model") -> Path:
     return path
 
 
+def read_config(path: Path, argument: str = "--model") -> PretrainedConfig:
+    """The folder's config.json, a one-line error naming it when transformers cannot read it."""
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, StrictDataclassError) as err:
+        raise ModelLoadError(f"{argument}: {path / 'config.json'}: {_one_line(err)}") from err
+
+
 def head_dropout(config: PretrainedConfig | None) -> float:
     for name in ("classifier_dropout", "seq_classif_dropout", "hidden_dropout_prob", "dropout"):
         value = getattr(config, name, None)
@@ -56,7 +66,8 @@ def load_encoder(path: str | Path) -> nn.Module:
     classifier's, whose encoder part loads), without the pooler.
 
     Weights load in fp32 whatever the checkpoint holds: they are the master weights that autocast and the
-    optimizer work from. A weight the encoder needs but the folder lacks is an error, never a random init."""
+    optimizer work from. A weight the encoder needs but the folder lacks is an error, never a random init, and so
+    is one inside the encoder that it has no place for (`stray_encoder_keys`)."""
     path = check_model_dir(path)
     with quiet_transformers():
         try:
@@ -66,14 +77,34 @@ def load_encoder(path: str | Path) -> nn.Module:
             except TypeError:
                 encoder, info = AutoModel.from_pretrained(path, dtype=torch.float32, local_files_only=True,
                                                           output_loading_info=True)
-        except (OSError, ValueError) as err:
-            raise ModelLoadError(f"--model: cannot load an encoder from {path}: {err}") from err
-    missing = sorted(info.get("missing_keys", ()))
-    mismatched = info.get("mismatched_keys", ())
-    if missing or mismatched:
-        raise ModelLoadError(f"--model: {path}: the weights do not fit its config.json: missing "
-                             f"{missing[:5]}{' ...' if len(missing) > 5 else ''}, wrong shape {list(mismatched)[:5]}")
+        except (OSError, ValueError, SafetensorError, StrictDataclassError) as err:
+            raise ModelLoadError(f"--model: cannot load an encoder from {path}: {_one_line(err)}") from err
+    faults = {"missing": sorted(info.get("missing_keys", ())), "wrong shape": list(info.get("mismatched_keys", ())),
+              "unexpected": stray_encoder_keys(encoder, info.get("unexpected_keys", ()))}
+    if any(faults.values()):
+        raise ModelLoadError(f"--model: {path}: the weights do not fit its config.json: " + ", ".join(
+            f"{what} {keys[:5]}{' ...' if len(keys) > 5 else ''}" for what, keys in faults.items() if keys))
     return own_aligned_storage(encoder)
+
+
+# Weights a folder may hold beside its encoder's: the pooler, which fastcls's head replaces (a run folder keeps
+# BERT's transformers head middle layer there, `bert.pooler.dense`), and any task head outside the encoder's
+# namespace (a run folder's `classifier.*` / `pre_classifier.*`, a pretraining checkpoint's `cls.*` or `lm_head.*`)
+EXPECTED_EXTRA = "pooler"
+
+
+def stray_encoder_keys(encoder: nn.Module, unexpected) -> list[str]:
+    """The unexpected weights that lie inside the encoder's namespace (under its base-model prefix, or under one
+    of its own submodules' names), the pooler excepted: weights of a differently built encoder, never ignored."""
+    prefix = getattr(encoder, "base_model_prefix", "") + "."
+    own = {name for name, _ in encoder.named_children()}
+    stray = []
+    for key in unexpected:
+        inner = key[len(prefix):] if key.startswith(prefix) else key
+        first = inner.split(".", 1)[0]
+        if first != EXPECTED_EXTRA and (key.startswith(prefix) or first in own):
+            stray.append(key)
+    return sorted(stray)
 
 
 def own_aligned_storage(module: nn.Module) -> nn.Module:
@@ -86,12 +117,18 @@ def own_aligned_storage(module: nn.Module) -> nn.Module:
     return module
 
 
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
 def load_tokenizer(path: str | Path, argument: str = "--model"):
     path = check_model_dir(path, argument)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(f"{argument}: cannot load a tokenizer from {path}: {err}") from err
+    except Exception as err:  # noqa: BLE001 - a damaged tokenizer file raises ValueError, KeyError or tokenizers'
+        # bare Exception, depending on where the parse stops
+        raise ModelLoadError(f"{argument}: cannot load a tokenizer from {path} (tokenizer.json, "
+                             f"tokenizer_config.json): {type(err).__name__}: {_one_line(err)}") from err
     if not tokenizer.is_fast:
         raise ModelLoadError(f"{argument}: {path} has no fast tokenizer (tokenizer.json); fastcls needs one")
     return tokenizer

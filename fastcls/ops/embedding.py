@@ -59,3 +59,19 @@ def row_accumulated_embedding(ids: torch.Tensor, weight: torch.Tensor, padding_i
     if not weight.requires_grad or not torch.is_grad_enabled():
         return F.embedding(ids, weight, padding_idx)
     return _RowAccumulatedEmbedding.apply(ids, weight, padding_idx)
+
+
+def touched_rows(weight: torch.Tensor) -> torch.Tensor | None:
+    """The ids whose rows `weight.grad` may hold since it was last zeroed (repeats possible), or None when that is
+    not tracked (the whole table may be nonzero)."""
+    entry = getattr(weight, _BUFFER, None)
+    if entry is None or weight.grad is not entry[0]:
+        return None
+    return entry[1]
+
+
+def set_touched_rows(weight: torch.Tensor, ids: torch.Tensor | None) -> None:
+    """Record that `weight.grad` now holds nonzero rows at `ids` (None: anywhere), for the next zeroing."""
+    entry = getattr(weight, _BUFFER, None)
+    if entry is not None and weight.grad is entry[0]:
+        entry[1] = ids

@@ -1,0 +1,23 @@
+"""Where fastcls writes: an `--output` path checked before any work (reading data, loading the model), so that a
+mistyped path costs nothing and its error names the flag."""
+import os
+from pathlib import Path
+
+from fastcls.errors import ConfigError
+
+
+def check_writable(path: str | Path, argument: str = "--output", *, folder: bool) -> Path:
+    """`path` as a folder (`folder=True`) or a file that fastcls can create or replace; a ConfigError naming
+    `argument` otherwise. Nothing is created."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise ConfigError(f"{argument} {path} is a {'file' if folder else 'folder'}, not a "
+                          f"{'folder' if folder else 'file'}")
+    # the folder to write in: the path itself when it is an existing folder, else its nearest existing ancestor
+    # (which must be a folder: a file cannot hold one)
+    where = path if folder and path.is_dir() else next(p for p in path.parents if p.exists())
+    if not where.is_dir():
+        raise ConfigError(f"{argument} {path}: {where} is a file, not a folder")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise ConfigError(f"{argument} {path}: cannot write in {where} (permission denied or read-only)")
+    return path

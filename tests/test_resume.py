@@ -34,8 +34,8 @@ def tiny_dir(tmp_path_factory):
 
 
 def settings(tmp: Path, **overrides) -> dict:
-    return dict(model=str(tmp / "encoder"), train=str(tmp / "train.tsv"), dev=str(tmp / "train.tsv"), batch_size=8,
-                lr=2e-3, seed=5, log_every=1, **overrides)
+    return {**dict(model=str(tmp / "encoder"), train=str(tmp / "train.tsv"), dev=str(tmp / "train.tsv"), batch_size=8,
+                   lr=2e-3, seed=5, log_every=1), **overrides}
 
 
 def digest(run: Path) -> dict:
@@ -305,3 +305,45 @@ def test_a_best_checkpoint_saved_after_the_newest_resumable_one_is_put_back(tiny
     assert check.restored and result.steps == 5
     fastcls.train(output=str(tmp_path / "whole"), **options)
     assert digest(run) == digest(tmp_path / "whole")
+
+
+DDP_WORKER = '''
+import json, sys
+import torch.distributed as dist
+import fastcls
+
+dist.init_process_group("gloo")  # one group for the three runs (fastcls uses a caller's group as it is)
+
+class StopAt(fastcls.Callback):
+    def on_step_end(self, state):
+        if state.step == 5 and state.output.name == "part":
+            state.should_stop = True
+
+settings = json.loads(sys.argv[1])
+whole, part = settings.pop("whole"), settings.pop("part")
+fastcls.train(**settings, output=whole)
+fastcls.train(**settings, output=part, callbacks=[StopAt()])
+fastcls.train(resume=part)
+dist.destroy_process_group()
+'''
+
+
+def test_under_torchrun_each_rank_resumes_its_own_state(tiny_dir, tmp_path):
+    """2 gloo processes (each rank its own dropout masks, rows and prefix cache): stopped in the second epoch
+    and resumed, the run ends with the uninterrupted 2-process run's bits."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(DDP_WORKER)
+    options = settings(tiny_dir, epochs=3, batch_size=4, grad_accum=2, freeze_embeddings=True, freeze_layers=1,
+                       save_every=2)
+    options = {**options, "whole": str(tmp_path / "whole")}
+    options["part"] = str(tmp_path / "part")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(worker), json.dumps(options)], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "resumed from" in done.stdout + done.stderr
+    assert [p.name for p in sorted((tmp_path / "part" / CHECKPOINTS / "step-000004").iterdir())] == [
+        "best", "optimizer.pt", "rank_state_0.pt", "rank_state_1.pt", "scaler.pt", "scheduler.pt",
+        "trainer_state.json", "weights.safetensors"]
+    assert digest(tmp_path / "part") == digest(tmp_path / "whole")
+    assert metrics(tmp_path / "part") == metrics(tmp_path / "whole")

@@ -95,6 +95,10 @@ def remove_temp_files(folder: Path) -> None:
                 path.unlink()
 
 
+def save_text_atomic(text: str, path: Path) -> None:
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
 def save_json_atomic(obj, path: Path) -> None:
     def write(tmp):
         with open(tmp, "w") as f:

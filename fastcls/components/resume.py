@@ -26,6 +26,7 @@ import pickle
 import random
 import shutil
 import signal
+import tempfile
 import threading
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -35,7 +36,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from fastcls.components.checkpoint import CONFIG_FILE, HEAD_FILE, METRICS_FILE, WEIGHTS_FILE
+from fastcls.components.checkpoint import (CONFIG_FILE, HEAD_FILE, METRICS_FILE, WEIGHTS_FILE, remove_temp_files,
+                                          save_text_atomic)
 from fastcls.components.distributed import Distributed
 from fastcls.components.precision import autocast
 from fastcls.config import TrainConfig, flag
@@ -209,8 +211,10 @@ class Resumer:
                               f"{str(err).splitlines()[0] if str(err) else ''}); remove it to resume from the one "
                               f"before") from err
         if self.rank == 0:
+            remove_temp_files(self.root.parent)  # of a killed best-checkpoint write
             _restore_best(folder / BEST, self.root.parent)
-            _rewrite_metrics(self.root.parent, t.state.log)
+            save_text_atomic("".join(json.dumps(record) + "\n" for record in t.state.log),
+                             self.root.parent / METRICS_FILE)  # evaluations after the checkpoint are redone
         return loop, threads
 
     def _load(self, folder: Path, t: Training) -> tuple[Loop, int]:
@@ -257,8 +261,9 @@ def _restore_best(best: Path, run: Path) -> None:
     for name in (HEAD_FILE, WEIGHTS_FILE):
         if not (best / name).is_file() or ((run / name).is_file() and os.path.samefile(best / name, run / name)):
             continue
-        temp = run / f".{name}.restore"
-        temp.unlink(missing_ok=True)
+        fd, temp = tempfile.mkstemp(dir=run, prefix=f".{name}.", suffix=".tmp")  # remove_temp_files' pattern
+        os.close(fd)
+        os.unlink(temp)
         try:
             os.link(best / name, temp)
         except OSError:
@@ -389,14 +394,3 @@ def resumed_config(run: Path, overrides: dict) -> TrainConfig:
     if cfg.precision == "auto" and precision is not None and "device" not in overrides:
         cfg.precision = precision  # pinned: "auto" must not resolve differently than it did
     return cfg
-
-
-def _rewrite_metrics(run_dir: Path, log: list[dict]) -> None:
-    """metrics.jsonl as it was at the checkpoint: evaluations the interrupted run made after it are dropped (the
-    resumed run makes them again)."""
-    path = Path(run_dir) / METRICS_FILE
-    lines = "".join(json.dumps(record) + "\n" for record in log)
-    temp = path.with_name(f".{path.name}.tmp")
-    _write(temp, lambda p: p.write_text(lines))
-    os.replace(temp, path)
-

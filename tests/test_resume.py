@@ -210,8 +210,7 @@ SLOW_FSYNC = ("import sys, time; import fastcls.components.resume as r; f = r._f
 
 
 def start(args: list[str], cwd: Path, slow_writes: bool = False, stderr=subprocess.PIPE) -> subprocess.Popen:
-    """`fastcls` in a fresh process, run from `cwd` (the repository root's kernels/ folder would shadow the
-    `kernels` package that transformers probes for)."""
+    """`fastcls` in a fresh process, run from `cwd`."""
     code = SLOW_FSYNC if slow_writes else "import sys; from fastcls.cli import main; sys.exit(main())"
     return subprocess.Popen([sys.executable, "-c", code, *args], stderr=stderr, text=True, bufsize=1, cwd=cwd)
 

@@ -20,16 +20,16 @@ from torch import nn
 from fastcls.components.callbacks import Callback, TrainState
 from fastcls.components.checkpoint import Checkpointer, load_start
 from fastcls.components.determinism import deterministic_mode, resolve_deterministic
-from fastcls.components.distributed import DataParallel, Distributed, rank_seed, setup
+from fastcls.components.distributed import DataParallel, Distributed, rank_report, rank_seed, setup
 from fastcls.components.early_stopping import EarlyStopping
 from fastcls.components.lr_schedule import DeviceLRSchedule, ScheduleConfig, build_scheduler, resolve_warmup_steps
 from fastcls.components.metrics import MetricsLogger
 from fastcls.components.output_path import check_writable
 from fastcls.components.optimizer import OptimizerConfig, build_optimizer, param_groups
 from fastcls.components.precision import grad_scaler, resolve_precision
-from fastcls.components.prefix_cache import PrefixCache
+from fastcls.components.prefix_cache import frozen_report, prefix_cache_for
 from fastcls.components.resume import Loop, Resumer, Training, data_digest, refill_prefix_cache
-from fastcls.components.train_step import StepConfig, TrainStep
+from fastcls.components.train_step import StepConfig, TrainStep, cuda_graphs_enabled, graph_report
 from fastcls.config import TrainConfig
 from fastcls.data import (LabelMap, LengthGroupedBatches, SkippedRows, bucket_length, collate, read_examples,
                           tokenize_examples)
@@ -86,72 +86,6 @@ def _tokenizer_for(cfg: TrainConfig, encoder: nn.Module | None, tokenizer):
     return load_tokenizer(source)
 
 
-def _prefix_cache(cfg: TrainConfig, model: EncoderClassifier, train_set, device, epochs: int):
-    """(the cache of the frozen prefix's output per training row, or None; why not, when None)."""
-    if not model.frozen_embeddings:
-        return None, "nothing to cache: the embeddings train"
-    if not cfg.cache_frozen:
-        return None, "off (--no-cache-frozen)"
-    if not model.packed:
-        return None, ("needs unpadded batches (--unpad off)" if model.body.takes_packed
-                      else f"{type(model.encoder).__name__} runs through its own forward")
-    if epochs < 2:
-        return None, "one epoch: every row is seen once"
-    cache = PrefixCache(train_set.offsets, model.head.linear.in_features, device, int(cfg.cache_budget_gb * 2**30))
-    model.body.use_prefix_cache(cache, train_set.key)
-    return cache, None
-
-
-def _frozen_report(model, cache: PrefixCache | None, no_cache_reason: str | None, epoch_seconds: list[float]):
-    """What freezing skipped. The cache's saving is measured, not modelled: every later epoch runs only the
-    trainable layers, so (first epoch - later epochs' mean) x later epochs is the prefix time it saved."""
-    if not model.frozen_embeddings and not model.frozen_layers:
-        return None
-    counts = [0, 0]
-    for p in model.parameters():
-        counts[p.requires_grad] += p.numel()
-    report = {"frozen_params": counts[0], "trainable_params": counts[1],
-              "epoch_seconds": [round(s, 2) for s in epoch_seconds]}
-    if cache is None:
-        report["cache"] = no_cache_reason
-        return report
-    later = epoch_seconds[1:]
-    saved = (epoch_seconds[0] - sum(later) / len(later)) * len(later) if later else 0.0
-    report.update(cache="on", cache_rows=cache.rows_filled, cache_hits=cache.hits,
-                  cache_memory_mb=round(cache.bytes_in_memory / 2**20, 1),
-                  cache_disk_mb=round(cache.bytes_on_disk / 2**20, 1), cache_seconds_saved=round(saved, 2))
-    return report
-
-
-def _cuda_graphs(cfg: TrainConfig, device, precision, custom_optimizer, custom_schedule, ddp: Distributed,
-                 model=None, cache=None) -> bool:
-    """Whether the steps replay from CUDA graphs; --cuda-graphs on where they cannot is an error naming why.
-    Without `model`, checks what the settings alone decide (before the model is loaded)."""
-    if cfg.cuda_graphs == "off":
-        return False
-    blockers = [(device.type != "cuda", "needs a CUDA device"),
-                (precision == "fp16", "does not capture fp16's loss scaling (use --precision bf16)"),
-                (custom_optimizer, "needs fastcls's FusedAdamW (no optimizer= factory)"),
-                (custom_schedule, "needs fastcls's schedule (no scheduler= factory)"),
-                (ddp.enabled, "does not capture DDP's or FSDP's collectives (run without torchrun)")]
-    if model is not None:
-        blockers += [(model.packed, "needs padded batches (--unpad off)"),
-                     (not model.body.takes_packed, f"{type(model.encoder).__name__} runs through its own forward"),
-                     (cache is not None, "cannot replay the frozen-prefix cache (--no-cache-frozen)")]
-    reasons = [why for blocked, why in blockers if blocked]
-    if cfg.cuda_graphs == "on" and reasons:
-        raise ConfigError(f"--cuda-graphs on {reasons[0]}")
-    return cfg.cuda_graphs == "on"
-
-
-def _graph_report(step: TrainStep, tokens: int, padded_tokens: int) -> dict:
-    report = dataclasses.asdict(step.report)
-    report["padding_fraction"] = round(1 - tokens / max(1, padded_tokens), 4)  # bucketing's and the rows' own
-    print(f"CUDA graphs: {report['graphs']} captured in {report['capture_seconds']:.2f} s, {report['replays']} "
-          f"replays, {report['padding_fraction']:.1%} of the tokens were padding")
-    return report
-
-
 def _save_finite(run: Checkpointer, parallel: DataParallel, step: int) -> None:
     """Save the checkpoint unless a weight is non-finite (one host read per save): a run folder never holds a
     silently broken model. Under torchrun every rank calls it (FSDP2 gathers the weights) and rank 0 writes."""
@@ -186,24 +120,6 @@ def _finite_loss(loss: float, step: int, run: Checkpointer, logger: MetricsLogge
     return loss
 
 
-def _rank_report(ddp: Distributed, tokens: int, padded_tokens: int, forward_seconds: float | None,
-                 batch_size: int) -> dict | None:
-    """How evenly the ranks shared the work: each rank's padding and forward time (the CPU's host clock; not
-    measured on CUDA, where it would need a sync)."""
-    if not ddp.enabled:
-        return None
-    per_rank = ddp.gather_floats([tokens, padded_tokens, forward_seconds or 0.0])
-    padding = [round(1 - t / max(1.0, p), 4) for t, p, _ in per_rank]
-    report = {"world_size": ddp.world_size, "global_batch": batch_size * ddp.world_size,
-              "padding_fraction_per_rank": padding}
-    if forward_seconds is not None:
-        seconds = [round(f, 3) for _, _, f in per_rank]
-        report.update(forward_seconds_per_rank=seconds, forward_spread=round(max(seconds) / max(1e-9, min(seconds)), 3))
-    if ddp.is_main:
-        print("ranks: " + ", ".join(f"{k} {v}" for k, v in report.items()))
-    return report
-
-
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -233,7 +149,8 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
            resume) -> TrainResult:
     start = time.perf_counter()
     precision = resolve_precision(cfg.precision, device)
-    _cuda_graphs(cfg, device, precision, optimizer_factory is not None, scheduler_factory is not None, ddp)
+    custom = (optimizer_factory is not None, scheduler_factory is not None)
+    cuda_graphs_enabled(cfg.cuda_graphs, device, precision, *custom, ddp)
     if cfg.fsdp and not ddp.enabled:
         raise ConfigError("--fsdp needs several processes: launch with torchrun --nproc_per_node=N")
     run = Checkpointer(cfg.output)
@@ -282,9 +199,9 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
     total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
     scaler = grad_scaler(device, precision)
     eval_every = cfg.eval_every or steps_per_epoch
-    cache, no_cache_reason = _prefix_cache(cfg, model, train_set, device, math.ceil(total_steps / steps_per_epoch))
-    graphs = _cuda_graphs(cfg, device, precision, optimizer_factory is not None, scheduler_factory is not None,
-                          ddp, model, cache)
+    cache, no_cache_reason = prefix_cache_for(model, train_set, device, math.ceil(total_steps / steps_per_epoch),
+                                              cfg.cache_frozen, cfg.cache_budget_gb)
+    graphs = cuda_graphs_enabled(cfg.cuda_graphs, device, precision, *custom, ddp, model, cache)
     schedule = ScheduleConfig(total_steps, resolve_warmup_steps(cfg.warmup, total_steps), cfg.decay)
     if scheduler_factory is not None:
         scheduler = scheduler_factory(optimizer, total_steps)
@@ -410,11 +327,11 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
         _save_finite(run, parallel, state.step)
         for callback in callbacks:
             callback.on_save(state, run.out)
-    frozen = _frozen_report(model, cache, no_cache_reason, epoch_seconds)
+    frozen = frozen_report(model, cache, no_cache_reason, epoch_seconds)
     if cache is not None:
         model.body.use_prefix_cache(None, None)
         cache.close()
-    ranks = _rank_report(ddp, rank_tokens, padded_tokens, step.forward_seconds, cfg.batch_size)
+    ranks = rank_report(ddp, rank_tokens, padded_tokens, step.forward_seconds, cfg.batch_size)
     if cfg.fsdp:  # the kept model is rank 0's whole copy; the other ranks return their shards
         full = parallel.full_model()
         model = full if full is not None else model
@@ -429,7 +346,7 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
                          "train_tokens_per_s": result.train_tokens_per_s, "train_seconds": train_seconds,
                          "total_seconds": result.total_seconds, "epoch_seconds": epoch_seconds, "frozen": frozen,
                          "distributed": ranks, "skipped_rows": skipped_rows,
-                         "cuda_graphs": _graph_report(step, tokens, padded_tokens) if graphs else None})
+                         "cuda_graphs": graph_report(step, tokens, padded_tokens) if graphs else None})
     if frozen is not None and ddp.is_main:
         print("frozen: " + ", ".join(f"{k} {v}" for k, v in frozen.items()))
     for callback in callbacks:

@@ -25,7 +25,7 @@ def setup(tmp_path_factory):
     model = make_tiny_encoder(tmp / "tiny", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     # 65 rows: the last global batch of 8 has one row, so rank 1 runs a weight-0 filler row
     train = write_tsv(tmp / "train.tsv", sst2_rows(65))
-    dev = write_tsv(tmp / "dev.tsv", sst2_rows(27, seed=1))
+    write_tsv(tmp / "dev.tsv", sst2_rows(27, seed=1))
     return tmp, {"model": str(model), "train": str(train), "dropout": 0.0, "precision": "fp32", "group_size": 2,
                  "log_every": 1, "seed": 3}
 

@@ -264,10 +264,10 @@ def test_cached_frozen_prefix_trains_exactly_as_recomputing_it(tiny_bert, tmp_pa
     """Later epochs read the frozen prefix's output from the cache instead of recomputing it: with the cache
     kept in fp32 the trained weights are the same (to rounding: a key bias's gradient is pure rounding noise,
     as softmax ignores it); the report counts what the cache served."""
-    import fastcls.trainer as train_module
+    import fastcls.components.prefix_cache as cache_module
     from fastcls.components.prefix_cache import PrefixCache
 
-    monkeypatch.setattr(train_module, "PrefixCache", lambda *a, **k: PrefixCache(*a, **k, dtype=torch.float32))
+    monkeypatch.setattr(cache_module, "PrefixCache", lambda *a, **k: PrefixCache(*a, **k, dtype=torch.float32))
     data = write_tsv(tmp_path / "train.tsv", sst2_rows(40))
     initial = load_file(tiny_bert / "model.safetensors")
     results = {}

@@ -272,3 +272,21 @@ def shard_batches(batches: list[list[int]], ddp: Distributed) -> tuple[list[list
 def rank_order(batches: list[list[int]], ddp: Distributed) -> list[list[int]]:
     """The batches in the order `gather_rows` puts their outputs: rank 0's, then rank 1's..."""
     return [b for r in range(ddp.world_size) for b in batches[r::ddp.world_size]]
+
+
+def rank_report(ddp: Distributed, tokens: int, padded_tokens: int, forward_seconds: float | None,
+                 batch_size: int) -> dict | None:
+    """How evenly the ranks shared the work: each rank's padding and forward time (the CPU's host clock; not
+    measured on CUDA, where it would need a sync)."""
+    if not ddp.enabled:
+        return None
+    per_rank = ddp.gather_floats([tokens, padded_tokens, forward_seconds or 0.0])
+    padding = [round(1 - t / max(1.0, p), 4) for t, p, _ in per_rank]
+    report = {"world_size": ddp.world_size, "global_batch": batch_size * ddp.world_size,
+              "padding_fraction_per_rank": padding}
+    if forward_seconds is not None:
+        seconds = [round(f, 3) for _, _, f in per_rank]
+        report.update(forward_seconds_per_rank=seconds, forward_spread=round(max(seconds) / max(1e-9, min(seconds)), 3))
+    if ddp.is_main:
+        print("ranks: " + ", ".join(f"{k} {v}" for k, v in report.items()))
+    return report

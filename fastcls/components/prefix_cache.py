@@ -249,3 +249,41 @@ class PrefixCache:
 def _preview(rows: np.ndarray, limit: int = 8) -> str:
     shown = ", ".join(map(str, rows[:limit].tolist()))
     return f"[{shown}{', ...' if len(rows) > limit else ''}]"
+
+
+def prefix_cache_for(model, train_set, device, epochs: int, enabled: bool, budget_gb: float):
+    """(the cache of `model`'s frozen prefix output per row of `train_set`, installed in the model, or None; why
+    not, when None). `enabled`: --cache-frozen; `budget_gb`: --cache-budget-gb."""
+    if not model.frozen_embeddings:
+        return None, "nothing to cache: the embeddings train"
+    if not enabled:
+        return None, "off (--no-cache-frozen)"
+    if not model.packed:
+        return None, ("needs unpadded batches (--unpad off)" if model.body.takes_packed
+                      else f"{type(model.encoder).__name__} runs through its own forward")
+    if epochs < 2:
+        return None, "one epoch: every row is seen once"
+    cache = PrefixCache(train_set.offsets, model.head.linear.in_features, device, int(budget_gb * 2**30))
+    model.body.use_prefix_cache(cache, train_set.key)
+    return cache, None
+
+
+def frozen_report(model, cache: PrefixCache | None, no_cache_reason: str | None, epoch_seconds: list[float]):
+    """What freezing skipped. The cache's saving is measured, not modelled: every later epoch runs only the
+    trainable layers, so (first epoch - later epochs' mean) x later epochs is the prefix time it saved."""
+    if not model.frozen_embeddings and not model.frozen_layers:
+        return None
+    counts = [0, 0]
+    for p in model.parameters():
+        counts[p.requires_grad] += p.numel()
+    report = {"frozen_params": counts[0], "trainable_params": counts[1],
+              "epoch_seconds": [round(s, 2) for s in epoch_seconds]}
+    if cache is None:
+        report["cache"] = no_cache_reason
+        return report
+    later = epoch_seconds[1:]
+    saved = (epoch_seconds[0] - sum(later) / len(later)) * len(later) if later else 0.0
+    report.update(cache="on", cache_rows=cache.rows_filled, cache_hits=cache.hits,
+                  cache_memory_mb=round(cache.bytes_in_memory / 2**20, 1),
+                  cache_disk_mb=round(cache.bytes_on_disk / 2**20, 1), cache_seconds_saved=round(saved, 2))
+    return report

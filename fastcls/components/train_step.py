@@ -25,6 +25,7 @@ from torch import nn
 
 from fastcls.components.distributed import DataParallel, Distributed
 from fastcls.components.precision import autocast
+from fastcls.errors import ConfigError
 from fastcls.data import Batch
 from fastcls.ops.dropout import DropoutGenerator
 
@@ -143,6 +144,35 @@ class TrainStep:
         self.graphs[key] = (graph, static)
         graph.replay()  # capture only recorded the work: this runs the step
         self.report.replays += 1
+
+
+def cuda_graphs_enabled(mode: str, device, precision, custom_optimizer, custom_schedule, ddp: Distributed,
+                        model=None, cache=None) -> bool:
+    """Whether the steps replay from CUDA graphs (`mode`: --cuda-graphs); `on` where they cannot is an error
+    naming why. Without `model`, checks what the settings alone decide (before the model is loaded)."""
+    if mode == "off":
+        return False
+    blockers = [(device.type != "cuda", "needs a CUDA device"),
+                (precision == "fp16", "does not capture fp16's loss scaling (use --precision bf16)"),
+                (custom_optimizer, "needs fastcls's FusedAdamW (no optimizer= factory)"),
+                (custom_schedule, "needs fastcls's schedule (no scheduler= factory)"),
+                (ddp.enabled, "does not capture DDP's or FSDP's collectives (run without torchrun)")]
+    if model is not None:
+        blockers += [(model.packed, "needs padded batches (--unpad off)"),
+                     (not model.body.takes_packed, f"{type(model.encoder).__name__} runs through its own forward"),
+                     (cache is not None, "cannot replay the frozen-prefix cache (--no-cache-frozen)")]
+    reasons = [why for blocked, why in blockers if blocked]
+    if mode == "on" and reasons:
+        raise ConfigError(f"--cuda-graphs on {reasons[0]}")
+    return mode == "on"
+
+
+def graph_report(step: TrainStep, tokens: int, padded_tokens: int) -> dict:
+    report = dataclasses.asdict(step.report)
+    report["padding_fraction"] = round(1 - tokens / max(1, padded_tokens), 4)  # bucketing's and the rows' own
+    print(f"CUDA graphs: {report['graphs']} captured in {report['capture_seconds']:.2f} s, {report['replays']} "
+          f"replays, {report['padding_fraction']:.1%} of the tokens were padding")
+    return report
 
 
 _BATCH_TENSORS = ("input_ids", "position_ids", "token_type_ids", "cls_index", "key_mask", "labels")

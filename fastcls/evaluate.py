@@ -26,10 +26,14 @@ def predict_logits(model, encoded: Encoded, batch_size: int, device: torch.devic
     batches = LengthGroupedBatches(encoded.lengths, batch_size, shuffle=False).batches(0)
     mine, counts = shard_batches(batches, ddp)
     outputs = [torch.empty(0, model.num_labels, device=device)]
-    for rows in mine:
+    rounds = -(-len(batches) // ddp.world_size)
+    # a rank short of a batch runs one row and drops its output: under FSDP2 every forward gathers the weights
+    # with all the ranks, so all of them run the same number of forwards
+    for rows in mine + [batches[0][:1]] * (rounds - len(mine)):
         batch = collate(encoded, rows, packed=model.packed, pad_token_id=pad_token_id, labels=False).to(device)
         with autocast(device, precision):
             outputs.append(model(batch)[1].float())
+    outputs = outputs[: 1 + len(mine)]
     model.train(was_training)
     return restore_order(ddp.gather_rows(torch.cat(outputs), counts), rank_order(batches, ddp))
 

@@ -66,7 +66,8 @@ CASES = {
                                          patience=1, metric="loss"),
     # frozen embeddings and layer, the frozen prefix served from each rank's cache from the second epoch on
     "frozen_prefix_cache": dict(freeze_embeddings=True, freeze_layers=1, epochs=2, lr=0.05),
-    "fsdp": dict(fsdp=True, epochs=2, lr=0.05, grad_accum=2),
+    # FSDP2, evaluating the 27 dev rows in 3 batches of up to 10: rank 1 runs an extra forward to keep in step
+    "fsdp": dict(fsdp=True, epochs=2, lr=0.05, grad_accum=2, dev="dev", eval_every=4, eval_batch_size=10),
 }
 
 

@@ -332,13 +332,15 @@ dist.destroy_process_group()
 '''
 
 
-def test_under_torchrun_each_rank_resumes_its_own_state(tiny_dir, tmp_path):
-    """2 gloo processes (each rank its own dropout masks, rows and prefix cache): stopped in the second epoch
-    and resumed, the run ends with the uninterrupted 2-process run's bits."""
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_under_torchrun_each_rank_resumes_its_own_state(tiny_dir, tmp_path, fsdp):
+    """2 gloo processes (each rank its own dropout masks, rows and prefix cache; under FSDP2 its shards of the
+    weights and the optimizer state): stopped in the second epoch and resumed, the run ends with the
+    uninterrupted 2-process run's bits."""
     worker = tmp_path / "worker.py"
     worker.write_text(DDP_WORKER)
-    options = settings(tiny_dir, epochs=3, batch_size=4, grad_accum=2, freeze_embeddings=True, freeze_layers=1,
-                       save_every=2)
+    frozen = {} if fsdp else {"freeze_embeddings": True, "freeze_layers": 1}  # FSDP2 shards only what trains
+    options = settings(tiny_dir, epochs=3, batch_size=4, grad_accum=2, save_every=2, fsdp=fsdp, **frozen)
     options = {**options, "whole": str(tmp_path / "whole")}
     options["part"] = str(tmp_path / "part")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

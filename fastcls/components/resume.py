@@ -27,7 +27,6 @@ import random
 import shutil
 import signal
 import tempfile
-import threading
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from fastcls.components.checkpoint import (CONFIG_FILE, HEAD_FILE, METRICS_FILE,
                                           save_text_atomic)
 from fastcls.components.distributed import Distributed
 from fastcls.components.precision import autocast
+from fastcls.components.signals import StopOnSignal
 from fastcls.config import TrainConfig, flag
 from fastcls.data import collate
 from fastcls.errors import ConfigError
@@ -125,18 +125,15 @@ def _write(path: Path, write) -> None:
 class Resumer:
     """Writes one run's resumable checkpoints and reads them back, every rank calling each method; `signals` is
     the SIGINT/SIGTERM catcher whose first signal (on any rank) makes the next checkpoint due and then stops the
-    run (`stop_signal`). `sharded` (FSDP2): not supported yet, as each rank holds a shard of the weights and the
-    optimizer state: --save-every is refused and signals are left alone."""
+    run (`stop_signal`). `sharded` (FSDP2): the weights and the optimizer state are gathered whole into rank 0's
+    files and each rank takes its shards back from them, so a sharded checkpoint reads like any other."""
 
     def __init__(self, run_dir: str | Path, save_every: int | None, keep: int | None,
                  ddp: Distributed = Distributed(), *, sharded: bool = False):
-        if sharded and save_every:
-            raise ConfigError("--save-every does not work with --fsdp yet (each rank holds a shard of the weights "
-                              "and optimizer state); leave out --fsdp to write resumable checkpoints")
         self.root = Path(run_dir) / CHECKPOINTS
         self.save_every, self.keep, self.ddp, self.sharded = save_every, keep, ddp, sharded
         self.rank = ddp.rank
-        self.signals = StopOnSignal(enabled=not sharded)
+        self.signals = StopOnSignal()
         self.stop_signal: int | None = None  # the signal that stops the run, once every rank knows of it
         self.loaded: Path | None = None  # the checkpoint load_newest read
         if self.rank == 0 and self.root.is_dir():  # what killed writes and prunes left behind
@@ -170,11 +167,13 @@ class Resumer:
         rank_state = {"rng": rng_state(t.generator), "loss_sum": t.loss_sum.item(),
                       "loop": {f.name: getattr(loop, f.name) for f in fields(loop)}}
         _write(temp / f"rank_state_{self.rank}.pt", lambda p: torch.save(rank_state, p))
+        model_state, optimizer_state = self._whole_states(t)
         if self.rank == 0:
-            weights = {k: v.detach().to("cpu").contiguous().clone() for k, v in t.model.state_dict().items()}
+            weights = {k: v.detach().to("cpu").contiguous().clone() for k, v in model_state.items()}
             _write(temp / WEIGHTS, lambda p: save_file(weights, p))
+            states = {"optimizer": optimizer_state, "scheduler": t.scheduler.state_dict(), "scaler": t.scaler.state_dict()}
             for name in PARTS:
-                _write(temp / f"{name}.pt", lambda p, name=name: torch.save(getattr(t, name).state_dict(), p))
+                _write(temp / f"{name}.pt", lambda p, name=name: torch.save(states[name], p))
             record = {"format": FORMAT, "world_size": self.ddp.world_size, "num_threads": torch.get_num_threads(),
                       **_train_state(t, loop, epoch)}
             _write(temp / STATE, lambda p: p.write_text(json.dumps(record, indent=1)))
@@ -186,6 +185,17 @@ class Resumer:
             _fsync(self.root)
             self._prune()
         return final
+
+    def _whole_states(self, t: Training) -> tuple[dict | None, dict | None]:
+        """The model's and the optimizer's whole state dicts on rank 0, None on the others. Under FSDP2 every rank
+        takes part: the shards are gathered, in optimizer state dicts keyed by parameter name."""
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            states = get_state_dict(t.model, t.optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                    cpu_offload=True))
+            return states if self.rank == 0 else (None, None)
+        return (t.model.state_dict(), t.optimizer.state_dict()) if self.rank == 0 else (None, None)
 
     def _prune(self) -> None:
         if self.keep is None:
@@ -199,8 +209,6 @@ class Resumer:
         """Put the newest checkpoint's state into `t` (in place) and the run folder's best checkpoint and
         metrics.jsonl back as they were then; returns the loop's position and counters, and the thread count the
         run had."""
-        if self.sharded:
-            raise ConfigError("--resume does not work with --fsdp yet; resume without --fsdp")
         folder = self.loaded = checkpoints(self.root.parent)[-1]
         try:
             loop, threads = self._load(folder, t)
@@ -229,10 +237,17 @@ class Resumer:
             raise ConfigError(f"--resume: {folder} was written by {saved['world_size']} processes, this run has "
                               f"{self.ddp.world_size}")
         device = t.loss_sum.device
-        t.model.load_state_dict(load_file(folder / WEIGHTS))
-        for name in PARTS:  # the optimizer first: the device schedule re-installs its lr tensors after it
-            state = torch.load(folder / f"{name}.pt", map_location=device, weights_only=True)
-            getattr(t, name).load_state_dict(state)
+        states = {name: torch.load(folder / f"{name}.pt", map_location=device, weights_only=True) for name in PARTS}
+        if self.sharded:  # every rank reads the whole files and keeps its shards
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(t.model, t.optimizer, model_state_dict=load_file(folder / WEIGHTS),
+                           optim_state_dict=states["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            t.model.load_state_dict(load_file(folder / WEIGHTS))
+            t.optimizer.load_state_dict(states["optimizer"])
+        for name in PARTS[1:]:  # after the optimizer: the device schedule re-installs its lr tensors in it
+            getattr(t, name).load_state_dict(states[name])
         mine = torch.load(folder / f"rank_state_{self.rank}.pt", weights_only=True)
         set_rng_state(mine["rng"], t.generator)
         s, stopping = t.state, t.stopping
@@ -298,32 +313,6 @@ def set_rng_state(state: dict, generator) -> None:
     if "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], generator.state.device)
     generator.load_state_dict(state["dropout"])
-
-
-class StopOnSignal:
-    """Inside the block, SIGINT and SIGTERM only record the first signal received (`received`), so that the loop
-    finishes its step, writes a checkpoint and stops; a second signal while that is saved changes nothing. The
-    previous handlers come back on leaving. Outside the main thread (where Python delivers no signals) it does
-    nothing."""
-
-    def __init__(self, enabled: bool = True):
-        self.enabled, self.received = enabled, None
-        self._previous = {}
-
-    def _record(self, signum, frame) -> None:
-        if self.received is None:
-            self.received = signum
-
-    def __enter__(self):
-        if self.enabled and threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._record)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
 
 
 def refill_prefix_cache(model, train_set, batches, epoch: int, micro: int, device, precision: str, pad_id: int,

@@ -305,7 +305,9 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
                     callback.on_step_end(state)
                 if callbacks and ddp.enabled:  # a callback's stop on one rank stops them all
                     state.should_stop = ddp.agree(state.should_stop)
-                if resumer.due(state.step):  # --save-every, or SIGINT/SIGTERM
+                # --save-every, or SIGINT/SIGTERM; on CUDA the ranks agree on a signal at logging steps only, which
+                # read the device anyway
+                if resumer.due(state.step, device.type == "cpu" or state.step % cfg.log_every == 0):
                     saving = time.perf_counter()
                     loop = Loop(i + 1, samples, tokens, padded_tokens, rank_tokens, train_seconds + saving - tick,
                                 epoch_start, epoch_seconds, loss_count)

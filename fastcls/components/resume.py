@@ -146,12 +146,13 @@ class Resumer:
         if self.rank == 0 and self.root.is_dir():
             shutil.rmtree(self.root)
 
-    def due(self, step: int) -> bool:
-        """Whether a checkpoint is due after `step`: every --save-every steps, or once a signal came."""
+    def due(self, step: int, agree_now: bool = True) -> bool:
+        """Whether a checkpoint is due after `step`: every --save-every steps, or once a signal came. Under
+        torchrun the ranks decide on a signal together (torchrun signals every rank, not at the same step), at the
+        steps where `agree_now`, which must be the same on every rank."""
         received = self.signals.received
-        if self.ddp.enabled and self.ddp.agree(received is not None):
-            # one decision for all ranks (a sync a step): torchrun signals every rank, not at the same step
-            received = received or signal.SIGTERM
+        if self.ddp.enabled:
+            received = (received or signal.SIGTERM) if agree_now and self.ddp.agree(received is not None) else None
         self.stop_signal = received
         return bool(self.save_every and step % self.save_every == 0) or received is not None
 

@@ -114,7 +114,7 @@ def _comm_device() -> torch.device:
 def setup(device_name: str) -> tuple[Distributed, torch.device]:
     """(this process's place in the job, its training device), starting the process group under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 and not dist.is_initialized():
+    if not dist.is_available() or (world <= 1 and not dist.is_initialized()):  # some builds lack torch.distributed
         return Distributed(), resolve_device(device_name)
     device = resolve_device(device_name)
     if device.type == "cuda":  # one GPU per process, the one torchrun's LOCAL_RANK names

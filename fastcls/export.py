@@ -5,17 +5,15 @@ so; the export leaves fastcls's own files behind. Families without a known Huggi
 from pathlib import Path
 
 from fastcls.components.checkpoint import WEIGHTS_FILE, load_run, save_pretrained_files, save_weights_atomic
-from fastcls.components.output_path import check_writable
-from fastcls.errors import ConfigError, ModelLoadError
+from fastcls.components.output_path import check_output_folder
+from fastcls.errors import ModelLoadError
 from fastcls.models.families import FAMILIES, family_of
 from fastcls.models.hf_layout import hf_config, hf_state_dict
 
 
 def export_hf(model_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Export the run folder `model_dir` into `out_dir`, a new or empty folder (any folder with `overwrite`)."""
-    out_dir = check_writable(out_dir, folder=True)
-    if not overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
-        raise ConfigError(f"--output {out_dir} is not empty; choose a new or empty folder, or pass --overwrite")
+    out_dir = check_output_folder(out_dir, overwrite)
     model, tokenizer, labels, _ = load_run(model_dir)
     family = family_of(model.encoder)
     if family is None or family.hf_head is None:

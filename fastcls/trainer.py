@@ -20,11 +20,12 @@ from torch import nn
 from fastcls.components.callbacks import Callback, TrainState
 from fastcls.components.checkpoint import Checkpointer, load_start
 from fastcls.components.determinism import deterministic_mode, resolve_deterministic
-from fastcls.components.distributed import DataParallel, Distributed, rank_report, rank_seed, setup
+from fastcls.components.distributed import (FSDP_NEEDS_TORCHRUN, DataParallel, Distributed, rank_report, rank_seed,
+                                            setup)
 from fastcls.components.early_stopping import EarlyStopping
 from fastcls.components.lr_schedule import DeviceLRSchedule, ScheduleConfig, build_scheduler, resolve_warmup_steps
 from fastcls.components.metrics import MetricsLogger
-from fastcls.components.output_path import check_writable
+from fastcls.components.output_path import check_output_folder
 from fastcls.components.optimizer import OptimizerConfig, build_optimizer, param_groups
 from fastcls.components.precision import grad_scaler, resolve_precision
 from fastcls.components.prefix_cache import frozen_report, prefix_cache_for
@@ -152,16 +153,12 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
     custom = (optimizer_factory is not None, scheduler_factory is not None)
     cuda_graphs_enabled(cfg.cuda_graphs, device, precision, *custom, ddp)
     if cfg.fsdp and not ddp.enabled:
-        raise ConfigError("--fsdp needs several processes: launch with torchrun --nproc_per_node=N")
+        raise ConfigError(FSDP_NEEDS_TORCHRUN)
     run = Checkpointer(cfg.output)
     if not cfg.overwrite and not resume and run.holds_a_model():  # a resumed run continues in its own folder
         raise ConfigError(f"--output {run.out} already holds a model; choose another folder or pass --overwrite")
-    if run.out.exists() and not run.out.is_dir():
-        raise ConfigError(f"--output {run.out} is a file, not a folder")
-    if not cfg.overwrite and not resume and run.out.is_dir() and any(run.out.iterdir()):
-        # a folder of the user's own files would get a run's config.json and metrics.jsonl written over them
-        raise ConfigError(f"--output {run.out} is not empty; choose a new or empty folder, or pass --overwrite")
-    check_writable(run.out, folder=True)
+    # a folder of the user's own files would get a run's config.json and metrics.jsonl written over them
+    check_output_folder(run.out, cfg.overwrite or resume)
     ddp.barrier()  # every rank has checked the folder before rank 0 writes into it
 
     tokenizer = _tokenizer_for(cfg, encoder, tokenizer)

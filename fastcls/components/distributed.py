@@ -39,6 +39,9 @@ from fastcls.components.precision import resolve_device
 from fastcls.errors import ConfigError
 
 
+FSDP_NEEDS_TORCHRUN = "--fsdp needs several processes: launch with torchrun --nproc_per_node=N"
+
+
 @dataclass(frozen=True)
 class Distributed:
     rank: int = 0
@@ -113,10 +116,10 @@ def _comm_device() -> torch.device:
 
 def setup(device_name: str) -> tuple[Distributed, torch.device]:
     """(this process's place in the job, its training device), starting the process group under torchrun."""
+    device = resolve_device(device_name)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if not dist.is_available() or (world <= 1 and not dist.is_initialized()):  # some builds lack torch.distributed
-        return Distributed(), resolve_device(device_name)
-    device = resolve_device(device_name)
+        return Distributed(), device
     if device.type == "cuda":  # one GPU per process, the one torchrun's LOCAL_RANK names
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -155,7 +158,7 @@ class DataParallel:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         body = self.model.body
-        if getattr(body, "row_accumulated_embedding", False) and self.model.body.kernels:
+        if getattr(body, "row_accumulated_embedding", False) and body.kernels:
             weight = body.embeddings.word_embeddings.weight
             if weight.requires_grad:
                 self.outside_autograd.append(weight)
@@ -171,7 +174,7 @@ class DataParallel:
 
         model = self.model
         if not self.ddp.enabled:
-            raise ConfigError("--fsdp needs several processes: launch with torchrun --nproc_per_node=N")
+            raise ConfigError(FSDP_NEEDS_TORCHRUN)
         if model.frozen_embeddings or model.frozen_layers:
             raise ConfigError("--fsdp does not shard frozen layers; drop --freeze-embeddings/--freeze-layers or "
                               "train with DDP (no --fsdp)")
@@ -223,12 +226,10 @@ class DataParallel:
         sizes = self.ddp.gather_floats([float(len(ids))])
         counts = [int(n[0]) for n in sizes]
         all_ids = self.ddp.gather_rows(ids, counts)
-        all_rows = self.ddp.gather_rows(weight.grad.index_select(0, ids), counts)
+        all_rows = self.ddp.gather_rows(weight.grad.index_select(0, ids), counts).div_(self.ddp.world_size)
         weight.grad.index_fill_(0, ids, 0.0)
         weight.grad.index_add_(0, all_ids, all_rows)
-        touched = torch.unique(all_ids)
-        weight.grad.index_copy_(0, touched, weight.grad.index_select(0, touched) / self.ddp.world_size)
-        set_touched_rows(weight, touched)
+        set_touched_rows(weight, all_ids)
 
     def full_model(self) -> nn.Module | None:
         """The whole classifier with the current weights, for checkpoints: the classifier itself unless it is

@@ -21,3 +21,11 @@ def check_writable(path: str | Path, argument: str = "--output", *, folder: bool
     if not os.access(where, os.W_OK | os.X_OK):
         raise ConfigError(f"{argument} {path}: cannot write in {where} (permission denied or read-only)")
     return path
+
+
+def check_output_folder(path: str | Path, overwrite: bool, argument: str = "--output") -> Path:
+    """`path` as a folder to write a run or an export into: writable, and new or empty unless `overwrite`."""
+    path = check_writable(path, argument, folder=True)
+    if not overwrite and path.is_dir() and any(path.iterdir()):
+        raise ConfigError(f"{argument} {path} is not empty; choose a new or empty folder, or pass --overwrite")
+    return path

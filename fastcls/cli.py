@@ -11,11 +11,17 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 S = argparse.SUPPRESS
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
+def _add_data_args(p: argparse.ArgumentParser, train: bool = False) -> None:
     p.add_argument("--text-column", dest="text_columns", action="append", default=S,
                    help="text column (repeat to join several columns into one text); inferred when omitted")
     p.add_argument("--text-pair-column", default=S, help="second text of a pair (e.g. hypothesis)")
-    p.add_argument("--label-column", default=S, help="label column (default: label)")
+    if train:
+        p.add_argument("--label-column", action="append", default=S,
+                       help="label column (default: label); repeat for one task per column (multi-task: a row may "
+                            "leave a task's cell empty)")
+    else:
+        p.add_argument("--label-column", default=S,
+                       help="label column (default: label; a multi-task run's: each task's own column)")
 
 
 def _add_skip_arg(p: argparse.ArgumentParser) -> None:
@@ -37,7 +43,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--train", help="training file: .tsv, .csv or .jsonl with a header/keys")
     p.add_argument("--dev", help="dev file, evaluated during training")
     p.add_argument("--output", help="output folder (default: fastcls_runs/<date-time>)")
-    _add_data_args(p)
+    _add_data_args(p, train=True)
     p.add_argument("--label-names", nargs="+", metavar="NAME",
                    help="display names of the labels in id order (labels sort as integers, else alphabetically)")
     p.add_argument("--max-length", type=int, help="tokens per row, special tokens included (default 256)")
@@ -88,6 +94,24 @@ def _train_parser(sub) -> None:
                         "in --output, else the newest under fastcls_runs/)")
     p.add_argument("--deterministic", action=argparse.BooleanOptionalAction,
                    help="deterministic kernels and reductions (default: on for the CPU, off on CUDA)")
+    g = p.add_argument_group("multi-task", "one encoder, one head per task (tasks from several --label-column of "
+                                           "--train, or from files with --task)")
+    g.add_argument("--task", dest="tasks", action="append", metavar="NAME=TRAIN[,DEV][:LABEL_COLUMN]",
+                   help="a task from its own file(s) (repeat per task; label column default: label)")
+    g.add_argument("--task-weight", dest="task_weights", action="append", metavar="NAME=ALPHA",
+                   help="the task's loss weight (default 1 / number of tasks; for two tasks one weight alpha gives "
+                        "the other 1 - alpha)")
+    g.add_argument("--task-weighting", **_choices("task_weighting"),
+                   help="fixed weights, or uncertainty: a learned log-variance per task (Kendall et al. 2018)")
+    g.add_argument("--task-sampling", **_choices("task_sampling"),
+                   help="rows per epoch of each task file: proportional to its size (default), uniform, or "
+                        "temperature: p proportional to n ** (1 / T)")
+    g.add_argument("--sampling-temperature", type=float, metavar="T", help="for --task-sampling temperature "
+                                                                           "(default 2)")
+    g.add_argument("--task-layers", type=int, metavar="K", help="each task gets its own copy of the top K encoder "
+                                                                "layers (default 0: all shared)")
+    g.add_argument("--metric-task", metavar="NAME",
+                   help="choose the best checkpoint (and stop early) on this task's --metric, not the tasks' mean")
 
 
 def _infer_parsers(sub) -> None:
@@ -99,6 +123,9 @@ def _infer_parsers(sub) -> None:
         p.add_argument("--output", required=name == "predict", default=None,
                        help="predictions (.csv, .tsv or .jsonl)" if name == "predict" else "write the report as JSON")
         _add_data_args(p)
+        p.add_argument("--task", metavar="NAME", default=None,
+                       help="a multi-task run: only this task" + ("" if name == "predict" else
+                                                                   " (default: every task, each on its label column)"))
         p.add_argument("--batch-size", type=int, default=128)
         p.add_argument("--device", default="auto")
         p.add_argument("--precision", default="auto", **_choices("precision"))
@@ -114,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a folder that AutoModelForSequenceClassification loads")
     p.add_argument("--model", required=True)
     p.add_argument("--output", required=True)
+    p.add_argument("--task", metavar="NAME", help="a multi-task run: the task to export")
     p.add_argument("--overwrite", action="store_true", help="export into a folder that is not empty")
     sub.add_parser("info", help="versions, device and the backend of every op")
     return parser
@@ -138,7 +166,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"trained {result.steps} steps in {result.train_seconds:.1f} s "
           f"({result.train_samples_per_s:.1f} samples/s); model in {result.output}")
     if result.best is not None:
-        print(f"best dev: step {result.best['step']}, accuracy {result.best['accuracy']:.4f}, "
+        mean = "mean over tasks: " if any(key.endswith("/accuracy") for key in result.best) else ""
+        print(f"best dev: step {result.best['step']}, {mean}accuracy {result.best['accuracy']:.4f}, "
               f"macro-F1 {result.best['macro_f1']:.4f}")
 
 
@@ -154,19 +183,71 @@ def _load_for_inference(args: argparse.Namespace, require_labels: bool):
     precision = resolve_precision(args.precision, device)
     model, tokenizer, labels, meta = load_run(args.model, device)
     skipped = SkippedRows() if getattr(args, "skip_bad_rows", False) else None
-    rows = read_examples(
-        args.data,
-        text_columns=getattr(args, "text_columns", None) or meta.get("text_columns"),
-        text_pair_column=getattr(args, "text_pair_column", None) or meta.get("text_pair_column"),
-        label_column=getattr(args, "label_column", "label"),
-        require_labels=require_labels,
-        skipped=skipped,
-    )
-    if skipped is not None and skipped.lines:
-        print(skipped.summary())
-    encoded = tokenize_examples(rows, tokenizer, meta["max_length"], label_map=labels if require_labels else None)
+    tasks = _tasks_to_read(args, labels, meta)
+
+    def read(label_column: str, require: bool):
+        return read_examples(
+            args.data,
+            text_columns=getattr(args, "text_columns", None) or meta.get("text_columns"),
+            text_pair_column=getattr(args, "text_pair_column", None) or meta.get("text_pair_column"),
+            label_column=label_column, require_labels=require, skipped=skipped)
+
+    if tasks is None:
+        rows = read(getattr(args, "label_column", "label"), require_labels)
+        if skipped is not None and skipped.lines:
+            print(skipped.summary())
+        encoded = tokenize_examples(rows, tokenizer, meta["max_length"], label_map=labels if require_labels else None)
+    else:  # a multi-task run: every task's labels from its own column, -100 where a row has none
+        columns = [column for _, column in tasks] or ["label"]
+        reads = [read(column, False) for column in columns]
+        encoded = tokenize_examples(reads[0], tokenizer, meta["max_length"])
+        if require_labels:
+            encoded.labels = _label_matrix(labels, tasks, reads, args.data)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return model, labels, encoded, device, precision, pad_id
+
+
+def _tasks_to_read(args: argparse.Namespace, labels, meta: dict) -> list[tuple[int, str]] | None:
+    """For a multi-task run: (task index, its label column) of the tasks to evaluate (none when predicting)."""
+    from fastcls.data import TaskLabels
+    from fastcls.errors import ConfigError
+
+    task = getattr(args, "task", None)
+    if not isinstance(labels, TaskLabels):
+        if task is not None:
+            raise ConfigError(f"--task {task}: {args.model} is a single-task run")
+        return None
+    if args.command == "predict":
+        if task is not None:
+            labels.index(task)  # an unknown task is an error before any work
+        return []
+    columns = meta.get("label_columns") or labels.names
+    chosen = [labels.index(task)] if task is not None else range(len(labels.names))
+    tasks = [(t, getattr(args, "label_column", None) or columns[t]) for t in chosen]
+    shared = sorted({c for _, c in tasks if [c2 for _, c2 in tasks].count(c) > 1})
+    if shared:
+        raise ConfigError(f"--task: the tasks share the label column {shared[0]!r}; name the task this file is for "
+                          f"with --task ({', '.join(labels.names)})")
+    return tasks
+
+
+def _label_matrix(labels, tasks, reads, data: str):
+    """[rows, T] label ids of the tasks read (from their columns), -100 elsewhere; an unseen label names its line."""
+    import numpy as np
+
+    from fastcls.data.collate import IGNORED_LABEL
+
+    matrix = np.full((len(reads[0]), len(labels.names)), IGNORED_LABEL, dtype=np.int64)
+    for (t, _), rows in zip(tasks, reads, strict=True):
+        for i, row in enumerate(rows):
+            if row.label is not None:
+                matrix[i, t] = labels.maps[t].encode(row.label, where=row.where)
+    if not (matrix != IGNORED_LABEL).any():
+        from fastcls.errors import DataError
+
+        raise DataError(f"--data {data}: no row holds a label in the column of any task evaluated "
+                        f"({', '.join(column for _, column in tasks)})")
+    return matrix
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -176,6 +257,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     model, labels, encoded, device, precision, pad_id = _load_for_inference(args, require_labels=True)
     logits = predict_logits(model, encoded, args.batch_size, device, precision, pad_id)
     report = evaluate_logits(logits, encoded, labels)
+    if args.task is not None:  # one task's report, as a single-task run's
+        per_class = report["per_class"][args.task]
+        report = {key.split("/", 1)[1]: value for key, value in report.items() if key.startswith(f"{args.task}/")}
+        report["per_class"] = per_class
     print(format_report(report))
     if args.output:
         with open(args.output, "w") as f:
@@ -187,6 +272,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
     model, labels, encoded, device, precision, pad_id = _load_for_inference(args, require_labels=False)
     logits = predict_logits(model, encoded, args.batch_size, device, precision, pad_id)
+    if args.task is not None:  # one task's predictions, as a single-task run's
+        t = labels.index(args.task)
+        logits, labels = logits[:, labels.offsets[t]:labels.offsets[t + 1]], labels.maps[t]
     write_predictions(args.output, logits, labels)
     print(f"wrote {len(encoded)} predictions to {args.output}")
 
@@ -194,7 +282,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from fastcls.export import export_hf
 
-    print(f"exported to {export_hf(args.model, args.output, overwrite=args.overwrite)}")
+    print(f"exported to {export_hf(args.model, args.output, overwrite=args.overwrite, task=args.task)}")
 
 
 def cmd_info(args: argparse.Namespace) -> None:

@@ -22,12 +22,14 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 HEAD_IMPLS = ("fused", "reference")
 UNPAD = ("auto", "on", "off")
 CUDA_GRAPHS = ("auto", "on", "off")
+TASK_WEIGHTING = ("fixed", "uncertainty")
+TASK_SAMPLING = ("proportional", "uniform", "temperature")
 # settings whose value must be one of a list: the CLI's `choices=` and the checks below read this table
 CHOICES = {"decay": DECAYS, "metric": METRICS, "precision": PRECISIONS, "head_impl": HEAD_IMPLS, "unpad": UNPAD,
-           "cuda_graphs": CUDA_GRAPHS}
+           "cuda_graphs": CUDA_GRAPHS, "task_weighting": TASK_WEIGHTING, "task_sampling": TASK_SAMPLING}
 # flags whose name is not the setting's with dashes
 FLAG_NAMES = {"text_columns": "--text-column", "kernels": "--no-kernels",
-              "cache_frozen": "--no-cache-frozen"}
+              "cache_frozen": "--no-cache-frozen", "tasks": "--task", "task_weights": "--task-weight"}
 
 
 def flag(name: str) -> str:
@@ -52,7 +54,7 @@ class TrainConfig:
     output: str | None = None  # None = fastcls_runs/<date-time>
     text_columns: list[str] | None = None  # several columns are joined into one text
     text_pair_column: str | None = None
-    label_column: str = "label"
+    label_column: str | list[str] = "label"  # several columns: one task per column (multi-task)
     label_names: list[str] | None = None  # display names of the labels in id order (labels sorted as in LabelMap)
     max_length: int = 256
     batch_size: int = 32
@@ -97,17 +99,28 @@ class TrainConfig:
     # deterministic kernels and reductions, the thread count of the run kept on resume; None = on the CPU
     # (it costs nothing measurable there), off on CUDA
     deterministic: bool | None = None
+    # multi-task (fastcls/components/tasks.py): tasks from several files, as "NAME=TRAIN[,DEV][:LABEL_COLUMN]"
+    # strings or {name, train, dev, label_column} tables (rows in memory allowed); or several label columns above
+    tasks: list | None = None
+    task_weights: list | dict | None = None  # "NAME=ALPHA" strings or {name: alpha}; default 1 / number of tasks
+    task_weighting: str = "fixed"  # fixed (the weights above) | uncertainty (a learned log-variance per task)
+    task_sampling: str = "proportional"  # rows per epoch of each task file: proportional | uniform | temperature
+    sampling_temperature: float = 2.0  # temperature sampling: p_t proportional to n_t ** (1 / T)
+    task_layers: int = 0  # each task's own copy of the top K encoder layers
+    metric_task: str | None = None  # choose the best checkpoint on this task's --metric (default: the tasks' mean)
 
     def resolve(self) -> "TrainConfig":
         """A copy with the bundled defaults filled in, every value checked (naming the flag at fault)."""
         cfg = dataclasses.replace(self)
         if isinstance(cfg.text_columns, str):
             cfg.text_columns = [cfg.text_columns]
+        if isinstance(cfg.label_column, list) and len(cfg.label_column) == 1:
+            cfg.label_column = cfg.label_column[0]
         for f in fields(cfg):
             check_type(f.name, getattr(cfg, f.name), f.type)
         if cfg.model is None:
             cfg.model = bundled_model_path()
-        if cfg.train is None:
+        if cfg.train is None and not cfg.tasks:  # tasks name their own files
             cfg.train = str(BUNDLED_TRAIN)
             cfg.dev = cfg.dev if cfg.dev is not None else str(BUNDLED_DEV)
         if cfg.output is None:
@@ -128,7 +141,7 @@ class TrainConfig:
             (cfg.grad_accum >= 1, "grad_accum", "must be >= 1"),
             (cfg.eval_every is None or cfg.eval_every >= 1, "eval_every", "must be >= 1"),
             (cfg.patience is None or cfg.patience >= 1, "patience", "must be >= 1"),
-            (cfg.patience is None or cfg.dev is not None, "patience", "needs --dev"),
+            (cfg.patience is None or cfg.dev is not None or bool(cfg.tasks), "patience", "needs --dev"),
             (cfg.dropout is None or 0 <= cfg.dropout < 1, "dropout", "must be in [0, 1)"),
             (cfg.log_every >= 1, "log_every", "must be >= 1"),
             (cfg.freeze_layers >= 0, "freeze_layers", "must be >= 0"),
@@ -136,8 +149,11 @@ class TrainConfig:
             (cfg.group_size >= 1, "group_size", "must be >= 1"),
             (cfg.save_every is None or cfg.save_every >= 1, "save_every", "must be >= 1"),
             (cfg.save_total_limit is None or cfg.save_total_limit >= 1, "save_total_limit", "must be >= 1"),
+            (0 < cfg.sampling_temperature < float("inf"), "sampling_temperature", "must be a finite number > 0"),
+            (cfg.task_layers >= 0, "task_layers", "must be >= 0"),
             (cfg.label_names is None or len(set(cfg.label_names)) == len(cfg.label_names), "label_names",
              "must not repeat a name"),
+            (cfg.label_column != [], "label_column", "must name a column"),
         ]
         for ok, name, why in checks:
             if not ok:
@@ -150,9 +166,18 @@ class TrainConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name in ("train", "dev") and value is not None and not isinstance(value, str | Path):
-                value = f"<in memory: {type(value).__name__} of {len(value)} rows>"
+                value = _described(value)
+            if f.name == "tasks" and value is not None:
+                value = [task if isinstance(task, str) else
+                         {k: _described(v) if k in ("train", "dev") and not isinstance(v, str | Path | None) else
+                          str(v) if isinstance(v, Path) else v for k, v in task.items()} if isinstance(task, dict)
+                         else task for task in value]
             out[f.name] = str(value) if isinstance(value, Path) else value
         return out
+
+
+def _described(rows) -> str:
+    return f"<in memory: {type(rows).__name__} of {len(rows)} rows>"
 
 
 def _allowed_types(annotation) -> tuple:
@@ -180,7 +205,7 @@ def check_type(name: str, value, annotation) -> None:
         ok = False
     else:
         ok = isinstance(value, allowed)
-    if ok and isinstance(value, list):
+    if ok and isinstance(value, list) and name not in ("tasks", "task_weights"):  # those two are parsed later
         ok = all(isinstance(item, str) for item in value)
     if ok and isinstance(value, str) and str not in allowed:
         ok = False

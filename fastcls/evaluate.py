@@ -8,7 +8,8 @@ import torch
 from fastcls.components.distributed import Distributed, rank_order, shard_batches
 from fastcls.components.metrics import classification_report
 from fastcls.components.precision import autocast
-from fastcls.data import Encoded, LabelMap, LengthGroupedBatches, collate, restore_order
+from fastcls.data import Encoded, LabelMap, LengthGroupedBatches, TaskLabels, collate, restore_order
+from fastcls.data.collate import IGNORED_LABEL
 from fastcls.ops import cross_entropy
 
 # a cell a spreadsheet would run as a formula starts with one of these
@@ -38,10 +39,30 @@ def predict_logits(model, encoded: Encoded, batch_size: int, device: torch.devic
     return restore_order(ddp.gather_rows(torch.cat(outputs), counts), rank_order(batches, ddp))
 
 
-def evaluate_logits(logits: torch.Tensor, encoded: Encoded, labels: LabelMap) -> dict:
+def evaluate_logits(logits: torch.Tensor, encoded: Encoded, labels: LabelMap | TaskLabels) -> dict:
+    """Accuracy, macro-F1, per-class figures and the mean cross-entropy; for a multi-task run each task's under
+    "TASK/accuracy", "TASK/macro_f1", "TASK/loss" and "per_class"[TASK], on the rows labelled for it, and the
+    plain keys hold the mean over the tasks evaluated (those with a labelled row)."""
     target = torch.as_tensor(encoded.labels, dtype=torch.long, device=logits.device)
-    report = classification_report(logits.argmax(-1), target, labels.names)
-    report["loss"] = cross_entropy(logits, target).item()
+    if isinstance(labels, LabelMap):
+        report = classification_report(logits.argmax(-1), target, labels.names)
+        report["loss"] = cross_entropy(logits, target).item()
+        return report
+    report, per_class = {}, {}
+    for t, name in enumerate(labels.names):
+        kept = target[:, t] != IGNORED_LABEL
+        if not bool(kept.any()):
+            continue
+        task_logits = logits[kept, labels.offsets[t]:labels.offsets[t + 1]]
+        task = classification_report(task_logits.argmax(-1), target[kept, t], labels.maps[t].names)
+        per_class[name] = task.pop("per_class")
+        task["loss"] = cross_entropy(task_logits, target[kept, t]).item()
+        report.update({f"{name}/{key}": value for key, value in task.items()})
+    if not per_class:
+        raise ValueError("no row of the data is labelled for any task")
+    for key in ("accuracy", "macro_f1", "loss"):
+        report[key] = sum(report[f"{name}/{key}"] for name in per_class) / len(per_class)
+    report["per_class"] = per_class
     return report
 
 
@@ -54,21 +75,44 @@ def _cell(name: str) -> str:
         return "'" + name if name.startswith(_FORMULA_START) else name
 
 
-def write_predictions(path: str | Path, logits: torch.Tensor, labels: LabelMap) -> None:
-    """One row per input row: the predicted label and the probability of every label (CSV, TSV or JSONL)."""
+def task_probabilities(logits: torch.Tensor, labels: LabelMap | TaskLabels) -> list[tuple[str, LabelMap, torch.Tensor]]:
+    """(task name, its labels, probabilities [N, K_t]) per task; one task named "" for a single-task run."""
+    if isinstance(labels, LabelMap):
+        return [("", labels, torch.softmax(logits.float(), dim=-1).cpu())]
+    return [(name, labels.maps[t], torch.softmax(logits[:, labels.offsets[t]:labels.offsets[t + 1]].float(),
+                                                 dim=-1).cpu()) for t, name in enumerate(labels.names)]
+
+
+def write_predictions(path: str | Path, logits: torch.Tensor, labels: LabelMap | TaskLabels) -> None:
+    """One row per input row: the predicted label and the probability of every label (CSV, TSV or JSONL); for a
+    multi-task run every task's, as columns TASK and TASK_prob_LABEL (JSONL: an object per task)."""
     path = Path(path)
-    probs = torch.softmax(logits.float(), dim=-1).cpu()
-    pred = probs.argmax(-1).tolist()
-    names = labels.names
+    tasks = task_probabilities(logits, labels)
+    preds = [probs.argmax(-1).tolist() for _, _, probs in tasks]
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix in (".jsonl", ".json"):
+        def record(i: int, name: str, label_map: LabelMap, probs: torch.Tensor, pred: list[int]) -> dict:
+            return {"label": label_map.names[pred[i]],
+                    "probabilities": dict(zip(label_map.names, probs[i].tolist(), strict=True))}
+
         with open(path, "w") as f:
-            f.writelines(json.dumps({"label": names[row], "probabilities": dict(zip(names, p, strict=True))}) + "\n"
-                         for row, p in zip(pred, probs.tolist(), strict=True))
+            for i in range(len(logits)):
+                if isinstance(labels, LabelMap):
+                    f.write(json.dumps(record(i, *tasks[0], preds[0])) + "\n")
+                else:
+                    f.write(json.dumps({name: record(i, name, m, probs, pred)
+                                        for (name, m, probs), pred in zip(tasks, preds, strict=True)}) + "\n")
         return
     delimiter = "\t" if path.suffix == ".tsv" else ","
+    header = []
+    for name, label_map, _ in tasks:
+        prefix = f"{name}_" if name else ""
+        header += [name or "label", *(f"{prefix}prob_{n}" for n in label_map.names)]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f, delimiter=delimiter)
-        writer.writerow(["label", *(f"prob_{n}" for n in names)])
-        for row, p in zip(pred, probs.tolist(), strict=True):
-            writer.writerow([_cell(names[row]), *(f"{x:.6g}" for x in p)])
+        writer.writerow(header)
+        for i in range(len(logits)):
+            row = []
+            for (_, label_map, probs), pred in zip(tasks, preds, strict=True):
+                row += [_cell(label_map.names[pred[i]]), *(f"{x:.6g}" for x in probs[i].tolist())]
+            writer.writerow(row)

@@ -6,15 +6,26 @@ from pathlib import Path
 
 from fastcls.components.checkpoint import WEIGHTS_FILE, load_run, save_pretrained_files, save_weights_atomic
 from fastcls.components.output_path import check_output_folder
-from fastcls.errors import ModelLoadError
+from fastcls.data import TaskLabels
+from fastcls.errors import ConfigError, ModelLoadError
+from fastcls.models.classifier import task_classifier
 from fastcls.models.families import FAMILIES, family_of
 from fastcls.models.hf_layout import hf_config, hf_state_dict
 
 
-def export_hf(model_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
-    """Export the run folder `model_dir` into `out_dir`, a new or empty folder (any folder with `overwrite`)."""
+def export_hf(model_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False, task: str | None = None) -> Path:
+    """Export the run folder `model_dir` into `out_dir`, a new or empty folder (any folder with `overwrite`). A
+    multi-task run exports one `task` at a time: the shared encoder with that task's own layers and head."""
     out_dir = check_output_folder(out_dir, overwrite)
     model, tokenizer, labels, _ = load_run(model_dir)
+    if isinstance(labels, TaskLabels):
+        if task is None:
+            raise ConfigError(f"export: {model_dir} is a multi-task run; name the task to export with --task "
+                              f"({', '.join(labels.names)})")
+        index = labels.index(task)
+        model, labels = task_classifier(model, index), labels.maps[index]
+    elif task is not None:
+        raise ConfigError(f"--task {task}: {model_dir} is a single-task run; export it without --task")
     family = family_of(model.encoder)
     if family is None or family.hf_head is None:
         supported = sorted(name for name, f in FAMILIES.items() if f.hf_head is not None)

@@ -32,9 +32,9 @@ from fastcls.components.prefix_cache import frozen_report, prefix_cache_for
 from fastcls.components.resume import Loop, Resumer, Training, data_digest, refill_prefix_cache
 from fastcls.components.train_step import StepConfig, TrainStep, cuda_graphs_enabled, graph_report
 from fastcls.config import TrainConfig
-from fastcls.data import (LabelMap, LengthGroupedBatches, SkippedRows, bucket_length, collate, read_examples,
-                          tokenize_examples)
-from fastcls.errors import ConfigError, DataError, TrainingError, TrainingInterrupted
+from fastcls.components.training_data import read_training_data
+from fastcls.data import LabelMap, TaskLabels, bucket_length, collate
+from fastcls.errors import ConfigError, TrainingError, TrainingInterrupted
 from fastcls.evaluate import evaluate_logits, predict_logits
 from fastcls.models.classifier import EncoderClassifier, choose_packed
 from fastcls.models.loading import head_dropout, load_tokenizer, own_aligned_storage
@@ -46,7 +46,7 @@ class TrainResult:
     output: Path
     model: nn.Module  # the kept checkpoint (the best evaluation's, or the last step's without a dev set), eval mode
     tokenizer: object
-    labels: LabelMap
+    labels: LabelMap | TaskLabels  # a multi-task run's: one label map per task
     steps: int
     best: dict | None  # dev metrics of the kept checkpoint
     train_samples_per_s: float
@@ -62,17 +62,6 @@ class TrainResult:
         from fastcls.inference import Classifier
 
         return Classifier(self.model, self.tokenizer, self.labels, self.max_length)
-
-
-def _read(data, cfg: TrainConfig, name: str, skipped_rows: dict):
-    """The examples of `data`; with --skip-bad-rows, the rows dropped are printed and counted in `skipped_rows`."""
-    skipped = SkippedRows() if cfg.skip_bad_rows else None
-    rows = read_examples(data, text_columns=cfg.text_columns, text_pair_column=cfg.text_pair_column,
-                         label_column=cfg.label_column, name=name, skipped=skipped)
-    if skipped is not None and skipped.lines:
-        print(skipped.summary())
-        skipped_rows[name] = skipped.counts
-    return rows
 
 
 def _tokenizer_for(cfg: TrainConfig, encoder: nn.Module | None, tokenizer):
@@ -162,23 +151,16 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
     ddp.barrier()  # every rank has checked the folder before rank 0 writes into it
 
     tokenizer = _tokenizer_for(cfg, encoder, tokenizer)
-    skipped_rows = {}
-    train_rows = _read(cfg.train, cfg, "train", skipped_rows)
-    labels = LabelMap.from_labels([row.label for row in train_rows]).renamed(cfg.label_names)
-    if len(labels) < 2:
-        raise DataError(f"--train: {cfg.train} has a single label {labels.names}; classification needs two or more")
-    train_set = tokenize_examples(train_rows, tokenizer, cfg.max_length, label_map=labels)
-    dev_set = None
-    if cfg.dev is not None:
-        dev_rows = _read(cfg.dev, cfg, "dev", skipped_rows)
-        dev_set = tokenize_examples(dev_rows, tokenizer, cfg.max_length, label_map=labels)
+    data = read_training_data(cfg, tokenizer)
+    train_set, dev_set, labels, skipped_rows = data.train, data.dev, data.labels, data.skipped_rows
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     encoder, head = load_start(cfg.model, labels) if encoder is None else (own_aligned_storage(encoder), None)
     wants_cache = cfg.freeze_embeddings and cfg.cache_frozen
-    model = EncoderClassifier(encoder, len(labels), head_dropout(getattr(encoder, "config", None))
-                              if cfg.dropout is None else cfg.dropout, head_impl=cfg.head_impl, kernels=cfg.kernels,
-                              packed=choose_packed(cfg.unpad, encoder, device, wants_cache)).to(device)
+    dropout = head_dropout(getattr(encoder, "config", None)) if cfg.dropout is None else cfg.dropout
+    model = EncoderClassifier(encoder, None if data.tasks else len(labels), dropout, head_impl=cfg.head_impl,
+                              kernels=cfg.kernels, packed=choose_packed(cfg.unpad, encoder, device, wants_cache),
+                              tasks=data.tasks).to(device)
     if head is not None:  # --model: a run of these labels
         model.head.linear.load_state_dict(head)
     model.freeze(cfg.freeze_embeddings, cfg.freeze_layers)
@@ -186,12 +168,11 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
         model.enable_checkpointing()
     model.train()
     parallel = DataParallel(model, ddp, device, fsdp=cfg.fsdp, precision=precision)
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, cfg.lr)
     optimizer = (optimizer_factory(groups) if optimizer_factory is not None
                  else build_optimizer(groups, OptimizerConfig(lr=cfg.lr), sharded=cfg.fsdp))
     # every rank cuts the same global batches and runs its share of each (fastcls.components.distributed)
-    batches = LengthGroupedBatches(train_set.lengths, cfg.batch_size * ddp.world_size, group_size=cfg.group_size,
-                                   seed=cfg.seed)
+    batches = data.batches(cfg, ddp.world_size)
     steps_per_epoch = math.ceil(len(batches) / cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
     scaler = grad_scaler(device, precision)
@@ -216,18 +197,20 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
     if ddp.is_main and not resume:
         resumer.discard_all()
         run.write_static(model, tokenizer, labels, {"max_length": cfg.max_length, "text_columns": cfg.text_columns,
-                                                     "text_pair_column": cfg.text_pair_column}, train_config)
+                                                     "text_pair_column": cfg.text_pair_column,
+                                                     **({"label_columns": data.label_columns} if data.tasks else {})},
+                          train_config)
     elif ddp.is_main:
         run.write_train_config(train_config)
     logger = MetricsLogger(run.metrics_path, total_steps, enabled=ddp.is_main)
     processes = (f", {ddp.world_size} processes ({'FSDP2' if cfg.fsdp else 'DDP'}), global batch "
                  f"{cfg.batch_size * ddp.world_size}" if ddp.enabled else "")
-    logger.write(f"fastcls: {len(train_set)} training rows, {len(labels)} labels, {total_steps} steps, "
+    logger.write(f"fastcls: {data.describe()}, {total_steps} steps, "
                  f"{device} {precision}{processes}, {'unpadded' if model.packed else 'padded'} batches"
                  f"{', CUDA graphs' if graphs else ''}, {train_set.num_truncated} rows truncated to --max-length "
                  f"{cfg.max_length}")
     state = TrainState(model, optimizer, total_steps, run.out)
-    stopping = EarlyStopping(cfg.metric, cfg.patience)
+    stopping = EarlyStopping(cfg.metric, cfg.patience, cfg.metric_task)
     training = Training(model, optimizer, scheduler, scaler, generator, state, stopping, step.loss_sum,
                         data_digest(train_set))
     loop, threads = Loop(), None
@@ -251,11 +234,12 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
             if not first_micro:  # a resumed epoch keeps its start
                 epoch_start = train_seconds + time.perf_counter() - tick
             for i, global_rows in enumerate(micro_batches[first_micro:], start=first_micro):
-                rows, weight = ddp.share(global_rows)  # all of them in a single process
+                rows, weight, counts = data.share(global_rows, ddp)  # all of them in a single process
                 shape = None
                 if graphs:  # a few fixed shapes, each replayed from its own graph
                     shape = (cfg.batch_size, bucket_length(int(train_set.lengths[rows].max()), cfg.max_length))
-                batch = collate(train_set, rows, packed=model.packed, pad_token_id=pad_id, shape=shape)
+                batch = data.with_counts(collate(train_set, rows, packed=model.packed, pad_token_id=pad_id,
+                                                 shape=shape), counts)
                 accumulating = (i + 1) % cfg.grad_accum and i + 1 < len(micro_batches)
                 step.micro(batch, weight, sync=not accumulating)
                 loss_count += 1

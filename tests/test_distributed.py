@@ -26,6 +26,8 @@ def setup(tmp_path_factory):
     # 65 rows: the last global batch of 8 has one row, so rank 1 runs a weight-0 filler row
     train = write_tsv(tmp / "train.tsv", sst2_rows(65))
     write_tsv(tmp / "dev.tsv", sst2_rows(27, seed=1))
+    # a second task: a three-way label from the sentence's length
+    write_tsv(tmp / "train_b.tsv", [[str(min(2, len(s.split()) // 6)), s] for _, s in sst2_rows(23, seed=2)])
     return tmp, {"model": str(model), "train": str(train), "dropout": 0.0, "precision": "fp32", "group_size": 2,
                  "log_every": 1, "seed": 3}
 
@@ -51,7 +53,9 @@ def _compare(single: Path, parallel: Path, rtol: float) -> None:
         scale = ref[name].abs().max().item() + 1e-6
         assert (ref[name] - got[name]).abs().max().item() <= rtol * scale, name
     head_ref, head_got = load_file(single / "fastcls_head.safetensors"), load_file(parallel / "fastcls_head.safetensors")
-    torch.testing.assert_close(head_got["weight"], head_ref["weight"], rtol=rtol, atol=rtol)
+    assert head_ref.keys() == head_got.keys()
+    for name in head_ref:
+        torch.testing.assert_close(head_got[name], head_ref[name], rtol=rtol, atol=rtol)
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -66,6 +70,10 @@ CASES = {
                                          patience=1, metric="loss"),
     # frozen embeddings and layer, the frozen prefix served from each rank's cache from the second epoch on
     "frozen_prefix_cache": dict(freeze_embeddings=True, freeze_layers=1, epochs=2, lr=0.05),
+    # two tasks from two files (batches mixing them, each task's mean over the global batch's labelled rows), each
+    # with its own top layer, uncertainty weighting (its regulariser counted once over the ranks)
+    "multi_task": dict(tasks=["a=train.tsv,dev.tsv", "b=train_b.tsv"], task_layers=1, task_weighting="uncertainty",
+                       epochs=2, lr=0.05, eval_every=3),
     # FSDP2, evaluating the 27 dev rows in 3 batches of up to 10: rank 1 runs an extra forward to keep in step
     "fsdp": dict(fsdp=True, epochs=2, lr=0.05, grad_accum=2, dev="dev", eval_every=4, eval_batch_size=10),
 }
@@ -77,6 +85,9 @@ def test_two_processes_train_as_one_with_the_global_batch(setup, case):
     extra = dict(CASES[case])
     if extra.get("dev") == "dev":
         extra["dev"] = str(tmp / "dev.tsv")
+    if "tasks" in extra:  # the tasks name their files instead of --train
+        base = {k: v for k, v in base.items() if k != "train"}
+        extra["tasks"] = [task.replace("=", f"={tmp}/").replace(",", f",{tmp}/") for task in extra["tasks"]]
     fsdp = extra.pop("fsdp", False)
     single = _single({**base, **extra, "batch_size": 8, "output": str(tmp / f"{case}-1")}, "sgd")
     done = _torchrun({**base, **extra, "batch_size": 4, "fsdp": fsdp, "output": str(tmp / f"{case}-2")}, "sgd")
@@ -89,7 +100,7 @@ def test_two_processes_train_as_one_with_the_global_batch(setup, case):
     assert state["distributed"]["world_size"] == 2 and state["distributed"]["global_batch"] == 8
     assert len(state["distributed"]["padding_fraction_per_rank"]) == 2
     assert "global batch 8" in done.stderr + done.stdout
-    if "dev" in extra:  # the same evaluations: sharded logits gathered are the single process's
+    if "dev" in extra or "tasks" in extra:  # the same evaluations: sharded logits gathered are the single process's
         ref, got = _metrics(tmp / f"{case}-1"), _metrics(tmp / f"{case}-2")
         assert [r["step"] for r in got] == [r["step"] for r in ref]
         for r, g in zip(ref, got, strict=True):

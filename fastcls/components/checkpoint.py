@@ -6,6 +6,10 @@ A run folder holds:
   (`fastcls.models.hf_layout`), so transformers' `from_pretrained` and `pipeline` load it with the labels by name;
 - `fastcls_head.safetensors`: fastcls's own head, exactly; both weight files carry one checkpoint tag, and a
   folder whose two files disagree (a write interrupted between them) is refused on load;
+- a multi-task run instead keeps the shared encoder in `model.safetensors` under the base model's names (its
+  config.json is the encoder's own) beside each task's own top layers (`task_layers.*`), and all heads in
+  `fastcls_head.safetensors`; fastcls.json lists the tasks. `fastcls export --task NAME` writes one task's
+  AutoModelForSequenceClassification folder;
 - `fastcls.json` (head and data facts), `labels.json`, the tokenizer files, `train_config.json`,
   `metrics.jsonl` (one line per evaluation) and `trainer_state.json` (the run's figures).
 
@@ -15,6 +19,7 @@ is written after every other static file and names the run, whose id both weight
 fastcls never writes through a symlink in the folder: every file is written beside its name and moved over it,
 which replaces a link, never its target. Temporary files a killed write left behind are removed by the next run.
 """
+import dataclasses
 import json
 import os
 import re
@@ -27,10 +32,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from fastcls.data import LabelMap
+from fastcls.data import LabelMap, TaskLabels, load_labels
 from fastcls.errors import ModelLoadError
-from fastcls.models.classifier import EncoderClassifier, choose_packed
-from fastcls.models.hf_layout import encoder_state_from_hf, hf_config, hf_state_dict
+from fastcls.models.classifier import EncoderClassifier, Tasks, choose_packed
+from fastcls.models.hf_layout import encoder_prefix, encoder_state_from_hf, hf_config, hf_state_dict
 from fastcls.models.loading import (check_model_dir, encoder_from_config, load_encoder, load_tokenizer,
                                     own_aligned_storage, read_config)
 
@@ -128,13 +133,16 @@ class Checkpointer:
         remove_temp_files(self.out)
         self.run_id = uuid.uuid4().hex
         if hasattr(model.encoder, "config") and hasattr(model.encoder.config, "save_pretrained"):
-            save_pretrained_files(self.out, hf_config(model.encoder, labels), tokenizer)
+            # a multi-task folder's config is the encoder's own: no single label set describes it
+            config = model.encoder.config if model.tasks is not None else hf_config(model.encoder, labels)
+            save_pretrained_files(self.out, config, tokenizer)
         else:
             save_pretrained_files(self.out, tokenizer)
         save_json_atomic(labels.to_dict(), self.out / LABELS_FILE)
         save_json_atomic(train_config, self.out / CONFIG_FILE)
+        tasks = {"tasks": dataclasses.asdict(model.tasks)} if model.tasks is not None else {}
         save_json_atomic({"format": FORMAT, "num_labels": model.num_labels, "head_dropout": model.head.dropout_p,
-                          "run_id": self.run_id, **meta}, self.out / FASTCLS_FILE)
+                          "run_id": self.run_id, **tasks, **meta}, self.out / FASTCLS_FILE)
 
     def write_train_config(self, train_config: dict) -> None:
         save_json_atomic(train_config, self.out / CONFIG_FILE)
@@ -147,6 +155,10 @@ class Checkpointer:
         tag = {TAG: uuid.uuid4().hex, "format": "pt"}  # "format": what transformers' loader looks for
         if self.run_id is not None:
             tag[RUN_TAG] = self.run_id
+        if model.tasks is not None:
+            save_weights_atomic(model.head.state_dict(), self.out / HEAD_FILE, tag)
+            save_weights_atomic(_multi_task_weights(model), self.out / WEIGHTS_FILE, tag)
+            return
         head = model.head.linear
         save_weights_atomic({"weight": head.weight, "bias": head.bias}, self.out / HEAD_FILE, tag)
         save_weights_atomic(hf_state_dict(model), self.out / WEIGHTS_FILE, tag)
@@ -157,6 +169,15 @@ class Checkpointer:
 
     def write_state(self, state: dict) -> None:
         save_json_atomic(state, self.out / STATE_FILE)
+
+
+def _multi_task_weights(model: EncoderClassifier) -> dict[str, torch.Tensor]:
+    """The shared encoder under its base model's names, and the tasks' own top layers under `task_layers.`."""
+    prefix = encoder_prefix(model.encoder)
+    state = {f"{prefix}.{name}": tensor for name, tensor in model.encoder.state_dict().items()}
+    if model.task_layers is not None:
+        state.update({f"task_layers.{name}": tensor for name, tensor in model.task_layers.state_dict().items()})
+    return state
 
 
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -179,14 +200,20 @@ def load_weights(model: EncoderClassifier, folder: Path, run_id: str | None = No
     if run_id is not None and weights_tags.get(RUN_TAG) != run_id:
         raise ModelLoadError(f"{folder}: {WEIGHTS_FILE} is not from the run that {FASTCLS_FILE} describes (a new "
                              "run into this folder was interrupted); train again")
+    task_layers = {k[len("task_layers."):]: weights.pop(k) for k in list(weights) if k.startswith("task_layers.")}
     encoder_state, stray = encoder_state_from_hf(model.encoder, weights)
     mismatch = f"{folder / WEIGHTS_FILE} does not match the model in {folder / 'config.json'}"
-    if stray:
-        raise ModelLoadError(f"{mismatch}: unexpected {stray[:5]}")
+    if stray or bool(task_layers) != (model.task_layers is not None):
+        raise ModelLoadError(f"{mismatch}: unexpected {(stray or sorted(task_layers) or ['no task_layers'])[:5]}")
     try:
         missing, unexpected = model.encoder.load_state_dict(encoder_state, strict=False)
-        model.head.linear.load_state_dict(head)
-    except RuntimeError as err:  # shapes differ
+        if model.tasks is not None:
+            model.head.load_state_dict(head)
+        else:
+            model.head.linear.load_state_dict(head)
+        if model.task_layers is not None:
+            model.task_layers.load_state_dict(task_layers)
+    except RuntimeError as err:  # shapes differ, or a multi-task head's names
         raise ModelLoadError(f"{mismatch}: {err}") from err
     if missing or unexpected:
         raise ModelLoadError(f"{mismatch}: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
@@ -214,11 +241,22 @@ def read_meta(folder: Path, argument: str = "--model") -> tuple[dict, LabelMap]:
             what = f"{key!r} is {meta[key]!r}" if key in meta else f"lacks {key!r}"
             raise ModelLoadError(f"{folder / FASTCLS_FILE}: incomplete or damaged: {what}; train again")
     try:
-        labels = LabelMap.load(folder / LABELS_FILE)
+        labels = load_labels(folder / LABELS_FILE)
     except UnicodeDecodeError as err:
         raise ModelLoadError(f"{folder / LABELS_FILE}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    if len(labels) != meta["num_labels"]:
-        raise ModelLoadError(f"{folder}: labels.json has {len(labels)} labels, fastcls.json {meta['num_labels']}")
+    count = len(labels) if isinstance(labels, LabelMap) else sum(labels.num_labels)
+    if count != meta["num_labels"]:
+        raise ModelLoadError(f"{folder}: labels.json has {count} labels, fastcls.json {meta['num_labels']}")
+    if isinstance(labels, TaskLabels) != ("tasks" in meta):
+        raise ModelLoadError(f"{folder}: labels.json and fastcls.json disagree on whether the run is multi-task")
+    if "tasks" in meta:
+        try:
+            tasks = Tasks(**meta["tasks"])
+        except TypeError as err:
+            raise ModelLoadError(f"{folder / FASTCLS_FILE}: its 'tasks' entry is damaged ({err}); train again") from None
+        if tasks.names != labels.names or tasks.num_labels != labels.num_labels:
+            raise ModelLoadError(f"{folder}: the tasks of labels.json and fastcls.json differ")
+        meta["tasks"] = tasks
     return meta, labels
 
 
@@ -234,7 +272,7 @@ def load_run(folder: str | Path, device: str | torch.device = "cpu", *, encoder=
             raise ModelLoadError(f"{argument}: {folder / 'config.json'}: {err}") from err
     device = torch.device(device)
     model = EncoderClassifier(encoder, meta["num_labels"], meta["head_dropout"],
-                              packed=choose_packed("auto", encoder, device))
+                              packed=choose_packed("auto", encoder, device), tasks=meta.get("tasks"))
     load_weights(model, folder, meta.get("run_id"))
     return model.to(device).eval(), load_tokenizer(folder, argument), labels, meta
 
@@ -247,7 +285,10 @@ def load_start(path: str | Path, labels: LabelMap) -> tuple[torch.nn.Module, dic
     folder = Path(path)
     if not (folder / FASTCLS_FILE).exists() and not (folder / HEAD_FILE).exists():
         return load_encoder(folder), None
-    model, _, run_labels, _ = load_run(folder)
+    model, _, run_labels, meta = load_run(folder)
+    if "tasks" in meta:
+        raise ModelLoadError(f"--model {folder}: a multi-task run; continue from one task's model (`fastcls export "
+                             "--task NAME`) or train the tasks again from its base encoder")
     encoder = own_aligned_storage(model.encoder.train())
     if run_labels == labels:
         print(f"--model {folder}: continuing from the run's checkpoint, encoder and head")

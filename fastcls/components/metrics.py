@@ -33,6 +33,14 @@ def classification_report(pred: torch.Tensor, true: torch.Tensor, names: list[st
 
 
 def format_report(report: dict) -> str:
+    """The report as a table; a multi-task report (keys TASK/accuracy) as one table per task, then the mean."""
+    tasks = [key[:-len("/accuracy")] for key in report if key.endswith("/accuracy")]
+    if tasks:
+        blocks = [f"task {task}: " + format_report({"accuracy": report[f"{task}/accuracy"],
+                                                    "macro_f1": report[f"{task}/macro_f1"],
+                                                    "per_class": report["per_class"][task]}) for task in tasks]
+        mean = f"mean over {len(tasks)} tasks: accuracy {report['accuracy']:.4f}   macro-F1 {report['macro_f1']:.4f}"
+        return "\n\n".join([*blocks, mean])
     lines = [f"accuracy {report['accuracy']:.4f}   macro-F1 {report['macro_f1']:.4f}", ""]
     width = max(8, *(len(n) for n in report["per_class"]))
     lines.append(f"{'label':<{width}}  precision  recall      f1  support")
@@ -62,8 +70,12 @@ class MetricsLogger:
             return
         with open(self.jsonl_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        self.write(f"step {record['step']}: dev accuracy {record['accuracy']:.4f}, "
-                   f"macro-F1 {record['macro_f1']:.4f}, loss {record['dev_loss']:.4f}")
+        tasks = [key[:-len("/accuracy")] for key in record if key.endswith("/accuracy")]
+        mean = "mean over tasks: " if tasks else ""
+        each = "".join(f"; {task} {record[f'{task}/accuracy']:.4f}, {record[f'{task}/macro_f1']:.4f}, "
+                       f"{record[f'{task}/loss']:.4f}" for task in tasks)
+        self.write(f"step {record['step']}: dev {mean}accuracy {record['accuracy']:.4f}, "
+                   f"macro-F1 {record['macro_f1']:.4f}, loss {record['dev_loss']:.4f}{each}")
 
     def write(self, message: str) -> None:
         if self.enabled:

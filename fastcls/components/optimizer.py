@@ -22,21 +22,33 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or "Norm" in type(module).__name__
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: decayed matrices, and undecayed biases and norm weights (BERT's recipe)."""
+# Adam moves a parameter by about its learning rate per step: at a fine-tuning rate (5e-5) a multi-task head's
+# learned log-variances (uncertainty weighting) would stay near 0 for a whole run, so they learn this much faster
+LOG_VARIANCE_LR_SCALE = 100.0
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr: float | None = None) -> list[dict]:
+    """Two groups: decayed matrices, and undecayed biases and norm weights (BERT's recipe); given `lr`, a third
+    for learned loss log-variances (`MultiTaskHead`), at `LOG_VARIANCE_LR_SCALE` x lr without decay."""
     no_decay: set[int] = set()
     for module in model.modules():
         if _is_norm(module):
             no_decay.update(id(p) for p in module.parameters(recurse=False))
-    decay, plain = [], []
-    for p in model.parameters():
+    decay, plain, log_variances = [], [], []
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        if lr is not None and name.endswith("log_variance"):
+            log_variances.append(p)
+            continue
         (plain if p.ndim < 2 or id(p) in no_decay else decay).append(p)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": plain, "weight_decay": 0.0},
     ]
+    if log_variances:
+        groups.append({"params": log_variances, "weight_decay": 0.0, "lr": lr * LOG_VARIANCE_LR_SCALE})
+    return groups
 
 
 def build_optimizer(groups: list[dict], cfg: OptimizerConfig, sharded: bool = False) -> torch.optim.Optimizer:

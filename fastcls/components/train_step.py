@@ -175,7 +175,7 @@ def graph_report(step: TrainStep, tokens: int, padded_tokens: int) -> dict:
     return report
 
 
-_BATCH_TENSORS = ("input_ids", "position_ids", "token_type_ids", "cls_index", "key_mask", "labels")
+_BATCH_TENSORS = ("input_ids", "position_ids", "token_type_ids", "cls_index", "key_mask", "labels", "label_counts")
 
 
 def _clone_batch(batch: Batch) -> Batch:

@@ -9,7 +9,7 @@ from fastcls.data.batching import (
 )
 from fastcls.data.collate import Batch, PackedBatch, PaddedBatch, bucket_length, collate
 from fastcls.data.errors import DataError
-from fastcls.data.labels import LabelMap
+from fastcls.data.labels import LabelMap, TaskLabels, load_labels
 from fastcls.data.reader import Example, SkippedRows, read_examples
 
 __all__ = [
@@ -23,7 +23,9 @@ __all__ = [
     "PackedBatch",
     "PaddedBatch",
     "SkippedRows",
+    "TaskLabels",
     "collate",
+    "load_labels",
     "padding_efficiency",
     "read_examples",
     "restore_order",

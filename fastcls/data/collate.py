@@ -34,6 +34,10 @@ class _Batch:
     max_len: int
     rows: np.ndarray  # the rows' indices in `Encoded` (host side: the frozen-prefix cache looks them up)
     source: int  # `Encoded.key` of the data the rows come from
+    # multi-task training under torchrun (fastcls.models.head.MultiTaskHead): each task's labelled rows in the
+    # whole global batch [T], and this rank's share of that batch's rows
+    label_counts: torch.Tensor | None = None
+    row_share: float = 1.0
 
     @property
     def num_rows(self) -> int:

@@ -1,4 +1,5 @@
-"""Label strings <-> class ids, saved next to the model as labels.json so predictions decode the same way."""
+"""Label strings <-> class ids, saved next to the model as labels.json so predictions decode the same way: one
+`LabelMap`, or for a multi-task run one per task (`TaskLabels`)."""
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -92,17 +93,78 @@ class LabelMap:
 
     @classmethod
     def load(cls, path: str | Path) -> "LabelMap":
-        path = Path(path)
-        if not path.is_file():
-            raise DataError(f"{path}: label file not found")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-        try:
-            return cls.from_dict(data)
-        except DataError as e:
-            raise DataError(f"{path}: {e}") from None
+        return _load(cls, path)
+
+
+class TaskLabels:
+    """The label maps of a multi-task run, in task order: task `t` owns logits `offsets[t]:offsets[t + 1]` of the
+    heads' concatenated output."""
+
+    def __init__(self, names: Sequence[str], maps: Sequence[LabelMap]):
+        self.names, self.maps = list(names), list(maps)
+        if len(self.names) != len(self.maps) or not self.names:
+            raise DataError(f"{len(self.names)} task names for {len(self.maps)} label maps")
+        if len(set(self.names)) != len(self.names):
+            raise DataError(f"duplicate task names in {self.names!r}")
+        self.offsets = [0]
+        for label_map in self.maps:
+            self.offsets.append(self.offsets[-1] + len(label_map))
+
+    @property
+    def num_labels(self) -> list[int]:
+        return [len(m) for m in self.maps]
+
+    def index(self, task: str, flag: str = "--task") -> int:
+        if task not in self.names:
+            raise DataError(f"{flag} {task}: the run's tasks are {', '.join(self.names)}")
+        return self.names.index(task)
+
+    def __getitem__(self, task: str) -> LabelMap:
+        return self.maps[self.index(task)]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TaskLabels) and self.names == other.names and self.maps == other.maps
+
+    def __repr__(self) -> str:
+        return "TaskLabels(" + ", ".join(f"{n}={m.names!r}" for n, m in zip(self.names, self.maps, strict=True)) + ")"
+
+    def to_dict(self) -> dict:
+        return {"tasks": [{"name": name, **m.to_dict()} for name, m in zip(self.names, self.maps, strict=True)]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TaskLabels":
+        tasks = data.get("tasks") if isinstance(data, dict) else None
+        if not isinstance(tasks, list) or not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in tasks):
+            raise DataError(f"a multi-task label map needs a 'tasks' list of named label maps, got {data!r}")
+        return cls([t["name"] for t in tasks], [LabelMap.from_dict(t) for t in tasks])
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TaskLabels":
+        return _load(cls, path)
+
+
+def load_labels(path: str | Path) -> "LabelMap | TaskLabels":
+    """labels.json of a run: one label map, or a multi-task run's (a 'tasks' list)."""
+    return _load(None, path)
+
+
+def _load(cls, path: str | Path):
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: label file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    if cls is None:
+        cls = TaskLabels if isinstance(data, dict) and "tasks" in data else LabelMap
+    try:
+        return cls.from_dict(data)
+    except DataError as e:
+        raise DataError(f"{path}: {e}") from None
 
 
 def _is_int(label: str) -> bool:

@@ -2,11 +2,17 @@
 
     loss, logits = model(batch)      # batch: a PaddedBatch or PackedBatch (fastcls.data.collate)
 
+A multi-task classifier (`tasks`) has one head per task, run as one (`MultiTaskHead`): its logits are the tasks'
+side by side, [rows, sum K_t], and its batches carry a label per task, [rows, T]. With `tasks.task_layers` = K,
+each task has its own copy of the top K encoder layers (`fastcls.models.task_layers`), run batched across tasks.
+
 The same forward serves training, evaluation and prediction, on the layout `model.packed` names, so a model is
 evaluated by the code that trained it. Freezing, gradient checkpointing and the frozen-prefix cache live in the
 encoder part (`fastcls.models.encoder`); `train()` keeps frozen modules in eval mode, so they never drop out.
 """
 import contextlib
+import copy
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -16,7 +22,7 @@ from fastcls.errors import ConfigError
 from fastcls.models.attention import sdpa_backends
 from fastcls.models.encoder import LayerwiseEncoder, encoder_body
 from fastcls.models.families import encoder_embeddings, encoder_layers
-from fastcls.models.head import ClassificationHead
+from fastcls.models.head import ClassificationHead, MultiTaskHead
 
 
 def hidden_size_of(encoder: nn.Module) -> int:
@@ -39,21 +45,45 @@ def choose_packed(unpad: str, encoder: nn.Module, device: torch.device, wants_ca
     return unpad == "on" or (unpad == "auto" and (device.type == "cpu" or wants_cache))
 
 
+@dataclass
+class Tasks:
+    """A multi-task classifier's tasks: names, classes per task, loss weights (None: 1 / number of tasks),
+    learned uncertainty weighting instead, and the top layers each task has its own copy of."""
+    names: list[str]
+    num_labels: list[int]
+    weights: list[float] | None = None
+    uncertainty: bool = False
+    task_layers: int = 0
+
+
 class EncoderClassifier(nn.Module):
     """`encoder`: a Hugging Face encoder (AutoModel) or any module taking input_ids and attention_mask (see
     `OwnForwardEncoder`). `kernels`: fastcls's kernels in the encoder (else PyTorch's ops); `packed`: run on
-    unpadded batches (only where the encoder runs layer by layer)."""
+    unpadded batches (only where the encoder runs layer by layer); `tasks`: a multi-task classifier (then
+    `num_labels` is ignored)."""
 
-    def __init__(self, encoder: nn.Module, num_labels: int, dropout: float, *, head_impl: str = "fused",
-                 kernels: bool = True, packed: bool = False):
+    def __init__(self, encoder: nn.Module, num_labels: int | None, dropout: float, *, head_impl: str = "fused",
+                 kernels: bool = True, packed: bool = False, tasks: Tasks | None = None):
         super().__init__()
         if isinstance(getattr(encoder, "pooler", None), nn.Module):
             encoder.pooler = None  # the head reads h_CLS itself; BERT-like forwards skip a None pooler
-        self.encoder = encoder
+        self.encoder, self.tasks = encoder, tasks
         config = getattr(encoder, "config", None)
-        self.head = ClassificationHead(hidden_size_of(encoder), num_labels, dropout, head_impl,
-                                       init_std=getattr(config, "initializer_range", 0.02))
+        init_std = getattr(config, "initializer_range", 0.02)
+        if tasks is None:
+            self.head = ClassificationHead(hidden_size_of(encoder), num_labels, dropout, head_impl, init_std=init_std)
+        else:
+            self.head = MultiTaskHead(hidden_size_of(encoder), tasks.num_labels, dropout, head_impl, init_std,
+                                      tasks.weights, tasks.uncertainty)
+        self.task_layers = None
+        if tasks is not None and tasks.task_layers:
+            from fastcls.models.task_layers import TaskLayers
+
+            # takes the top layers out of the encoder before the body lists the layers it runs
+            self.task_layers = TaskLayers.from_encoder(encoder, len(tasks.names), tasks.task_layers)
         self.body = encoder_body(encoder, kernels)
+        if self.task_layers is not None:
+            self.body.use_task_layers(self.task_layers)
         if packed and not self.body.takes_packed:
             raise ValueError(f"{type(encoder).__name__} runs through its own forward, on padded batches only")
         self.packed = packed
@@ -108,4 +138,25 @@ class EncoderClassifier(nn.Module):
         its fused linear + cross-entropy for a large label space)."""
         with sdpa_backends() if batch.input_ids.is_cuda else contextlib.nullcontext():
             h_cls = self.body.cls_hidden(batch)
+        if self.tasks is not None:
+            return self.head(h_cls, batch.labels, batch.label_counts, batch.row_share)
         return self.head(h_cls, batch.labels)
+
+
+def task_classifier(model: EncoderClassifier, task: int) -> EncoderClassifier:
+    """A standalone single-task classifier of a multi-task one's task `task`: the shared encoder with that task's
+    own top layers put back, and that task's head (copies: `model` is unchanged)."""
+    if model.task_layers is not None:
+        from fastcls.models.task_layers import encoder_for_task
+
+        encoder = encoder_for_task(model.encoder, model.task_layers, task)
+    else:
+        encoder = copy.deepcopy(model.encoder)
+    start = sum(model.tasks.num_labels[:task])
+    stop = start + model.tasks.num_labels[task]
+    single = EncoderClassifier(encoder, model.tasks.num_labels[task], model.head.dropout_p, head_impl=model.head.impl,
+                               packed=model.packed).to(model.head.linear.weight.device)
+    with torch.no_grad():
+        single.head.linear.weight.copy_(model.head.linear.weight[start:stop])
+        single.head.linear.bias.copy_(model.head.linear.bias[start:stop])
+    return single.train(model.training)

@@ -28,7 +28,9 @@ class Encoded:
     input_ids: np.ndarray  # int32, all rows concatenated
     lengths: np.ndarray  # int64 tokens per row, special tokens included
     token_type_ids: np.ndarray | None  # int32 aligned with input_ids; None when the model takes none
-    labels: np.ndarray  # int64 class ids, UNLABELLED (-1) where an example has no label
+    # int64 class ids, UNLABELLED (-1) where an example has no label; or, for several tasks, [rows, tasks] with
+    # the ignored label -100 (fastcls.data.collate.IGNORED_LABEL) where a row has no label for a task
+    labels: np.ndarray
     num_truncated: int  # rows cut to max_length
     max_length: int
     offsets: np.ndarray = field(init=False)
@@ -39,7 +41,8 @@ class Encoded:
     def __post_init__(self) -> None:
         self.key = next(_ENCODED_KEYS)
         self.offsets = np.concatenate(([0], np.cumsum(self.lengths)))
-        self.has_labels = bool(len(self.labels)) and bool((self.labels != UNLABELLED).all())
+        # a task's missing labels are ignored by the loss, so a label matrix is labels throughout
+        self.has_labels = bool(len(self.labels)) and (self.labels.ndim == 2 or bool((self.labels != UNLABELLED).all()))
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -49,11 +52,13 @@ class Encoded:
 
 
 def tokenize_examples(
-    examples: Sequence[Example], tokenizer: Any, max_length: int, *, label_map: LabelMap | None = None
+    examples: Sequence[Example], tokenizer: Any, max_length: int, *, label_map: LabelMap | None = None,
+    label_ids: np.ndarray | None = None,
 ) -> Encoded:
     """Tokenise all examples in one batched call of a Hugging Face fast tokenizer, truncating to `max_length`.
 
-    Labels become ids through `label_map`; without one (prediction) every label is UNLABELLED.
+    Labels become ids through `label_map`, or are the given `label_ids` (one row per example: the [rows, tasks]
+    matrix of several tasks); with neither (prediction) every label is UNLABELLED.
     """
     if not examples:
         raise DataError("no examples to tokenize")
@@ -89,7 +94,12 @@ def tokenize_examples(
         if with_token_types
         else None
     )
-    if label_map is None:
+    if label_ids is not None:
+        if label_map is not None or len(label_ids) != len(examples):
+            raise ValueError(f"label_ids: {len(label_ids)} rows of ids for {len(examples)} examples, or a label_map "
+                             "as well")
+        labels = np.asarray(label_ids, dtype=np.int64)
+    elif label_map is None:
         labels = np.full(len(examples), UNLABELLED, dtype=np.int64)
     else:
         labels = np.fromiter(

@@ -30,7 +30,7 @@ class _Batch:
     token_type_ids: torch.Tensor | None  # [T] int64
     cls_index: torch.Tensor  # [rows] int64: each row's first token
     key_mask: torch.Tensor  # [rows, max_len] bool
-    labels: torch.Tensor | None  # [rows] int64
+    labels: torch.Tensor | None  # [rows] int64, or [rows, tasks] with -100 where a row has no label for a task
     max_len: int
     rows: np.ndarray  # the rows' indices in `Encoded` (host side: the frozen-prefix cache looks them up)
     source: int  # `Encoded.key` of the data the rows come from
@@ -135,7 +135,8 @@ def collate(encoded: Encoded, indices: Sequence[int], *, packed: bool, pad_token
         filler = shape[0] - len(rows)
         lengths = np.concatenate([lengths, np.ones(filler, dtype=lengths.dtype)])
         if row_labels is not None:
-            row_labels = np.concatenate([row_labels, np.full(filler, IGNORED_LABEL, dtype=row_labels.dtype)])
+            filler_labels = np.full((filler, *row_labels.shape[1:]), IGNORED_LABEL, dtype=row_labels.dtype)
+            row_labels = np.concatenate([row_labels, filler_labels])
         max_len = shape[1]
     real = np.arange(max_len) < lengths[:, None]
     common = dict(key_mask=torch.from_numpy(real), max_len=max_len, rows=rows, source=encoded.key,

@@ -34,7 +34,7 @@ import csv
 import json
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +106,60 @@ def read_examples(
     """Read every example of a .tsv, .csv or .jsonl file, or of rows in memory (a list of dicts, a dict of
     columns, a pandas DataFrame or a datasets.Dataset; errors then name the row as `<name> row N`, 0-based); see
     the module docstring for the column rules. `skipped`: drop bad rows and count them there instead of raising."""
+    label_columns = [] if label_column is None else [label_column]
+    wants_label = require_labels and label_column is not None
+
+    def example(where: str, line: int, texts: tuple[str, ...], labels: tuple[str | None, ...], source: str):
+        if wants_label and labels[0] is None:
+            raise BadRow(f"{where}: missing label in column {label_column!r}", "missing label")
+        return Example(texts, labels[0] if labels else None, line, source)
+
+    required = label_columns if wants_label else []
+    return _read_rows(data, text_columns, text_pair_column, label_columns, required, required, name, skipped, example)
+
+
+@dataclass(frozen=True, slots=True)
+class MultiTaskExample:
+    """A row with one label per label column (one per task): None where the row has no label for that task."""
+
+    texts: tuple[str, ...]
+    labels: tuple[str | None, ...]
+    line: int
+    source: str = ""
+
+    @property
+    def where(self) -> str:
+        return at(self.source, self.line)
+
+
+def read_multitask_examples(
+    data: str | Path | Any,
+    *,
+    label_columns: Sequence[str],
+    text_columns: str | Sequence[str] | None = None,
+    text_pair_column: str | None = None,
+    name: str = "data",
+    skipped: SkippedRows | None = None,
+) -> list[MultiTaskExample]:
+    """Read every row of a file (or rows in memory, as `read_examples`) with the labels of several columns in one
+    pass. A row may lack a label for some columns (an empty cell; a missing key or null in JSON lines); a row with
+    no label in any of them is a bad row. A table must have every label column in its header."""
+    label_columns = list(label_columns)
+
+    def example(where: str, line: int, texts: tuple[str, ...], labels: tuple[str | None, ...], source: str):
+        if all(label is None for label in labels):
+            raise BadRow(f"{where}: no label in any of the columns {', '.join(map(repr, label_columns))}",
+                         "missing label")
+        return MultiTaskExample(texts, labels, line, source)
+
+    return _read_rows(data, text_columns, text_pair_column, label_columns, label_columns, [], name, skipped, example)
+
+
+def _read_rows(data, text_columns, text_pair_column, label_columns: list[str], header_labels: list[str],
+               record_labels: list[str], name: str, skipped: SkippedRows | None, make: Callable) -> list:
+    """`make(where, line, texts, labels, source)` for every row, `labels` holding one label per label column
+    (None where absent or empty); a BadRow raised on the way drops the row when `skipped` is given. A table's
+    header must hold the `header_labels` columns, each JSON record the `record_labels` keys."""
     if isinstance(data, str | Path):
         columns, records, source, from_table = _read_file(Path(data), skipped)
     else:
@@ -116,32 +170,27 @@ def read_examples(
         if not records:
             raise DataError(f"{source}: no rows left: {skipped.summary()}")
 
-    texts_from = _resolve_text_columns(source, columns, text_columns, text_pair_column, label_column)
+    texts_from = _resolve_text_columns(source, columns, text_columns, text_pair_column, label_columns)
     wanted = [*texts_from, *([text_pair_column] if text_pair_column else [])]
-    if require_labels and label_column is not None:
-        wanted.append(label_column)
     if from_table:
         # a JSON record may lack a key that the first record had, so those are checked record by record
-        _check_columns(at(source, 1), columns, wanted, "column")
+        _check_columns(at(source, 1), columns, wanted + header_labels, "column")
 
     examples = []
     for line, record in records:
         where = at(source, line)
         try:
             if not from_table:
-                _check_columns(where, list(record), wanted, "key")
+                _check_columns(where, list(record), wanted + record_labels, "key")
             texts = (_joined_text(where, record, texts_from),)
             if text_pair_column:
                 texts += (_joined_text(where, record, [text_pair_column]),)
-            label = _label(where, record.get(label_column)) if label_column is not None else None
-            if label is None and require_labels and label_column is not None:
-                raise BadRow(f"{where}: missing label in column {label_column!r}", "missing label")
+            labels = tuple(_label(where, record.get(column)) for column in label_columns)
+            examples.append(make(where, line, texts, labels, source))
         except BadRow as bad:
             if skipped is None:
                 raise
             skipped.add(bad.reason, line)
-            continue
-        examples.append(Example(texts, label, line, source))
     if not examples:
         raise DataError(f"{source}: no rows left: {skipped.summary()}")
     return examples
@@ -314,7 +363,7 @@ def _resolve_text_columns(
     columns: list[str],
     text_columns: str | Sequence[str] | None,
     text_pair_column: str | None,
-    label_column: str | None,
+    label_columns: list[str],
 ) -> list[str]:
     if isinstance(text_columns, str):
         return [text_columns]
@@ -327,7 +376,7 @@ def _resolve_text_columns(
         return known
     if not known and all(name in columns for name in TITLE_AND_DESCRIPTION):
         return list(TITLE_AND_DESCRIPTION)
-    others = [name for name in columns if name not in (label_column, text_pair_column)]
+    others = [name for name in columns if name not in (*label_columns, text_pair_column)]
     if not known and len(others) == 1:
         return others
     raise DataError(

@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fastcls.components.prefix_cache import PrefixCache
 from fastcls.data import Batch, PackedBatch
+from fastcls.errors import ConfigError
 from fastcls.models import attention as attn
 from fastcls.models.families import Family, encoder_layers, family_of
 from fastcls.ops.dropout_add_layer_norm import (
@@ -67,6 +68,25 @@ def _add_norm(norm: nn.LayerNorm, x, residual, p: float, training: bool, kernels
     return F.layer_norm(F.dropout(x, p, training) + residual, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
+def run_layer(part: _Layer, h: torch.Tensor, batch: Batch, cls_only: bool, kernels: bool) -> torch.Tensor:
+    """One encoder layer on tokens h [T, d]; with cls_only, only the [CLS] rows' output [rows, d]."""
+    training = part.module.training
+    query_input = h.index_select(0, batch.cls_index) if cls_only else h
+    q = part.query(query_input).unflatten(-1, (part.heads, -1))
+    k, v = part.key(h).unflatten(-1, (part.heads, -1)), part.value(h).unflatten(-1, (part.heads, -1))
+    p = part.attn_dropout if training else 0.0
+    if not cls_only and isinstance(batch, PackedBatch) and attn.varlen_applies(q, p):
+        context = attn.varlen_attention(q, k, v, batch.cu_seqlens, batch.max_len).flatten(-2)
+    else:
+        queries = q.view(batch.num_rows, part.heads, 1, -1) if cls_only else batch.to_heads(q)
+        out = attn.attention(queries, batch.to_heads(k), batch.to_heads(v), batch.key_mask[:, None, None, :], p,
+                             kernels=kernels)
+        out = out.transpose(1, 2).flatten(-2)  # [rows, L, H * D]
+        context = out[:, 0] if cls_only else batch.from_heads(out)
+    h = _add_norm(part.attn_norm, part.attn_out(context), query_input, part.attn_out_dropout, training, kernels)
+    return _add_norm(part.out_norm, part.ffn_out(part.act(part.ffn_in(h))), h, part.out_dropout, training, kernels)
+
+
 class LayerwiseEncoder:
     """Runs a supported encoder on a PaddedBatch or PackedBatch (see the module docstring). `kernels`: dropout,
     LayerNorms and the word-embedding gradient run fastcls's kernels (else PyTorch's ops)."""
@@ -82,6 +102,7 @@ class LayerwiseEncoder:
         self.project = getattr(encoder, "embeddings_project", None)  # ELECTRA: embedding size -> hidden size
         self.position_offset = self.embeddings.padding_idx + 1 if family.position_offset else 0
         self.layers = [_Layer(layer, family.layer_kind) for layer in encoder_layers(encoder)]
+        self.task_layers = None  # a TaskLayers above the shared layers (multi-task `--task-layers`)
         self.frozen_embeddings, self.frozen_layers, self.checkpointing = False, 0, False
         # the word-embedding gradient added row by row into a buffer kept across steps (fastcls.ops.embedding);
         # torch's own embedding where a CUDA graph or torch.compile must see every gradient
@@ -105,8 +126,34 @@ class LayerwiseEncoder:
         return all(m.weight is not None and m.bias is not None and len(m.normalized_shape) == 1
                    and m.normalized_shape[0] <= MAX_HIDDEN for m in norms)
 
+    @property
+    def frozen_layers(self) -> int:
+        return self._frozen_layers
+
+    @frozen_layers.setter
+    def frozen_layers(self, count: int) -> None:
+        if self.task_layers is not None and count > len(self.layers):
+            k, shared = self.task_layers.num_layers, len(self.layers)
+            raise ConfigError(f"--freeze-layers {count}: with --task-layers {k} only the bottom {shared} of "
+                              f"{shared + k} layers are shared, and task-specific layers cannot be frozen; give "
+                              f"--freeze-layers {shared} or less")
+        self._frozen_layers = count
+
+    def use_task_layers(self, task_layers) -> None:
+        """Run `task_layers` (a `fastcls.models.task_layers.TaskLayers` made by `TaskLayers.from_encoder` from
+        this encoder, which keeps the shared layers only) above the shared layers: `cls_hidden` then returns
+        h_CLS per task, [tasks, rows, d]."""
+        shared = encoder_layers(self.encoder)
+        if len(shared) + task_layers.num_layers != self.encoder.config.num_hidden_layers:
+            raise ValueError(f"{type(self.encoder).__name__} still holds {len(shared)} layers: build the task "
+                             "layers with TaskLayers.from_encoder, which moves the top layers out of the encoder")
+        self.layers = [_Layer(layer, task_layers.kind) for layer in shared]
+        self.task_layers = task_layers
+        self.frozen_layers = self.frozen_layers  # frozen before: must still lie within the shared layers
+
     def enable_checkpointing(self) -> None:
-        """Recompute each trainable layer's activations in the backward (non-reentrant, frozen layers never)."""
+        """Recompute each trainable layer's activations in the backward (non-reentrant, frozen layers never),
+        task layers included."""
         self.checkpointing = True
 
     def use_prefix_cache(self, cache: PrefixCache | None, source: int | None) -> None:
@@ -146,24 +193,7 @@ class LayerwiseEncoder:
         return self._layer(index, h, batch, cls_only)
 
     def _layer(self, index: int, h: torch.Tensor, batch: Batch, cls_only: bool = False) -> torch.Tensor:
-        part = self.layers[index]
-        training = part.module.training
-        query_input = h.index_select(0, batch.cls_index) if cls_only else h
-        q = part.query(query_input).unflatten(-1, (part.heads, -1))
-        k, v = part.key(h).unflatten(-1, (part.heads, -1)), part.value(h).unflatten(-1, (part.heads, -1))
-        p = part.attn_dropout if training else 0.0
-        if not cls_only and isinstance(batch, PackedBatch) and attn.varlen_applies(q, p):
-            context = attn.varlen_attention(q, k, v, batch.cu_seqlens, batch.max_len).flatten(-2)
-        else:
-            queries = q.view(batch.num_rows, part.heads, 1, -1) if cls_only else batch.to_heads(q)
-            out = attn.attention(queries, batch.to_heads(k), batch.to_heads(v), batch.key_mask[:, None, None, :], p,
-                                 kernels=self.kernels)
-            out = out.transpose(1, 2).flatten(-2)  # [rows, L, H * D]
-            context = out[:, 0] if cls_only else batch.from_heads(out)
-        h = _add_norm(part.attn_norm, part.attn_out(context), query_input, part.attn_out_dropout, training,
-                      self.kernels)
-        return _add_norm(part.out_norm, part.ffn_out(part.act(part.ffn_in(h))), h, part.out_dropout, training,
-                         self.kernels)
+        return run_layer(self.layers[index], h, batch, cls_only, self.kernels)
 
     def _prefix(self, batch: Batch) -> torch.Tensor:
         """The frozen prefix's output [T, d]: from the cache where it holds these rows, else computed (and stored
@@ -188,18 +218,20 @@ class LayerwiseEncoder:
         self._prefix(batch)
 
     def cls_hidden(self, batch: Batch) -> torch.Tensor:
+        """h_CLS [rows, d]; with task layers, per task [tasks, rows, d]."""
         n = len(self.layers)
         h = self._prefix(batch)
-        if self.frozen_layers == n:
-            return h.index_select(0, batch.cls_index)
+        checkpointing = self.checkpointing and torch.is_grad_enabled()
         for index in range(self.frozen_layers, n):
-            cls_only = index == n - 1
-            if self.checkpointing and torch.is_grad_enabled():
+            cls_only = index == n - 1 and self.task_layers is None
+            if checkpointing:
                 h = checkpoint(recomputed_alike(self.layer), index, h, batch, cls_only, use_reentrant=False,
                                context_fn=attn.recompute_in_the_same_context)
             else:
                 h = self.layer(index, h, batch, cls_only)
-        return h
+        if self.task_layers is not None:
+            return self.task_layers(h, batch, kernels=self.kernels, checkpointing=checkpointing)
+        return h if self.frozen_layers < n else h.index_select(0, batch.cls_index)
 
 
 def _checkpointed(forward):
@@ -223,6 +255,9 @@ class OwnForwardEncoder:
         self.takes_token_types = "token_type_ids" in inspect.signature(encoder.forward).parameters
         self.frozen_embeddings, self.frozen_layers, self.checkpointing = False, 0, False
 
+    def use_task_layers(self, task_layers) -> None:
+        raise task_layers_unsupported(self.encoder)
+
     def enable_checkpointing(self) -> None:
         """Non-reentrant checkpointing of every trainable layer: gradients reach them even when their input,
         coming from a frozen prefix, needs none."""
@@ -241,6 +276,12 @@ class OwnForwardEncoder:
         if hidden is None:
             hidden = out[0] if isinstance(out, tuple | list) else out
         return hidden[:, 0]
+
+
+def task_layers_unsupported(encoder: nn.Module) -> ConfigError:
+    return ConfigError(f"--task-layers: {type(encoder).__name__} runs through its own forward, and only the encoders "
+                       "fastcls runs layer by layer (BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA, DistilBERT and their "
+                       "checkpoints) can have task-specific layers")
 
 
 def encoder_body(encoder: nn.Module, kernels: bool) -> LayerwiseEncoder | OwnForwardEncoder:

@@ -74,6 +74,8 @@ CASES = {
     # with its own top layer, uncertainty weighting (its regulariser counted once over the ranks)
     "multi_task": dict(tasks=["a=train.tsv,dev.tsv", "b=train_b.tsv"], task_layers=1, task_weighting="uncertainty",
                        epochs=2, lr=0.05, eval_every=3),
+    "multi_task_fsdp": dict(tasks=["a=train.tsv,dev.tsv", "b=train_b.tsv"], task_layers=1, fsdp=True, epochs=1,
+                            lr=0.05, eval_every=4),
     # FSDP2, evaluating the 27 dev rows in 3 batches of up to 10: rank 1 runs an extra forward to keep in step
     "fsdp": dict(fsdp=True, epochs=2, lr=0.05, grad_accum=2, dev="dev", eval_every=4, eval_batch_size=10),
 }

@@ -31,6 +31,8 @@ def tiny_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
     make_tiny_encoder(tmp / "encoder")
     write_tsv(tmp / "train.tsv", sst2_rows(40, seed=7))
+    # a second task for the multi-task case: a three-way label from the sentence's length
+    write_tsv(tmp / "train_b.tsv", [[str(min(2, len(s.split()) // 6)), s] for _, s in sst2_rows(14, seed=8)])
     return tmp
 
 
@@ -72,6 +74,10 @@ CASES = {
     "grad-accum": dict(epochs=3, grad_accum=2, save_every=2, stop=5),
     # interrupted in the second epoch: the resumed run's prefix cache is refilled as the first epoch filled it
     "frozen-cached": dict(epochs=3, freeze_embeddings=True, freeze_layers=1, save_every=1, stop=8),
+    # two tasks from two files, temperature sampling (the epoch's rows drawn per file), each task's own top layer,
+    # learned loss weights
+    "multi-task": dict(epochs=2, save_every=3, eval_every=3, stop=5, tasks=["a={}/train.tsv,{}/train.tsv",
+                       "b={}/train_b.tsv"], task_layers=1, task_weighting="uncertainty", task_sampling="temperature"),
 }
 
 
@@ -79,6 +85,8 @@ CASES = {
 def test_a_stopped_and_resumed_run_ends_with_the_uninterrupted_runs_bits(tiny_dir, tmp_path, case):
     options = dict(CASES[case])
     stop = options.pop("stop")
+    if "tasks" in options:  # the tasks name their own files
+        options.update(tasks=[task.format(tiny_dir, tiny_dir) for task in options["tasks"]], train=None, dev=None)
     whole = fastcls.train(output=str(tmp_path / "whole"), **settings(tiny_dir, **options))
     stopped = fastcls.train(output=str(tmp_path / "part"), callbacks=[StopAt(stop)], **settings(tiny_dir, **options))
     assert stopped.steps == stop < whole.steps

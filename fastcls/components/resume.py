@@ -381,6 +381,10 @@ def resumed_config(run: Path, overrides: dict) -> TrainConfig:
         value = getattr(cfg, name)
         if isinstance(value, str) and value.startswith("<in memory"):
             raise ConfigError(f"{name}: the run trained on rows in memory; pass the same rows as {name}= to resume")
+    for task in cfg.tasks or []:
+        if isinstance(task, dict) and any(str(task.get(k, "")).startswith("<in memory") for k in ("train", "dev")):
+            raise ConfigError(f"tasks: task {task.get('name')!r} trained on rows in memory; pass the same tasks= "
+                              "to resume")
     if cfg.precision == "auto" and precision is not None and "device" not in overrides:
         cfg.precision = precision  # pinned: "auto" must not resolve differently than it did
     return cfg

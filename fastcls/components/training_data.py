@@ -153,6 +153,8 @@ def _read_tasks(cfg: TrainConfig, tokenizer) -> TrainingData:
         raise ConfigError("--patience needs a dev set: give a task's DEV file (--task NAME=TRAIN,DEV) or --dev")
     if cfg.metric_task is not None and cfg.metric_task not in labels.names:
         raise ConfigError(f"--metric-task {cfg.metric_task}: the tasks are {', '.join(labels.names)}")
+    if cfg.metric_task is not None and not data.dev_counts[labels.names.index(cfg.metric_task)]:
+        raise ConfigError(f"--metric-task {cfg.metric_task}: that task has no dev rows to choose on")
     tasks = Tasks(labels.names, labels.num_labels, weights, cfg.task_weighting == "uncertainty", cfg.task_layers)
     return TrainingData(data.train, data.dev, labels, tasks, data.train_source, skipped_rows,
                         columns or [spec.label_column for spec in specs])

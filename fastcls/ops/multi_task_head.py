@@ -35,7 +35,9 @@ def per_task_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """[B, sum K_t]: task t's columns from h[t] [B, d] and task t's rows of weight and bias."""
     n_tasks, n_rows, dim = h.shape
     every_task = F.linear(h.reshape(n_tasks * n_rows, dim), weight, bias).view(n_tasks, n_rows, -1)
-    owner = task_of_class(num_labels, h.device).expand(1, n_rows, -1)
+    # a trace builds the table as a constant of its graph; the cache serves eager calls and CUDA graph capture
+    owners = task_of_class.__wrapped__ if torch.compiler.is_compiling() else task_of_class
+    owner = owners(num_labels, h.device).expand(1, n_rows, -1)
     return every_task.gather(0, owner).squeeze(0)
 
 

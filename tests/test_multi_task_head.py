@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch._dynamo.backends.registry import lookup_backend
 
 from fastcls.ops import (
+    cpp,
     cross_entropy,
+    dispatch,
     multi_task_cross_entropy,
     multi_task_cross_entropy_reference,
     multi_task_head,
@@ -174,6 +176,16 @@ def test_bad_arguments_name_themselves(generator):
         multi_task_head(hidden, weight[:4], None, targets, [2, 3], task_scale, dropout_p=0.0)
 
 
+@pytest.mark.skipif(dispatch.cpp_ext is None, reason="C++ extension not built")
+@pytest.mark.parametrize("segments", [[[0, 2], [2, 2]], [[0, 3], [2, 3]], [[0, 2], [2, 0]]],
+                         ids=["short", "overlapping", "empty_task"])
+def test_cpp_kernel_refuses_segments_that_do_not_tile_a_row(segments, generator):
+    """The table the kernel walks is checked before it reads a logit: a wrong one raises, never reads past a row."""
+    logits, targets, task_scale = random_case(4, [2, 3], torch.float32, "cpu", generator, missing=0.0)
+    with pytest.raises(ValueError, match="multi_task_cross_entropy: (segment|the segments)"):
+        cpp.multi_task_cross_entropy(logits, targets.clamp(max=1), torch.tensor(segments), task_scale, -100, None)
+
+
 # The head: dropout, the product over the concatenated weights, the op.
 
 
@@ -281,7 +293,8 @@ def fresh_compile():
     torch._dynamo.reset()
 
 
-@pytest.mark.skipif(not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")), reason="torch.compile needs a C compiler")
+@pytest.mark.skipif(not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")),
+                    reason="torch.compile needs a C compiler")
 @pytest.mark.parametrize("layout", ["shared", "per_task"])
 def test_compiled_head_matches_eager_without_graph_break(layout, generator, fresh_compile):
     num_labels = [2, 5, 3]

@@ -12,8 +12,20 @@ import numpy as np
 import pytest
 import torch
 
-from fastcls.data import (DataError, LengthGroupedBatches, SkippedRows, TaskMixedBatches, TaskSpec, collate,
-                          padding_efficiency, parse_task, parse_task_weights, read_multitask_examples, read_tasks)
+from fastcls.data import (
+    DataError,
+    LengthGroupedBatches,
+    SkippedRows,
+    TaskMixedBatches,
+    TaskSpec,
+    collate,
+    padding_efficiency,
+    parse_task,
+    parse_task_weights,
+    read_multitask_examples,
+    read_tasks,
+    task_labels,
+)
 from fastcls.data.collate import IGNORED_LABEL
 from fastcls.errors import ConfigError
 
@@ -118,8 +130,8 @@ REVIEWS = ("text\tsentiment\ttopic\n"
 
 
 def test_one_file_with_label_columns(tmp_path, tokenizer):
-    data = read_tasks(tokenizer, 32, train=write(tmp_path, "train.tsv", REVIEWS),
-                      label_columns=["sentiment", "topic"])
+    path = write(tmp_path, "train.tsv", REVIEWS)
+    data = read_tasks(tokenizer, 32, train=path, label_columns=["sentiment", "topic"])
     assert data.names == ["sentiment", "topic"]
     assert [labels.names for labels in data.labels] == [["neg", "pos"], ["laptops", "phones"]]
     assert data.train.labels.tolist() == [[1, 1], [0, X], [X, 0], [0, 1]]
@@ -129,6 +141,8 @@ def test_one_file_with_label_columns(tmp_path, tokenizer):
     assert data.train_counts == [3, 3] and data.dev is None and data.dev_counts == [0, 0]
     assert data.train_source.tolist() == [0, 0, 0, 0] and data.source_names == [str(tmp_path / "train.tsv")]
     assert data.summary() == "2 tasks: sentiment 2 labels 3 rows, topic 2 labels 3 rows"
+    rows = read_multitask_examples(path, label_columns=data.names)  # a run's label maps on new rows (eval)
+    assert task_labels(rows, data.labels, data.names).tolist() == data.train.labels.tolist()
 
 
 def test_jsonl_missing_keys_and_nulls_are_missing_labels(tmp_path, tokenizer):
@@ -257,6 +271,22 @@ def test_collate_label_matrix_and_filler_rows(tmp_path, tokenizer):
 
 # --- task-mixing batches -------------------------------------------------------------------------------
 
+def test_sst2_and_agnews_as_two_tasks(tokenizer):
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "agnews"
+    if not (shared / "train.csv").is_file():
+        pytest.skip(f"../shared/data not found: {shared} is missing")
+    resources = Path(__file__).resolve().parents[1] / "fastcls" / "resources"
+    tasks = [parse_task(f"sentiment={resources / 'sst2_train_4k.tsv'},{resources / 'sst2_dev.tsv'}"),
+             parse_task(f"topic={shared / 'train.csv'},{shared / 'dev.csv'}")]
+    data = read_tasks(tokenizer, 128, tasks=tasks)
+    assert data.train_counts == [4000, 6333] and data.dev_counts == [872, 1267]
+    assert [labels.names for labels in data.labels] == [["0", "1"], ["1", "2", "3", "4"]]
+    ignored = data.train.labels == IGNORED_LABEL
+    assert ignored.sum(axis=0).tolist() == [6333, 4000] and (ignored.sum(axis=1) == 1).all()
+    sampler = TaskMixedBatches(data.train.lengths, data.train_source, 32, sampling="temperature")
+    assert all(set(data.train_source[b]) == {0, 1} for b in sampler.batches(0))
+
+
 SIZES = [100, 900, 37]
 
 
@@ -296,7 +326,7 @@ def test_rows_per_epoch_of_each_source(sampling, kwargs, expected):
 
 @pytest.mark.parametrize(("sizes", "per_epoch"), [([90, 30], [60, 60]), ([100, 15, 5], [40, 40, 40])])
 def test_oversampled_rows_repeat_evenly_and_undersampled_ones_come_round_over_epochs(sizes, per_epoch):
-    sampler, source, _ = mixed("uniform", sizes, batch_size=8)
+    sampler, _, _ = mixed("uniform", sizes, batch_size=8)
     assert sampler.rows_per_epoch.tolist() == per_epoch
     rounds = -(-sizes[0] // per_epoch[0])  # the epochs that the big source takes to come round
     seen = [Counter(i for b in sampler.batches(epoch) for i in b) for epoch in range(rounds)]

@@ -13,7 +13,7 @@ from fastcls.data.errors import DataError
 from fastcls.data.labels import LabelMap
 from fastcls.data.reader import Example, MultiTaskExample, SkippedRows, read_examples, read_multitask_examples
 from fastcls.data.task_batches import TaskMixedBatches
-from fastcls.data.tasks import TaskData, TaskSpec, parse_task, parse_task_weights, read_tasks
+from fastcls.data.tasks import TaskData, TaskSpec, parse_task, parse_task_weights, read_tasks, task_labels
 
 __all__ = [
     "UNLABELLED",
@@ -38,5 +38,6 @@ __all__ = [
     "read_multitask_examples",
     "read_tasks",
     "restore_order",
+    "task_labels",
     "tokenize_examples",
 ]

@@ -9,6 +9,7 @@
 #include "cross_entropy.h"
 #include "dropout.h"
 #include "layer_norm.h"
+#include "multi_task_cross_entropy.h"
 
 namespace py = pybind11;
 
@@ -55,6 +56,34 @@ void def_cross_entropy_target_summary(py::module_& m) {
       },
       py::arg("target"), py::arg("n_rows"), py::arg("n_classes"), py::arg("ignore_index"), py::arg("class_weight"),
       "(sum of class weights over kept rows, number of kept rows); IndexError on an out-of-range target.");
+}
+
+template <typename Logit>
+using MultiTaskCrossEntropyKernel = void (*)(const Logit*, int64_t, int64_t, int64_t, const int64_t*, int64_t,
+                                             const int64_t*, int64_t, const float*, float*, float*, Logit*, int64_t,
+                                             int);
+
+// grad may be 0 (null): no gradient.
+template <typename Logit>
+void def_multi_task_cross_entropy(py::module_& m, const char* suffix, MultiTaskCrossEntropyKernel<Logit> kernel) {
+  m.def(
+      (std::string("multi_task_cross_entropy_") + suffix).c_str(),
+      [kernel](std::uintptr_t logits, int64_t n_rows, int64_t n_classes, int64_t row_stride, std::uintptr_t targets,
+               int64_t n_tasks, std::uintptr_t segments, int64_t ignore_index, std::uintptr_t task_scale,
+               std::uintptr_t task_loss_sums, std::uintptr_t loss, std::uintptr_t grad, int64_t grad_row_stride,
+               int num_threads) {
+        py::gil_scoped_release release;
+        kernel(as_ptr<const Logit>(logits), n_rows, n_classes, row_stride, as_ptr<const int64_t>(targets), n_tasks,
+               as_ptr<const int64_t>(segments), ignore_index, as_ptr<const float>(task_scale),
+               as_ptr<float>(task_loss_sums), as_ptr<float>(loss), as_ptr<Logit>(grad), grad_row_stride,
+               num_threads);
+      },
+      py::arg("logits"), py::arg("n_rows"), py::arg("n_classes"), py::arg("row_stride"), py::arg("targets"),
+      py::arg("n_tasks"), py::arg("segments"), py::arg("ignore_index"), py::arg("task_scale"),
+      py::arg("task_loss_sums"), py::arg("loss"), py::arg("grad"), py::arg("grad_row_stride"), py::arg("num_threads"),
+      "Per-task cross-entropy sums, their task_scale-weighted total and, unless grad is 0, its gradient (see "
+      "multi_task_cross_entropy.h); ValueError on segments that do not tile a row, IndexError on an out-of-range "
+      "target.");
 }
 
 template <typename Element>
@@ -154,6 +183,9 @@ PYBIND11_MODULE(_C, m) {
   def_cross_entropy_rows<float>(m, "f32", fastcls::cross_entropy_rows_f32);
   def_cross_entropy_rows<uint16_t>(m, "bf16", fastcls::cross_entropy_rows_bf16);
   def_cross_entropy_rows<uint16_t>(m, "f16", fastcls::cross_entropy_rows_f16);
+  def_multi_task_cross_entropy<float>(m, "f32", fastcls::multi_task_cross_entropy_f32);
+  def_multi_task_cross_entropy<uint16_t>(m, "bf16", fastcls::multi_task_cross_entropy_bf16);
+  def_multi_task_cross_entropy<uint16_t>(m, "f16", fastcls::multi_task_cross_entropy_f16);
   def_dropout<float>(m, "f32", fastcls::dropout_f32);
   def_dropout<uint16_t>(m, "bf16", fastcls::dropout_bf16);
   def_layer_norm(m);

@@ -76,11 +76,12 @@ def test_a_dtype_the_kernels_do_not_take_runs_the_reference(cpp_by_default, monk
 
 
 KERNEL_MODULES = ["fastcls.kernels.adamw", "fastcls.kernels.cross_entropy", "fastcls.kernels.dropout",
-                  "fastcls.kernels.layer_norm"]
+                  "fastcls.kernels.layer_norm", "fastcls.kernels.multi_task_cross_entropy"]
 OP_LAYER_MODULES = KERNEL_MODULES + [
     "fastcls.ops", "fastcls.ops.classification_head", "fastcls.ops.cpp", "fastcls.ops.cross_entropy",
     "fastcls.ops.dispatch", "fastcls.ops.dropout", "fastcls.ops.dropout_add_layer_norm", "fastcls.ops.embedding",
-    "fastcls.ops.linear_cross_entropy", "fastcls.optim", "fastcls.optim.adamw", "fastcls.optim.adamw_table",
+    "fastcls.ops.linear_cross_entropy", "fastcls.ops.multi_task_cross_entropy", "fastcls.ops.multi_task_head",
+    "fastcls.optim", "fastcls.optim.adamw", "fastcls.optim.adamw_table",
 ]
 # Imports each module first in a clean slate of fastcls modules (the built extension stays loaded: it cannot be
 # loaded twice), so that an import cycle shows as an ImportError, and lists the op-layer modules it pulled in.

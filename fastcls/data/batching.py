@@ -95,9 +95,10 @@ def tokenize_examples(
         else None
     )
     if label_ids is not None:
-        if label_map is not None or len(label_ids) != len(examples):
-            raise ValueError(f"label_ids: {len(label_ids)} rows of ids for {len(examples)} examples, or a label_map "
-                             "as well")
+        if label_map is not None:
+            raise ValueError("give label_map or label_ids, not both")
+        if len(label_ids) != len(examples):
+            raise ValueError(f"{len(label_ids)} rows of label ids for {len(examples)} examples")
         labels = np.asarray(label_ids, dtype=np.int64)
     elif label_map is None:
         labels = np.full(len(examples), UNLABELLED, dtype=np.int64)

@@ -18,6 +18,8 @@ Columns:
   into ids. ``None`` means the file has no labels.
 - ``require_labels=False`` reads prediction files: the label is ``None`` where the label column is absent
   or its cell is empty.
+- ``read_multitask_examples`` reads several label columns in one pass (one per task): a row may lack a label
+  for some of them, then ``None``; a row with none of them is a bad row.
 
 With ``text_columns=None`` the text column is inferred, in this order:
 

@@ -25,7 +25,14 @@ from fastcls.data.batching import Encoded, tokenize_examples
 from fastcls.data.collate import IGNORED_LABEL
 from fastcls.data.errors import DataError
 from fastcls.data.labels import LabelMap
-from fastcls.data.reader import SUPPORTED_EXTENSIONS, SkippedRows, read_examples, read_multitask_examples
+from fastcls.data.reader import (
+    SUPPORTED_EXTENSIONS,
+    Example,
+    MultiTaskExample,
+    SkippedRows,
+    read_examples,
+    read_multitask_examples,
+)
 from fastcls.errors import ConfigError
 
 TASK_FORMAT = "NAME=TRAIN[,DEV][:LABEL_COLUMN]"
@@ -181,10 +188,7 @@ def _tasks_from_columns(train, dev, columns: list[str], tokenizer, max_length, t
                   for t, name in enumerate(columns)]
 
     def encode(rows):
-        ids = np.array([[IGNORED_LABEL if label is None else labels.encode(label, where=f"{row.where}: task {name!r}")
-                         for label, labels, name in zip(row.labels, label_maps, columns, strict=True)]
-                        for row in rows], dtype=np.int64).reshape(len(rows), len(columns))
-        return tokenize_examples(rows, tokenizer, max_length, label_ids=ids)
+        return tokenize_examples(rows, tokenizer, max_length, label_ids=task_labels(rows, label_maps, columns))
 
     train_set = encode(train_rows)
     dev_set = encode(read(dev, "dev")) if dev is not None else None
@@ -209,23 +213,39 @@ def _tasks_from_files(specs: list[TaskSpec], tokenizer, max_length, text_columns
             skipped[f"{spec.name} {split}"] = dropped
         return rows
 
-    def encode(rows, task: int, labels: LabelMap):
-        ids = np.full((len(rows), len(specs)), IGNORED_LABEL, dtype=np.int64)
-        ids[:, task] = [labels.encode(row.label, where=f"{row.where}: task {names[task]!r}") for row in rows]
-        return tokenize_examples(rows, tokenizer, max_length, label_ids=ids)
+    def encode(rows, task: int):
+        return tokenize_examples(rows, tokenizer, max_length, label_ids=task_labels(rows, label_maps, names, task))
 
     label_maps, train_parts, dev_parts, source_names, dev_counts = [], [], [], [], []
     for task, spec in enumerate(specs):
         train_rows = read(spec, "train")
         source_names.append(train_rows[0].source)
         label_maps.append(_label_map(spec.name, [row.label for row in train_rows], train_rows[0].source))
-        train_parts.append(encode(train_rows, task, label_maps[-1]))
+        train_parts.append(encode(train_rows, task))
         if spec.dev is not None:
-            dev_parts.append(encode(read(spec, "dev"), task, label_maps[-1]))
+            dev_parts.append(encode(read(spec, "dev"), task))
         dev_counts.append(len(dev_parts[-1]) if spec.dev is not None else 0)
     train_source = np.repeat(np.arange(len(specs), dtype=np.int64), [len(part) for part in train_parts])
     return TaskData(names, label_maps, _concatenate(train_parts), _concatenate(dev_parts) if dev_parts else None,
                     train_source, source_names, [len(part) for part in train_parts], dev_counts, skipped)
+
+
+def task_labels(rows: Sequence[MultiTaskExample | Example], label_maps: Sequence[LabelMap], names: Sequence[str],
+                task: int | None = None) -> np.ndarray:
+    """The int64 [rows, tasks] label ids of `rows` (IGNORED_LABEL where a row has no label for a task): rows with
+    a label per task (`read_multitask_examples`), or, with `task`, the rows of that task's own file, which are no
+    rows of the other tasks. A label that a task's map lacks is an error naming the file, line and task."""
+
+    def encode(label: str | None, t: int, where: str) -> int:
+        return IGNORED_LABEL if label is None else label_maps[t].encode(label, where=f"{where}: task {names[t]!r}")
+
+    ids = np.full((len(rows), len(names)), IGNORED_LABEL, dtype=np.int64)
+    for i, row in enumerate(rows):
+        if task is None:
+            ids[i] = [encode(label, t, row.where) for t, label in enumerate(row.labels)]
+        else:
+            ids[i, task] = encode(row.label, task, row.where)
+    return ids
 
 
 def _label_map(task: str, labels: list[str | None], where: str) -> LabelMap:

@@ -79,6 +79,34 @@ def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, class_weight:
     return loss_rows
 
 
+def multi_task_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, segments: torch.Tensor,
+                             task_scale: torch.Tensor, ignore_index: int,
+                             grad: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, task_loss_sums), fp32, of logits [N, sum K_t] (class stride 1) against targets [N, T], the tasks'
+    class segments given by `segments` (int64 [2, T]: offsets, then sizes); unless `grad` is None, also writes the
+    loss's gradient into it (the logits' shape and dtype, class stride 1). ValueError on segments that do not
+    tile a row (checked by the kernel), IndexError on a target neither ignore_index nor in [0, K_t)."""
+    if logits.ndim != 2 or logits.stride(1) != 1:
+        raise ValueError(f"logits must be 2-D with class stride 1, got shape {tuple(logits.shape)} and strides "
+                         f"{logits.stride()}")
+    _check(logits, "logits", CROSS_ENTROPY_DTYPES, None, contiguous=False)
+    n_rows, n_tasks = targets.shape
+    _check(targets, "targets", (torch.int64,), (logits.shape[0], n_tasks))
+    _check(segments, "segments", (torch.int64,), (2, n_tasks))
+    if grad is not None:
+        _check(grad, "grad", (logits.dtype,), tuple(logits.shape), contiguous=False)
+        if grad.stride(1) != 1:
+            raise ValueError(f"grad must have class stride 1, got strides {grad.stride()}")
+    scale32 = _fp32_vector(task_scale, "task_scale", n_tasks)
+    task_loss_sums = torch.empty(n_tasks, dtype=torch.float32)
+    loss = torch.empty((), dtype=torch.float32)
+    kernel = getattr(dispatch.cpp_ext, f"multi_task_cross_entropy_{_SUFFIXES[logits.dtype]}")
+    kernel(logits.data_ptr(), n_rows, logits.shape[1], logits.stride(0), targets.data_ptr(), n_tasks,
+           segments.data_ptr(), ignore_index, scale32.data_ptr(), task_loss_sums.data_ptr(), loss.data_ptr(),
+           _address(grad), 0 if grad is None else grad.stride(0), torch.get_num_threads())
+    return loss, task_loss_sums
+
+
 def dropout(x: torch.Tensor, seed: int, counter_offset: int, threshold: int, scale: float) -> torch.Tensor:
     """A new tensor: x's elements whose Philox word is >= threshold times scale, the others 0 (contiguous x;
     0 <= seed, counter_offset < 2^64, 0 <= threshold <= 2^32)."""

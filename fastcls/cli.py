@@ -172,10 +172,19 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def _load_for_inference(args: argparse.Namespace, require_labels: bool):
+    import numpy as np
+
     from fastcls.components.checkpoint import load_run
     from fastcls.components.output_path import check_writable
     from fastcls.components.precision import resolve_device, resolve_precision
-    from fastcls.data import SkippedRows, read_examples, tokenize_examples
+    from fastcls.data import (
+        SkippedRows,
+        read_examples,
+        read_multitask_examples,
+        task_labels,
+        tokenize_examples,
+    )
+    from fastcls.data.collate import IGNORED_LABEL
 
     if args.output is not None:
         check_writable(args.output, folder=False)
@@ -183,44 +192,36 @@ def _load_for_inference(args: argparse.Namespace, require_labels: bool):
     precision = resolve_precision(args.precision, device)
     model, tokenizer, labels, meta = load_run(args.model, device)
     skipped = SkippedRows() if getattr(args, "skip_bad_rows", False) else None
-    tasks = _tasks_to_read(args, labels, meta)
-
-    def read(label_column: str, require: bool):
-        return read_examples(
-            args.data,
-            text_columns=getattr(args, "text_columns", None) or meta.get("text_columns"),
-            text_pair_column=getattr(args, "text_pair_column", None) or meta.get("text_pair_column"),
-            label_column=label_column, require_labels=require, skipped=skipped)
-
-    if tasks is None:
-        rows = read(getattr(args, "label_column", "label"), require_labels)
-        if skipped is not None and skipped.lines:
-            print(skipped.summary())
-        encoded = tokenize_examples(rows, tokenizer, meta["max_length"], label_map=labels if require_labels else None)
-    else:  # a multi-task run: every task's labels from its own column, -100 where a row has none
-        columns = [column for _, column in tasks] or ["label"]
-        reads = [read(column, False) for column in columns]
-        encoded = tokenize_examples(reads[0], tokenizer, meta["max_length"])
-        if require_labels:
-            encoded.labels = _label_matrix(labels, tasks, reads, args.data)
+    texts = dict(text_columns=getattr(args, "text_columns", None) or meta.get("text_columns"),
+                 text_pair_column=getattr(args, "text_pair_column", None) or meta.get("text_pair_column"),
+                 skipped=skipped)
+    tasks = _tasks_to_evaluate(args, labels, meta) if require_labels else None
+    if tasks is None:  # single-task, or predictions
+        label_column = getattr(args, "label_column", "label") if require_labels else None
+        rows = read_examples(args.data, label_column=label_column, require_labels=require_labels, **texts)
+    else:  # a multi-task run: the tasks' labels from their columns, in one pass
+        rows = read_multitask_examples(args.data, label_columns=[column for _, column in tasks], **texts)
+    if skipped is not None and skipped.lines:
+        print(skipped.summary())
+    single = require_labels and tasks is None
+    encoded = tokenize_examples(rows, tokenizer, meta["max_length"], label_map=labels if single else None)
+    if tasks is not None:
+        chosen = [t for t, _ in tasks]
+        matrix = np.full((len(rows), len(labels.names)), IGNORED_LABEL, dtype=np.int64)
+        matrix[:, chosen] = task_labels(rows, [labels.maps[t] for t in chosen], [labels.names[t] for t in chosen])
+        encoded.labels = matrix
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return model, labels, encoded, device, precision, pad_id
 
 
-def _tasks_to_read(args: argparse.Namespace, labels, meta: dict) -> list[tuple[int, str]] | None:
-    """For a multi-task run: (task index, its label column) of the tasks to evaluate (none when predicting)."""
+def _tasks_to_evaluate(args: argparse.Namespace, labels, meta: dict) -> list[tuple[int, str]] | None:
+    """For a multi-task run: (task index, its label column) of the tasks to evaluate; None for a single task."""
     from fastcls.data import TaskLabels
     from fastcls.errors import ConfigError
 
     task = getattr(args, "task", None)
     if not isinstance(labels, TaskLabels):
-        if task is not None:
-            raise ConfigError(f"--task {task}: {args.model} is a single-task run")
         return None
-    if args.command == "predict":
-        if task is not None:
-            labels.index(task)  # an unknown task is an error before any work
-        return []
     columns = meta.get("label_columns") or labels.names
     chosen = [labels.index(task)] if task is not None else range(len(labels.names))
     tasks = [(t, getattr(args, "label_column", None) or columns[t]) for t in chosen]
@@ -231,23 +232,16 @@ def _tasks_to_read(args: argparse.Namespace, labels, meta: dict) -> list[tuple[i
     return tasks
 
 
-def _label_matrix(labels, tasks, reads, data: str):
-    """[rows, T] label ids of the tasks read (from their columns), -100 elsewhere; an unseen label names its line."""
-    import numpy as np
+def _one_task(args: argparse.Namespace, labels):
+    """--task: that task's index in a multi-task run (an error for a single-task run), else None."""
+    from fastcls.data import TaskLabels
+    from fastcls.errors import ConfigError
 
-    from fastcls.data.collate import IGNORED_LABEL
-
-    matrix = np.full((len(reads[0]), len(labels.names)), IGNORED_LABEL, dtype=np.int64)
-    for (t, _), rows in zip(tasks, reads, strict=True):
-        for i, row in enumerate(rows):
-            if row.label is not None:
-                matrix[i, t] = labels.maps[t].encode(row.label, where=row.where)
-    if not (matrix != IGNORED_LABEL).any():
-        from fastcls.errors import DataError
-
-        raise DataError(f"--data {data}: no row holds a label in the column of any task evaluated "
-                        f"({', '.join(column for _, column in tasks)})")
-    return matrix
+    if args.task is None:
+        return None
+    if not isinstance(labels, TaskLabels):
+        raise ConfigError(f"--task {args.task}: {args.model} is a single-task run")
+    return labels.index(args.task)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -255,6 +249,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from fastcls.evaluate import evaluate_logits, predict_logits
 
     model, labels, encoded, device, precision, pad_id = _load_for_inference(args, require_labels=True)
+    _one_task(args, labels)
     logits = predict_logits(model, encoded, args.batch_size, device, precision, pad_id)
     report = evaluate_logits(logits, encoded, labels)
     if args.task is not None:  # one task's report, as a single-task run's
@@ -271,10 +266,10 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from fastcls.evaluate import predict_logits, write_predictions
 
     model, labels, encoded, device, precision, pad_id = _load_for_inference(args, require_labels=False)
+    task = _one_task(args, labels)
     logits = predict_logits(model, encoded, args.batch_size, device, precision, pad_id)
-    if args.task is not None:  # one task's predictions, as a single-task run's
-        t = labels.index(args.task)
-        logits, labels = logits[:, labels.offsets[t]:labels.offsets[t + 1]], labels.maps[t]
+    if task is not None:  # one task's predictions, as a single-task run's
+        logits, labels = logits[:, labels.offsets[task]:labels.offsets[task + 1]], labels.maps[task]
     write_predictions(args.output, logits, labels)
     print(f"wrote {len(encoded)} predictions to {args.output}")
 

@@ -111,11 +111,12 @@ def rows(device: torch.device, reps: int) -> list[dict]:
                     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
                     heads.train()
 
-                    def fastcls_step():
+                    def fastcls_step(h=h, weight=weight, bias=bias, targets=targets, num_labels=num_labels,
+                                     alpha=alpha):
                         h.grad = weight.grad = bias.grad = None
                         fused_loss(h, weight, bias, targets, num_labels, alpha).backward()
 
-                    def torch_step():
+                    def torch_step(heads=heads, h=h, targets=targets, alpha=alpha):
                         h.grad = None
                         heads.zero_grad(set_to_none=True)
                         heads(h, targets, alpha).backward()

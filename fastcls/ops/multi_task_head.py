@@ -21,7 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from fastcls.ops.dropout import dropout
-from fastcls.ops.multi_task_cross_entropy import check_num_labels, multi_task_cross_entropy
+from fastcls.ops.multi_task_cross_entropy import (
+    check_num_labels,
+    multi_task_cross_entropy,
+)
 
 
 @functools.lru_cache(maxsize=64)

@@ -99,6 +99,32 @@ def test_matches_torch_per_task_sum(backend, dtype_name, labels, n_rows, generat
     assert_close(sums, reference_sums, tol)
 
 
+# (rows, num_labels) per backend: enough logits for the C++ kernel to use every thread, with segments past one
+# AVX-512 vector; for the Triton interpreter a segment wider than MAX_BLOCK, so its kernel loops over chunks (the
+# row's largest logit in the last one, so that the running sum must be rescaled)
+WIDE_CASES = {"reference": (40, [2, 37, 100]), "cpp": (2048, [2, 37, 100]), "triton": (3, [2, 37, 5000])}
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
+def test_many_rows_and_wide_tasks(backend, dtype_name, generator):
+    skip_unchecked(backend, dtype_name)
+    name, device = backend
+    n_rows, num_labels = WIDE_CASES[name]
+    logits, targets, task_scale = random_case(n_rows, num_labels, DTYPES[dtype_name], device, generator)
+    logits[:, -1] += 20
+    x, scale = leaves(logits, task_scale)
+    loss, sums = multi_task_cross_entropy(x, targets, num_labels, scale, backend=name)
+    loss.backward()
+    x64, scale64 = float64_leaves(logits, task_scale)
+    expected_loss, expected_sums = per_task_torch(x64, targets.cpu(), num_labels, scale64)
+    expected_loss.backward()
+    tol = TOLERANCE[logits.dtype]
+    assert_close(loss, expected_loss, tol)
+    assert_close(sums, expected_sums, tol)
+    assert_close(x.grad, x64.grad, tol)
+    assert_close(scale.grad, scale64.grad, tol)
+
+
 @pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
 def test_a_task_without_labels_adds_nothing(backend, dtype_name, generator):
     skip_unchecked(backend, dtype_name)

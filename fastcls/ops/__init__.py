@@ -15,7 +15,10 @@ from fastcls.ops.linear_cross_entropy import (
     linear_cross_entropy,
     linear_cross_entropy_reference,
 )
-from fastcls.ops.multi_task_cross_entropy import multi_task_cross_entropy, multi_task_cross_entropy_reference
+from fastcls.ops.multi_task_cross_entropy import (
+    multi_task_cross_entropy,
+    multi_task_cross_entropy_reference,
+)
 from fastcls.ops.multi_task_head import multi_task_head
 
 __all__ = [

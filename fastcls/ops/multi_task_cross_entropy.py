@@ -127,7 +127,9 @@ def _forward_impl(logits: torch.Tensor, targets: torch.Tensor, task_scale: torch
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if with_grad else None
     segments = segment_table(tuple(num_labels), logits.device)
     if backend == "triton":
-        from fastcls.kernels.multi_task_cross_entropy import multi_task_cross_entropy_triton
+        from fastcls.kernels.multi_task_cross_entropy import (
+            multi_task_cross_entropy_triton,
+        )
 
         loss, task_loss_sums = multi_task_cross_entropy_triton(logits, targets, segments, task_scale, IGNORE_INDEX,
                                                                grad)

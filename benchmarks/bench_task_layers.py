@@ -1,0 +1,98 @@
+"""Task-specific layers (`--task-layers K`) run batched across tasks against a Python loop over tasks, each task's
+copy run through LayerwiseEncoder's layer code (`fastcls.models.encoder.run_layer`).
+
+    python benchmarks/bench_task_layers.py [--device cpu|cuda] [--reps N] [--dtype fp32|bf16]
+
+MiniLM-sized random BERT layers (d = 384, 12 heads, FFN 1536), 32 unpadded rows of 20 to 40 tokens (about 30),
+T = 2 and 3 tasks, K = 1 and 2 task layers. Rows: median milliseconds of a training forward + backward (dropout
+0.1, the gradient of a random weighting of the [T, rows, d] output w.r.t. the input and every copy's parameters)
+and of an evaluation forward (no grad), loop vs batched, interleaved rep by rep so that a noisy shared machine
+disturbs both alike.
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fastcls.components.host_memory import keep_freed_host_memory
+from fastcls.data import Encoded, collate
+from fastcls.models.encoder import _Layer, run_layer
+from fastcls.models.task_layers import TaskLayers
+
+
+def loop_forward(task_layers: TaskLayers, h, batch, kernels=True):
+    """Each task's copy one after the other: the obvious alternative."""
+    outputs = []
+    for layers in task_layers.copies:
+        x = h
+        for index, layer in enumerate(layers):
+            x = run_layer(_Layer(layer, task_layers.kind), x, batch, index == len(layers) - 1, kernels)
+        outputs.append(x)
+    return torch.stack(outputs)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        keep_freed_host_memory()
+    autocast = args.dtype == "bf16"
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(20, 41, size=32)
+    encoded = Encoded(input_ids=rng.integers(2, 99, size=int(lengths.sum())).astype(np.int32), lengths=lengths,
+                      token_type_ids=None, labels=np.zeros(32, dtype=np.int64), num_truncated=0, max_length=64)
+    batch = collate(encoded, range(32), packed=True).to(device)
+    print(f"{device} {args.dtype}, 32 rows, {batch.num_tokens} tokens (max {batch.max_len}), median of {args.reps}")
+    print("| T | K | mode | loop ms | batched ms | loop / batched |")
+    print("|---|---|---|---|---|---|")
+    for k in (1, 2):
+        for tasks in (2, 3):
+            torch.manual_seed(0)
+            config = AutoConfig.for_model("bert", vocab_size=99, hidden_size=384, num_hidden_layers=k,
+                                          num_attention_heads=12, intermediate_size=1536, max_position_embeddings=64)
+            task_layers = TaskLayers.from_encoder(AutoModel.from_config(config), tasks, k).to(device).train()
+            h = torch.randn(batch.num_tokens, 384, device=device, requires_grad=True)
+            weights = torch.randn(tasks, 32, 384, device=device)
+
+            def train_step(forward):
+                with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+                    out = forward(task_layers, h, batch)
+                (out.float() * weights).sum().backward()
+
+            def eval_step(forward):
+                with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+                    forward(task_layers, h, batch)
+
+            def batched(task_layers, h, batch):
+                return task_layers(h, batch)
+
+            for mode, step in (("train", train_step), ("eval", eval_step)):
+                task_layers.train(mode == "train")
+                times = {loop_forward: [], batched: []}
+                for rep in range(args.reps + 3):
+                    for forward in times:
+                        if device.type == "cuda":
+                            torch.cuda.synchronize()
+                        tick = time.perf_counter()
+                        step(forward)
+                        if device.type == "cuda":
+                            torch.cuda.synchronize()
+                        if rep >= 3:
+                            times[forward].append(time.perf_counter() - tick)
+                loop_ms, batched_ms = (statistics.median(t) * 1e3 for t in times.values())
+                print(f"| {tasks} | {k} | {mode} | {loop_ms:.2f} | {batched_ms:.2f} | {loop_ms / batched_ms:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

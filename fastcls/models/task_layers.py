@@ -43,7 +43,7 @@ def _task_linear(x: torch.Tensor, groups: list[list[nn.Linear]]) -> torch.Tensor
 def _to_heads(x: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Per-task tokens [T, tokens, H, D] -> [T * rows, H, max_len, D] (zeros at an unpadded batch's padding)."""
     if isinstance(batch, PackedBatch):
-        x = x.new_zeros(len(x), batch.num_rows * batch.max_len, *x.shape[2:]).index_copy(1, batch.pad_index, x)
+        x = x.new_zeros(len(x), batch.num_rows * batch.max_len, *x.shape[2:]).index_copy_(1, batch.pad_index, x)
     return x.reshape(len(x) * batch.num_rows, batch.max_len, *x.shape[2:]).transpose(1, 2)
 
 

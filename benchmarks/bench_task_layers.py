@@ -1,5 +1,5 @@
 """Task-specific layers (`--task-layers K`) run batched across tasks against a Python loop over tasks, each task's
-copy run through LayerwiseEncoder's layer code (`fastcls.models.encoder.run_layer`).
+copy run through LayerwiseEncoder's layer code: `TaskLayers.batched` True against False.
 
     python benchmarks/bench_task_layers.py [--device cpu|cuda] [--reps N] [--dtype fp32|bf16] [--threads N]
 
@@ -8,6 +8,8 @@ T = 2 and 3 tasks, K = 1 and 2 task layers. Rows: median milliseconds of a train
 0.1, the gradient of a random weighting of the [T, rows, d] output w.r.t. the input and every copy's parameters)
 and of an evaluation forward (no grad), loop vs batched, interleaved rep by rep so that a noisy shared machine
 disturbs both alike; on a shared CPU the fastest rep (min) is the steadier figure, so both are printed.
+`--cpu-time`: the process's CPU time instead of wall time (with --threads 1, the work done whatever else runs on
+the machine).
 """
 import argparse
 import statistics
@@ -23,19 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastcls.components.host_memory import keep_freed_host_memory
 from fastcls.data import Encoded, collate
-from fastcls.models.encoder import _Layer, run_layer
 from fastcls.models.task_layers import TaskLayers
-
-
-def loop_forward(task_layers: TaskLayers, h, batch, kernels=True):
-    """Each task's copy one after the other: the obvious alternative."""
-    outputs = []
-    for layers in task_layers.copies:
-        x = h
-        for index, layer in enumerate(layers):
-            x = run_layer(_Layer(layer, task_layers.kind), x, batch, index == len(layers) - 1, kernels)
-        outputs.append(x)
-    return torch.stack(outputs)
 
 
 def main():
@@ -44,6 +34,7 @@ def main():
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--threads", type=int, default=None, help="torch's CPU threads (default: torch's choice)")
+    parser.add_argument("--cpu-time", action="store_true")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -51,12 +42,13 @@ def main():
     if device.type == "cpu":
         keep_freed_host_memory()
     autocast = args.dtype == "bf16"
+    clock = time.process_time if args.cpu_time else time.perf_counter
     rng = np.random.default_rng(0)
     lengths = rng.integers(20, 41, size=32)
     encoded = Encoded(input_ids=rng.integers(2, 99, size=int(lengths.sum())).astype(np.int32), lengths=lengths,
                       token_type_ids=None, labels=np.zeros(32, dtype=np.int64), num_truncated=0, max_length=64)
     batch = collate(encoded, range(32), packed=True).to(device)
-    print(f"{device} {args.dtype}, {torch.get_num_threads()} threads, 32 rows, {batch.num_tokens} tokens (max "
+    print(f"{device} {args.dtype}, {torch.get_num_threads()} threads, {'CPU' if args.cpu_time else 'wall'} time, 32 rows, {batch.num_tokens} tokens (max "
           f"{batch.max_len}), {args.reps} reps")
     print("| T | K | mode | loop ms min / median | batched ms min / median | loop / batched (min) |")
     print("|---|---|---|---|---|---|")
@@ -69,31 +61,29 @@ def main():
             h = torch.randn(batch.num_tokens, 384, device=device, requires_grad=True)
             weights = torch.randn(tasks, 32, 384, device=device)
 
-            def train_step(forward):
+            def train_step():
                 with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
-                    out = forward(task_layers, h, batch)
+                    out = task_layers(h, batch)
                 (out.float() * weights).sum().backward()
 
-            def eval_step(forward):
+            def eval_step():
                 with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=autocast):
-                    forward(task_layers, h, batch)
-
-            def batched(task_layers, h, batch):
-                return task_layers(h, batch)
+                    task_layers(h, batch)
 
             for mode, step in (("train", train_step), ("eval", eval_step)):
                 task_layers.train(mode == "train")
-                times = {loop_forward: [], batched: []}
+                times = {False: [], True: []}  # by TaskLayers.batched
                 for rep in range(args.reps + 3):
-                    for forward in times:
+                    for batched in times:
+                        task_layers.batched = batched
                         if device.type == "cuda":
                             torch.cuda.synchronize()
-                        tick = time.perf_counter()
-                        step(forward)
+                        tick = clock()
+                        step()
                         if device.type == "cuda":
                             torch.cuda.synchronize()
                         if rep >= 3:
-                            times[forward].append(time.perf_counter() - tick)
+                            times[batched].append(clock() - tick)
                 (loop_min, loop_median), (batched_min, batched_median) = (
                     (min(t) * 1e3, statistics.median(t) * 1e3) for t in times.values())
                 print(f"| {tasks} | {k} | {mode} | {loop_min:.1f} / {loop_median:.1f} | {batched_min:.1f} / "

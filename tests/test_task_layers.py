@@ -21,11 +21,12 @@ ROWS = [2, 0, 4, 1, 3]
 TASKS = 3
 
 
-def split(family, k, dropout=0.0, dtype=torch.float32, layers=3, perturb=True):
+def split(family, k, dropout=0.0, dtype=torch.float32, layers=3, perturb=True, batched=True):
     """A tiny encoder whose top k layers became TASKS task copies, each moved apart from the others (so that a mix-up
-    of tasks cannot pass), and the layer-by-layer body running them."""
+    of tasks cannot pass), and the layer-by-layer body running them batched across tasks or one after the other."""
     encoder = tiny_encoder(family, dropout, layers).to(dtype)
     task_layers = TaskLayers.from_encoder(encoder, TASKS, k)
+    task_layers.batched = batched
     if perturb:
         generator = torch.Generator().manual_seed(1)
         with torch.no_grad():
@@ -46,11 +47,12 @@ def own_forward_cls(encoder, batch):
     return encoder(**{k: v for k, v in batch.padded_inputs().items() if k in takes}).last_hidden_state[:, 0]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize(("dtype", "batched"), [(torch.float32, True), (torch.float64, True), (torch.float64, False)],
+                         ids=["fp32-batched", "fp64-batched", "fp64-loop"])
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
-def test_each_tasks_output_is_its_standalone_encoders(family, k, dtype):
-    encoder, task_layers, body = split(family, k, dtype=dtype)
+def test_each_tasks_output_is_its_standalone_encoders(family, k, dtype, batched):
+    encoder, task_layers, body = split(family, k, dtype=dtype, batched=batched)
     assert len(encoder_layers(encoder)) == 3 - k and task_layers.num_layers == k and task_layers.num_tasks == TASKS
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-12)
     with torch.no_grad():
@@ -67,13 +69,14 @@ def test_each_tasks_output_is_its_standalone_encoders(family, k, dtype):
             assert not torch.allclose(out[0], out[1], atol=1e-3)
 
 
-@pytest.mark.parametrize("kernels", [True, False])
+@pytest.mark.parametrize(("kernels", "batched"), [(True, True), (False, True), (True, False)],
+                         ids=["kernels-batched", "torch-batched", "kernels-loop"])
 @pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("family", ["bert", "distilbert"])
-def test_gradients_equal_the_per_task_loops(family, packed, kernels):
+def test_gradients_equal_the_per_task_loops(family, packed, kernels, batched):
     """The gradient of a random weighting of [T, rows, d] w.r.t. every copy, the shared layers and the embeddings
     equals the sum over tasks of each standalone encoder's."""
-    encoder, task_layers, body = split(family, 2, dtype=torch.float64)
+    encoder, task_layers, body = split(family, 2, dtype=torch.float64, batched=batched)
     body.kernels = kernels
     batch = batch_of(family, packed, seed=3)
     weights = torch.randn(TASKS, len(ROWS), 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
@@ -95,12 +98,13 @@ def test_gradients_equal_the_per_task_loops(family, packed, kernels):
             torch.testing.assert_close(p.grad, q.grad, atol=1e-10, rtol=1e-10, msg=f"task {t}: {name}")
 
 
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "loop"])
 @pytest.mark.parametrize("kernels", [True, False])
 @pytest.mark.parametrize("family", ["bert", "distilbert"])
-def test_dropout_draws_each_tasks_own_masks(family, kernels):
+def test_dropout_draws_each_tasks_own_masks(family, kernels, batched):
     """Identical copies give identical tasks in eval mode; in training every task's copy draws its own masks, so
     the tasks' outputs differ from each other and from eval."""
-    _, task_layers, body = split(family, 2, dropout=0.2, perturb=False)
+    _, task_layers, body = split(family, 2, dropout=0.2, perturb=False, batched=batched)
     body.kernels = kernels
     batch = batch_of(family, packed=True)
     task_layers.eval()
@@ -175,11 +179,12 @@ def test_bad_task_layer_counts_and_encoders_are_named():
     assert len(encoder_layers(mpnet.encoder)) == 3  # refused before anything moved
 
 
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "loop"])
 @pytest.mark.parametrize("packed", [True, False])
-def test_checkpointing_gives_the_same_values_and_gradients(packed):
+def test_checkpointing_gives_the_same_values_and_gradients(packed, batched):
     results = []
     for checkpointing in (False, True):
-        encoder, task_layers, body = split("bert", 2, dropout=0.1)
+        encoder, task_layers, body = split("bert", 2, dropout=0.1, batched=batched)
         freeze(encoder, body, 0)
         if checkpointing:
             body.enable_checkpointing()
@@ -206,6 +211,7 @@ def test_a_state_dict_loads_into_the_structure_rebuilt_from_the_config(tmp_path)
     assert "task_layers.copies.2.1.attention.self.query.weight" in state
     rebuilt_encoder = AutoModel.from_config(encoder.config)
     rebuilt_tasks = TaskLayers.from_encoder(rebuilt_encoder, TASKS, 2)
+    rebuilt_tasks.batched = task_layers.batched
     torch.nn.ModuleDict({"encoder": rebuilt_encoder, "task_layers": rebuilt_tasks}).load_state_dict(state)
     rebuilt = LayerwiseEncoder(rebuilt_encoder)
     rebuilt.use_task_layers(rebuilt_tasks)

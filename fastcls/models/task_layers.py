@@ -6,13 +6,17 @@ encoder's top K layers, initialised from the pretrained ones; the layers below s
     h_cls = body.cls_hidden(batch)                                  # [tasks, rows, d]
 
 The copies are ordinary transformers layer modules (`copies[t][k]`), so task t's copy goes back into a standard
-encoder (`encoder_for_task`). They run batched across tasks, with each weight stacked over the copies at forward
+encoder (`encoder_for_task`). On CUDA they run batched across tasks, with each weight stacked over the copies at forward
 time (a copy against the products, and autograd hands each copy its own gradient): the first task layer projects
 the shared input onto every task's queries, keys and values in one product with the concatenated weights, later
 products are batched matrix products over tasks, and attention runs the tasks as T * rows sequences. The
 LayerNorms run per task with that copy's own weights, each drawing its own dropout mask; dropout elsewhere covers
 all tasks' elements, so each task's masks differ too. As in `LayerwiseEncoder`, the last layer runs its query, output
 projection, LayerNorms and feed-forward on the [CLS] rows only.
+
+On the CPU the tasks run one after the other through `LayerwiseEncoder`'s layer code instead: with no launch
+overhead to save there, batching gained nothing and its copies (stacked weights, per-task layouts) cost 2 to 10%
+(MiniLM-sized layers, benchmarks/bench_task_layers.py; `batched` overrides the choice).
 """
 import copy
 
@@ -24,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from fastcls.data import Batch, PackedBatch
 from fastcls.errors import ConfigError
 from fastcls.models import attention as attn
-from fastcls.models.encoder import LayerwiseEncoder, _add_norm, _Layer, task_layers_unsupported
+from fastcls.models.encoder import LayerwiseEncoder, _add_norm, _Layer, run_layer, task_layers_unsupported
 from fastcls.models.families import encoder_layers, family_of
 from fastcls.ops.dropout import recomputed_alike
 
@@ -68,6 +72,7 @@ class TaskLayers(nn.Module):
         if num_tasks < 1 or not layers:
             raise ValueError(f"TaskLayers needs at least one task and one layer, got {num_tasks} and {len(layers)}")
         self.kind = kind
+        self.batched: bool | None = None  # run the tasks batched (None: on CUDA) or one after the other
         self.copies = nn.ModuleList(nn.ModuleList(copy.deepcopy(layer) for layer in layers) for _ in range(num_tasks))
 
     @classmethod
@@ -97,14 +102,24 @@ class TaskLayers(nn.Module):
                 checkpointing: bool = False) -> torch.Tensor:
         """`kernels`: fastcls's dropout and LayerNorm kernels (else PyTorch's ops); `checkpointing`: recompute
         each layer's activations in the backward, as `LayerwiseEncoder` does."""
-        for index in range(self.num_layers):
-            cls_only = index == self.num_layers - 1
+        def run(layer, *args):
             if checkpointing:
-                h = checkpoint(recomputed_alike(self.layer), index, h, batch, cls_only, kernels, use_reentrant=False,
-                               context_fn=attn.recompute_in_the_same_context)
-            else:
-                h = self.layer(index, h, batch, cls_only, kernels)
-        return h
+                return checkpoint(recomputed_alike(layer), *args, use_reentrant=False,
+                                  context_fn=attn.recompute_in_the_same_context)
+            return layer(*args)
+
+        last = self.num_layers - 1
+        if self.batched if self.batched is not None else h.is_cuda:
+            for index in range(self.num_layers):
+                h = run(self.layer, index, h, batch, index == last, kernels)
+            return h
+        outputs = []
+        for layers in self.copies:
+            x = h
+            for index, layer in enumerate(layers):
+                x = run(run_layer, _Layer(layer, self.kind), x, batch, index == last, kernels)
+            outputs.append(x)
+        return torch.stack(outputs)
 
     def layer(self, index: int, h: torch.Tensor, batch: Batch, cls_only: bool, kernels: bool) -> torch.Tensor:
         """Layer `index` of every task on tokens h ([tokens, d] shared, or [T, tokens, d]): [T, tokens, d], or

@@ -48,8 +48,8 @@ def main():
     encoded = Encoded(input_ids=rng.integers(2, 99, size=int(lengths.sum())).astype(np.int32), lengths=lengths,
                       token_type_ids=None, labels=np.zeros(32, dtype=np.int64), num_truncated=0, max_length=64)
     batch = collate(encoded, range(32), packed=True).to(device)
-    print(f"{device} {args.dtype}, {torch.get_num_threads()} threads, {'CPU' if args.cpu_time else 'wall'} time, 32 rows, {batch.num_tokens} tokens (max "
-          f"{batch.max_len}), {args.reps} reps")
+    print(f"{device} {args.dtype}, {torch.get_num_threads()} threads, {'CPU' if args.cpu_time else 'wall'} time, "
+          f"32 rows, {batch.num_tokens} tokens (max {batch.max_len}), {args.reps} reps")
     print("| T | K | mode | loop ms min / median | batched ms min / median | loop / batched (min) |")
     print("|---|---|---|---|---|---|")
     for k in (1, 2):
@@ -61,29 +61,24 @@ def main():
             h = torch.randn(batch.num_tokens, 384, device=device, requires_grad=True)
             weights = torch.randn(tasks, 32, 384, device=device)
 
-            def train_step():
-                with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
-                    out = task_layers(h, batch)
-                (out.float() * weights).sum().backward()
-
-            def eval_step():
-                with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=autocast):
-                    task_layers(h, batch)
-
-            for mode, step in (("train", train_step), ("eval", eval_step)):
+            for mode in ("train", "eval"):
                 task_layers.train(mode == "train")
                 times = {False: [], True: []}  # by TaskLayers.batched
                 for rep in range(args.reps + 3):
-                    for batched in times:
+                    for batched, spent in times.items():
                         task_layers.batched = batched
                         if device.type == "cuda":
                             torch.cuda.synchronize()
                         tick = clock()
-                        step()
+                        with torch.set_grad_enabled(mode == "train"), torch.autocast(device.type, torch.bfloat16,
+                                                                                      enabled=autocast):
+                            out = task_layers(h, batch)
+                        if mode == "train":
+                            (out.float() * weights).sum().backward()
                         if device.type == "cuda":
                             torch.cuda.synchronize()
                         if rep >= 3:
-                            times[batched].append(clock() - tick)
+                            spent.append(clock() - tick)
                 (loop_min, loop_median), (batched_min, batched_median) = (
                     (min(t) * 1e3, statistics.median(t) * 1e3) for t in times.values())
                 print(f"| {tasks} | {k} | {mode} | {loop_min:.1f} / {loop_median:.1f} | {batched_min:.1f} / "

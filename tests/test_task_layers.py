@@ -54,7 +54,7 @@ def own_forward_cls(encoder, batch):
 def test_each_tasks_output_is_its_standalone_encoders(family, k, dtype, batched):
     encoder, task_layers, body = split(family, k, dtype=dtype, batched=batched)
     assert len(encoder_layers(encoder)) == 3 - k and task_layers.num_layers == k and task_layers.num_tasks == TASKS
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-12)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-12, "rtol": 1e-12}
     with torch.no_grad():
         padded = batch_of(family, packed=False)
         for packed in (True, False):

@@ -6,17 +6,17 @@ encoder's top K layers, initialised from the pretrained ones; the layers below s
     h_cls = body.cls_hidden(batch)                                  # [tasks, rows, d]
 
 The copies are ordinary transformers layer modules (`copies[t][k]`), so task t's copy goes back into a standard
-encoder (`encoder_for_task`). On CUDA they run batched across tasks, with each weight stacked over the copies at forward
-time (a copy against the products, and autograd hands each copy its own gradient): the first task layer projects
-the shared input onto every task's queries, keys and values in one product with the concatenated weights, later
-products are batched matrix products over tasks, and attention runs the tasks as T * rows sequences. The
-LayerNorms run per task with that copy's own weights, each drawing its own dropout mask; dropout elsewhere covers
-all tasks' elements, so each task's masks differ too. As in `LayerwiseEncoder`, the last layer runs its query, output
-projection, LayerNorms and feed-forward on the [CLS] rows only.
+encoder (`encoder_for_task`). On CUDA they run batched across tasks, each weight stacked over the copies at
+forward time (a copy, small against the products; autograd hands each copy its own gradient): the first task
+layer projects the shared input onto every task's queries, keys and values in one product with the concatenated
+weights, later products are batched matrix products over tasks, and attention runs the tasks as T * rows
+sequences. The LayerNorms run per task with that copy's own weights, each drawing its own dropout mask; dropout
+elsewhere covers all tasks' elements, so each task's masks differ too. As in `LayerwiseEncoder`, the last layer
+runs its query, output projection, LayerNorms and feed-forward on the [CLS] rows only.
 
 On the CPU the tasks run one after the other through `LayerwiseEncoder`'s layer code instead: with no launch
-overhead to save there, batching gained nothing and its copies (stacked weights, per-task layouts) cost 2 to 10%
-(MiniLM-sized layers, benchmarks/bench_task_layers.py; `batched` overrides the choice).
+overhead to save there, batching gained nothing, and its copies (stacked weights, per-task layouts) cost up to a
+tenth of the layers' time (MiniLM-sized layers: benchmarks/bench_task_layers.py). `batched` overrides the choice.
 """
 import copy
 
@@ -130,7 +130,8 @@ class TaskLayers(nn.Module):
         query_input = h.index_select(h.dim() - 2, batch.cls_index) if cls_only else h
         if cls_only:
             q = _task_linear(query_input, [[part.query] for part in parts]).unflatten(-1, (first.heads, -1))
-            k, v = _task_linear(h, [[part.key, part.value] for part in parts]).unflatten(-1, (2, first.heads, -1)).unbind(2)
+            kv = _task_linear(h, [[part.key, part.value] for part in parts])
+            k, v = kv.unflatten(-1, (2, first.heads, -1)).unbind(2)
             queries = q.reshape(tasks * batch.num_rows, 1, first.heads, -1).transpose(1, 2)
         else:
             qkv = _task_linear(h, [[part.query, part.key, part.value] for part in parts])

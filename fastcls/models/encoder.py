@@ -6,7 +6,9 @@
   must stay apart (`fastcls.models.attention`). Only h_CLS feeds the head, so the last layer runs its query,
   output projection, LayerNorms and feed-forward on the [CLS] tokens alone (keys and values still cover every
   token): the same result for about a sixth of that layer's work. A frozen prefix (frozen embeddings and the
-  bottom layers) runs without an autograd graph, and its output can be served from a `PrefixCache`.
+  bottom layers) runs without an autograd graph, and its output can be served from a `PrefixCache`. With task
+  layers (`use_task_layers`, multi-task `--task-layers K`), the encoder keeps its shared bottom layers and
+  `fastcls.models.task_layers.TaskLayers` runs every task's copy of the top K above them.
 - `OwnForwardEncoder`, for every other encoder: its own forward on padded batches.
 
 Dropout follows each module's mode (`EncoderClassifier.train` keeps frozen modules in eval mode), so a frozen

@@ -6,13 +6,17 @@ encoder's top K layers, initialised from the pretrained ones; the layers below s
     h_cls = body.cls_hidden(batch)                                  # [tasks, rows, d]
 
 The copies are ordinary transformers layer modules (`copies[t][k]`), so task t's copy goes back into a standard
-encoder (`encoder_for_task`). They run batched across tasks, with each weight stacked over the copies at forward
-time (a copy against the products, and autograd hands each copy its own gradient): the first task layer projects
-the shared input onto every task's queries, keys and values in one product with the concatenated weights, later
-products are batched matrix products over tasks, and attention runs the tasks as T * rows sequences. The
-LayerNorms run per task with that copy's own weights, each drawing its own dropout mask; dropout elsewhere covers
-all tasks' elements, so each task's masks differ too. As in `LayerwiseEncoder`, the last layer runs its query, output
-projection, LayerNorms and feed-forward on the [CLS] rows only.
+encoder (`encoder_for_task`). On CUDA they run batched across tasks, each weight stacked over the copies at
+forward time (a copy, small against the products; autograd hands each copy its own gradient): the first task
+layer projects the shared input onto every task's queries, keys and values in one product with the concatenated
+weights, later products are batched matrix products over tasks, and attention runs the tasks as T * rows
+sequences. The LayerNorms run per task with that copy's own weights, each drawing its own dropout mask; dropout
+elsewhere covers all tasks' elements, so each task's masks differ too. As in `LayerwiseEncoder`, the last layer
+runs its query, output projection, LayerNorms and feed-forward on the [CLS] rows only.
+
+On the CPU the tasks run one after the other through `LayerwiseEncoder`'s layer code instead: with no launch
+overhead to save there, batching gained nothing, and its copies (stacked weights, per-task layouts) cost up to a
+tenth of the layers' time (MiniLM-sized layers: benchmarks/bench_task_layers.py). `batched` overrides the choice.
 """
 import copy
 
@@ -24,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from fastcls.data import Batch, PackedBatch
 from fastcls.errors import ConfigError
 from fastcls.models import attention as attn
-from fastcls.models.encoder import LayerwiseEncoder, _add_norm, _Layer, task_layers_unsupported
+from fastcls.models.encoder import LayerwiseEncoder, _add_norm, _Layer, run_layer, task_layers_unsupported
 from fastcls.models.families import encoder_layers, family_of
 from fastcls.ops.dropout import recomputed_alike
 
@@ -43,7 +47,7 @@ def _task_linear(x: torch.Tensor, groups: list[list[nn.Linear]]) -> torch.Tensor
 def _to_heads(x: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Per-task tokens [T, tokens, H, D] -> [T * rows, H, max_len, D] (zeros at an unpadded batch's padding)."""
     if isinstance(batch, PackedBatch):
-        x = x.new_zeros(len(x), batch.num_rows * batch.max_len, *x.shape[2:]).index_copy(1, batch.pad_index, x)
+        x = x.new_zeros(len(x), batch.num_rows * batch.max_len, *x.shape[2:]).index_copy_(1, batch.pad_index, x)
     return x.reshape(len(x) * batch.num_rows, batch.max_len, *x.shape[2:]).transpose(1, 2)
 
 
@@ -68,6 +72,7 @@ class TaskLayers(nn.Module):
         if num_tasks < 1 or not layers:
             raise ValueError(f"TaskLayers needs at least one task and one layer, got {num_tasks} and {len(layers)}")
         self.kind = kind
+        self.batched: bool | None = None  # run the tasks batched (None: on CUDA) or one after the other
         self.copies = nn.ModuleList(nn.ModuleList(copy.deepcopy(layer) for layer in layers) for _ in range(num_tasks))
 
     @classmethod
@@ -97,14 +102,24 @@ class TaskLayers(nn.Module):
                 checkpointing: bool = False) -> torch.Tensor:
         """`kernels`: fastcls's dropout and LayerNorm kernels (else PyTorch's ops); `checkpointing`: recompute
         each layer's activations in the backward, as `LayerwiseEncoder` does."""
-        for index in range(self.num_layers):
-            cls_only = index == self.num_layers - 1
+        def run(layer, *args):
             if checkpointing:
-                h = checkpoint(recomputed_alike(self.layer), index, h, batch, cls_only, kernels, use_reentrant=False,
-                               context_fn=attn.recompute_in_the_same_context)
-            else:
-                h = self.layer(index, h, batch, cls_only, kernels)
-        return h
+                return checkpoint(recomputed_alike(layer), *args, use_reentrant=False,
+                                  context_fn=attn.recompute_in_the_same_context)
+            return layer(*args)
+
+        last = self.num_layers - 1
+        if self.batched if self.batched is not None else h.is_cuda:
+            for index in range(self.num_layers):
+                h = run(self.layer, index, h, batch, index == last, kernels)
+            return h
+        outputs = []
+        for layers in self.copies:
+            x = h
+            for index, layer in enumerate(layers):
+                x = run(run_layer, _Layer(layer, self.kind), x, batch, index == last, kernels)
+            outputs.append(x)
+        return torch.stack(outputs)
 
     def layer(self, index: int, h: torch.Tensor, batch: Batch, cls_only: bool, kernels: bool) -> torch.Tensor:
         """Layer `index` of every task on tokens h ([tokens, d] shared, or [T, tokens, d]): [T, tokens, d], or
@@ -115,7 +130,8 @@ class TaskLayers(nn.Module):
         query_input = h.index_select(h.dim() - 2, batch.cls_index) if cls_only else h
         if cls_only:
             q = _task_linear(query_input, [[part.query] for part in parts]).unflatten(-1, (first.heads, -1))
-            k, v = _task_linear(h, [[part.key, part.value] for part in parts]).unflatten(-1, (2, first.heads, -1)).unbind(2)
+            kv = _task_linear(h, [[part.key, part.value] for part in parts])
+            k, v = kv.unflatten(-1, (2, first.heads, -1)).unbind(2)
             queries = q.reshape(tasks * batch.num_rows, 1, first.heads, -1).transpose(1, 2)
         else:
             qkv = _task_linear(h, [[part.query, part.key, part.value] for part in parts])

@@ -225,3 +225,12 @@ label_column = "bucket"
     model, _, labels, _ = load_run(tmp_path / "run")
     assert labels.names == ["sent", "size"] and labels.maps[1].names == ["long", "mid", "short"]
     assert model.head.task_weights.tolist() == [0.25, 0.75]
+
+
+def test_freezing_into_the_task_layers_names_both_flags(tiny_bert, tmp_path, capsys):
+    data = _two_label_file(tmp_path / "train.tsv", n=8)
+    assert main(["train", "--model", str(tiny_bert), "--train", str(data), "--label-column", "sentiment",
+                 "--label-column", "size", "--task-layers", "1", "--freeze-layers", "2", "--output",
+                 str(tmp_path / "out"), "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--freeze-layers 2" in err and "--task-layers 1" in err

@@ -116,7 +116,8 @@ class EncoderClassifier(nn.Module):
         output for a row never changes."""
         if not embeddings and not layers:
             return
-        count = len(encoder_layers(self.encoder))
+        # all the layers, those moved into task layers included: the body names both flags when it freezes into them
+        count = len(encoder_layers(self.encoder)) + (self.task_layers.num_layers if self.task_layers is not None else 0)
         if not 0 <= layers <= count:
             raise ConfigError(f"--freeze-layers {layers}: {type(self.encoder).__name__} has {count} layers")
         self.body.frozen_embeddings, self.body.frozen_layers = embeddings, layers

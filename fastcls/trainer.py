@@ -205,7 +205,7 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
     logger = MetricsLogger(run.metrics_path, total_steps, enabled=ddp.is_main)
     processes = (f", {ddp.world_size} processes ({'FSDP2' if cfg.fsdp else 'DDP'}), global batch "
                  f"{cfg.batch_size * ddp.world_size}" if ddp.enabled else "")
-    logger.write(f"fastcls: {data.describe()}, {total_steps} steps, "
+    logger.write(f"fastcls: {data.describe(batches)}, {total_steps} steps, "
                  f"{device} {precision}{processes}, {'unpadded' if model.packed else 'padded'} batches"
                  f"{', CUDA graphs' if graphs else ''}, {train_set.num_truncated} rows truncated to --max-length "
                  f"{cfg.max_length}")

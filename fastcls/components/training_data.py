@@ -37,14 +37,17 @@ class TrainingData:
     source: np.ndarray | None = None  # multi-task: each training row's source file (the sampling unit)
     skipped_rows: dict = dataclasses.field(default_factory=dict)
     label_columns: list[str] | None = None  # multi-task: each task's label column, for `fastcls eval`
+    source_names: list[str] | None = None  # multi-task: the sampling sources (task files, or the one --train)
+    summary: str = ""  # multi-task: the tasks, their labels and rows
 
     def batches(self, cfg: TrainConfig, world_size: int) -> LengthGroupedBatches | TaskMixedBatches:
-        """Every rank cuts the same global batches (fastcls.components.distributed) and runs its share of each."""
+        """Every rank cuts the same global batches (fastcls.components.distributed) and runs its share of each; a
+        multi-task run's mix its task files (one file: the same batches as LengthGroupedBatches')."""
         size = cfg.batch_size * world_size
-        if self.source is not None and len(np.unique(self.source)) > 1:
-            return TaskMixedBatches(self.train.lengths, self.source, size, sampling=cfg.task_sampling,
-                                    temperature=cfg.sampling_temperature, group_size=cfg.group_size, seed=cfg.seed)
-        return LengthGroupedBatches(self.train.lengths, size, group_size=cfg.group_size, seed=cfg.seed)
+        if self.source is None:
+            return LengthGroupedBatches(self.train.lengths, size, group_size=cfg.group_size, seed=cfg.seed)
+        return TaskMixedBatches(self.train.lengths, self.source, size, sampling=cfg.task_sampling,
+                                temperature=cfg.sampling_temperature, group_size=cfg.group_size, seed=cfg.seed)
 
     def share(self, global_rows: list[int], ddp: Distributed) -> tuple[list[int], float, dict]:
         """This rank's rows of a global batch, the weight of its loss and, multi-task, what its batch carries."""
@@ -62,13 +65,12 @@ class TrainingData:
     def with_counts(batch: Batch, extra: dict) -> Batch:
         return dataclasses.replace(batch, **extra) if extra else batch
 
-    def describe(self) -> str:
+    def describe(self, batches) -> str:
+        """The data's part of the run's first line."""
         if self.tasks is None:
             return f"{len(self.train)} training rows, {len(self.labels)} labels"
-        counts = (self.train.labels != IGNORED_LABEL).sum(0)
-        tasks = ", ".join(f"{name} ({n} rows, {k} labels)" for name, n, k in
-                          zip(self.labels.names, counts.tolist(), self.labels.num_labels, strict=True))
-        return f"{len(self.train)} training rows, {len(self.labels.names)} tasks: {tasks}"
+        mixing = f" (per epoch: {batches.describe(self.source_names)})" if len(self.source_names) > 1 else ""
+        return f"{len(self.train)} training rows, {self.summary}{mixing}"
 
 
 def _read(data, cfg: TrainConfig, name: str, skipped_rows: dict):
@@ -156,5 +158,6 @@ def _read_tasks(cfg: TrainConfig, tokenizer) -> TrainingData:
     if cfg.metric_task is not None and not data.dev_counts[labels.names.index(cfg.metric_task)]:
         raise ConfigError(f"--metric-task {cfg.metric_task}: that task has no dev rows to choose on")
     tasks = Tasks(labels.names, labels.num_labels, weights, cfg.task_weighting == "uncertainty", cfg.task_layers)
+    sources = data.source_names if columns else [spec.name for spec in specs]  # a task's file: the task's name
     return TrainingData(data.train, data.dev, labels, tasks, data.train_source, skipped_rows,
-                        columns or [spec.label_column for spec in specs])
+                        columns or [spec.label_column for spec in specs], sources, data.summary())

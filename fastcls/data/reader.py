@@ -1,4 +1,5 @@
-"""Read text classification examples from TSV, CSV and JSON-lines files.
+"""Read text classification examples from TSV, CSV and JSON-lines files (long because one row loop serves
+every format, rows in memory and multi-task label columns alike, and splitting it would split that loop).
 
 Formats, chosen by the file extension:
 

@@ -20,7 +20,7 @@ from torch import nn
 from fastcls.config import HEAD_IMPLS
 from fastcls.data.collate import IGNORED_LABEL
 from fastcls.ops import (classification_head, cross_entropy_reference, dropout, linear_cross_entropy,
-                         multi_task_head)
+                         multi_task_cross_entropy_reference, multi_task_head)
 
 # From this many classes a training step's logits outgrow the activations of the rows' h_CLS several times over
 # (K x 4 bytes per row against d x 4): the fused linear + cross-entropy then saves their memory and one pass.
@@ -114,22 +114,18 @@ class MultiTaskHead(nn.Module):
         return loss, logits
 
     def _reference(self, h, labels, scale):
-        """PyTorch's dropout, linear layers and cross-entropy, one task after another."""
+        """PyTorch's dropout, linear layers and per-task cross-entropy sums."""
         dropped = F.dropout(h, self.dropout_p, self.training)
-        bounds = [0]
-        for k in self.task_num_labels:
-            bounds.append(bounds[-1] + k)
         weight, bias = self.linear.weight, self.linear.bias
         if dropped.ndim == 2:
             logits = F.linear(dropped, weight, bias)
         else:
-            logits = torch.cat([F.linear(dropped[t], weight[a:b], bias[a:b])
-                                for t, (a, b) in enumerate(zip(bounds, bounds[1:]))], dim=1)
+            logits = torch.cat([F.linear(x, w, b) for x, w, b in zip(dropped, weight.split(self.task_num_labels),
+                                                                     bias.split(self.task_num_labels), strict=True)],
+                               dim=1)
         if labels is None:
             return None, logits
-        loss = sum(scale[t] * F.cross_entropy(logits[:, a:b].float(), labels[:, t], ignore_index=IGNORED_LABEL,
-                                              reduction="sum")
-                   for t, (a, b) in enumerate(zip(bounds, bounds[1:])))
+        loss, _ = multi_task_cross_entropy_reference(logits, labels, self.task_num_labels, scale)
         return loss, logits
 
     def extra_repr(self) -> str:

@@ -74,8 +74,8 @@ def keep_freed_gigabyte_blocks() -> None:
         pass
 
 
-def interleaved_median_times(steps: dict, device: torch.device, reps: int) -> dict[str, float]:
-    """Median time of each step, the steps taking turns so that a noisy machine slows them alike."""
+def interleaved_times(steps: dict, device: torch.device, reps: int) -> dict[str, list[float]]:
+    """Each step's times, the steps taking turns so that a noisy machine slows them alike."""
     for step in steps.values():  # warm-up, compilation included
         step()
         step()
@@ -87,7 +87,12 @@ def interleaved_median_times(steps: dict, device: torch.device, reps: int) -> di
             step()
             sync(device)
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def interleaved_median_times(steps: dict, device: torch.device, reps: int) -> dict[str, float]:
+    """Median time of each step (`interleaved_times`)."""
+    return {name: statistics.median(values) for name, values in interleaved_times(steps, device, reps).items()}
 
 
 def peak_rss_mb() -> float:

@@ -28,6 +28,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_cross_entropy import interleaved_times
+
 from fastcls.ops import multi_task_head
 
 BATCHES = (32, 256)
@@ -36,27 +38,6 @@ NUM_LABELS = ([2, 4], [2, 4, 10, 3])
 LAYOUTS = ("shared", "per-task")
 DROPOUT = 0.1
 MISSING = 0.2
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def interleaved_times(steps: dict, device: torch.device, reps: int) -> dict[str, list[float]]:
-    """Each step's times, the steps taking turns so that a noisy machine slows them alike."""
-    for step in steps.values():
-        step()
-        step()
-    times = {name: [] for name in steps}
-    for _ in range(reps):
-        for name, step in steps.items():
-            sync(device)
-            start = time.perf_counter()
-            step()
-            sync(device)
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 class TorchHeads(nn.Module):

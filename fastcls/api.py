@@ -42,6 +42,10 @@ def train(config: TrainConfig | None = None, /, *, encoder: nn.Module | None = N
     - `optimizer`: `f(param_groups) -> torch.optim.Optimizer`, given the decayed and undecayed parameter groups
       (default: fastcls's FusedAdamW with `lr` and `weight_decay`); `scheduler`: `f(optimizer, total_steps)
       -> an LR scheduler` stepped once per optimizer step (default: warmup then `decay`).
+    - multi-task: `tasks=["NAME=TRAIN[,DEV][:LABEL_COLUMN]", {"name": ..., "train": rows, "dev": ...}, ...]` (files
+      or rows in memory per task), or `label_column=["a", "b"]` for several label columns of `train`; with
+      `task_weights`, `task_weighting`, `task_sampling`, `task_layers` and `metric_task` as the CLI's flags. The
+      result's classifier then answers per task (`predict(texts, task=None)` gives a dict by task name).
     - `callbacks`: `fastcls.Callback` objects, called at train begin, step end, evaluation, save and train end.
     - `resume`: a run folder (or "latest": the run in `output`, else the newest under fastcls_runs/) to continue
       from its newest resumable checkpoint with the run's own settings; settings given here (or in `config`,

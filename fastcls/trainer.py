@@ -31,8 +31,8 @@ from fastcls.components.precision import grad_scaler, resolve_precision
 from fastcls.components.prefix_cache import frozen_report, prefix_cache_for
 from fastcls.components.resume import Loop, Resumer, Training, data_digest, refill_prefix_cache
 from fastcls.components.train_step import StepConfig, TrainStep, cuda_graphs_enabled, graph_report
-from fastcls.config import TrainConfig
 from fastcls.components.training_data import read_training_data
+from fastcls.config import TrainConfig
 from fastcls.data import LabelMap, TaskLabels, bucket_length, collate
 from fastcls.errors import ConfigError, TrainingError, TrainingInterrupted
 from fastcls.evaluate import evaluate_logits, predict_logits

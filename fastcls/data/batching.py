@@ -118,6 +118,13 @@ def tokenize_examples(
     )
 
 
+def check_batch_sizes(batch_size: int, group_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    if group_size < 1:
+        raise ValueError(f"group_size must be at least 1, got {group_size}")
+
+
 class LengthGroupedBatches:
     """Batches of row indices (lists of ints), usable as a DataLoader ``batch_sampler``.
 
@@ -143,10 +150,7 @@ class LengthGroupedBatches:
         group_size: int = 50,
         seed: int = 0,
     ):
-        if batch_size < 1:
-            raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
-        if group_size < 1:
-            raise ValueError(f"group_size must be at least 1, got {group_size}")
+        check_batch_sizes(batch_size, group_size)
         self.lengths = np.asarray(lengths, dtype=np.int64)
         if not len(self.lengths):
             raise ValueError("no rows to batch")

@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from fastcls.data.batching import LengthGroupedBatches, _longest_first
+from fastcls.data.batching import LengthGroupedBatches, _longest_first, check_batch_sizes
 
 SAMPLING = ("proportional", "uniform", "temperature")
 
@@ -62,10 +62,7 @@ class TaskMixedBatches:
         group_size: int = 50,
         seed: int = 0,
     ):
-        if batch_size < 1:
-            raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
-        if group_size < 1:
-            raise ValueError(f"group_size must be at least 1, got {group_size}")
+        check_batch_sizes(batch_size, group_size)
         self.lengths = np.asarray(lengths, dtype=np.int64)
         source = np.asarray(source, dtype=np.int64)
         if not len(self.lengths) or len(source) != len(self.lengths):

@@ -72,6 +72,7 @@ inline uint16_t f32_to_half(float value) {
 
 inline float to_f32(float value) { return value; }
 inline float to_f32(uint16_t bits) { return bf16_to_f32(bits); }
+inline float to_f32(Half half) { return half_to_f32(half.bits); }
 
 template <typename Element>
 Element from_f32(float value);
@@ -79,5 +80,7 @@ template <>
 inline float from_f32<float>(float value) { return value; }
 template <>
 inline uint16_t from_f32<uint16_t>(float value) { return f32_to_bf16(value); }
+template <>
+inline Half from_f32<Half>(float value) { return Half{f32_to_half(value)}; }
 
 }  // namespace fastcls

@@ -71,7 +71,7 @@ void store_chunk(Logit* dst, const float* values, int64_t len, bool streaming, L
     src = values;
   } else {
 #pragma omp simd
-    for (int64_t k = 0; k < len; ++k) narrow_buffer[k] = narrow<Logit>(values[k]);
+    for (int64_t k = 0; k < len; ++k) narrow_buffer[k] = from_f32<Logit>(values[k]);
     src = narrow_buffer;
   }
   if (streaming)
@@ -281,7 +281,7 @@ float first_pass(const Logit* row, int64_t t, const Options& o, RowScratch<Logit
   const float smooth_per_class = eps / float(n_classes);
   // Summed in this order, a confident row's small loss does not cancel away as lse - x_t would. (Read before
   // the row's gradient is written, which may be over the row itself.)
-  const float nll = (row_max - widen(row[t])) + log_sum;
+  const float nll = (row_max - to_f32(row[t])) + log_sum;
   float loss = (1.0f - eps) * w_t * nll;
   if (smoothing) loss += smooth_per_class * float(double(o.class_weight_total) * lse - weighted_logit_sum);
   if (next != nullptr) {

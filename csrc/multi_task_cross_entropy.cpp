@@ -61,7 +61,7 @@ float segment(const Logit* x_in, int64_t len, int64_t y, float scale, Logit* gra
   scale_shift(exps, scale / sum, 0.0f, exps, len);
   exps[y] -= scale;  // before rounding, so a bf16/fp16 target gradient is the rounded exact value
 #pragma omp simd
-  for (int64_t k = 0; k < len; ++k) grad[k] = narrow<Logit>(exps[k]);
+  for (int64_t k = 0; k < len; ++k) grad[k] = from_f32<Logit>(exps[k]);
   return loss;
 }
 
@@ -90,7 +90,7 @@ void run(const Logit* logits, int64_t n_rows, int64_t n_classes, int64_t row_str
         Logit* grad_segment = grad_row != nullptr ? grad_row + offsets[t] : nullptr;
         if (y == ignore_index) {
           losses[i * n_tasks + t] = 0.0f;
-          if (grad_segment != nullptr) std::fill(grad_segment, grad_segment + sizes[t], narrow<Logit>(0.0f));
+          if (grad_segment != nullptr) std::fill(grad_segment, grad_segment + sizes[t], from_f32<Logit>(0.0f));
           continue;
         }
         losses[i * n_tasks + t] = segment(row + offsets[t], sizes[t], y, task_scale[t], grad_segment,

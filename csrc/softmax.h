@@ -1,6 +1,6 @@
 // Softmax arithmetic over fp32 spans that the cross-entropy kernels share: an exp for nonpositive arguments, the
 // loops over a span (max, sum of exponentials, rescaling; AVX-512 where built, portable otherwise), and the
-// widening of bf16/fp16 logits to fp32 and back.
+// widening of bf16/fp16 logit chunks to fp32 (the element conversions are bf16.h's).
 #pragma once
 
 #include "bf16.h"
@@ -146,25 +146,12 @@ inline void scale_shift(const float* e, float coef, float offset, float* out, in
 }
 #endif
 
-inline float widen(float value) { return value; }
-inline float widen(uint16_t bits) { return bf16_to_f32(bits); }
-inline float widen(Half half) { return half_to_f32(half.bits); }
-
-template <typename Logit>
-Logit narrow(float value);
-template <>
-inline float narrow<float>(float value) { return value; }
-template <>
-inline uint16_t narrow<uint16_t>(float value) { return f32_to_bf16(value); }
-template <>
-inline Half narrow<Half>(float value) { return Half{f32_to_half(value)}; }
-
 // fp32 logits are read in place; narrower ones are widened into `buffer` once per chunk.
 inline const float* chunk_as_f32(const float* chunk, int64_t, float*) { return chunk; }
 template <typename Logit>
 inline const float* chunk_as_f32(const Logit* chunk, int64_t len, float* buffer) {
 #pragma omp simd
-  for (int64_t k = 0; k < len; ++k) buffer[k] = widen(chunk[k]);
+  for (int64_t k = 0; k < len; ++k) buffer[k] = to_f32(chunk[k]);
   return buffer;
 }
 

@@ -269,7 +269,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     task = _one_task(args, labels)
     logits = predict_logits(model, encoded, args.batch_size, device, precision, pad_id)
     if task is not None:  # one task's predictions, as a single-task run's
-        logits, labels = logits[:, labels.offsets[task]:labels.offsets[task + 1]], labels.maps[task]
+        logits, labels = labels.task_logits(logits, task), labels.maps[task]
     write_predictions(args.output, logits, labels)
     print(f"wrote {len(encoded)} predictions to {args.output}")
 

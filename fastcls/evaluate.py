@@ -53,7 +53,7 @@ def evaluate_logits(logits: torch.Tensor, encoded: Encoded, labels: LabelMap | T
         kept = target[:, t] != IGNORED_LABEL
         if not bool(kept.any()):
             continue
-        task_logits = logits[kept, labels.offsets[t]:labels.offsets[t + 1]]
+        task_logits = labels.task_logits(logits, t)[kept]
         task = classification_report(task_logits.argmax(-1), target[kept, t], labels.maps[t].names)
         per_class[name] = task.pop("per_class")
         task["loss"] = cross_entropy(task_logits, target[kept, t]).item()
@@ -79,8 +79,8 @@ def task_probabilities(logits: torch.Tensor, labels: LabelMap | TaskLabels) -> l
     """(task name, its labels, probabilities [N, K_t]) per task; one task named "" for a single-task run."""
     if isinstance(labels, LabelMap):
         return [("", labels, torch.softmax(logits.float(), dim=-1).cpu())]
-    return [(name, labels.maps[t], torch.softmax(logits[:, labels.offsets[t]:labels.offsets[t + 1]].float(),
-                                                 dim=-1).cpu()) for t, name in enumerate(labels.names)]
+    return [(name, labels.maps[t], torch.softmax(labels.task_logits(logits, t).float(), dim=-1).cpu())
+            for t, name in enumerate(labels.names)]
 
 
 def write_predictions(path: str | Path, logits: torch.Tensor, labels: LabelMap | TaskLabels) -> None:

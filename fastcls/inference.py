@@ -39,8 +39,7 @@ class Classifier:
             if task is not None:
                 raise ValueError(f"task={task!r}: this model has a single task")
             return answer(logits, self.label_map)
-        offsets = self.label_map.offsets
-        answers = {name: answer(logits[:, offsets[t]:offsets[t + 1]], self.label_map.maps[t])
+        answers = {name: answer(self.label_map.task_logits(logits, t), self.label_map.maps[t])
                    for t, name in enumerate(self.label_map.names) if task in (None, name)}
         if task is not None and not answers:
             raise ValueError(f"task={task!r}: the tasks are {self.label_map.names}")

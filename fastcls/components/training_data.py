@@ -119,9 +119,6 @@ def task_specs(cfg: TrainConfig) -> list[TaskSpec]:
             specs.append(TaskSpec(**value))
         else:
             raise ConfigError(f"--task: each task is a {TASK_FORMAT} string or a table, got {type(value).__name__}")
-    names = [spec.name for spec in specs]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"--task: task names repeat: {names}")
     return specs
 
 
@@ -139,10 +136,6 @@ def _read_tasks(cfg: TrainConfig, tokenizer) -> TrainingData:
         if skipped.lines:
             print(skipped.summary())
             skipped_rows[name] = skipped.counts
-    for name, label_map in zip(data.names, data.labels, strict=True):
-        if len(label_map) < 2:
-            raise DataError(f"task {name}: its training rows have a single label {label_map.names}; "
-                            "classification needs two or more")
     labels = TaskLabels(data.names, data.labels)
     weights = None
     if cfg.task_weights is not None:

@@ -114,6 +114,10 @@ class TaskLabels:
     def num_labels(self) -> list[int]:
         return [len(m) for m in self.maps]
 
+    def task_logits(self, logits, task: int):
+        """Task `task`'s columns of the heads' concatenated logits [rows, sum K_t]."""
+        return logits[:, self.offsets[task]:self.offsets[task + 1]]
+
     def index(self, task: str, flag: str = "--task") -> int:
         if task not in self.names:
             raise DataError(f"{flag} {task}: the run's tasks are {', '.join(self.names)}")

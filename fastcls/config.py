@@ -24,9 +24,12 @@ UNPAD = ("auto", "on", "off")
 CUDA_GRAPHS = ("auto", "on", "off")
 TASK_WEIGHTING = ("fixed", "uncertainty")
 TASK_SAMPLING = ("proportional", "uniform", "temperature")
+AUGMENT = ("none", "eda")
+AUGMENT_COPIES = ("fresh", "fixed")
 # settings whose value must be one of a list: the CLI's `choices=` and the checks below read this table
 CHOICES = {"decay": DECAYS, "metric": METRICS, "precision": PRECISIONS, "head_impl": HEAD_IMPLS, "unpad": UNPAD,
-           "cuda_graphs": CUDA_GRAPHS, "task_weighting": TASK_WEIGHTING, "task_sampling": TASK_SAMPLING}
+           "cuda_graphs": CUDA_GRAPHS, "task_weighting": TASK_WEIGHTING, "task_sampling": TASK_SAMPLING,
+           "augment": AUGMENT, "augment_copies": AUGMENT_COPIES}
 # flags whose name is not the setting's with dashes
 FLAG_NAMES = {"text_columns": "--text-column", "kernels": "--no-kernels",
               "cache_frozen": "--no-cache-frozen", "tasks": "--task", "task_weights": "--task-weight"}
@@ -108,6 +111,16 @@ class TrainConfig:
     sampling_temperature: float = 2.0  # temperature sampling: p_t proportional to n_t ** (1 / T)
     task_layers: int = 0  # each task's own copy of the top K encoder layers
     metric_task: str | None = None  # choose the best checkpoint on this task's --metric (default: the tasks' mean)
+    # EDA augmentation of the training rows (fastcls/components/augmentation.py; the operations: fastcls/augment)
+    augment: str = "none"  # none | eda
+    augment_copies: str = "fresh"  # fresh: new copies every epoch | fixed: drawn once (Wei & Zou's way)
+    num_aug: int = 4  # copies per row, besides the row itself
+    alpha_sr: float = 0.1  # synonym replacement, random insertion, random swap: max(1, int(alpha * words)) edits
+    alpha_ri: float = 0.1
+    alpha_rs: float = 0.1
+    p_rd: float = 0.1  # random deletion: each word's probability
+    eda_ops: list[str] | None = None  # the operations to use (sr, ri, rs, rd); None: all four
+    synonyms: str | None = None  # a word<TAB>synonym... file instead of the bundled WordNet 3.0 table
 
     def resolve(self) -> "TrainConfig":
         """A copy with the bundled defaults filled in, every value checked (naming the flag at fault)."""

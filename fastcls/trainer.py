@@ -177,8 +177,9 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
     total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
     scaler = grad_scaler(device, precision)
     eval_every = cfg.eval_every or steps_per_epoch
+    fresh = data.augmentation is not None and data.augmentation.fresh  # rows that change every epoch: never cached
     cache, no_cache_reason = prefix_cache_for(model, train_set, device, math.ceil(total_steps / steps_per_epoch),
-                                              cfg.cache_frozen, cfg.cache_budget_gb)
+                                              cfg.cache_frozen, cfg.cache_budget_gb, fresh)
     graphs = cuda_graphs_enabled(cfg.cuda_graphs, device, precision, *custom, ddp, model, cache)
     schedule = ScheduleConfig(total_steps, resolve_warmup_steps(cfg.warmup, total_steps), cfg.decay)
     if scheduler_factory is not None:
@@ -209,6 +210,8 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
                  f"{device} {precision}{processes}, {'unpadded' if model.packed else 'padded'} batches"
                  f"{', CUDA graphs' if graphs else ''}, {train_set.num_truncated} rows truncated to --max-length "
                  f"{cfg.max_length}")
+    if data.augmentation is not None:
+        logger.write(data.augmentation.describe())
     state = TrainState(model, optimizer, total_steps, run.out)
     stopping = EarlyStopping(cfg.metric, cfg.patience, cfg.metric_task)
     training = Training(model, optimizer, scheduler, scaler, generator, state, stopping, step.loss_sum,
@@ -230,6 +233,7 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
         if resume and cache is not None:  # what the interrupted run had cached
             refill_prefix_cache(model, train_set, batches, state.epoch, first_micro, device, precision, pad_id, ddp)
         while state.step < total_steps and not state.should_stop:
+            train_set = data.train_for(state.epoch)  # fresh EDA copies: this epoch's own
             micro_batches = batches.batches(state.epoch)
             if not first_micro:  # a resumed epoch keeps its start
                 epoch_start = train_seconds + time.perf_counter() - tick
@@ -314,6 +318,8 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
     if cache is not None:
         model.body.use_prefix_cache(None, None)
         cache.close()
+    if data.augmentation is not None:
+        data.augmentation.close()
     ranks = rank_report(ddp, rank_tokens, padded_tokens, step.forward_seconds, cfg.batch_size)
     if cfg.fsdp:  # the kept model is rank 0's whole copy; the other ranks return their shards
         full = parallel.full_model()
@@ -329,6 +335,7 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
                          "train_tokens_per_s": result.train_tokens_per_s, "train_seconds": train_seconds,
                          "total_seconds": result.total_seconds, "epoch_seconds": epoch_seconds, "frozen": frozen,
                          "distributed": ranks, "skipped_rows": skipped_rows,
+                         "augment_wait_seconds": data.augmentation.waited_seconds if data.augmentation else None,
                          "cuda_graphs": graph_report(step, tokens, padded_tokens) if graphs else None})
     if frozen is not None and ddp.is_main:
         print("frozen: " + ", ".join(f"{k} {v}" for k, v in frozen.items()))

@@ -251,13 +251,17 @@ def _preview(rows: np.ndarray, limit: int = 8) -> str:
     return f"[{shown}{', ...' if len(rows) > limit else ''}]"
 
 
-def prefix_cache_for(model, train_set, device, epochs: int, enabled: bool, budget_gb: float):
+def prefix_cache_for(model, train_set, device, epochs: int, enabled: bool, budget_gb: float,
+                     rows_change: bool = False):
     """(the cache of `model`'s frozen prefix output per row of `train_set`, installed in the model, or None; why
-    not, when None). `enabled`: --cache-frozen; `budget_gb`: --cache-budget-gb."""
+    not, when None). `enabled`: --cache-frozen; `budget_gb`: --cache-budget-gb; `rows_change`: the training rows
+    change every epoch (fresh EDA copies), so no row's output may be served again."""
     if not model.frozen_embeddings:
         return None, "nothing to cache: the embeddings train"
     if not enabled:
         return None, "off (--no-cache-frozen)"
+    if rows_change:
+        return None, "off: --augment-copies fresh changes the rows every epoch"
     if not model.packed:
         return None, ("needs unpadded batches (--unpad off)" if model.body.takes_packed
                       else f"{type(model.encoder).__name__} runs through its own forward")

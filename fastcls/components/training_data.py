@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fastcls.components.augmentation import Augmentation, FreshEpochBatches, augmentation_for
 from fastcls.components.distributed import Distributed
 from fastcls.config import TrainConfig, flag
 from fastcls.data import LabelMap, LengthGroupedBatches, SkippedRows, TaskLabels, read_examples, tokenize_examples
@@ -39,11 +40,18 @@ class TrainingData:
     label_columns: list[str] | None = None  # multi-task: each task's label column, for `fastcls eval`
     source_names: list[str] | None = None  # multi-task: the sampling sources (task files, or the one --train)
     summary: str = ""  # multi-task: the tasks, their labels and rows
+    augmentation: Augmentation | None = None  # --augment eda: the training rows' copies
+
+    def train_for(self, epoch: int):
+        """The rows epoch `epoch` trains on: `train`, except with fresh EDA copies, which change every epoch."""
+        return self.train if self.augmentation is None else self.augmentation.train_for(epoch)
 
     def batches(self, cfg: TrainConfig, world_size: int) -> LengthGroupedBatches | TaskMixedBatches:
         """Every rank cuts the same global batches (fastcls.components.distributed) and runs its share of each; a
         multi-task run's mix its task files (one file: the same batches as LengthGroupedBatches')."""
         size = cfg.batch_size * world_size
+        if self.augmentation is not None and self.augmentation.fresh:
+            return FreshEpochBatches(self.augmentation, size, cfg.group_size, cfg.seed)
         if self.source is None:
             return LengthGroupedBatches(self.train.lengths, size, group_size=cfg.group_size, seed=cfg.seed)
         return TaskMixedBatches(self.train.lengths, self.source, size, sampling=cfg.task_sampling,
@@ -68,7 +76,8 @@ class TrainingData:
     def describe(self, batches) -> str:
         """The data's part of the run's first line."""
         if self.tasks is None:
-            return f"{len(self.train)} training rows, {len(self.labels)} labels"
+            copies = f" ({len(self.augmentation.rows)} and their EDA copies)" if self.augmentation else ""
+            return f"{len(self.train)} training rows{copies}, {len(self.labels)} labels"
         mixing = f" (per epoch: {batches.describe(self.source_names)})" if len(self.source_names) > 1 else ""
         return f"{len(self.train)} training rows, {self.summary}{mixing}"
 
@@ -97,12 +106,16 @@ def read_training_data(cfg: TrainConfig, tokenizer) -> TrainingData:
     labels = LabelMap.from_labels([row.label for row in train_rows]).renamed(cfg.label_names)
     if len(labels) < 2:
         raise DataError(f"--train: {cfg.train} has a single label {labels.names}; classification needs two or more")
-    train_set = tokenize_examples(train_rows, tokenizer, cfg.max_length, label_map=labels)
+    augmentation = augmentation_for(cfg, train_rows, tokenizer, labels)
+    if augmentation is None:
+        train_set = tokenize_examples(train_rows, tokenizer, cfg.max_length, label_map=labels)
+    else:
+        train_set = augmentation.train_for(0)
     dev_set = None
     if cfg.dev is not None:
         dev_rows = _read(cfg.dev, cfg, "dev", skipped_rows)
         dev_set = tokenize_examples(dev_rows, tokenizer, cfg.max_length, label_map=labels)
-    return TrainingData(train_set, dev_set, labels, skipped_rows=skipped_rows)
+    return TrainingData(train_set, dev_set, labels, skipped_rows=skipped_rows, augmentation=augmentation)
 
 
 def task_specs(cfg: TrainConfig) -> list[TaskSpec]:
@@ -123,6 +136,9 @@ def task_specs(cfg: TrainConfig) -> list[TaskSpec]:
 
 
 def _read_tasks(cfg: TrainConfig, tokenizer) -> TrainingData:
+    if cfg.augment != "none":
+        raise ConfigError("--augment: EDA augments single-task runs only; write augmented files with "
+                          "`fastcls augment` and give them as the tasks' files")
     if cfg.label_names is not None:
         raise ConfigError("--label-names renames the labels of a single task; a multi-task run keeps each task's "
                           "labels as its data spells them")

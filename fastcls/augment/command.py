@@ -64,7 +64,7 @@ def augment_file(input: str | Path, output: str | Path, cfg: EdaConfig, *, synon
     _write_atomically(output, _formatted(output, [*columns, *ADDED_COLUMNS], rows))
     coverage = table.coverage(texts)
     return (f"{source}: {len(records):,} rows in, {len(rows):,} rows out (each followed by its {cfg.num_aug} "
-            f"copies) in {time.perf_counter() - start:.1f} s; synonyms: {table.source}, {coverage.describe()}; "
+            f"cop{'y' if cfg.num_aug == 1 else 'ies'}) in {time.perf_counter() - start:.1f} s; synonyms: {table.source}, {coverage.describe()}; "
             f"wrote {output}")
 
 

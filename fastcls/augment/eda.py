@@ -147,9 +147,9 @@ OPERATIONS = {"sr": synonym_replacement, "ri": random_insertion, "rs": random_sw
 
 
 def row_random(seed: int, epoch: int, row: int) -> random.Random:
-    """The random stream of one row: from (seed, epoch, row) alone (numpy's SeedSequence mixes them)."""
-    state = np.random.SeedSequence([seed % 2**64, epoch, row]).generate_state(2, np.uint64)
-    return random.Random(int(state[0]) << 64 | int(state[1]))
+    """The random stream of one row: from (seed, epoch, row) alone. Mersenne Twister seeded with one integer
+    holding the three (its init_by_array mixes every 32-bit piece of the key into the whole state)."""
+    return random.Random((seed % 2**64) << 128 | (epoch % 2**64) << 64 | row)
 
 
 def augment_rows(texts: Sequence[tuple[str, ...]], cfg: EdaConfig, synonyms: SynonymTable, seed: int,

@@ -19,8 +19,8 @@ def tokenize(text: str) -> tuple[list[list], bool]:
     """(tokens, cased): `cased` when the text's first word is capitalised, so new sentence starts are too."""
     tokens, at_start, cased = [], True, None
     for piece in text.split():
-        lead, core, trail = _TOKEN.fullmatch(piece).groups()
-        if _LETTER.search(core):
+        lead, core, trail = ("", piece, "") if piece.isalpha() else _TOKEN.fullmatch(piece).groups()
+        if piece.isalpha() or _LETTER.search(core):
             if cased is None:
                 cased = core[0].isupper()
             start_cap = at_start and core[0].isupper() and not looks_proper(core)
@@ -61,6 +61,8 @@ def shaped(word: str, like: str) -> str:
 
 
 def render(tokens: list[list], cased: bool) -> str:
+    if not cased and not any(token[START_CAP] for token in tokens):  # no capital to move: lower-cased text
+        return " ".join([lead + core + trail for lead, core, trail, *_ in tokens])
     parts, at_start = [], True
     for lead, core, trail, is_word, was_start, start_cap in tokens:
         if is_word:

@@ -32,9 +32,11 @@ def run(args: argparse.Namespace) -> str:
                         label_column=getattr(args, "label_column", "label"), overwrite=args.overwrite)
 
 
-def augment_file(input: str | Path, output: str | Path, cfg: EdaConfig, *, synonyms: str | None = None, seed: int = 0,
+def augment_file(data: str | Path, output: str | Path, cfg: EdaConfig, *, synonyms: str | None = None, seed: int = 0,
                  text_columns=None, text_pair_column: str | None = None, label_column: str | None = "label",
                  overwrite: bool = False) -> str:
+    """Write `data` (a .tsv, .csv or .jsonl file) and its augmented copies to `output`; returns the one-line
+    report: rows in and out, seconds, the synonym table and its coverage of the data."""
     start = time.perf_counter()
     cfg.check()
     output = check_writable(output, folder=False)
@@ -44,7 +46,7 @@ def augment_file(input: str | Path, output: str | Path, cfg: EdaConfig, *, synon
     if output.exists() and not overwrite:
         raise ConfigError(f"--output {output} exists; choose a new file, or pass --overwrite to replace it")
     table = SynonymTable.load(synonyms)
-    source, columns, records, text_columns = read_table(input, text_columns=text_columns,
+    source, columns, records, text_columns = read_table(data, text_columns=text_columns,
                                                         text_pair_column=text_pair_column, label_column=label_column)
     for name in ADDED_COLUMNS:
         if name in columns:
@@ -64,8 +66,8 @@ def augment_file(input: str | Path, output: str | Path, cfg: EdaConfig, *, synon
     _write_atomically(output, _formatted(output, [*columns, *ADDED_COLUMNS], rows))
     coverage = table.coverage(texts)
     return (f"{source}: {len(records):,} rows in, {len(rows):,} rows out (each followed by its {cfg.num_aug} "
-            f"cop{'y' if cfg.num_aug == 1 else 'ies'}) in {time.perf_counter() - start:.1f} s; synonyms: {table.source}, {coverage.describe()}; "
-            f"wrote {output}")
+            f"cop{'y' if cfg.num_aug == 1 else 'ies'}) in {time.perf_counter() - start:.1f} s; "
+            f"synonyms: {table.source}, {coverage.describe()}; wrote {output}")
 
 
 def _row_texts(source: str, line: int, record: dict, names: list[str]) -> tuple[str, ...]:

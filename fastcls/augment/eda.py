@@ -26,7 +26,17 @@ import numpy as np
 from fastcls.augment.config import OPS, EdaConfig
 from fastcls.augment.stopwords import STOP_WORDS
 from fastcls.augment.synonyms import SynonymTable
-from fastcls.augment.text import CORE, IS_WORD, START_CAP, TRAIL, WAS_START, looks_proper, render, shaped, tokenize
+from fastcls.augment.text import (
+    CORE,
+    IS_WORD,
+    START_CAP,
+    TRAIL,
+    WAS_START,
+    looks_proper,
+    render,
+    shaped,
+    tokenize,
+)
 
 
 @dataclass

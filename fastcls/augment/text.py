@@ -10,7 +10,7 @@ import re
 # row's tokens are shared by its copies)
 LEAD, CORE, TRAIL, IS_WORD, WAS_START, START_CAP = range(6)
 
-_TOKEN = re.compile(r"(\W*)(.*?)(\W*)", re.S)  # \W: neither letter, digit nor underscore
+_TOKEN = re.compile(r"(\W*)(.*?)(\W*)", re.DOTALL)  # \W: neither letter, digit nor underscore
 _LETTER = re.compile(r"[^\W\d_]")
 SENTENCE_END = frozenset(".!?")
 

@@ -1,4 +1,4 @@
-"""`fastcls train | eval | predict | export | info`."""
+"""`fastcls train | eval | predict | export | augment | info`."""
 import argparse
 import json
 import os
@@ -27,6 +27,32 @@ def _add_data_args(p: argparse.ArgumentParser, train: bool = False) -> None:
 def _add_skip_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad-rows", action="store_true",
                    help="drop malformed rows and rows without text or label, and say which, instead of stopping")
+
+
+def _eda_ops(value: str) -> list[str]:
+    return [op.strip() for op in value.split(",") if op.strip()]  # the names are checked by EdaConfig.check
+
+
+def _add_eda_args(p: argparse.ArgumentParser, defaults: bool) -> None:
+    """EDA's flags (`fastcls augment`, `fastcls train --augment eda`); without `defaults` an absent flag sets
+    nothing (a parser with argument_default=SUPPRESS)."""
+    from fastcls.augment.config import EdaConfig
+
+    def default(name: str) -> dict:
+        value = getattr(EdaConfig, name)
+        return {"default": list(value) if isinstance(value, tuple) else value} if defaults else {}
+
+    p.add_argument("--num-aug", type=int, metavar="K", **default("num_aug"),
+                   help="augmented copies per row, besides the original (default 4)")
+    for op, name in (("sr", "synonym replacement"), ("ri", "random insertion"), ("rs", "random swap")):
+        p.add_argument(f"--alpha-{op}", type=float, metavar="A", **default(f"alpha_{op}"),
+                       help=f"{name}: max(1, int(A * words)) edits per copy (default 0.1)")
+    p.add_argument("--p-rd", type=float, metavar="P", **default("p_rd"),
+                   help="random deletion: each word deleted with probability P (default 0.1)")
+    p.add_argument("--eda-ops", type=_eda_ops, metavar="OPS", **default("ops"),
+                   help="the operations copies are drawn from, comma-separated (default sr,ri,rs,rd)")
+    p.add_argument("--synonyms", metavar="FILE", **({"default": None} if defaults else {}),
+                   help="word<TAB>synonym<TAB>... table instead of the bundled English WordNet 3.0 one")
 
 
 def _choices(name: str) -> dict:
@@ -143,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--task", metavar="NAME", help="a multi-task run: the task to export")
     p.add_argument("--overwrite", action="store_true", help="export into a folder that is not empty")
+    p = sub.add_parser("augment", help="write an augmented copy of a data file (EDA: each row and its copies)")
+    p.add_argument("--input", required=True, help=".tsv, .csv or .jsonl file")
+    p.add_argument("--output", required=True, help="the augmented file (.tsv, .csv or .jsonl)")
+    _add_data_args(p)
+    _add_eda_args(p, defaults=True)
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same copies (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     sub.add_parser("info", help="versions, device and the backend of every op")
     return parser
 
@@ -280,13 +313,20 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"exported to {export_hf(args.model, args.output, overwrite=args.overwrite, task=args.task)}")
 
 
+def cmd_augment(args: argparse.Namespace) -> None:
+    from fastcls.augment.command import run
+
+    print(run(args))
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from fastcls.info import describe
 
     print(describe())
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export, "info": cmd_info}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export,
+            "augment": cmd_augment, "info": cmd_info}
 
 
 def main(argv: list[str] | None = None) -> int:

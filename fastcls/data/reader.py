@@ -158,6 +158,21 @@ def read_multitask_examples(
     return _read_rows(data, text_columns, text_pair_column, label_columns, label_columns, [], name, skipped, example)
 
 
+def read_table(
+    path: str | Path,
+    *,
+    text_columns: str | Sequence[str] | None = None,
+    text_pair_column: str | None = None,
+    label_column: str | None = "label",
+) -> tuple[str, list[str], list[tuple[int, dict[str, Any]]], list[str]]:
+    """A file as it is, for tools that rewrite it (`fastcls augment`): (source, columns, [(line, record)] with every
+    column's value as the file holds it, the text columns `read_examples` would read, the pair column last)."""
+    columns, records, source, _ = _read_file(Path(path), None)
+    texts = _resolve_text_columns(source, columns, text_columns, text_pair_column,
+                                  [] if label_column is None else [label_column])
+    return source, columns, records, [*texts, *([text_pair_column] if text_pair_column else [])]
+
+
 def _read_rows(data, text_columns, text_pair_column, label_columns: list[str], header_labels: list[str],
                record_labels: list[str], name: str, skipped: SkippedRows | None, make: Callable) -> list:
     """`make(where, line, texts, labels, source)` for every row, `labels` holding one label per label column

@@ -138,6 +138,13 @@ def _train_parser(sub) -> None:
                                                                 "layers (default 0: all shared)")
     g.add_argument("--metric-task", metavar="NAME",
                    help="choose the best checkpoint (and stop early) on this task's --metric, not the tasks' mean")
+    g = p.add_argument_group("augmentation", "EDA copies of the training rows (synonym replacement, random "
+                                             "insertion, swap and deletion; single-task runs)")
+    g.add_argument("--augment", **_choices("augment"), help="eda: train on each row and --num-aug edited copies "
+                                                            "(default none)")
+    g.add_argument("--augment-copies", **_choices("augment_copies"),
+                   help="fresh: new copies every epoch, drawn in the background (default); fixed: drawn once")
+    _add_eda_args(g, defaults=False)
 
 
 def _infer_parsers(sub) -> None:

@@ -65,6 +65,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--precision", **_choices("precision"))
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--head-impl", **_choices("head_impl"), help="fastcls kernels or PyTorch reference")
+    p.add_argument("--pooling", **_choices("pooling"),
+                   help="what the head reads: the [CLS] vector (default), or the mean of each row's tokens, as "
+                        "sentence-transformers encoders (the bundled MiniLM) were trained")
     p.add_argument("--no-kernels", "--no-patch", dest="kernels", action="store_false",
                    help="run the encoder's dropout and LayerNorms on PyTorch's ops instead of fastcls's kernels")
     p.add_argument("--grad-checkpointing", action="store_true",

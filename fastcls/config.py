@@ -24,9 +24,11 @@ UNPAD = ("auto", "on", "off")
 CUDA_GRAPHS = ("auto", "on", "off")
 TASK_WEIGHTING = ("fixed", "uncertainty")
 TASK_SAMPLING = ("proportional", "uniform", "temperature")
+POOLINGS = ("cls", "mean")
 # settings whose value must be one of a list: the CLI's `choices=` and the checks below read this table
 CHOICES = {"decay": DECAYS, "metric": METRICS, "precision": PRECISIONS, "head_impl": HEAD_IMPLS, "unpad": UNPAD,
-           "cuda_graphs": CUDA_GRAPHS, "task_weighting": TASK_WEIGHTING, "task_sampling": TASK_SAMPLING}
+           "cuda_graphs": CUDA_GRAPHS, "task_weighting": TASK_WEIGHTING, "task_sampling": TASK_SAMPLING,
+           "pooling": POOLINGS}
 # flags whose name is not the setting's with dashes
 FLAG_NAMES = {"text_columns": "--text-column", "kernels": "--no-kernels",
               "cache_frozen": "--no-cache-frozen", "tasks": "--task", "task_weights": "--task-weight"}
@@ -108,6 +110,8 @@ class TrainConfig:
     sampling_temperature: float = 2.0  # temperature sampling: p_t proportional to n_t ** (1 / T)
     task_layers: int = 0  # each task's own copy of the top K encoder layers
     metric_task: str | None = None  # choose the best checkpoint on this task's --metric (default: the tasks' mean)
+    # what the head reads: h_CLS, or the mean of each row's tokens (sentence-transformers encoders were trained so)
+    pooling: str = "cls"
 
     def resolve(self) -> "TrainConfig":
         """A copy with the bundled defaults filled in, every value checked (naming the flag at fault)."""

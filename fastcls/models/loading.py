@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig
 from transformers.utils import logging as hf_logging
 
 from fastcls.errors import ModelLoadError
+from fastcls.models.mean_pooling_hf import wrapped_encoder_config
 
 
 @contextmanager
@@ -37,9 +38,11 @@ def check_model_dir(path: str | Path, argument: str = "--model") -> Path:
 
 
 def read_config(path: Path, argument: str = "--model") -> PretrainedConfig:
-    """The folder's config.json, a one-line error naming it when transformers cannot read it."""
+    """The folder's config.json (a mean-pooled classifier's: the encoder's config inside it), a one-line error naming
+    it when transformers cannot read it."""
     try:
-        return AutoConfig.from_pretrained(path, local_files_only=True)
+        wrapped = wrapped_encoder_config(path)
+        return wrapped if wrapped is not None else AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, StrictDataclassError) as err:
         raise ModelLoadError(f"{argument}: {path / 'config.json'}: {_one_line(err)}") from err
 

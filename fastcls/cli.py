@@ -136,8 +136,15 @@ def _infer_parsers(sub) -> None:
             _add_skip_arg(p)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with its errors on one line, as fastcls's own (the usage stays with --help)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastcls", description=__doc__)
+    parser = _Parser(prog="fastcls", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _infer_parsers(sub)

@@ -143,3 +143,126 @@ def test_bf16_hidden_states_are_summed_in_fp32(packed):
         torch.stack([tokens.view(batch.num_rows, batch.max_len, -1)[r, padded_mask[r]].mean(0)
                      for r in range(batch.num_rows)])
     assert torch.equal(got, expected.to(torch.bfloat16))
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    return make_tiny_encoder(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="module")
+def sst(tmp_path_factory):
+    return write_tsv(tmp_path_factory.mktemp("data") / "train.tsv", sst2_rows(24, seed=3))
+
+
+def _train(model, data, output, **settings):
+    settings = {**dict(epochs=1, batch_size=8, lr=1e-3, seed=0, precision="fp32",
+                       label_names=["negative", "positive"]), **settings}
+    return train(TrainConfig(model=str(model), train=str(data), dev=str(data), output=str(output), **settings))
+
+
+def _padded_batch(folder, data):
+    model, tokenizer, labels, meta = load_run(folder)
+    label_map = labels.maps[0] if "tasks" in meta else labels  # the data's labels are the first task's
+    encoded = tokenize_examples(read_examples(data), tokenizer, meta["max_length"], label_map=label_map)
+    return model, collate(encoded, range(len(encoded)), packed=False, pad_token_id=0, labels=False)
+
+
+def test_fused_and_reference_heads_train_the_same_mean_pooled_weights(tiny_bert, sst, tmp_path):
+    runs = {impl: _train(tiny_bert, sst, tmp_path / impl, head_impl=impl, pooling="mean", dropout=0.0, max_steps=4)
+            for impl in ("fused", "reference")}
+    fused, reference = (dict(runs[impl].model.named_parameters()) for impl in ("fused", "reference"))
+    assert runs["fused"].model.pooling == "mean"
+    for name, p in fused.items():
+        torch.testing.assert_close(p, reference[name], atol=2e-5, rtol=1e-4, msg=name)
+    cls = _train(tiny_bert, sst, tmp_path / "cls", dropout=0.0, max_steps=4).model
+    assert not torch.allclose(cls.head.linear.weight, runs["fused"].model.head.linear.weight, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "distilbert", "mpnet"])
+def test_mean_pooled_run_folder_and_export_load_with_their_pooling(model_type, sst, tmp_path):
+    encoder = make_tiny_encoder(tmp_path / "enc", model_type)
+    result = _train(encoder, sst, tmp_path / "out", pooling="mean")
+    assert json.loads((result.output / "fastcls.json").read_text())["pooling"] == "mean"
+    model, batch = _padded_batch(result.output, sst)
+    assert model.pooling == "mean"
+    texts = [sentence for _, sentence in sst2_rows(24, seed=3)]
+    with torch.no_grad():
+        expected = torch.softmax(model(batch)[1], -1)
+        trained = torch.softmax(result.model.eval()(batch)[1], -1)
+    torch.testing.assert_close(expected, trained, atol=1e-6, rtol=1e-5)
+    loaded = fastcls.load(result.output, precision="fp32")
+    torch.testing.assert_close(torch.from_numpy(loaded.predict_proba(texts)), expected, atol=1e-5, rtol=1e-4)
+    inputs = {k: v for k, v in batch.padded_inputs().items() if k != "token_type_ids" or model_type == "bert"}
+    for folder in (result.output, export_hf(result.output, tmp_path / "hf")):
+        with pytest.raises(ValueError, match="trust_remote_code"):
+            AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=False)
+        hf = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True).eval()
+        assert hf.config.id2label == {0: "negative", 1: "positive"}
+        with torch.no_grad():
+            torch.testing.assert_close(torch.softmax(hf(**inputs).logits, -1), expected, atol=2e-5, rtol=1e-4)
+    if model_type == "bert":  # an export continues training as any encoder folder does
+        again = _train(tmp_path / "hf", sst, tmp_path / "again", pooling="mean", max_steps=1, lr=1e-9)
+        for name, p in again.model.encoder.named_parameters():
+            torch.testing.assert_close(p, model.encoder.get_parameter(name), atol=1e-6, rtol=0, msg=name)
+    classify = pipeline("text-classification", model=str(tmp_path / "hf"), trust_remote_code=True)
+    answers = classify(texts[:4])
+    assert [a["label"] for a in answers] == [["negative", "positive"][k] for k in expected[:4].argmax(-1).tolist()]
+    torch.testing.assert_close(torch.tensor([a["score"] for a in answers]), expected[:4].max(-1).values,
+                               atol=2e-5, rtol=1e-4)
+
+
+def test_a_run_folder_without_pooling_loads_as_cls(tiny_bert, sst, tmp_path):
+    result = _train(tiny_bert, sst, tmp_path / "out")
+    meta_path = result.output / "fastcls.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta.pop("pooling") == "cls"
+    meta_path.write_text(json.dumps(meta))
+    model, batch = _padded_batch(result.output, sst)
+    assert model.pooling == "cls"
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch)[1], result.model.eval()(batch)[1], atol=1e-6, rtol=1e-5)
+    hf = AutoModelForSequenceClassification.from_pretrained(result.output).eval()  # the family's own head
+    assert type(hf).__name__ == "BertForSequenceClassification"
+
+
+def test_multi_task_mean_pooled_task_exports(tiny_bert, sst, tmp_path):
+    rows = [["long" if len(s.split()) > 12 else "short", s] for _, s in sst2_rows(16, seed=2)]
+    size = write_tsv(tmp_path / "size.tsv", rows, header=("bucket", "text"))
+    result = train(TrainConfig(model=str(tiny_bert), tasks=[f"sent={sst}", f"size={size},{size}:bucket"],
+                               task_layers=1, pooling="mean", output=str(tmp_path / "run"), epochs=1, batch_size=8,
+                               lr=1e-3, precision="fp32", seed=5))
+    model, batch = _padded_batch(result.output, sst)
+    assert model.pooling == "mean"
+    with torch.no_grad():
+        logits = model(batch)[1]
+    labels = load_run(result.output)[2]
+    for t, task in enumerate(labels.names):
+        folder = tmp_path / f"hf_{task}"
+        assert main(["export", "--model", str(result.output), "--output", str(folder), "--task", task]) == 0
+        hf = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True).eval()
+        with torch.no_grad():
+            got = torch.softmax(hf(**batch.padded_inputs()).logits, -1)
+        torch.testing.assert_close(got, torch.softmax(labels.task_logits(logits, t), -1), atol=2e-5, rtol=1e-4)
+
+
+def test_a_bad_pooling_flag_is_one_line_and_exit_2(tiny_bert, sst, tmp_path, capsys):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--model", str(tiny_bert), "--train", str(sst), "--output", str(tmp_path / "out"),
+              "--pooling", "max"])
+    assert stop.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "--pooling" in err[0] and "'max'" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_pooling_setting_is_one_line_and_exit_2(tiny_bert, sst, tmp_path, capsys):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"pooling": "max"}))
+    capsys.readouterr()
+    assert main(["train", "--model", str(tiny_bert), "--train", str(sst), "--output", str(tmp_path / "out"),
+                 "--config", str(config)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == ["fastcls train: error: --pooling must be one of cls, mean, got 'max'"], err
+    assert not (tmp_path / "out").exists()

@@ -10,9 +10,9 @@ from fastcls.components.checkpoint import WEIGHTS_FILE, load_run, save_transform
 from fastcls.components.output_path import check_output_folder
 from fastcls.data import TaskLabels
 from fastcls.errors import ConfigError, ModelLoadError
+from fastcls.models import mean_pooling_hf
 from fastcls.models.classifier import task_classifier
 from fastcls.models.families import FAMILIES, family_of
-from fastcls.models import mean_pooling_hf
 from fastcls.models.hf_layout import hf_state_dict
 
 

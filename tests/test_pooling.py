@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from tiny import encoded_rows, make_tiny_encoder, sst2_rows, tiny_encoder, write_tsv
-from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, pipeline
+from transformers import AutoModelForSequenceClassification, pipeline
 
 import fastcls
 from fastcls.cli import main
@@ -16,7 +16,7 @@ from fastcls.components.checkpoint import load_run
 from fastcls.config import TrainConfig
 from fastcls.data import collate, read_examples, tokenize_examples
 from fastcls.export import export_hf
-from fastcls.models.classifier import EncoderClassifier
+from fastcls.models.classifier import EncoderClassifier, Tasks
 from fastcls.models.encoder import LayerwiseEncoder, OwnForwardEncoder
 from fastcls.models.families import encoder_layers
 from fastcls.models.pooling import mean_pool
@@ -128,6 +128,29 @@ def test_task_layers_pool_each_tasks_mean(family, packed, batched):
     for name, p in encoder.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(p.grad, shared[name], atol=1e-10, rtol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("task_layers", [0, 1])
+def test_multi_task_heads_fused_and_reference_agree_on_the_mean(task_layers):
+    """The multi-task head takes the pooled vectors ([rows, d] shared, or [tasks, rows, d] from task layers) as it
+    takes h_CLS: loss, logits and every gradient alike for both implementations."""
+    encoded = encoded_rows(LENGTHS, token_types=True)
+    labels = torch.tensor([[0, 1], [2, -100], [1, 0], [-100, 1], [0, 0]])
+    results = []
+    for impl in ("fused", "reference"):
+        model = EncoderClassifier(tiny_encoder("bert", 0.0, 3), None, 0.0, head_impl=impl, packed=True,
+                                  tasks=Tasks(["a", "b"], [3, 2], task_layers=task_layers), pooling="mean")
+        batch = collate(encoded, ROWS, packed=True, pad_token_id=1, labels=False)
+        batch.labels = labels
+        loss, logits = model(batch)
+        loss.backward()
+        results.append((loss, logits, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss, logits, grads), (ref_loss, ref_logits, ref_grads) = results
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-6, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 10
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])

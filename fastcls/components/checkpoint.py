@@ -34,11 +34,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from fastcls.config import POOLINGS
 from fastcls.data import LabelMap, TaskLabels, load_labels
 from fastcls.errors import ModelLoadError
-from fastcls.models.classifier import EncoderClassifier, Tasks, choose_packed
-from fastcls.config import POOLINGS
 from fastcls.models import mean_pooling_hf
+from fastcls.models.classifier import EncoderClassifier, Tasks, choose_packed
 from fastcls.models.hf_layout import encoder_prefix, encoder_state_from_hf, hf_config, hf_state_dict
 from fastcls.models.loading import (check_model_dir, encoder_from_config, load_encoder, load_tokenizer,
                                     own_aligned_storage, read_config)

@@ -64,8 +64,8 @@ class ClassificationHead(nn.Module):
 
 
 class MultiTaskHead(nn.Module):
-    """One head per task over the pooled vector, as ONE linear layer over the tasks' concatenated weights [sum K_t, d] and one
-    cross-entropy launch over each task's segment of the logits (`fastcls.ops.multi_task_head`).
+    """One head per task over the pooled vector, as ONE linear layer over the tasks' concatenated weights
+    [sum K_t, d] and one cross-entropy launch over each task's segment of the logits (`fastcls.ops.multi_task_head`).
 
         loss = sum_t alpha_t * mean over the rows labelled for task t of CE_t
 

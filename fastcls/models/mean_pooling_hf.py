@@ -29,8 +29,9 @@ MODEL_TYPE_PREFIX = "fastcls_mean_"
 CONFIG_CLASS = "FastclsMeanPoolingConfig"
 MODEL_CLASS = "FastclsMeanPoolingForSequenceClassification"
 
-_MODELING_TEMPLATE = '''"""A classifier trained by fastcls with mean pooling: the encoder, the mean of its last hidden states over each
-row's real tokens (padding excluded), and a linear layer. Written by fastcls; load it with trust_remote_code=True."""
+_MODELING_TEMPLATE = '''"""A classifier trained by fastcls with mean pooling: the encoder, the mean of its last hidden
+states over each row's real tokens (padding excluded), and a linear layer. Written by fastcls; load it with
+trust_remote_code=True."""
 import inspect
 
 import torch

@@ -216,6 +216,12 @@ def test_mean_pooled_run_folder_and_export_load_with_their_pooling(model_type, s
     torch.testing.assert_close(expected, trained, atol=1e-6, rtol=1e-5)
     loaded = fastcls.load(result.output, precision="fp32")
     torch.testing.assert_close(torch.from_numpy(loaded.predict_proba(texts)), expected, atol=1e-5, rtol=1e-4)
+    predictions = tmp_path / "p.jsonl"
+    assert main(["predict", "--model", str(result.output), "--data", str(sst), "--output", str(predictions),
+                 "--precision", "fp32"]) == 0
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    got = torch.tensor([[row["probabilities"][name] for name in ("negative", "positive")] for row in rows])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
     inputs = {k: v for k, v in batch.padded_inputs().items() if k != "token_type_ids" or model_type == "bert"}
     for folder in (result.output, export_hf(result.output, tmp_path / "hf")):
         with pytest.raises(ValueError, match="trust_remote_code"):

@@ -91,6 +91,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--precision", **_choices("precision"))
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--head-impl", **_choices("head_impl"), help="fastcls kernels or PyTorch reference")
+    p.add_argument("--pooling", **_choices("pooling"),
+                   help="what the head reads: the [CLS] vector (default), or the mean of each row's tokens, as "
+                        "sentence-transformers encoders (the bundled MiniLM) were trained")
     p.add_argument("--no-kernels", "--no-patch", dest="kernels", action="store_false",
                    help="run the encoder's dropout and LayerNorms on PyTorch's ops instead of fastcls's kernels")
     p.add_argument("--grad-checkpointing", action="store_true",
@@ -166,8 +169,15 @@ def _infer_parsers(sub) -> None:
             _add_skip_arg(p)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with its errors on one line, as fastcls's own (the usage stays with --help)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastcls", description=__doc__)
+    parser = _Parser(prog="fastcls", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _infer_parsers(sub)

@@ -26,10 +26,11 @@ TASK_WEIGHTING = ("fixed", "uncertainty")
 TASK_SAMPLING = ("proportional", "uniform", "temperature")
 AUGMENT = ("none", "eda")
 AUGMENT_COPIES = ("fresh", "fixed")
+POOLINGS = ("cls", "mean")
 # settings whose value must be one of a list: the CLI's `choices=` and the checks below read this table
 CHOICES = {"decay": DECAYS, "metric": METRICS, "precision": PRECISIONS, "head_impl": HEAD_IMPLS, "unpad": UNPAD,
            "cuda_graphs": CUDA_GRAPHS, "task_weighting": TASK_WEIGHTING, "task_sampling": TASK_SAMPLING,
-           "augment": AUGMENT, "augment_copies": AUGMENT_COPIES}
+           "augment": AUGMENT, "augment_copies": AUGMENT_COPIES, "pooling": POOLINGS}
 # flags whose name is not the setting's with dashes
 FLAG_NAMES = {"text_columns": "--text-column", "kernels": "--no-kernels",
               "cache_frozen": "--no-cache-frozen", "tasks": "--task", "task_weights": "--task-weight"}
@@ -121,6 +122,8 @@ class TrainConfig:
     p_rd: float = 0.1  # random deletion: each word's probability
     eda_ops: list[str] | None = None  # the operations to use (sr, ri, rs, rd); None: all four
     synonyms: str | None = None  # a word<TAB>synonym... file instead of the bundled WordNet 3.0 table
+    # what the head reads: h_CLS, or the mean of each row's tokens (sentence-transformers encoders were trained so)
+    pooling: str = "cls"
 
     def resolve(self) -> "TrainConfig":
         """A copy with the bundled defaults filled in, every value checked (naming the flag at fault)."""

@@ -160,7 +160,7 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
     dropout = head_dropout(getattr(encoder, "config", None)) if cfg.dropout is None else cfg.dropout
     model = EncoderClassifier(encoder, None if data.tasks else len(labels), dropout, head_impl=cfg.head_impl,
                               kernels=cfg.kernels, packed=choose_packed(cfg.unpad, encoder, device, wants_cache),
-                              tasks=data.tasks).to(device)
+                              tasks=data.tasks, pooling=cfg.pooling).to(device)
     if head is not None:  # --model: a run of these labels
         model.head.linear.load_state_dict(head)
     model.freeze(cfg.freeze_embeddings, cfg.freeze_layers)

@@ -74,6 +74,8 @@ CASES = {
     "grad-accum": dict(epochs=3, grad_accum=2, save_every=2, stop=5),
     # interrupted in the second epoch: the resumed run's prefix cache is refilled as the first epoch filled it
     "frozen-cached": dict(epochs=3, freeze_embeddings=True, freeze_layers=1, save_every=1, stop=8),
+    # mean pooling above a cached frozen layer
+    "mean-pooled": dict(epochs=2, freeze_embeddings=True, freeze_layers=1, save_every=2, stop=7, pooling="mean"),
     # two tasks from two files, temperature sampling (the epoch's rows drawn per file), each task's own top layer,
     # learned loss weights
     "multi-task": dict(epochs=2, save_every=3, eval_every=3, stop=5, tasks=["a={}/train.tsv,{}/train.tsv",

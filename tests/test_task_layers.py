@@ -59,12 +59,12 @@ def test_each_tasks_output_is_its_standalone_encoders(family, k, dtype, batched)
         padded = batch_of(family, packed=False)
         for packed in (True, False):
             batch = batch_of(family, packed)
-            out = body.cls_hidden(batch)
+            out = body.pooled(batch)
             assert out.shape == (TASKS, len(ROWS), 32) and out.dtype == dtype
             for t in range(TASKS):
                 standalone = encoder_for_task(encoder, task_layers, t).eval()
                 assert len(encoder_layers(standalone)) == 3
-                torch.testing.assert_close(out[t], LayerwiseEncoder(standalone).cls_hidden(batch), **tol)
+                torch.testing.assert_close(out[t], LayerwiseEncoder(standalone).pooled(batch), **tol)
                 torch.testing.assert_close(out[t], own_forward_cls(standalone, padded), **tol)
             assert not torch.allclose(out[0], out[1], atol=1e-3)
 
@@ -81,9 +81,9 @@ def test_gradients_equal_the_per_task_loops(family, packed, kernels, batched):
     batch = batch_of(family, packed, seed=3)
     weights = torch.randn(TASKS, len(ROWS), 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     standalones = [encoder_for_task(encoder, task_layers, t) for t in range(TASKS)]
-    (body.cls_hidden(batch) * weights).sum().backward()
+    (body.pooled(batch) * weights).sum().backward()
     for t, standalone in enumerate(standalones):
-        (LayerwiseEncoder(standalone, kernels).cls_hidden(batch) * weights[t]).sum().backward()
+        (LayerwiseEncoder(standalone, kernels).pooled(batch) * weights[t]).sum().backward()
     for name, p in encoder.named_parameters():
         grads = [dict(s.named_parameters())[name].grad for s in standalones]
         if name.startswith("pooler."):  # h_CLS is read before the pooler
@@ -109,10 +109,10 @@ def test_dropout_draws_each_tasks_own_masks(family, kernels, batched):
     batch = batch_of(family, packed=True)
     task_layers.eval()
     with torch.no_grad():
-        evaluated = body.cls_hidden(batch)
+        evaluated = body.pooled(batch)
     torch.testing.assert_close(evaluated[1], evaluated[0], atol=1e-6, rtol=1e-6)
     task_layers.train()
-    trained = body.cls_hidden(batch)
+    trained = body.pooled(batch)
     assert torch.isfinite(trained).all()
     for t in range(TASKS):
         assert not torch.allclose(trained[t], evaluated[t], atol=1e-3)
@@ -140,7 +140,7 @@ def test_the_frozen_prefix_below_the_shared_layers_is_served_from_the_cache(k):
     for hits in (0, 3):
         task_layers.zero_grad()
         torch.manual_seed(5)  # the task layers' dropout draws the same masks
-        out = body.cls_hidden(batch)
+        out = body.pooled(batch)
         (out * torch.arange(out.numel()).view(out.shape)).sum().backward()
         assert cache.filled(batch.rows) and cache.hits == hits
         results.append((out.detach(), [p.grad.clone() for p in task_layers.parameters()]))
@@ -189,7 +189,7 @@ def test_checkpointing_gives_the_same_values_and_gradients(packed, batched):
         if checkpointing:
             body.enable_checkpointing()
         torch.manual_seed(9)
-        out = body.cls_hidden(batch_of("bert", packed, seed=7))
+        out = body.pooled(batch_of("bert", packed, seed=7))
         (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
         grads = {n: p.grad for n, p in [*encoder.named_parameters(), *task_layers.named_parameters()]}
         results.append((out.detach(), grads))
@@ -217,8 +217,8 @@ def test_a_state_dict_loads_into_the_structure_rebuilt_from_the_config(tmp_path)
     rebuilt.use_task_layers(rebuilt_tasks)
     batch = batch_of("bert", packed=True)
     with torch.no_grad():
-        expected = body.cls_hidden(batch)
-        torch.testing.assert_close(rebuilt.cls_hidden(batch), expected, atol=0, rtol=0)
+        expected = body.pooled(batch)
+        torch.testing.assert_close(rebuilt.pooled(batch), expected, atol=0, rtol=0)
         encoder_for_task(encoder, task_layers, 1).save_pretrained(tmp_path)
         exported = AutoModel.from_pretrained(tmp_path).eval()
         torch.testing.assert_close(own_forward_cls(exported, batch_of("bert", packed=False)), expected[1],

@@ -4,6 +4,8 @@
 A run folder holds:
 - `model.safetensors` and `config.json`: the classifier as its family's AutoModelForSequenceClassification
   (`fastcls.models.hf_layout`), so transformers' `from_pretrained` and `pipeline` load it with the labels by name;
+  a mean-pooled one as the model of `modeling_fastcls.py` beside them, which needs `trust_remote_code=True`
+  (`fastcls.models.mean_pooling_hf`);
 - `fastcls_head.safetensors`: fastcls's own head, exactly; both weight files carry one checkpoint tag, and a
   folder whose two files disagree (a write interrupted between them) is refused on load;
 - a multi-task run instead keeps the shared encoder in `model.safetensors` under the base model's names (its
@@ -32,8 +34,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from fastcls.config import POOLINGS
 from fastcls.data import LabelMap, TaskLabels, load_labels
 from fastcls.errors import ModelLoadError
+from fastcls.models import mean_pooling_hf
 from fastcls.models.classifier import EncoderClassifier, Tasks, choose_packed
 from fastcls.models.hf_layout import encoder_prefix, encoder_state_from_hf, hf_config, hf_state_dict
 from fastcls.models.loading import (check_model_dir, encoder_from_config, load_encoder, load_tokenizer,
@@ -50,7 +54,8 @@ FORMAT = 2  # fastcls.json's "format": 2 = weights in transformers' layout plus 
 TAG = "fastcls_checkpoint"  # the metadata key both weight files share
 RUN_TAG = "fastcls_run"  # the weights' metadata key for the run id that fastcls.json holds as "run_id"
 # the previous run's files a new run removes first, the weights before fastcls.json (see the module docstring)
-OLD_RUN_FILES = (WEIGHTS_FILE, HEAD_FILE, STATE_FILE, METRICS_FILE, CONFIG_FILE, LABELS_FILE, FASTCLS_FILE)
+OLD_RUN_FILES = (WEIGHTS_FILE, HEAD_FILE, STATE_FILE, METRICS_FILE, CONFIG_FILE, LABELS_FILE,
+                 mean_pooling_hf.MODELING_FILE, FASTCLS_FILE)
 # the names of _atomic_write's and save_pretrained_files' temporary files (tempfile adds 8 characters of
 # [a-z0-9_]): what a killed write leaves behind
 TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
@@ -88,6 +93,18 @@ def save_pretrained_files(folder: Path, *objects) -> None:
             os.replace(path, folder / path.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_transformers_files(folder: Path, model: EncoderClassifier, labels: LabelMap, tokenizer) -> None:
+    """config.json with the labels by name and the tokenizer files, and for a mean-pooled model the code of the
+    model that config.json names (`fastcls.models.mean_pooling_hf`): what transformers loads beside the weights
+    of `hf_state_dict`."""
+    if model.pooling == "mean" and mean_pooling_hf.supported(model.encoder):
+        save_pretrained_files(folder, tokenizer)
+        save_text_atomic(mean_pooling_hf.modeling_code(model.encoder), folder / mean_pooling_hf.MODELING_FILE)
+        save_json_atomic(mean_pooling_hf.mean_pooling_config(model.encoder, labels), folder / "config.json")
+    else:
+        save_pretrained_files(folder, hf_config(model.encoder, labels), tokenizer)
 
 
 def remove_temp_files(folder: Path) -> None:
@@ -133,16 +150,17 @@ class Checkpointer:
         remove_temp_files(self.out)
         self.run_id = uuid.uuid4().hex
         if hasattr(model.encoder, "config") and hasattr(model.encoder.config, "save_pretrained"):
-            # a multi-task folder's config is the encoder's own: no single label set describes it
-            config = model.encoder.config if model.tasks is not None else hf_config(model.encoder, labels)
-            save_pretrained_files(self.out, config, tokenizer)
+            if model.tasks is not None:  # its config is the encoder's own: no single label set describes it
+                save_pretrained_files(self.out, model.encoder.config, tokenizer)
+            else:
+                save_transformers_files(self.out, model, labels, tokenizer)
         else:
             save_pretrained_files(self.out, tokenizer)
         save_json_atomic(labels.to_dict(), self.out / LABELS_FILE)
         save_json_atomic(train_config, self.out / CONFIG_FILE)
         tasks = {"tasks": dataclasses.asdict(model.tasks)} if model.tasks is not None else {}
         save_json_atomic({"format": FORMAT, "num_labels": model.num_labels, "head_dropout": model.head.dropout_p,
-                          "run_id": self.run_id, **tasks, **meta}, self.out / FASTCLS_FILE)
+                          "pooling": model.pooling, "run_id": self.run_id, **tasks, **meta}, self.out / FASTCLS_FILE)
 
     def write_train_config(self, train_config: dict) -> None:
         save_json_atomic(train_config, self.out / CONFIG_FILE)
@@ -201,7 +219,7 @@ def load_weights(model: EncoderClassifier, folder: Path, run_id: str | None = No
         raise ModelLoadError(f"{folder}: {WEIGHTS_FILE} is not from the run that {FASTCLS_FILE} describes (a new "
                              "run into this folder was interrupted); train again")
     task_layers = {k[len("task_layers."):]: weights.pop(k) for k in list(weights) if k.startswith("task_layers.")}
-    encoder_state, stray = encoder_state_from_hf(model.encoder, weights)
+    encoder_state, stray = encoder_state_from_hf(model.encoder, weights, model.pooling)
     mismatch = f"{folder / WEIGHTS_FILE} does not match the model in {folder / 'config.json'}"
     if stray or bool(task_layers) != (model.task_layers is not None):
         raise ModelLoadError(f"{mismatch}: unexpected {(stray or sorted(task_layers) or ['no task_layers'])[:5]}")
@@ -247,6 +265,10 @@ def read_meta(folder: Path, argument: str = "--model") -> tuple[dict, LabelMap]:
     count = len(labels) if isinstance(labels, LabelMap) else sum(labels.num_labels)
     if count != meta["num_labels"]:
         raise ModelLoadError(f"{folder}: labels.json has {count} labels, fastcls.json {meta['num_labels']}")
+    meta.setdefault("pooling", "cls")  # runs from before --pooling
+    if meta["pooling"] not in POOLINGS:
+        raise ModelLoadError(f"{folder / FASTCLS_FILE}: 'pooling' is {meta['pooling']!r}, not one of "
+                             f"{', '.join(POOLINGS)}; train again")
     if isinstance(labels, TaskLabels) != ("tasks" in meta):
         raise ModelLoadError(f"{folder}: labels.json and fastcls.json disagree on whether the run is multi-task")
     if "tasks" in meta:
@@ -272,7 +294,8 @@ def load_run(folder: str | Path, device: str | torch.device = "cpu", *, encoder=
             raise ModelLoadError(f"{argument}: {folder / 'config.json'}: {err}") from err
     device = torch.device(device)
     model = EncoderClassifier(encoder, meta["num_labels"], meta["head_dropout"],
-                              packed=choose_packed("auto", encoder, device), tasks=meta.get("tasks"))
+                              packed=choose_packed("auto", encoder, device), tasks=meta.get("tasks"),
+                              pooling=meta["pooling"])
     load_weights(model, folder, meta.get("run_id"))
     return model.to(device).eval(), load_tokenizer(folder, argument), labels, meta
 

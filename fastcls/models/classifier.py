@@ -1,4 +1,5 @@
-"""The classifier: a pretrained encoder and fastcls's head on its [CLS] vector, with one `forward(batch)`.
+"""The classifier: a pretrained encoder and fastcls's head on its pooled vector ([CLS], or the mean of the tokens:
+`--pooling`), with one `forward(batch)`.
 
     loss, logits = model(batch)      # batch: a PaddedBatch or PackedBatch (fastcls.data.collate)
 
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fastcls.config import POOLINGS
 from fastcls.data import Batch
 from fastcls.errors import ConfigError
 from fastcls.models.attention import sdpa_backends
@@ -60,14 +62,17 @@ class EncoderClassifier(nn.Module):
     """`encoder`: a Hugging Face encoder (AutoModel) or any module taking input_ids and attention_mask (see
     `OwnForwardEncoder`). `kernels`: fastcls's kernels in the encoder (else PyTorch's ops); `packed`: run on
     unpadded batches (only where the encoder runs layer by layer); `tasks`: a multi-task classifier (then
-    `num_labels` is ignored)."""
+    `num_labels` is ignored); `pooling`: what the head reads, h_CLS ("cls") or the mean of each row's tokens
+    ("mean")."""
 
     def __init__(self, encoder: nn.Module, num_labels: int | None, dropout: float, *, head_impl: str = "fused",
-                 kernels: bool = True, packed: bool = False, tasks: Tasks | None = None):
+                 kernels: bool = True, packed: bool = False, tasks: Tasks | None = None, pooling: str = "cls"):
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         if isinstance(getattr(encoder, "pooler", None), nn.Module):
-            encoder.pooler = None  # the head reads h_CLS itself; BERT-like forwards skip a None pooler
-        self.encoder, self.tasks = encoder, tasks
+            encoder.pooler = None  # the head pools itself; BERT-like forwards skip a None pooler
+        self.encoder, self.tasks, self.pooling = encoder, tasks, pooling
         config = getattr(encoder, "config", None)
         init_std = getattr(config, "initializer_range", 0.02)
         if tasks is None:
@@ -81,7 +86,7 @@ class EncoderClassifier(nn.Module):
 
             # takes the top layers out of the encoder before the body lists the layers it runs
             self.task_layers = TaskLayers.from_encoder(encoder, len(tasks.names), tasks.task_layers)
-        self.body = encoder_body(encoder, kernels)
+        self.body = encoder_body(encoder, kernels, pooling)
         if self.task_layers is not None:
             self.body.use_task_layers(self.task_layers)
         if packed and not self.body.takes_packed:
@@ -138,10 +143,10 @@ class EncoderClassifier(nn.Module):
         """(mean cross-entropy, or None for a batch without labels; logits [rows, K], or None where the head ran
         its fused linear + cross-entropy for a large label space)."""
         with sdpa_backends() if batch.input_ids.is_cuda else contextlib.nullcontext():
-            h_cls = self.body.cls_hidden(batch)
+            pooled = self.body.pooled(batch)
         if self.tasks is not None:
-            return self.head(h_cls, batch.labels, batch.label_counts, batch.row_share)
-        return self.head(h_cls, batch.labels)
+            return self.head(pooled, batch.labels, batch.label_counts, batch.row_share)
+        return self.head(pooled, batch.labels)
 
 
 def task_classifier(model: EncoderClassifier, task: int) -> EncoderClassifier:
@@ -156,7 +161,7 @@ def task_classifier(model: EncoderClassifier, task: int) -> EncoderClassifier:
     start = sum(model.tasks.num_labels[:task])
     stop = start + model.tasks.num_labels[task]
     single = EncoderClassifier(encoder, model.tasks.num_labels[task], model.head.dropout_p, head_impl=model.head.impl,
-                               packed=model.packed).to(model.head.linear.weight.device)
+                               packed=model.packed, pooling=model.pooling).to(model.head.linear.weight.device)
     with torch.no_grad():
         single.head.linear.weight.copy_(model.head.linear.weight[start:stop])
         single.head.linear.bias.copy_(model.head.linear.bias[start:stop])

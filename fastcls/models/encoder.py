@@ -1,11 +1,12 @@
-"""The encoder's part of a forward: a batch in, h_CLS [rows, d] out. Two implementations:
+"""The encoder's part of a forward: a batch in, the pooled vector [rows, d] out (`pooling`: h_CLS, or the mean of
+each row's tokens; `fastcls.models.pooling`). Two implementations:
 
 - `LayerwiseEncoder`, for the families whose layers the table (`fastcls.models.families`) describes: the layers
   run one by one from the modules' own parameters, on either batch layout (`fastcls.data.collate`): padded, or
   unpadded so that every dense layer, LayerNorm and dropout skips the padding. Attention is the one place rows
-  must stay apart (`fastcls.models.attention`). Only h_CLS feeds the head, so the last layer runs its query,
-  output projection, LayerNorms and feed-forward on the [CLS] tokens alone (keys and values still cover every
-  token): the same result for about a sixth of that layer's work. A frozen prefix (frozen embeddings and the
+  must stay apart (`fastcls.models.attention`). With [CLS] pooling only h_CLS feeds the head, so the last layer
+  runs its query, output projection, LayerNorms and feed-forward on the [CLS] tokens alone (keys and values still
+  cover every token): the same result for about a sixth of that layer's work. A frozen prefix (frozen embeddings and the
   bottom layers) runs without an autograd graph, and its output can be served from a `PrefixCache`. With task
   layers (`use_task_layers`, multi-task `--task-layers K`), the encoder keeps its shared bottom layers and
   `fastcls.models.task_layers.TaskLayers` runs every task's copy of the top K above them.
@@ -28,6 +29,7 @@ from fastcls.data import Batch, PackedBatch
 from fastcls.errors import ConfigError
 from fastcls.models import attention as attn
 from fastcls.models.families import Family, encoder_layers, family_of
+from fastcls.models.pooling import masked_mean, pool
 from fastcls.ops.dropout_add_layer_norm import (
     MAX_HIDDEN,
     dropout_add_layer_norm,
@@ -91,15 +93,15 @@ def run_layer(part: _Layer, h: torch.Tensor, batch: Batch, cls_only: bool, kerne
 
 class LayerwiseEncoder:
     """Runs a supported encoder on a PaddedBatch or PackedBatch (see the module docstring). `kernels`: dropout,
-    LayerNorms and the word-embedding gradient run fastcls's kernels (else PyTorch's ops)."""
+    LayerNorms and the word-embedding gradient run fastcls's kernels (else PyTorch's ops); `pooling`: cls or mean."""
 
     takes_packed = True
 
-    def __init__(self, encoder: nn.Module, kernels: bool = True):
+    def __init__(self, encoder: nn.Module, kernels: bool = True, pooling: str = "cls"):
         family = family_of(encoder)
         if not self.supports(encoder):
             raise ValueError(f"{type(encoder).__name__} is not an encoder fastcls runs layer by layer")
-        self.encoder, self.kernels = encoder, kernels
+        self.encoder, self.kernels, self.pooling = encoder, kernels, pooling
         self.embeddings = encoder.get_submodule(family.embeddings)
         self.project = getattr(encoder, "embeddings_project", None)  # ELECTRA: embedding size -> hidden size
         self.position_offset = self.embeddings.padding_idx + 1 if family.position_offset else 0
@@ -143,8 +145,8 @@ class LayerwiseEncoder:
 
     def use_task_layers(self, task_layers) -> None:
         """Run `task_layers` (a `fastcls.models.task_layers.TaskLayers` made by `TaskLayers.from_encoder` from
-        this encoder, which keeps the shared layers only) above the shared layers: `cls_hidden` then returns
-        h_CLS per task, [tasks, rows, d]."""
+        this encoder, which keeps the shared layers only) above the shared layers: `pooled` then returns
+        the pooled vector per task, [tasks, rows, d]."""
         shared = encoder_layers(self.encoder)
         if len(shared) + task_layers.num_layers != self.encoder.config.num_hidden_layers:
             raise ValueError(f"{type(self.encoder).__name__} still holds {len(shared)} layers: build the task "
@@ -219,21 +221,24 @@ class LayerwiseEncoder:
         """Run the frozen prefix on `batch` for its rows to be stored in the cache (a resumed run's refill)."""
         self._prefix(batch)
 
-    def cls_hidden(self, batch: Batch) -> torch.Tensor:
-        """h_CLS [rows, d]; with task layers, per task [tasks, rows, d]."""
+    def pooled(self, batch: Batch) -> torch.Tensor:
+        """The pooled vector [rows, d]; with task layers, per task [tasks, rows, d]."""
         n = len(self.layers)
         h = self._prefix(batch)
         checkpointing = self.checkpointing and torch.is_grad_enabled()
+        last_cls_only = self.pooling == "cls" and self.task_layers is None
         for index in range(self.frozen_layers, n):
-            cls_only = index == n - 1 and self.task_layers is None
+            cls_only = last_cls_only and index == n - 1
             if checkpointing:
                 h = checkpoint(recomputed_alike(self.layer), index, h, batch, cls_only, use_reentrant=False,
                                context_fn=attn.recompute_in_the_same_context)
             else:
                 h = self.layer(index, h, batch, cls_only)
         if self.task_layers is not None:
-            return self.task_layers(h, batch, kernels=self.kernels, checkpointing=checkpointing)
-        return h if self.frozen_layers < n else h.index_select(0, batch.cls_index)
+            return self.task_layers(h, batch, kernels=self.kernels, checkpointing=checkpointing, pooling=self.pooling)
+        if last_cls_only and self.frozen_layers < n:
+            return h  # the last layer ran on the [CLS] tokens alone
+        return pool(h, batch, self.pooling)
 
 
 def _checkpointed(forward):
@@ -247,12 +252,12 @@ def _checkpointed(forward):
 class OwnForwardEncoder:
     """Any other encoder: its own forward on padded batches. It takes input_ids and attention_mask (and
     token_type_ids where its forward names them) and returns an output with `last_hidden_state`, a tuple whose
-    first item is the hidden states, or the hidden states [rows, L, d] themselves."""
+    first item is the hidden states, or the hidden states [rows, L, d] themselves. `pooling`: cls or mean."""
 
     takes_packed = False
 
-    def __init__(self, encoder: nn.Module):
-        self.encoder = encoder
+    def __init__(self, encoder: nn.Module, pooling: str = "cls"):
+        self.encoder, self.pooling = encoder, pooling
         # BERT's tokenizer emits token types that a DistilBERT or RoBERTa encoder built on it may not take
         self.takes_token_types = "token_type_ids" in inspect.signature(encoder.forward).parameters
         self.frozen_embeddings, self.frozen_layers, self.checkpointing = False, 0, False
@@ -267,7 +272,7 @@ class OwnForwardEncoder:
         for layer in encoder_layers(self.encoder)[self.frozen_layers:]:
             layer.forward = _checkpointed(layer.forward)
 
-    def cls_hidden(self, batch: Batch) -> torch.Tensor:
+    def pooled(self, batch: Batch) -> torch.Tensor:
         if isinstance(batch, PackedBatch):
             raise ValueError(f"{type(self.encoder).__name__} runs through its own forward: it takes padded batches only")
         inputs = batch.padded_inputs()
@@ -277,7 +282,7 @@ class OwnForwardEncoder:
         hidden = getattr(out, "last_hidden_state", None)
         if hidden is None:
             hidden = out[0] if isinstance(out, tuple | list) else out
-        return hidden[:, 0]
+        return hidden[:, 0] if self.pooling == "cls" else masked_mean(hidden, batch.key_mask)
 
 
 def task_layers_unsupported(encoder: nn.Module) -> ConfigError:
@@ -286,5 +291,7 @@ def task_layers_unsupported(encoder: nn.Module) -> ConfigError:
                        "checkpoints) can have task-specific layers")
 
 
-def encoder_body(encoder: nn.Module, kernels: bool) -> LayerwiseEncoder | OwnForwardEncoder:
-    return LayerwiseEncoder(encoder, kernels) if LayerwiseEncoder.supports(encoder) else OwnForwardEncoder(encoder)
+def encoder_body(encoder: nn.Module, kernels: bool, pooling: str = "cls") -> LayerwiseEncoder | OwnForwardEncoder:
+    if LayerwiseEncoder.supports(encoder):
+        return LayerwiseEncoder(encoder, kernels, pooling)
+    return OwnForwardEncoder(encoder, pooling)

@@ -1,7 +1,8 @@
-"""The classification heads: [CLS] pooling, dropout, a linear d x K layer and the cross-entropy loss; for
-multi-task runs one such head per task, all run as one op (`MultiTaskHead`).
+"""The classification heads: dropout, a linear d x K layer and the cross-entropy loss on each row's pooled vector
+h (h_CLS, or the mean of the row's tokens: `fastcls.models.pooling`); for multi-task runs one such head per task,
+all run as one op (`MultiTaskHead`).
 
-    logits = dropout(h_CLS) @ W_C^T + b,   loss = cross_entropy(logits, y)
+    logits = dropout(h) @ W_C^T + b,   loss = cross_entropy(logits, y)
 
 The implementation is chosen once, when the head is built:
 - "fused": `fastcls.ops.classification_head` (mask-free dropout, one addmm, and the cross-entropy kernel that
@@ -22,7 +23,7 @@ from fastcls.data.collate import IGNORED_LABEL
 from fastcls.ops import (classification_head, cross_entropy_reference, dropout, linear_cross_entropy,
                          multi_task_cross_entropy_reference, multi_task_head)
 
-# From this many classes a training step's logits outgrow the activations of the rows' h_CLS several times over
+# From this many classes a training step's logits outgrow the activations of the rows' pooled vectors several times over
 # (K x 4 bytes per row against d x 4): the fused linear + cross-entropy then saves their memory and one pass.
 LARGE_LABEL_SPACE = 4096
 
@@ -42,29 +43,29 @@ class ClassificationHead(nn.Module):
     def num_labels(self) -> int:
         return self.linear.out_features
 
-    def forward(self, h_cls: torch.Tensor, labels: torch.Tensor | None = None):
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None):
         """(mean cross-entropy against `labels` or None without them, logits [rows, K] or None where the fused
-        linear + cross-entropy ran) for h_CLS [rows, d]."""
+        linear + cross-entropy ran) for the pooled vectors h [rows, d]."""
         weight, bias, p, training = self.linear.weight, self.linear.bias, self.dropout_p, self.training
         if labels is None:
-            dropped = dropout(h_cls, p, training=training) if self.impl == "fused" else F.dropout(h_cls, p, training)
+            dropped = dropout(h, p, training=training) if self.impl == "fused" else F.dropout(h, p, training)
             return None, F.linear(dropped, weight, bias)
         if self.impl == "reference":
-            logits = F.linear(F.dropout(h_cls, p, training), weight, bias)
+            logits = F.linear(F.dropout(h, p, training), weight, bias)
             return cross_entropy_reference(logits, labels), logits
         if training and self.num_labels >= LARGE_LABEL_SPACE and torch.is_grad_enabled():
-            loss = linear_cross_entropy(dropout(h_cls, p, training=True), weight, labels, linear_bias=bias,
+            loss = linear_cross_entropy(dropout(h, p, training=True), weight, labels, linear_bias=bias,
                                         validate=False)
             return loss, None
-        return classification_head(h_cls, weight, bias, labels, dropout_p=p, training=training, validate=False)
+        return classification_head(h, weight, bias, labels, dropout_p=p, training=training, validate=False)
 
     def extra_repr(self) -> str:
         return f"impl={self.impl}, dropout_p={self.dropout_p}"
 
 
 class MultiTaskHead(nn.Module):
-    """One head per task over h_CLS, as ONE linear layer over the tasks' concatenated weights [sum K_t, d] and one
-    cross-entropy launch over each task's segment of the logits (`fastcls.ops.multi_task_head`).
+    """One head per task over the pooled vector, as ONE linear layer over the tasks' concatenated weights
+    [sum K_t, d] and one cross-entropy launch over each task's segment of the logits (`fastcls.ops.multi_task_head`).
 
         loss = sum_t alpha_t * mean over the rows labelled for task t of CE_t
 
@@ -72,7 +73,7 @@ class MultiTaskHead(nn.Module):
     al. 2018's learned weighting instead, alpha_t = exp(-s_t) with a learned log-variance s_t (starting at 0) and
     s_t / 2 added to the loss, so that alpha_t settles near 1 / (2 L_t).
 
-    h may be [rows, d] (every task reads the shared encoder's h_CLS) or [T, rows, d] (each task its own, from
+    h may be [rows, d] (every task reads the shared encoder's pooled vector) or [T, rows, d] (each task its own, from
     task-specific top layers). `label_counts` [T]: the labelled rows of each task in the whole global batch, and
     `row_share` this batch's share of its rows, so that a rank's part of a global batch under torchrun is weighted
     as that batch's mean (default: the counts of `labels` itself, share 1)."""

@@ -9,6 +9,9 @@ That layer is set to act as the identity on h_CLS:
 - GELU / ReLU: dense = I with bias c, where act(h + c) = h + c exactly for h + c well above zero (GELU(x) = x
   in fp32 once x > ~8; hidden states sit far above -(c - 8)), and the classifier's bias takes b - W_C c.
 
+A mean-pooled classifier has no such head to borrow: it is written for the model that
+`fastcls.models.mean_pooling_hf` generates, its linear layer as it is under `MEAN_HEAD`.
+
 Encoder weights sit under the model's `base_model_prefix`. fastcls reads its own head back from the exact copy
 the checkpointer keeps beside them (the GELU/ReLU mapping does not round-trip bit for bit).
 """
@@ -23,6 +26,7 @@ from fastcls.models.families import family_of
 
 TANH_SCALE = 2.0**-13
 ACTIVATION_SHIFT = 64.0
+MEAN_HEAD = "classifier"  # the mean-pooled model's linear layer
 
 
 def encoder_prefix(encoder: nn.Module) -> str:
@@ -30,11 +34,15 @@ def encoder_prefix(encoder: nn.Module) -> str:
 
 
 def hf_state_dict(classifier) -> dict[str, torch.Tensor]:
-    """The classifier's weights under the names its family's AutoModelForSequenceClassification uses; the head
-    appears only for families with a known head (others keep only the encoder there)."""
+    """The classifier's weights under the names its family's AutoModelForSequenceClassification uses (mean
+    pooling: the generated model's); the head appears only for families with a known head (others keep only the
+    encoder there)."""
     encoder = classifier.encoder
     prefix = encoder_prefix(encoder)
     state = {f"{prefix}.{name}": tensor for name, tensor in encoder.state_dict().items()}
+    if classifier.pooling == "mean":
+        linear = classifier.head.linear
+        return {**state, f"{MEAN_HEAD}.weight": linear.weight, f"{MEAN_HEAD}.bias": linear.bias}
     family = family_of(encoder)
     if family is None or family.hf_head is None:
         return state
@@ -52,12 +60,15 @@ def hf_state_dict(classifier) -> dict[str, torch.Tensor]:
     return state
 
 
-def encoder_state_from_hf(encoder: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:
+def encoder_state_from_hf(encoder: nn.Module, state: dict[str, torch.Tensor],
+                          pooling: str = "cls") -> tuple[dict, list[str]]:
     """(the encoder's weights out of an `hf_state_dict`, the keys that are neither encoder nor known head)."""
     prefix = encoder_prefix(encoder) + "."
     family = family_of(encoder)
     head_keys = set()
-    if family is not None and family.hf_head is not None:
+    if pooling == "mean":
+        head_keys = {f"{MEAN_HEAD}.weight", f"{MEAN_HEAD}.bias"}
+    elif family is not None and family.hf_head is not None:
         head_keys = {f"{path}.{kind}" for path in (family.hf_head.middle, family.hf_head.classifier)
                      for kind in ("weight", "bias")}
     encoder_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and k not in head_keys}

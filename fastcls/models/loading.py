@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig
 from transformers.utils import logging as hf_logging
 
 from fastcls.errors import ModelLoadError
+from fastcls.models.mean_pooling_hf import wrapped_encoder_config
 
 
 @contextmanager
@@ -37,9 +38,11 @@ def check_model_dir(path: str | Path, argument: str = "--model") -> Path:
 
 
 def read_config(path: Path, argument: str = "--model") -> PretrainedConfig:
-    """The folder's config.json, a one-line error naming it when transformers cannot read it."""
+    """The folder's config.json (a mean-pooled classifier's: the encoder's config inside it), a one-line error naming
+    it when transformers cannot read it."""
     try:
-        return AutoConfig.from_pretrained(path, local_files_only=True)
+        wrapped = wrapped_encoder_config(path)
+        return wrapped if wrapped is not None else AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, StrictDataclassError) as err:
         raise ModelLoadError(f"{argument}: {path / 'config.json'}: {_one_line(err)}") from err
 
@@ -71,12 +74,14 @@ def load_encoder(path: str | Path) -> nn.Module:
     path = check_model_dir(path)
     with quiet_transformers():
         try:
+            # a mean-pooled classifier's folder (fastcls export) names its encoder's config inside its own
+            config = wrapped_encoder_config(path)
+            options = dict(dtype=torch.float32, local_files_only=True, output_loading_info=True,
+                           **({} if config is None else {"config": config}))
             try:
-                encoder, info = AutoModel.from_pretrained(path, add_pooling_layer=False, dtype=torch.float32,
-                                                          local_files_only=True, output_loading_info=True)
+                encoder, info = AutoModel.from_pretrained(path, add_pooling_layer=False, **options)
             except TypeError:
-                encoder, info = AutoModel.from_pretrained(path, dtype=torch.float32, local_files_only=True,
-                                                          output_loading_info=True)
+                encoder, info = AutoModel.from_pretrained(path, **options)
         except (OSError, ValueError, SafetensorError, StrictDataclassError) as err:
             raise ModelLoadError(f"--model: cannot load an encoder from {path}: {_one_line(err)}") from err
     faults = {"missing": sorted(info.get("missing_keys", ())), "wrong shape": list(info.get("mismatched_keys", ())),
@@ -124,7 +129,11 @@ def _one_line(err: Exception) -> str:
 def load_tokenizer(path: str | Path, argument: str = "--model"):
     path = check_model_dir(path, argument)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True, local_files_only=True)
+        # never asks to run a folder's own code (a mean-pooled run's modeling_fastcls.py): its encoder's config
+        # names the tokenizer where tokenizer_config.json does not
+        wrapped = wrapped_encoder_config(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True, local_files_only=True, trust_remote_code=False,
+                                                  **({} if wrapped is None else {"config": wrapped}))
     except Exception as err:  # noqa: BLE001 - a damaged tokenizer file raises ValueError, KeyError or tokenizers'
         # bare Exception, depending on where the parse stops
         raise ModelLoadError(f"{argument}: cannot load a tokenizer from {path} (tokenizer.json, "

@@ -3,7 +3,7 @@ encoder's top K layers, initialised from the pretrained ones; the layers below s
 
     task_layers = TaskLayers.from_encoder(encoder, num_tasks, k)   # the encoder keeps its bottom n - K layers
     body = LayerwiseEncoder(encoder); body.use_task_layers(task_layers)
-    h_cls = body.cls_hidden(batch)                                  # [tasks, rows, d]
+    pooled = body.pooled(batch)                                     # [tasks, rows, d]
 
 The copies are ordinary transformers layer modules (`copies[t][k]`), so task t's copy goes back into a standard
 encoder (`encoder_for_task`). On CUDA they run batched across tasks, each weight stacked over the copies at
@@ -11,8 +11,8 @@ forward time (a copy, small against the products; autograd hands each copy its o
 layer projects the shared input onto every task's queries, keys and values in one product with the concatenated
 weights, later products are batched matrix products over tasks, and attention runs the tasks as T * rows
 sequences. The LayerNorms run per task with that copy's own weights, each drawing its own dropout mask; dropout
-elsewhere covers all tasks' elements, so each task's masks differ too. As in `LayerwiseEncoder`, the last layer
-runs its query, output projection, LayerNorms and feed-forward on the [CLS] rows only.
+elsewhere covers all tasks' elements, so each task's masks differ too. As in `LayerwiseEncoder`, with [CLS] pooling
+the last layer runs its query, output projection, LayerNorms and feed-forward on the [CLS] rows only.
 
 On the CPU the tasks run one after the other through `LayerwiseEncoder`'s layer code instead: with no launch
 overhead to save there, batching gained nothing, and its copies (stacked weights, per-task layouts) cost up to a
@@ -30,6 +30,7 @@ from fastcls.errors import ConfigError
 from fastcls.models import attention as attn
 from fastcls.models.encoder import LayerwiseEncoder, _add_norm, _Layer, run_layer, task_layers_unsupported
 from fastcls.models.families import encoder_layers, family_of
+from fastcls.models.pooling import pool
 from fastcls.ops.dropout import recomputed_alike
 
 
@@ -65,7 +66,7 @@ def _add_norms(norms: list[nn.LayerNorm], x, residual, p: float, training: bool,
 
 class TaskLayers(nn.Module):
     """`num_tasks` copies of `layers` (an encoder's top layers, of the family table's layer `kind`): h [tokens, d]
-    from the shared layers, on the batch's own layout, in; each task's h_CLS [tasks, rows, d] out."""
+    from the shared layers, on the batch's own layout, in; each task's pooled vector [tasks, rows, d] out."""
 
     def __init__(self, layers: list[nn.Module], num_tasks: int, kind: str):
         super().__init__()
@@ -99,27 +100,29 @@ class TaskLayers(nn.Module):
         return len(self.copies[0])
 
     def forward(self, h: torch.Tensor, batch: Batch, *, kernels: bool = True,
-                checkpointing: bool = False) -> torch.Tensor:
+                checkpointing: bool = False, pooling: str = "cls") -> torch.Tensor:
         """`kernels`: fastcls's dropout and LayerNorm kernels (else PyTorch's ops); `checkpointing`: recompute
-        each layer's activations in the backward, as `LayerwiseEncoder` does."""
+        each layer's activations in the backward, as `LayerwiseEncoder` does; `pooling`: cls or mean."""
         def run(layer, *args):
             if checkpointing:
                 return checkpoint(recomputed_alike(layer), *args, use_reentrant=False,
                                   context_fn=attn.recompute_in_the_same_context)
             return layer(*args)
 
-        last = self.num_layers - 1
+        # the last layer runs on the [CLS] rows alone where they are all the pooling reads
+        cls_only_at = self.num_layers - 1 if pooling == "cls" else None
         if self.batched if self.batched is not None else h.is_cuda:
             for index in range(self.num_layers):
-                h = run(self.layer, index, h, batch, index == last, kernels)
-            return h
-        outputs = []
-        for layers in self.copies:
-            x = h
-            for index, layer in enumerate(layers):
-                x = run(run_layer, _Layer(layer, self.kind), x, batch, index == last, kernels)
-            outputs.append(x)
-        return torch.stack(outputs)
+                h = run(self.layer, index, h, batch, index == cls_only_at, kernels)
+        else:
+            outputs = []
+            for layers in self.copies:
+                x = h
+                for index, layer in enumerate(layers):
+                    x = run(run_layer, _Layer(layer, self.kind), x, batch, index == cls_only_at, kernels)
+                outputs.append(x)
+            h = torch.stack(outputs)
+        return h if cls_only_at is not None else pool(h, batch, pooling)
 
     def layer(self, index: int, h: torch.Tensor, batch: Batch, cls_only: bool, kernels: bool) -> torch.Tensor:
         """Layer `index` of every task on tokens h ([tokens, d] shared, or [T, tokens, d]): [T, tokens, d], or

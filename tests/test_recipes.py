@@ -3,6 +3,7 @@ top layers (exactly those, from the encoder's initialiser, seeded), Adam without
 flags through the command line."""
 import json
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -100,13 +101,37 @@ def test_layer_lr_decay_gives_each_parameter_lr_times_xi_to_its_depth(case):
     assert len(groups) >= 2 * 5 - 1  # head, 3 layers and the embeddings, most with both kinds
 
 
+class PlainEncoder(nn.Module):
+    """An encoder of the user's own: no family, no named embeddings module."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = SimpleNamespace(num_hidden_layers=3, hidden_size=8)
+        self.tokens = nn.Embedding(99, 8)
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+        self.final_norm = nn.LayerNorm(8)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.tokens(input_ids)
+        for layer in self.layers:
+            h = layer(h)
+        return self.final_norm(h)
+
+
+def test_layer_lr_decay_of_an_encoder_of_ones_own_follows_its_registration_order():
+    model = EncoderClassifier(PlainEncoder(), 3, 0.1)
+    groups = param_groups(model, 0.01, LR, XI)
+    _check_groups(model, groups, r"encoder\.layers\.(\d+)\.", {r"encoder\.tokens\.": "embeddings",
+                                                              r"encoder\.final_norm\.": 1}, 3)
+
+
 def test_layer_lr_decay_with_task_layers_and_frozen_layers():
     model = EncoderClassifier(tiny_encoder("bert", layers=3), None, 0.1,
                               tasks=Tasks(["a", "b"], [2, 3], task_layers=TASK_LAYERS, uncertainty=True))
     model.freeze(True, 1)
     groups = param_groups(model, 0.01, LR, XI)
     log_variances = groups.pop()  # the learned loss weights keep their own 100x group
-    assert log_variances["lr"] == 100 * LR and all(p.ndim == 0 or p.numel() == 2 for p in log_variances["params"])
+    assert log_variances["lr"] == 100 * LR and log_variances["params"] == [model.head.log_variance]
     model.head.log_variance.requires_grad_(False)  # out of the check below, which reads depths from names
     _check_groups(model, groups, r"encoder\.encoder\.layer\.(\d+)\.", {}, 3)
     frozen = {id(p) for p in [*model.encoder.embeddings.parameters(), *model.encoder.encoder.layer[0].parameters()]}

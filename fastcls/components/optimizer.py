@@ -51,8 +51,10 @@ def depths(model: nn.Module) -> dict[int, int]:
     stacks = [shared + list(copy) for copy in task_layers.copies] if task_layers is not None else [shared]
     count = len(stacks[0])
     depth = {id(p): count - index for stack in stacks for index, layer in enumerate(stack) for p in layer.parameters()}
-    embeddings = encoder_embeddings(encoder) if hasattr(encoder, "get_input_embeddings") else None
-    depth.update((id(p), count + 1) for p in (embeddings.parameters() if embeddings is not None else ()))
+    try:
+        depth.update((id(p), count + 1) for p in encoder_embeddings(encoder).parameters())
+    except (AttributeError, NotImplementedError):  # no embeddings module to name: placed by the order below
+        pass
     below_the_layers = True
     for p in encoder.parameters():  # in registration order: embeddings, then the layers, then what sits above
         if id(p) not in depth:

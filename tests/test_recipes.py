@@ -23,6 +23,7 @@ from fastcls.models.reinit import reinit_top_layers
 from fastcls.optim import FusedAdamW
 
 LR, XI = 1e-3, 0.5
+TASK_LAYERS = 1  # with --task-layers, each task's own copy of the top layer
 
 
 def _tiny(family: str, layers: int = 3, **extra) -> nn.Module:
@@ -65,8 +66,6 @@ def _expected_depth(name: str, layer_pattern: str, others: dict, layers: int) ->
     assert name.startswith("encoder.embeddings."), name
     return layers + 1
 
-
-TASK_LAYERS = 1
 
 
 def _decayed(name: str, p: torch.Tensor) -> bool:

@@ -61,6 +61,12 @@ def _choices(name: str) -> dict:
     return {"choices": CHOICES[name]}
 
 
+def _on_off(value: str):
+    """on | off as a bool; any other value goes on as given, for TrainConfig to refuse in one line (argparse's
+    refusal prints the whole usage)."""
+    return {"on": True, "off": False}.get(value, value)
+
+
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="fine-tune an encoder (defaults: bundled MiniLM on bundled SST-2 rows)",
                        argument_default=S)
@@ -82,6 +88,15 @@ def _train_parser(sub) -> None:
     p.add_argument("--decay", **_choices("decay"))
     p.add_argument("--weight-decay", type=float, help="decoupled, not on biases and norm weights (default 0.01)")
     p.add_argument("--max-grad-norm", type=float, help="gradient clipping norm; 0 = off (default 1.0)")
+    # the small-data recipes of Zhang et al. 2021 ("Revisiting few-sample BERT fine-tuning")
+    p.add_argument("--layer-lr-decay", type=float, metavar="XI",
+                   help="layer-wise lr decay: the top encoder layer at lr x XI, each layer below another x XI, the "
+                        "embeddings lowest, the head at lr (default 1: off)")
+    p.add_argument("--reinit-layers", type=int, metavar="N",
+                   help="re-draw the top N encoder layers from the encoder's initialiser before training")
+    p.add_argument("--bias-correction", type=_on_off, metavar="on|off",
+                   help="Adam's bias correction (default on; off: BERT's original Adam, for comparison only: "
+                        "unstable, above all on small data)")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--eval-every", type=int, help="steps between evaluations (default: each epoch)")
     p.add_argument("--metric", **_choices("metric"), help="picks the best checkpoint")

@@ -70,6 +70,12 @@ class TrainConfig:
     decay: str = "linear"
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0  # 0 turns clipping off
+    # small-data recipes (Zhang et al. 2021): layer-wise lr decay, the top layer at lr x XI and each one below another
+    # x XI (1 = off); the top N encoder layers re-drawn from the encoder's initialiser; Adam's bias correction (off:
+    # BERT's original Adam, for comparison only)
+    layer_lr_decay: float = 1.0
+    reinit_layers: int = 0
+    bias_correction: bool = True
     grad_accum: int = 1
     eval_every: int | None = None  # in optimizer steps; None = once per epoch
     metric: str = "accuracy"  # picks the best checkpoint and drives early stopping
@@ -154,6 +160,10 @@ class TrainConfig:
             (0 <= cfg.warmup < float("inf"), "warmup", "must be a finite number >= 0"),
             (0 <= cfg.weight_decay < float("inf"), "weight_decay", "must be a finite number >= 0"),
             (0 <= cfg.max_grad_norm < float("inf"), "max_grad_norm", "must be a finite number >= 0"),
+            (0 < cfg.layer_lr_decay <= 1, "layer_lr_decay", "must be in (0, 1] (1: off)"),
+            (cfg.reinit_layers >= 0, "reinit_layers", "must be >= 0"),
+            (cfg.bias_correction or not cfg.fsdp, "bias_correction",
+             "off is not available with --fsdp, whose torch AdamW always corrects the bias"),
             (cfg.grad_accum >= 1, "grad_accum", "must be >= 1"),
             (cfg.eval_every is None or cfg.eval_every >= 1, "eval_every", "must be >= 1"),
             (cfg.patience is None or cfg.patience >= 1, "patience", "must be >= 1"),

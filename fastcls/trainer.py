@@ -26,7 +26,7 @@ from fastcls.components.early_stopping import EarlyStopping
 from fastcls.components.lr_schedule import DeviceLRSchedule, ScheduleConfig, build_scheduler, resolve_warmup_steps
 from fastcls.components.metrics import MetricsLogger
 from fastcls.components.output_path import check_output_folder
-from fastcls.components.optimizer import OptimizerConfig, build_optimizer, param_groups
+from fastcls.components.optimizer import OptimizerConfig, build_optimizer, describe_lr_decay, param_groups
 from fastcls.components.precision import grad_scaler, resolve_precision
 from fastcls.components.prefix_cache import frozen_report, prefix_cache_for
 from fastcls.components.resume import Loop, Resumer, Training, data_digest, refill_prefix_cache
@@ -38,6 +38,7 @@ from fastcls.errors import ConfigError, TrainingError, TrainingInterrupted
 from fastcls.evaluate import evaluate_logits, predict_logits
 from fastcls.models.classifier import EncoderClassifier, choose_packed
 from fastcls.models.loading import head_dropout, load_tokenizer, own_aligned_storage
+from fastcls.models.reinit import reinit_top_layers
 from fastcls.ops.dropout import DropoutGenerator, draw_seed, use_generator
 
 
@@ -156,6 +157,7 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     encoder, head = load_start(cfg.model, labels) if encoder is None else (own_aligned_storage(encoder), None)
+    reinit_top_layers(encoder, cfg.reinit_layers, cfg.seed, cfg.freeze_layers)  # task layers copy the re-drawn ones
     wants_cache = cfg.freeze_embeddings and cfg.cache_frozen
     dropout = head_dropout(getattr(encoder, "config", None)) if cfg.dropout is None else cfg.dropout
     model = EncoderClassifier(encoder, None if data.tasks else len(labels), dropout, head_impl=cfg.head_impl,
@@ -168,9 +170,9 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
         model.enable_checkpointing()
     model.train()
     parallel = DataParallel(model, ddp, device, fsdp=cfg.fsdp, precision=precision)
-    groups = param_groups(model, cfg.weight_decay, cfg.lr)
-    optimizer = (optimizer_factory(groups) if optimizer_factory is not None
-                 else build_optimizer(groups, OptimizerConfig(lr=cfg.lr), sharded=cfg.fsdp))
+    groups = param_groups(model, cfg.weight_decay, cfg.lr, cfg.layer_lr_decay)
+    optimizer = build_optimizer(groups, OptimizerConfig(lr=cfg.lr, bias_correction=cfg.bias_correction),
+                                sharded=cfg.fsdp, factory=optimizer_factory)
     # every rank cuts the same global batches and runs its share of each (fastcls.components.distributed)
     batches = data.batches(cfg, ddp.world_size)
     steps_per_epoch = math.ceil(len(batches) / cfg.grad_accum)
@@ -208,7 +210,8 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
                  f"{cfg.batch_size * ddp.world_size}" if ddp.enabled else "")
     logger.write(f"fastcls: {data.describe(batches)}, {total_steps} steps, "
                  f"{device} {precision}{processes}, {'unpadded' if model.packed else 'padded'} batches"
-                 f"{', CUDA graphs' if graphs else ''}, {train_set.num_truncated} rows truncated to --max-length "
+                 f"{', CUDA graphs' if graphs else ''}{describe_lr_decay(groups, cfg.lr, cfg.layer_lr_decay)}, "
+                 f"{train_set.num_truncated} rows truncated to --max-length "
                  f"{cfg.max_length}")
     if data.augmentation is not None:
         logger.write(data.augmentation.describe())

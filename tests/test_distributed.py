@@ -76,6 +76,8 @@ CASES = {
                        epochs=2, lr=0.05, eval_every=3),
     "multi_task_fsdp": dict(tasks=["a=train.tsv,dev.tsv", "b=train_b.tsv"], task_layers=1, fsdp=True, epochs=1,
                             lr=0.05, eval_every=4),
+    # layer-wise lr decay (SGD on fastcls's groups, each at its own rate) and the top layer re-drawn alike on each rank
+    "layer_lr_decay_reinit": dict(layer_lr_decay=0.5, reinit_layers=1, epochs=1, lr=0.05, dev="dev"),
     # FSDP2, evaluating the 27 dev rows in 3 batches of up to 10: rank 1 runs an extra forward to keep in step
     "fsdp": dict(fsdp=True, epochs=2, lr=0.05, grad_accum=2, dev="dev", eval_every=4, eval_batch_size=10),
 }

@@ -80,6 +80,10 @@ CASES = {
     # learned loss weights
     "multi-task": dict(epochs=2, save_every=3, eval_every=3, stop=5, tasks=["a={}/train.tsv,{}/train.tsv",
                        "b={}/train_b.tsv"], task_layers=1, task_weighting="uncertainty", task_sampling="temperature"),
+    # the small-data recipes: a group per depth, the top layer re-drawn (again on resume, then overwritten by the
+    # checkpoint's weights), Adam without bias correction
+    "recipes": dict(epochs=2, save_every=3, eval_every=3, stop=5, layer_lr_decay=0.7, reinit_layers=1,
+                    bias_correction=False),
 }
 
 

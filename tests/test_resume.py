@@ -84,6 +84,11 @@ CASES = {
     # checkpoint's weights), Adam without bias correction
     "recipes": dict(epochs=2, save_every=3, eval_every=3, stop=5, layer_lr_decay=0.7, reinit_layers=1,
                     bias_correction=False),
+    # EDA copies drawn anew in epoch 1 (10 batches an epoch): the resumed run draws the same ones again
+    "eda-fresh": dict(epochs=2, save_every=3, eval_every=4, stop=13, augment="eda", num_aug=1),
+    # fixed EDA copies above a cached frozen layer: the refill covers the copies too
+    "eda-fixed-cached": dict(epochs=2, freeze_embeddings=True, freeze_layers=1, save_every=1, stop=12, augment="eda",
+                             num_aug=1, augment_copies="fixed"),
 }
 
 

@@ -236,7 +236,8 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
         if resume and cache is not None:  # what the interrupted run had cached
             refill_prefix_cache(model, train_set, batches, state.epoch, first_micro, device, precision, pad_id, ddp)
         while state.step < total_steps and not state.should_stop:
-            train_set = data.train_for(state.epoch)  # fresh EDA copies: this epoch's own
+            # fresh EDA copies: this epoch's own
+            train_set = data.train_for(state.epoch, last=(state.epoch + 1) * steps_per_epoch >= total_steps)
             micro_batches = batches.batches(state.epoch)
             if not first_micro:  # a resumed epoch keeps its start
                 epoch_start = train_seconds + time.perf_counter() - tick

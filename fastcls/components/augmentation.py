@@ -57,9 +57,9 @@ class Augmentation:
     def _encode(self, epoch: int) -> Encoded:
         return self.tokenize(self.rows_for(epoch))
 
-    def train_for(self, epoch: int) -> Encoded:
-        """Epoch `epoch`'s rows (fixed copies: epoch 0's, every epoch). Fresh copies: the next epoch's are then
-        drawn in the background."""
+    def train_for(self, epoch: int, draw_next: bool = True) -> Encoded:
+        """Epoch `epoch`'s rows (fixed copies: epoch 0's, every epoch). Fresh copies: with `draw_next`, the next
+        epoch's are then drawn in the background."""
         epoch = epoch if self.fresh else 0
         if self._current is not None and self._current[0] == epoch:
             return self._current[1]
@@ -70,7 +70,7 @@ class Augmentation:
             start = time.perf_counter()
             encoded = future.result() if future is not None else self._encode(epoch)
             self.waited_seconds += time.perf_counter() - start
-            self._drawn = {epoch + 1: self._pool.submit(self._encode, epoch + 1)}
+            self._drawn = {epoch + 1: self._pool.submit(self._encode, epoch + 1)} if draw_next else {}
         self._current = (epoch, encoded)
         return encoded
 

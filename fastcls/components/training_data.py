@@ -42,9 +42,10 @@ class TrainingData:
     summary: str = ""  # multi-task: the tasks, their labels and rows
     augmentation: Augmentation | None = None  # --augment eda: the training rows' copies
 
-    def train_for(self, epoch: int):
-        """The rows epoch `epoch` trains on: `train`, except with fresh EDA copies, which change every epoch."""
-        return self.train if self.augmentation is None else self.augmentation.train_for(epoch)
+    def train_for(self, epoch: int, last: bool = False):
+        """The rows epoch `epoch` trains on: `train`, except with fresh EDA copies, which change every epoch (the
+        next epoch's are drawn meanwhile, unless this is the `last`)."""
+        return self.train if self.augmentation is None else self.augmentation.train_for(epoch, draw_next=not last)
 
     def batches(self, cfg: TrainConfig, world_size: int) -> LengthGroupedBatches | TaskMixedBatches:
         """Every rank cuts the same global batches (fastcls.components.distributed) and runs its share of each; a

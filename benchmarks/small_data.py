@@ -12,7 +12,7 @@ over the N rows; EDA runs, whose epoch holds each row and its `num_aug` copies, 
 passes. Each run is its own process with `--threads` threads; `--jobs` run side by side.
 
 Results go to `--results` (JSON lines, one run each); runs already there are skipped, so that an interrupted
-invocation continues and new runs can be added later. The table gives each run's dev accuracy as mean ± standard
+invocation continues, new runs can be added later and invocations can share the work side by side. The table gives each run's dev accuracy as mean ± standard
 deviation over the seeds, its difference from `plain`, and its training samples/s (only comparable within one
 invocation on a quiet machine).
 """
@@ -154,8 +154,19 @@ def key(row: dict) -> tuple:
     return row["dataset"], row["size"], row["run"], row["seed"]
 
 
+def read_results(results: Path) -> dict:
+    """The runs on record, by key; the first of any run recorded twice (by invocations side by side)."""
+    rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    kept = {}
+    for row in rows:
+        kept.setdefault(key(row), row)
+    return kept
+
+
 def launch(job: tuple, threads: int, results: Path) -> None:
     dataset, size, run, seed = job
+    if job in read_results(results):  # another invocation side by side ran it meanwhile
+        return
     command = [sys.executable, __file__, "--worker", run, "--dataset", dataset, "--size", str(size),
                "--seed", str(seed), "--threads", str(threads)]
     done = subprocess.run(command, capture_output=True, text=True)
@@ -218,7 +229,7 @@ def main() -> None:
     missing = [str(path) for name in args.datasets for path in DATASETS[name] if not path.is_file()]
     if missing:
         sys.exit(f"benchmarks/small_data.py: needs the shared real data; missing {', '.join(missing)}")
-    done = {key(json.loads(line)) for line in args.results.read_text().splitlines()} if args.results.exists() else set()
+    done = set(read_results(args.results))
     if not args.table:
         # seeds outermost: a partial invocation still covers every run of its first seeds
         jobs = [(d, n, run, s) for s in args.seeds for d in args.datasets for n in args.sizes for run in args.runs
@@ -226,7 +237,7 @@ def main() -> None:
         print(f"{len(jobs)} runs to do ({len(done)} already in {args.results})", flush=True)
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(lambda job: launch(job, args.threads, args.results), jobs))
-    rows = [json.loads(line) for line in args.results.read_text().splitlines()] if args.results.exists() else []
+    rows = list(read_results(args.results).values())
     print_table([r for r in rows if r["dataset"] in args.datasets and r["size"] in args.sizes], args.runs)
 
 

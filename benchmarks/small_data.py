@@ -8,7 +8,7 @@ For each data set, training size N and seed: N training rows drawn at random (th
 only, so every run of a seed trains on the same rows), the bundled MiniLM, batch 32, lr 5e-5, max length 128,
 6% warmup, weight decay 0.01, bf16 autocast, evaluated once at the end on the whole dev set (no checkpoint chosen
 on dev). The budget is the number of training samples seen, the same for every run: `BUDGET_EPOCHS[N]` passes
-over the N rows; EDA runs, whose epoch holds each row and its `num_aug` copies, see as many samples in fewer
+over the N rows (or `--passes`); EDA runs, whose epoch holds each row and its `num_aug` copies, see as many samples in fewer
 passes. Each run is its own process with `--threads` threads; `--jobs` run side by side.
 
 Results go to `--results` (JSON lines, one run each); runs already there are skipped, so that an interrupted
@@ -136,7 +136,7 @@ def worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     size, seed = args.size, args.seed
-    epochs = BUDGET_EPOCHS.get(size, 2.0)
+    epochs = args.passes or BUDGET_EPOCHS.get(size, 2.0)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         train = draw_rows(args.dataset, size, seed, Path(tmp) / f"train{DATASETS[args.dataset][0].suffix}")
@@ -145,7 +145,7 @@ def worker(args) -> None:
             result = run_hf(train, dev, epochs, seed, Path(tmp) / "out")
         else:
             result = run_fastcls(args.worker, train, dev, epochs, seed, Path(tmp) / "out")
-    result.update(run=args.worker, dataset=args.dataset, size=size, seed=seed, threads=args.threads,
+    result.update(run=args.worker, dataset=args.dataset, size=size, seed=seed, threads=args.threads, passes=epochs,
                   wall_s=time.perf_counter() - start)
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -163,12 +163,12 @@ def read_results(results: Path) -> dict:
     return kept
 
 
-def launch(job: tuple, threads: int, results: Path) -> None:
+def launch(job: tuple, threads: int, results: Path, passes: float | None) -> None:
     dataset, size, run, seed = job
     if job in read_results(results):  # another invocation side by side ran it meanwhile
         return
     command = [sys.executable, __file__, "--worker", run, "--dataset", dataset, "--size", str(size),
-               "--seed", str(seed), "--threads", str(threads)]
+               "--seed", str(seed), "--threads", str(threads)] + (["--passes", str(passes)] if passes else [])
     done = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
@@ -215,6 +215,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     parser.add_argument("--results", type=Path, default=Path("small_data_results.jsonl"))
+    parser.add_argument("--passes", type=float,
+                        help="the budget in passes over the N rows for every size (default: BUDGET_EPOCHS); give "
+                             "each budget its own --results")
     parser.add_argument("--table", action="store_true", help="print the table of --results only")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--dataset", help=argparse.SUPPRESS)
@@ -236,7 +239,7 @@ def main() -> None:
                 if (d, n, run, s) not in done]
         print(f"{len(jobs)} runs to do ({len(done)} already in {args.results})", flush=True)
         with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(lambda job: launch(job, args.threads, args.results), jobs))
+            list(pool.map(lambda job: launch(job, args.threads, args.results, args.passes), jobs))
     rows = list(read_results(args.results).values())
     print_table([r for r in rows if r["dataset"] in args.datasets and r["size"] in args.sizes], args.runs)
 

@@ -8,8 +8,8 @@ For each data set, training size N and seed: N training rows drawn at random (th
 only, so every run of a seed trains on the same rows), the bundled MiniLM, batch 32, lr 5e-5, max length 128,
 6% warmup, weight decay 0.01, bf16 autocast, evaluated once at the end on the whole dev set (no checkpoint chosen
 on dev). The budget is the number of training samples seen, the same for every run: `BUDGET_EPOCHS[N]` passes
-over the N rows (or `--passes`); EDA runs, whose epoch holds each row and its `num_aug` copies, see as many samples in fewer
-passes. Each run is its own process with `--threads` threads; `--jobs` run side by side.
+over the N rows (or `--passes`); EDA runs, whose epoch holds each row and its `num_aug` copies, see as many
+samples in fewer passes. Each run is its own process with `--threads` threads; `--jobs` run side by side.
 
 Results go to `--results` (JSON lines, one run each); runs already there are skipped, so that an interrupted
 invocation continues, new runs can be added later and invocations can share the work side by side. The table gives each run's dev accuracy as mean ± standard

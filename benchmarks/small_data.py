@@ -12,9 +12,9 @@ over the N rows (or `--passes`); EDA runs, whose epoch holds each row and its `n
 samples in fewer passes. Each run is its own process with `--threads` threads; `--jobs` run side by side.
 
 Results go to `--results` (JSON lines, one run each); runs already there are skipped, so that an interrupted
-invocation continues, new runs can be added later and invocations can share the work side by side. The table gives each run's dev accuracy as mean ± standard
-deviation over the seeds, its difference from `plain`, and its training samples/s (only comparable within one
-invocation on a quiet machine).
+invocation continues, new runs can be added later and invocations can share the work side by side. The table
+gives each run's dev accuracy as mean ± standard deviation over the seeds, its difference from `plain`, and its
+training samples/s (only comparable within one invocation on a quiet machine).
 """
 import argparse
 import json

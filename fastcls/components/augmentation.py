@@ -77,8 +77,8 @@ class Augmentation:
     def describe(self) -> str:
         how = "new copies every epoch" if self.fresh else "copies drawn once"
         copies = f"{self.eda.num_aug} {'copy' if self.eda.num_aug == 1 else 'copies'} per row"
-        return (f"EDA: {copies} ({', '.join(self.eda.ops)}), {how}; synonyms: "
-                f"{self.synonyms.source}, {self.synonyms.coverage(t for row in self.rows for t in row.texts).describe()}")
+        coverage = self.synonyms.coverage(text for row in self.rows for text in row.texts).describe()
+        return f"EDA: {copies} ({', '.join(self.eda.ops)}), {how}; synonyms: {self.synonyms.source}, {coverage}"
 
     def close(self) -> None:
         if self._pool is not None:

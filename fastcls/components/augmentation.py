@@ -67,9 +67,12 @@ class Augmentation:
             encoded = self._encode(epoch)
         else:
             future = self._drawn.pop(epoch, None)
-            start = time.perf_counter()
-            encoded = future.result() if future is not None else self._encode(epoch)
-            self.waited_seconds += time.perf_counter() - start
+            if future is None:  # the first epoch (drawn while the data is read), or a resumed one
+                encoded = self._encode(epoch)
+            else:
+                start = time.perf_counter()
+                encoded = future.result()
+                self.waited_seconds += time.perf_counter() - start
             self._drawn = {epoch + 1: self._pool.submit(self._encode, epoch + 1)} if draw_next else {}
         self._current = (epoch, encoded)
         return encoded

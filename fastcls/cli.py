@@ -70,7 +70,7 @@ def _on_off(value: str):
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="fine-tune an encoder (defaults: bundled MiniLM on bundled SST-2 rows)",
                        argument_default=S)
-    p.add_argument("--config", help="JSON or TOML file of settings; flags override it")
+    p.add_argument("--config", help="JSON, TOML or YAML file of settings; flags override it")
     p.add_argument("--model", help="Hugging Face encoder folder (default: bundled all-MiniLM-L6-v2)")
     p.add_argument("--train", help="training file: .tsv, .csv or .jsonl with a header/keys")
     p.add_argument("--dev", help="dev file, evaluated during training")
@@ -192,7 +192,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fastcls import __version__
+
     parser = _Parser(prog="fastcls", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"fastcls {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _infer_parsers(sub)

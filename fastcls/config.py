@@ -1,4 +1,4 @@
-"""The training job's settings: defaults here, then a config file (JSON or TOML), then command-line flags or
+"""The training job's settings: defaults here, then a config file (JSON, TOML or YAML), then command-line flags or
 keyword arguments of `fastcls.train`. Every choice list lives here; the CLI builds its flags from them."""
 import dataclasses
 import json
@@ -241,17 +241,47 @@ def check_type(name: str, value, annotation) -> None:
         raise ConfigError(f"{flag(name)} (setting {name!r}) must be {wanted}, got {type(value).__name__} {shown}")
 
 
+def _yaml_loader():
+    """PyYAML's safe loader reading numbers as YAML 1.2 does: YAML 1.1 reads `3e-5` (no dot) as a string."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+        r"|\.(?:inf|Inf|INF))$|^\.(?:nan|NaN|NAN)$"), list("-+0123456789."))
+    return Loader
+
+
+def _parse_config(path: Path, text: str):
+    """The file's contents by its suffix: .toml, .yaml / .yml, else JSON; a syntax error names the file (and the
+    line where the parser tells it)."""
+    import yaml
+
+    kind = {".toml": "TOML", ".yaml": "YAML", ".yml": "YAML"}.get(path.suffix.lower(), "JSON")
+    try:
+        if kind == "TOML":
+            return tomllib.loads(text)
+        if kind == "YAML":
+            return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a safe loader)
+        return json.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, yaml.YAMLError) as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        reason = " ".join(str(err).split())
+        raise ConfigError(f"--config: {path}{where} is not valid {kind}: {reason}") from None
+
+
 def load_config_file(path: str | Path) -> dict:
-    """Settings from a JSON or TOML file; keys are TrainConfig fields (dashes or underscores), values of the
+    """Settings from a JSON, TOML or YAML file; keys are TrainConfig fields (dashes or underscores), values of the
     field's type."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config: file not found: {path}")
-    text = path.read_text()
-    try:
-        raw = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(f"--config: {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {err}") from err
+    raw = _parse_config(path, path.read_text())
     if not isinstance(raw, dict):
         raise ConfigError(f"--config: {path} must hold one object of settings")
     by_name = {f.name: f for f in fields(TrainConfig)}

@@ -65,6 +65,17 @@ def test_config_file_and_checks(tmp_path):
     broken.write_text("{")
     with pytest.raises(ValueError, match="broken.json is not valid JSON"):
         load_config_file(broken)
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("lr: 3e-5\nbatch-size: 16\ntext_columns: [title, description]\n")  # 3e-5: a number
+    assert load_config_file(yaml_file) == {"lr": 3e-5, "batch_size": 16, "text_columns": ["title", "description"]}
+    typed = tmp_path / "typed.yml"
+    typed.write_text("batch_size: sixteen\n")
+    with pytest.raises(ValueError, match=r"typed.yml: --batch-size \(setting 'batch_size'\) must be int, got str"):
+        load_config_file(typed)
+    broken_yaml = tmp_path / "broken.yaml"
+    broken_yaml.write_text("lr: 1e-5\nbatch_size: [16\n")
+    with pytest.raises(ValueError, match="broken.yaml line 3 is not valid YAML"):
+        load_config_file(broken_yaml)
     with pytest.raises(ValueError, match="--batch-size"):
         TrainConfig(batch_size=0).resolve()
     with pytest.raises(ValueError, match="--patience needs --dev"):

@@ -6,15 +6,13 @@ import argparse
 import csv
 import io
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 from fastcls.augment.config import EdaConfig
 from fastcls.augment.eda import augment_rows
 from fastcls.augment.synonyms import SynonymTable
-from fastcls.components.output_path import check_writable
+from fastcls.components.output_path import check_writable, save_text_atomic
 from fastcls.data.errors import DataError, at
 from fastcls.data.reader import SUPPORTED_EXTENSIONS, read_table
 from fastcls.errors import ConfigError
@@ -63,7 +61,7 @@ def augment_file(data: str | Path, output: str | Path, cfg: EdaConfig, *, synony
                 if record.get(name):  # an empty or missing text stays as it was
                     copy[name] = text
             rows.append({**copy, ADDED_COLUMNS[0]: i, ADDED_COLUMNS[1]: augmented.ops[k]})
-    _write_atomically(output, _formatted(output, [*columns, *ADDED_COLUMNS], rows))
+    save_text_atomic(_formatted(output, [*columns, *ADDED_COLUMNS], rows), output)
     coverage = table.coverage(texts)
     return (f"{source}: {len(records):,} rows in, {len(rows):,} rows out (each followed by its {cfg.num_aug} "
             f"cop{'y' if cfg.num_aug == 1 else 'ies'}) in {time.perf_counter() - start:.1f} s; "
@@ -101,15 +99,3 @@ def _formatted(output: Path, columns: list[str], rows: list[dict]) -> str:
         lines.append("\t".join(values))
     return "\n".join(lines) + "\n"
 
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Written beside `path` and moved over it: an interrupted write leaves the old file or none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise

@@ -28,7 +28,7 @@ def tokenize(text: str) -> tuple[list[list], bool]:
             at_start = False
         else:
             tokens.append([lead, core, trail, False, False, False])
-        if ends_sentence(tokens[-1]):
+        if ends_sentence(lead, core, trail):
             at_start = True
     return tokens, bool(cased)
 
@@ -46,9 +46,9 @@ def looks_proper(core: str) -> bool:
     return core == "I" or core.startswith("I'") or (len(core) > 1 and core.isupper())
 
 
-def ends_sentence(token: list) -> bool:
-    punctuation = token[TRAIL] or ("" if token[CORE] else token[LEAD])
-    return not SENTENCE_END.isdisjoint(punctuation)
+def ends_sentence(lead: str, core: str, trail: str) -> bool:
+    """A token whose trailing punctuation (or, for punctuation alone, its only text) holds . ! or ?"""
+    return not SENTENCE_END.isdisjoint(trail or ("" if core else lead))
 
 
 def shaped(word: str, like: str) -> str:
@@ -72,6 +72,6 @@ def render(tokens: list[list], cased: bool) -> str:
                 core = core[:1].lower() + core[1:]
             at_start = False
         parts.append(lead + core + trail)
-        if not SENTENCE_END.isdisjoint(trail or ("" if core else lead)):
+        if ends_sentence(lead, core, trail):
             at_start = True
     return " ".join(parts)

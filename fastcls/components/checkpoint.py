@@ -34,6 +34,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from fastcls.components.output_path import atomic_write, save_text_atomic
 from fastcls.config import POOLINGS
 from fastcls.data import LabelMap, TaskLabels, load_labels
 from fastcls.errors import ModelLoadError
@@ -56,30 +57,16 @@ RUN_TAG = "fastcls_run"  # the weights' metadata key for the run id that fastcls
 # the previous run's files a new run removes first, the weights before fastcls.json (see the module docstring)
 OLD_RUN_FILES = (WEIGHTS_FILE, HEAD_FILE, STATE_FILE, METRICS_FILE, CONFIG_FILE, LABELS_FILE,
                  mean_pooling_hf.MODELING_FILE, FASTCLS_FILE)
-# the names of _atomic_write's and save_pretrained_files' temporary files (tempfile adds 8 characters of
+# the names of atomic_write's and save_pretrained_files' temporary files (tempfile adds 8 characters of
 # [a-z0-9_]): what a killed write leaves behind
 TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 FASTCLS_META_TYPES = {"format": int, "num_labels": int, "head_dropout": (int, float), "max_length": int}
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_weights_atomic(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     # safetensors refuses shared storage and non-contiguous views: hand it plain copies
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def save_pretrained_files(folder: Path, *objects) -> None:
@@ -117,17 +104,13 @@ def remove_temp_files(folder: Path) -> None:
                 path.unlink()
 
 
-def save_text_atomic(text: str, path: Path) -> None:
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
-
-
 def save_json_atomic(obj, path: Path) -> None:
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True)
             f.write("\n")
 
-    _atomic_write(Path(path), write)
+    atomic_write(Path(path), write)
 
 
 class Checkpointer:

@@ -1,6 +1,7 @@
 """Where fastcls writes: an `--output` path checked before any work (reading data, loading the model), so that a
-mistyped path costs nothing and its error names the flag."""
+mistyped path costs nothing and its error names the flag; and files written whole or not at all."""
 import os
+import tempfile
 from pathlib import Path
 
 from fastcls.errors import ConfigError
@@ -29,3 +30,23 @@ def check_output_folder(path: str | Path, overwrite: bool, argument: str = "--ou
     if not overwrite and path.is_dir() and any(path.iterdir()):
         raise ConfigError(f"{argument} {path} is not empty; choose a new or empty folder, or pass --overwrite")
     return path
+
+
+def atomic_write(path: Path, write) -> None:
+    """`write(temporary_path)` beside `path`, synced, then moved over it: an interrupted write leaves the old file
+    or none, never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_text_atomic(text: str, path: Path) -> None:
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8", newline=""))

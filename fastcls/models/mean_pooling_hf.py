@@ -12,7 +12,6 @@ The model is the base encoder (AutoModel from the inner config, without its pool
 `base_model_prefix`, the mean of the last hidden states over the attention mask, and `classifier` (`MEAN_HEAD`),
 fastcls's linear layer as it is (no identity layer to fake). Any encoder type that AutoModel builds is supported.
 """
-import copy
 import json
 from pathlib import Path
 
@@ -82,19 +81,22 @@ def supported(encoder: nn.Module) -> bool:
     return getattr(getattr(encoder, "config", None), "model_type", None) in MODEL_MAPPING_NAMES
 
 
+def _model_type(encoder: nn.Module) -> str:
+    return MODEL_TYPE_PREFIX + encoder.config.model_type.replace("-", "_")
+
+
 def modeling_code(encoder: nn.Module) -> str:
     """modeling_fastcls.py for this encoder's family."""
-    model_type = MODEL_TYPE_PREFIX + encoder.config.model_type.replace("-", "_")
-    return _MODELING_TEMPLATE.format(config_class=CONFIG_CLASS, model_class=MODEL_CLASS, model_type=model_type,
-                                     prefix=encoder_prefix(encoder), head=MEAN_HEAD)
+    return _MODELING_TEMPLATE.format(config_class=CONFIG_CLASS, model_class=MODEL_CLASS,
+                                     model_type=_model_type(encoder), prefix=encoder_prefix(encoder), head=MEAN_HEAD)
 
 
 def mean_pooling_config(encoder: nn.Module, labels: LabelMap) -> dict:
     """config.json of the mean-pooled classifier: the encoder's config inside, the labels by name."""
-    inner = copy.deepcopy(encoder.config).to_dict()
+    inner = encoder.config.to_dict()  # a copy
     inner.pop("architectures", None)
     return {
-        "model_type": MODEL_TYPE_PREFIX + encoder.config.model_type.replace("-", "_"),
+        "model_type": _model_type(encoder),
         "architectures": [MODEL_CLASS],
         "auto_map": {"AutoConfig": f"{Path(MODELING_FILE).stem}.{CONFIG_CLASS}",
                      "AutoModelForSequenceClassification": f"{Path(MODELING_FILE).stem}.{MODEL_CLASS}"},

@@ -10,6 +10,10 @@ when something needs them).
 """
 __version__ = "0.1.0"
 
+from fastcls import console as _console
+
+_console.install_default()  # INFO lines on stdout until the application configures logging (fastcls.console)
+
 _EXPORTS = {
     "train": "fastcls.api",
     "load": "fastcls.api",

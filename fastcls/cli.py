@@ -124,7 +124,10 @@ def _train_parser(sub) -> None:
                         "frozen-prefix cache needs it)")
     p.add_argument("--cuda-graphs", **_choices("cuda_graphs"),
                    help="replay each step from CUDA graphs, batches padded to a few fixed shapes (auto: off)")
-    p.add_argument("--log-every", type=int)
+    p.add_argument("--log-every", type=int, help="steps between train records in metrics.jsonl and console lines "
+                                                 "(default 10)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar or step lines: only warnings, errors and the result")
     p.add_argument("--group-size", type=int, help="batches per length-sorted group (default 50)")
     p.add_argument("--overwrite", action="store_true", help="train into a folder that already holds a model")
     p.add_argument("--fsdp", action="store_true",
@@ -223,7 +226,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from fastcls.trainer import train
 
     settings = load_config_file(args.config) if "config" in args else {}
-    settings.update({k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")})
+    settings.update({k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "quiet")})
     run = find_run(args.resume, settings.get("output")) if "resume" in args else None
     cfg = resumed_config(run, settings) if run is not None else TrainConfig(**settings)
     if resolve_device(cfg.device).type == "cpu":
@@ -366,10 +369,12 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "expor
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from fastcls.console import command_console
     from fastcls.errors import TrainingInterrupted, UserError
 
     try:
-        COMMANDS[args.command](args)
+        with command_console(quiet=getattr(args, "quiet", False)):
+            COMMANDS[args.command](args)
     except UserError as err:
         if os.environ.get("FASTCLS_DEBUG") == "1":
             raise

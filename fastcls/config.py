@@ -97,7 +97,7 @@ class TrainConfig:
     # replay each training step from CUDA graphs (fastcls.components.train_step): on needs CUDA, padded batches and
     # the default optimizer and schedule; auto = off until the H200 figures show where it is faster
     cuda_graphs: str = "auto"
-    log_every: int = 10  # steps between progress updates (each reads the loss back from the device)
+    log_every: int = 10  # steps between train records (each reads the loss back from the device)
     group_size: int = 50  # batches per length-sorted mega-batch
     overwrite: bool = False  # allow --output to be a folder that already holds a model
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state with FSDP2 instead of DDP

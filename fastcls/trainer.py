@@ -8,6 +8,7 @@ from CUDA graphs):
     step.update(): clip, scaler.step(optimizer), scaler.update(), scheduler.step(), optimizer.zero_grad()
 """
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -20,8 +21,7 @@ from torch import nn
 from fastcls.components.callbacks import Callback, TrainState
 from fastcls.components.checkpoint import Checkpointer, load_start
 from fastcls.components.determinism import deterministic_mode, resolve_deterministic
-from fastcls.components.distributed import (FSDP_NEEDS_TORCHRUN, DataParallel, Distributed, rank_report, rank_seed,
-                                            setup)
+from fastcls.components.distributed import FSDP_NEEDS_TORCHRUN, DataParallel, rank_report, rank_seed, setup
 from fastcls.components.early_stopping import EarlyStopping
 from fastcls.components.lr_schedule import DeviceLRSchedule, ScheduleConfig, build_scheduler, resolve_warmup_steps
 from fastcls.components.metrics import MetricsLogger
@@ -30,6 +30,7 @@ from fastcls.components.optimizer import OptimizerConfig, build_optimizer, descr
 from fastcls.components.precision import grad_scaler, resolve_precision
 from fastcls.components.prefix_cache import frozen_report, prefix_cache_for
 from fastcls.components.resume import Loop, Resumer, Training, data_digest, refill_prefix_cache
+from fastcls.components.train_loss import TrainLoss
 from fastcls.components.train_step import StepConfig, TrainStep, cuda_graphs_enabled, graph_report
 from fastcls.components.training_data import read_training_data
 from fastcls.config import TrainConfig
@@ -40,6 +41,8 @@ from fastcls.models.classifier import EncoderClassifier, choose_packed
 from fastcls.models.loading import head_dropout, load_tokenizer, own_aligned_storage
 from fastcls.models.reinit import reinit_top_layers
 from fastcls.ops.dropout import DropoutGenerator, draw_seed, use_generator
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -93,16 +96,10 @@ def _save_finite(run: Checkpointer, parallel: DataParallel, step: int) -> None:
     ddp.barrier()  # the files are whole before any rank reads them
 
 
-def _mean_loss(loss_sum: torch.Tensor, count: int, ddp: Distributed) -> float:
-    """The mean training loss since the last reset, over every rank's rows (each rank's sum is weighted by its
-    share of the global batches: fastcls.components.distributed)."""
-    return (ddp.sum(loss_sum.clone()) / (count * ddp.world_size)).item()
-
-
 def _finite_loss(loss: float, step: int, run: Checkpointer, logger: MetricsLogger, lr: float | None = None) -> float:
     """`loss`, or a TrainingError when it is NaN or infinite. The loss sum on the device is the flag: a non-finite
-    loss of any step since the last reset stays in it, so reading it at logging steps and before every save checks
-    every step without a host sync in the step itself."""
+    loss of any step since the last read stays in it, so reading it at logging steps and before every save checks
+    every step without a host sync in the step itself (fastcls.components.train_loss)."""
     if not math.isfinite(loss):
         logger.close()
         at = f" (lr {lr:.3g})" if lr is not None else ""
@@ -205,7 +202,7 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
                           train_config)
     elif ddp.is_main:
         run.write_train_config(train_config)
-    logger = MetricsLogger(run.metrics_path, total_steps, enabled=ddp.is_main)
+    logger = MetricsLogger(run.metrics_path, total_steps, device, enabled=ddp.is_main)
     processes = (f", {ddp.world_size} processes ({'FSDP2' if cfg.fsdp else 'DDP'}), global batch "
                  f"{cfg.batch_size * ddp.world_size}" if ddp.enabled else "")
     logger.write(f"fastcls: {data.describe(batches)}, {total_steps} steps, "
@@ -229,7 +226,7 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
     samples, tokens, padded_tokens, rank_tokens = loop.samples, loop.tokens, loop.padded_tokens, loop.rank_tokens
     train_seconds, epoch_seconds, epoch_start, first_micro = (loop.train_seconds, loop.epoch_seconds,
                                                               loop.epoch_start, loop.micro)
-    loss_sum, loss_count = step.loss_sum, loop.loss_count
+    loss = TrainLoss(step.loss_sum, ddp, loop.loss)
     tick = time.perf_counter()
     with (use_generator(generator), resumer.signals,
           deterministic_mode(resolve_deterministic(cfg.deterministic, device), device, threads)):
@@ -250,7 +247,7 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
                                                  shape=shape), counts)
                 accumulating = (i + 1) % cfg.grad_accum and i + 1 < len(micro_batches)
                 step.micro(batch, weight, sync=not accumulating)
-                loss_count += 1
+                loss.add()
                 samples += len(global_rows)
                 tokens += int(train_set.lengths[global_rows].sum())
                 rank_tokens += int(train_set.lengths[rows].sum()) if weight else 0
@@ -264,16 +261,16 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
                 if state.step % cfg.log_every == 0 or state.step == total_steps:
                     lr = (scheduler.lrs_after(state.step)[0] if isinstance(scheduler, DeviceLRSchedule)
                           else optimizer.param_groups[0]["lr"])  # the device schedule's without a sync
-                    state.last_loss = _finite_loss(_mean_loss(loss_sum, loss_count, ddp), state.step, run, logger, lr)
-                    logger.train(state.last_loss, lr, samples / (train_seconds + time.perf_counter() - tick))
+                    state.last_loss = _finite_loss(loss.since_logged(), state.step, run, logger, lr)
+                    record = logger.train(state.step, round(state.step / steps_per_epoch, 4), state.last_loss, lr,
+                                          samples, tokens, train_seconds + time.perf_counter() - tick)
+                    for callback in callbacks:
+                        callback.on_log(state, record)
                 if dev_set is not None and (state.step % eval_every == 0 or state.step == total_steps):
                     train_seconds += time.perf_counter() - tick
-                    record = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4),
-                              "train_loss": _finite_loss(_mean_loss(loss_sum, max(1, loss_count), ddp), state.step,
-                                                         run, logger),
+                    record = {"kind": "eval", "step": state.step, "epoch": round(state.step / steps_per_epoch, 4),
+                              "train_loss": _finite_loss(loss.since_evaluation(), state.step, run, logger),
                               "samples_per_s": samples / train_seconds}
-                    loss_sum.zero_()
-                    loss_count = 0
                     report = evaluate_logits(predict_logits(model, dev_set, cfg.eval_batch_size, device, precision,
                                                             pad_id, ddp), dev_set, labels)
                     record.update(report, dev_loss=report.pop("loss"))
@@ -299,7 +296,7 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
                 if resumer.due(state.step, device.type == "cpu" or state.step % cfg.log_every == 0):
                     saving = time.perf_counter()
                     loop = Loop(i + 1, samples, tokens, padded_tokens, rank_tokens, train_seconds + saving - tick,
-                                epoch_start, epoch_seconds, loss_count)
+                                epoch_start, epoch_seconds, loss.state_dict())
                     saved = resumer.save(training, loop, state.epoch)
                     tick += time.perf_counter() - saving  # saving is not training time
                     if resumer.stop_signal is not None:
@@ -314,7 +311,7 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
     logger.close()
     if dev_set is None or stopping.best is None:  # no dev set, or a callback stopped before any evaluation
         train_seconds += time.perf_counter() - tick
-        _finite_loss(_mean_loss(loss_sum, max(1, loss_count), ddp), state.step, run, logger)
+        _finite_loss(loss.since_evaluation(), state.step, run, logger)
         _save_finite(run, parallel, state.step)
         for callback in callbacks:
             callback.on_save(state, run.out)
@@ -342,7 +339,7 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
                          "augment_wait_seconds": data.augmentation.waited_seconds if data.augmentation else None,
                          "cuda_graphs": graph_report(step, tokens, padded_tokens) if graphs else None})
     if frozen is not None and ddp.is_main:
-        print("frozen: " + ", ".join(f"{k} {v}" for k, v in frozen.items()))
+        log.info("frozen: " + ", ".join(f"{k} {v}" for k, v in frozen.items()))
     for callback in callbacks:
         callback.on_train_end(state)
     return result

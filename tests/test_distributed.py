@@ -58,8 +58,9 @@ def _compare(single: Path, parallel: Path, rtol: float) -> None:
         torch.testing.assert_close(head_got[name], head_ref[name], rtol=rtol, atol=rtol)
 
 
-def _metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+def _metrics(run: Path, kind: str) -> list[dict]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r["kind"] == kind]
 
 
 CASES = {
@@ -105,12 +106,19 @@ def test_two_processes_train_as_one_with_the_global_batch(setup, case):
     assert len(state["distributed"]["padding_fraction_per_rank"]) == 2
     assert "global batch 8" in done.stderr + done.stdout
     if "dev" in extra or "tasks" in extra:  # the same evaluations: sharded logits gathered are the single process's
-        ref, got = _metrics(tmp / f"{case}-1"), _metrics(tmp / f"{case}-2")
+        ref, got = _metrics(tmp / f"{case}-1", "eval"), _metrics(tmp / f"{case}-2", "eval")
         assert [r["step"] for r in got] == [r["step"] for r in ref]
         for r, g in zip(ref, got, strict=True):
             assert g["accuracy"] == r["accuracy"] and g["macro_f1"] == r["macro_f1"]
             assert g["dev_loss"] == pytest.approx(r["dev_loss"], rel=1e-5)
             assert g["train_loss"] == pytest.approx(r["train_loss"], rel=1e-5)
+    # the loss history, every step (--log-every 1), with or without a dev set: the mean over both ranks' rows
+    ref, got = _metrics(tmp / f"{case}-1", "train"), _metrics(tmp / f"{case}-2", "train")
+    assert [(r["step"], r["epoch"], r["lr"]) for r in got] == [(r["step"], r["epoch"], r["lr"]) for r in ref]
+    assert len(ref) == single.steps
+    for r, g in zip(ref, got, strict=True):
+        assert g["loss"] == pytest.approx(r["loss"], rel=1e-5)
+        assert g["tokens_per_s"] / g["samples_per_s"] == pytest.approx(r["tokens_per_s"] / r["samples_per_s"])
 
 
 def test_default_optimizer_under_ddp_follows_the_single_process_losses(setup):
@@ -119,7 +127,7 @@ def test_default_optimizer_under_ddp_follows_the_single_process_losses(setup):
     extra = dict(epochs=1, lr=1e-3, dev=str(tmp / "dev.tsv"))
     _single({**base, **extra, "batch_size": 8, "output": str(tmp / "adam-1")}, "adamw")
     _torchrun({**base, **extra, "batch_size": 4, "output": str(tmp / "adam-2")}, "adamw")
-    ref, got = _metrics(tmp / "adam-1"), _metrics(tmp / "adam-2")
+    ref, got = _metrics(tmp / "adam-1", "eval"), _metrics(tmp / "adam-2", "eval")
     assert got[-1]["train_loss"] == pytest.approx(ref[-1]["train_loss"], rel=1e-3)
     assert got[-1]["dev_loss"] == pytest.approx(ref[-1]["dev_loss"], rel=1e-3)
 

@@ -22,7 +22,8 @@ from fastcls.components.prefix_cache import PrefixCache
 from fastcls.components.resume import CHECKPOINTS, checkpoints, find_run
 from fastcls.errors import ConfigError
 
-TIMING = ("samples_per_s",)  # the only part of a metrics record that depends on the clock
+# the parts of a metrics record that depend on the clock (and the process's memory)
+TIMING = ("samples_per_s", "tokens_per_s", "memory_mb", "elapsed_s")
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +85,11 @@ CASES = {
     # checkpoint's weights), Adam without bias correction
     "recipes": dict(epochs=2, save_every=3, eval_every=3, stop=5, layer_lr_decay=0.7, reinit_layers=1,
                     bias_correction=False),
+    # train records every 3 steps, evaluations every 4, resumed from step 5: the checkpoint holds step 4's loss, read
+    # by the evaluation, on the host and step 5's on the device, both in the train record of step 6
+    "log-interval": dict(epochs=2, save_every=5, eval_every=4, log_every=3, stop=7),
+    # no dev set: the loss history is the train records alone; resumed from step 5, between two of them
+    "no-dev": dict(epochs=2, save_every=5, log_every=2, stop=7, dev=None),
     # EDA copies drawn anew in epoch 1 (10 batches an epoch): the resumed run draws the same ones again
     "eda-fresh": dict(epochs=2, save_every=3, eval_every=4, stop=13, augment="eda", num_aug=1),
     # fixed EDA copies above a cached frozen layer: the refill covers the copies too
@@ -107,7 +113,11 @@ def test_a_stopped_and_resumed_run_ends_with_the_uninterrupted_runs_bits(tiny_di
     assert resumed.steps == whole.steps and resumed.output == tmp_path / "part"
     assert digest(tmp_path / "part") == digest(tmp_path / "whole")
     assert metrics(tmp_path / "part") == metrics(tmp_path / "whole")
-    assert resumed.best == {**whole.best, "samples_per_s": resumed.best["samples_per_s"]}
+    every = options.get("log_every", 1)
+    assert [r["step"] for r in metrics(tmp_path / "whole") if r["kind"] == "train"] == sorted(
+        {*range(every, whole.steps + 1, every), whole.steps})
+    if whole.best is not None:
+        assert resumed.best == {**whole.best, "samples_per_s": resumed.best["samples_per_s"]}
     if case == "frozen-cached":
         assert resumed.frozen["cache_rows"] == whole.frozen["cache_rows"] == 40
 
@@ -139,10 +149,13 @@ def test_checkpoint_layout_limit_and_leftovers(tiny_dir, tmp_path):
                                                                       save_total_limit=2))
     assert [p.name for p in checkpoints(run)] == ["step-000003", "step-000004"]
     newest = checkpoints(run)[-1]
-    assert sorted(p.name for p in newest.iterdir()) == ["optimizer.pt", "rank_state_0.pt", "scaler.pt",
-                                                        "scheduler.pt", "trainer_state.json", "weights.safetensors"]
+    assert sorted(p.name for p in newest.iterdir()) == ["metrics.jsonl", "optimizer.pt", "rank_state_0.pt",
+                                                        "scaler.pt", "scheduler.pt", "trainer_state.json",
+                                                        "weights.safetensors"]
     state = json.loads((newest / "trainer_state.json").read_text())
-    assert state["format"] == 1 and state["step"] == 4 and state["world_size"] == 1
+    assert state["format"] == 2 and state["step"] == 4 and state["world_size"] == 1
+    # the run folder's records up to the checkpoint's step (log every step, evaluate at each epoch's end: step 5)
+    assert [json.loads(line)["step"] for line in (newest / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     assert state["loop"]["micro"] == 4 and state["epoch"] == 0 and state["loop"]["samples"] == 32
     assert torch.load(newest / "rank_state_0.pt", weights_only=True)["loop"] == state["loop"]
     # a write killed before its commit, and a prune killed halfway: neither is a checkpoint, both are cleaned

@@ -2,6 +2,7 @@
 leaves a folder that loads whole or not at all, symlinks are never written through, orphaned temporary files are
 removed, and --skip-bad-rows says what it dropped."""
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -42,7 +43,7 @@ def _files(folder):
     return {name: (folder / name).read_bytes() for name in MODEL_FILES if (folder / name).is_file()}
 
 
-def test_model_run_dir_continues_from_the_runs_encoder_and_head(tiny_bert, data, tmp_path, capsys):
+def test_model_run_dir_continues_from_the_runs_encoder_and_head(tiny_bert, data, tmp_path, caplog):
     first = _run(tiny_bert, data, tmp_path / "first")
     saved = load_file(first.output / "model.safetensors")
     head = load_file(first.output / "fastcls_head.safetensors")
@@ -54,10 +55,10 @@ def test_model_run_dir_continues_from_the_runs_encoder_and_head(tiny_bert, data,
             seen.update({k: v.detach().clone() for k, v in state.model.state_dict().items()})
             state.should_stop = True
 
-    capsys.readouterr()
+    caplog.clear()
     train(TrainConfig(model=str(first.output), train=str(data), output=str(tmp_path / "second"), max_steps=2,
                       batch_size=8, precision="fp32"), callbacks=[Capture()])
-    assert "continuing from the run's checkpoint, encoder and head" in capsys.readouterr().out.splitlines()[0]
+    assert "continuing from the run's checkpoint, encoder and head" in caplog.records[0].getMessage()
     encoder = {k[len("encoder."):]: v for k, v in seen.items() if k.startswith("encoder.")}
     assert encoder and all(torch.equal(v, saved[f"bert.{k}"]) for k, v in encoder.items())
     assert len(encoder) == len([k for k in saved if k.startswith("bert.") and ".pooler." not in k])
@@ -66,9 +67,10 @@ def test_model_run_dir_continues_from_the_runs_encoder_and_head(tiny_bert, data,
     # other labels: the run's encoder, a fresh head, said in the first line
     other = write_tsv(tmp_path / "other.tsv", [["pos" if label == "1" else "neg", text] for label, text in sst2_rows(16)])
     seen.clear()
+    caplog.clear()
     train(TrainConfig(model=str(first.output), train=str(other), output=str(tmp_path / "third"), max_steps=2,
                       batch_size=8, precision="fp32"), callbacks=[Capture()])
-    first_line = capsys.readouterr().out.splitlines()[0]
+    first_line = caplog.records[0].getMessage()
     assert "fresh head" in first_line and "['0', '1'] are not these ['neg', 'pos']" in first_line
     assert all(torch.equal(seen[f"encoder.{k}"], saved[f"bert.{k}"]) for k in encoder)
     assert not torch.equal(seen["head.linear.weight"], head["weight"])
@@ -187,7 +189,7 @@ def test_the_next_run_removes_orphaned_temporary_files(tiny_bert, data, tmp_path
     assert all(path.read_text() == "user's" for path in kept)
 
 
-def test_skip_bad_rows_drops_and_names_each_kind_of_bad_row(tiny_bert, tmp_path, capsys):
+def test_skip_bad_rows_drops_and_names_each_kind_of_bad_row(tiny_bert, tmp_path, capsys, caplog):
     good = ["\t".join(row) for row in sst2_rows(12)]
     lines = ["label\tsentence", *good[:2], "0\t ", *good[2:4], "1\ttoo\tmany", *good[4:8], "\tno label", "1\t",
              *good[8:]]
@@ -207,11 +209,12 @@ def test_skip_bad_rows_drops_and_names_each_kind_of_bad_row(tiny_bert, tmp_path,
     assert main(["eval", "--model", str(out), "--data", str(bad), "--skip-bad-rows"]) == 0
     assert capsys.readouterr().out.splitlines()[0] == expected
 
-    # rows in memory, through the Python API
+    # rows in memory, through the Python API: a warning of the "fastcls" logger (pytest's handler takes it)
     rows = [{"text": text, "label": label} for label, text in sst2_rows(8)] + [{"text": " ", "label": "1"}]
-    capsys.readouterr()
+    caplog.clear()
     fastcls.train(model=str(tiny_bert), train=rows, output=str(tmp_path / "api"), max_steps=1, skip_bad_rows=True)
-    assert capsys.readouterr().out.splitlines()[0] == "<train>: skipped 1 row: 1 empty text (row 8)"
+    warnings = [(r.name, r.getMessage()) for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [("fastcls.components.training_data", "<train>: skipped 1 row: 1 empty text (row 8)")]
 
     jsonl = tmp_path / "bad.jsonl"
     jsonl.write_text('{"text": "fine", "label": 1}\n{"text": \n[1]\n{"text": "", "label": 0}\n{"label": 1}\n'

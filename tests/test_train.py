@@ -45,7 +45,8 @@ def test_tiny_bert_overfits_32_examples(overfit_run):
         assert (out / name).is_file(), name
     assert json.loads((out / "labels.json").read_text())["id2label"] == ["neg", "pos"]
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    assert {"step", "epoch", "train_loss", "accuracy", "macro_f1", "samples_per_s"} <= set(record)
+    assert {"kind", "step", "epoch", "train_loss", "accuracy", "macro_f1", "samples_per_s"} <= set(record)
+    assert record["kind"] == "eval"
     assert record["step"] == result.steps == 160
 
 
@@ -197,7 +198,8 @@ def test_early_stopping_stops_when_the_metric_stalls(tiny_bert, tmp_path):
                       max_steps=50, batch_size=8, lr=1e-12, eval_every=1, patience=1)
     result = train(cfg)
     assert result.steps == 2
-    assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 2
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["eval", "eval"]
     assert result.best["step"] == 1
 
 
@@ -252,8 +254,9 @@ def test_grad_accumulation_and_eval_interval_count_optimizer_steps(tiny_bert, tm
     result = train(cfg)
     # 5 micro-batches an epoch make 3 optimizer steps (the last one of a single micro-batch): 6 in 2 epochs
     assert result.steps == 6
-    steps = [json.loads(line)["step"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [2, 4, 6]
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [2, 4, 6]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [6]  # --log-every 10: the last step only
 
 
 def _final_weights(result):

@@ -17,10 +17,10 @@ class TrainState:
     output: Path
     step: int = 0  # optimizer steps done
     epoch: int = 0
-    last_loss: float | None = None  # mean training loss since the last logging step
+    last_loss: float | None = None  # the newest train record's loss: the mean since the logging step before it
     best: dict | None = None  # the best evaluation so far
     should_stop: bool = False
-    log: list[dict] = field(default_factory=list)  # every evaluation record so far
+    log: list[dict] = field(default_factory=list)  # every eval record so far
 
 
 class Callback:
@@ -31,8 +31,13 @@ class Callback:
         """After every optimizer step. `state.last_loss` is fresh only at logging steps (reading the loss back from
         the device every step would cost a host sync on CUDA)."""
 
+    def on_log(self, state: TrainState, record: dict) -> None:
+        """At every logging step (--log-every, and the last step), before `on_step_end`: `record` is the train
+        record written to metrics.jsonl (fastcls.components.metrics.MetricsLogger: step, epoch, loss, lr,
+        samples_per_s, tokens_per_s, memory_mb, elapsed_s); `state.last_loss` is its loss."""
+
     def on_evaluate(self, state: TrainState, metrics: dict) -> None:
-        """After each evaluation on the dev set; `metrics` is the record written to metrics.jsonl."""
+        """After each evaluation on the dev set; `metrics` is the eval record written to metrics.jsonl."""
 
     def on_save(self, state: TrainState, path: Path) -> None:
         """After the checkpoint was written into the run folder `path`."""

@@ -23,6 +23,7 @@ which replaces a link, never its target. Temporary files a killed write left beh
 """
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
@@ -43,6 +44,8 @@ from fastcls.models.classifier import EncoderClassifier, Tasks, choose_packed
 from fastcls.models.hf_layout import encoder_prefix, encoder_state_from_hf, hf_config, hf_state_dict
 from fastcls.models.loading import (check_model_dir, encoder_from_config, load_encoder, load_tokenizer,
                                     own_aligned_storage, read_config)
+
+log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
 HEAD_FILE = "fastcls_head.safetensors"
@@ -287,7 +290,7 @@ def load_start(path: str | Path, labels: LabelMap) -> tuple[torch.nn.Module, dic
     """What `fastcls train --model PATH` starts from: (the encoder, the head's weights or None for a fresh head).
     A Hugging Face folder gives its encoder. A folder written by `fastcls train` gives its checkpoint, checked as
     for `eval`: the encoder's weights exactly, and the head's too when the run's labels are these; the run says
-    which in its first printed line."""
+    which in its first logged line."""
     folder = Path(path)
     if not (folder / FASTCLS_FILE).exists() and not (folder / HEAD_FILE).exists():
         return load_encoder(folder), None
@@ -297,8 +300,8 @@ def load_start(path: str | Path, labels: LabelMap) -> tuple[torch.nn.Module, dic
                              "--task NAME`) or train the tasks again from its base encoder")
     encoder = own_aligned_storage(model.encoder.train())
     if run_labels == labels:
-        print(f"--model {folder}: continuing from the run's checkpoint, encoder and head")
+        log.info(f"--model {folder}: continuing from the run's checkpoint, encoder and head")
         return encoder, {name: t.detach().clone() for name, t in model.head.linear.state_dict().items()}
-    print(f"--model {folder}: continuing from the run's encoder with a fresh head: its labels "
+    log.info(f"--model {folder}: continuing from the run's encoder with a fresh head: its labels "
           f"{run_labels.names} are not these {labels.names}")
     return encoder, None

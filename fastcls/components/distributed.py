@@ -27,6 +27,7 @@ model on rank 0, which writes every file.
 """
 import contextlib
 import copy
+import logging
 import os
 from dataclasses import dataclass
 
@@ -37,6 +38,8 @@ from torch import nn
 
 from fastcls.components.precision import resolve_device
 from fastcls.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 FSDP_NEEDS_TORCHRUN = "--fsdp needs several processes: launch with torchrun --nproc_per_node=N"
@@ -289,5 +292,5 @@ def rank_report(ddp: Distributed, tokens: int, padded_tokens: int, forward_secon
         seconds = [round(f, 3) for _, _, f in per_rank]
         report.update(forward_seconds_per_rank=seconds, forward_spread=round(max(seconds) / max(1e-9, min(seconds)), 3))
     if ddp.is_main:
-        print("ranks: " + ", ".join(f"{k} {v}" for k, v in report.items()))
+        log.info("ranks: " + ", ".join(f"{k} {v}" for k, v in report.items()))
     return report

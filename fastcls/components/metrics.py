@@ -1,7 +1,13 @@
 """Classification metrics from predicted and true label ids, and the run's console and JSONL log."""
 import json
+import logging
+import sys
 
 import torch
+
+from fastcls.console import interactive
+
+log = logging.getLogger(__name__)
 
 
 def classification_report(pred: torch.Tensor, true: torch.Tensor, names: list[str]) -> dict:
@@ -49,27 +55,81 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-class MetricsLogger:
-    """What a run shows and records: a progress bar with loss, learning rate and samples/s on the console, and one
-    JSONL record per evaluation (step, epoch, train loss, dev metrics, samples/s) in `jsonl_path`."""
+def peak_memory_mb(device: torch.device) -> float | None:
+    """The peak memory so far in MiB: the CUDA allocator's on a GPU, the process's resident set on the CPU (None
+    where the platform does not say: Windows)."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)  # bytes on macOS, KiB on Linux
 
-    def __init__(self, jsonl_path, total_steps: int, enabled: bool = True):
+
+def format_train(record: dict, total_steps: int) -> str:
+    """A train record as the console's plain line (no progress bar):
+    `step 40/375 epoch 0.32 loss 0.6012 lr 4.1e-05 188.4 samples/s 5,620 tokens/s 1,881 MB`."""
+    memory = f" {record['memory_mb']:,.0f} MB" if record["memory_mb"] is not None else ""
+    return (f"step {record['step']}/{total_steps} epoch {record['epoch']:.2f} loss {record['loss']:.4f} "
+            f"lr {record['lr']:.3g} {record['samples_per_s']:,.1f} samples/s {record['tokens_per_s']:,.0f} "
+            f"tokens/s{memory}")
+
+
+class MetricsLogger:
+    """What a run shows and records. The console: on a terminal (or in a notebook) a progress bar with loss,
+    learning rate and samples/s; elsewhere (a file, a pipe, a CI log) one plain line per logging step
+    (`format_train`); messages and evaluations as lines through the "fastcls" logger. At WARNING (--quiet)
+    neither bar nor lines.
+
+    `jsonl_path` (the run's metrics.jsonl) gets one JSON object per line, each with a "kind":
+    - "train", at every --log-every step and at the last step, with or without a dev set: `step` (optimizer steps
+      done), `epoch` (step / steps per epoch, 4 decimals), `loss` (the mean training loss over every rank's
+      micro-batches since the previous train record), `lr` (the first parameter group's learning rate after the
+      step), `samples_per_s` and `tokens_per_s` (rows and real tokens, padding excluded, per training second
+      since the start: evaluation and checkpoint saving are not counted), `memory_mb` (the peak so far in MiB:
+      torch.cuda.max_memory_allocated on CUDA, the process's peak resident set on the CPU; null where unknown),
+      `elapsed_s` (training seconds so far);
+    - "eval", at each evaluation on the dev set: `step`, `epoch`, `train_loss` (the mean training loss since the
+      previous evaluation), `samples_per_s`, `accuracy`, `macro_f1`, `dev_loss`, `per_class` ({label: precision,
+      recall, f1, support}) and, for a multi-task run, TASK/accuracy, TASK/macro_f1 and TASK/loss per task (then
+      `accuracy`, `macro_f1` and `dev_loss` are the tasks' means and `per_class` is keyed by task).
+    A train record comes before the eval record of the same step. Under torchrun only rank 0 shows and writes."""
+
+    def __init__(self, jsonl_path, total_steps: int, device: torch.device, enabled: bool = True):
         from tqdm.auto import tqdm
 
-        self.jsonl_path, self.enabled = jsonl_path, enabled  # under torchrun only rank 0 shows and writes
-        self.progress = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True, disable=not enabled)
+        self.jsonl_path, self.total_steps, self.device, self.enabled = jsonl_path, total_steps, device, enabled
+        self.bar = enabled and log.isEnabledFor(logging.INFO) and interactive(sys.stdout)
+        self.progress = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True, file=sys.stdout,
+                             disable=not self.bar)
 
     def step(self) -> None:
         self.progress.update(1)
 
-    def train(self, loss: float, lr: float, samples_per_s: float) -> None:
-        self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.0f}")
+    def train(self, step: int, epoch: float, loss: float, lr: float, samples: int, tokens: int,
+              seconds: float) -> dict:
+        """The train record of `step` (`samples` and `tokens` in `seconds` of training so far): written, shown,
+        and returned (on every rank)."""
+        seconds = max(seconds, 1e-9)
+        record = {"kind": "train", "step": step, "epoch": epoch, "loss": loss, "lr": float(lr),
+                  "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds,
+                  "memory_mb": peak_memory_mb(self.device), "elapsed_s": seconds}
+        if not self.enabled:
+            return record
+        self._append(record)
+        if self.bar:
+            self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}",
+                                      samples_s=f"{record['samples_per_s']:.0f}")
+        else:
+            log.info(format_train(record, self.total_steps))
+        return record
 
     def evaluation(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.jsonl_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self._append(record)
         tasks = [key[:-len("/accuracy")] for key in record if key.endswith("/accuracy")]
         mean = "mean over tasks: " if tasks else ""
         each = "".join(f"; {task} {record[f'{task}/accuracy']:.4f}, {record[f'{task}/macro_f1']:.4f}, "
@@ -77,9 +137,13 @@ class MetricsLogger:
         self.write(f"step {record['step']}: dev {mean}accuracy {record['accuracy']:.4f}, "
                    f"macro-F1 {record['macro_f1']:.4f}, loss {record['dev_loss']:.4f}{each}")
 
+    def _append(self, record: dict) -> None:
+        with open(self.jsonl_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
     def write(self, message: str) -> None:
         if self.enabled:
-            self.progress.write(message)
+            log.info(message)
 
     def close(self) -> None:
         self.progress.close()

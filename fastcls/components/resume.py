@@ -9,7 +9,8 @@ A resumable checkpoint is a folder RUN_DIR/checkpoints/step-000120/ (the optimiz
   differ per rank), its loss sum and its counters (`Loop`: the padding and tokens are per rank);
 - `trainer_state.json`: the format, the loop's position (epoch, micro-batches of it done: an epoch's batch order
   is a function of the seed and the epoch, so the position fixes the rest), TrainState's fields, early stopping,
-  the metrics so far, the world size, the thread count and a digest of the tokenised training rows;
+  the evaluations so far, the world size, the thread count and a digest of the tokenised training rows;
+- `metrics.jsonl`: the run folder's of that moment (every train and eval record so far), which a resume puts back;
 - `best/`: hard links to the run folder's best-checkpoint files of that moment (no copy), which a resume puts
   back: a best checkpoint saved after this one belongs to the work the resume redoes.
 
@@ -44,7 +45,7 @@ from fastcls.config import TrainConfig, flag
 from fastcls.data import collate
 from fastcls.errors import ConfigError
 
-FORMAT = 1
+FORMAT = 2  # 2: the loss sum on the device since the last read, its reads on the host (Loop.loss), metrics.jsonl
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
 TEMP = ".tmp-"  # a write in progress, or killed
@@ -71,7 +72,7 @@ class Loop:
     train_seconds: float = 0.0
     epoch_start: float = 0.0  # train_seconds when the current epoch began
     epoch_seconds: list[float] = field(default_factory=list)
-    loss_count: int = 0  # micro-batches in the loss sum (since the last evaluation)
+    loss: dict = field(default_factory=dict)  # the reported loss's host state (fastcls.components.train_loss)
 
 
 @dataclass
@@ -84,7 +85,7 @@ class Training:
     generator: object  # fastcls.ops.dropout.DropoutGenerator
     state: object  # fastcls.components.callbacks.TrainState
     stopping: object  # fastcls.components.early_stopping.EarlyStopping
-    loss_sum: torch.Tensor  # this rank's training loss summed on the device since the last evaluation
+    loss_sum: torch.Tensor  # this rank's training loss summed on the device since the last read
     data: str  # data_digest of the training set: a resume refuses other rows behind the same file name
 
 
@@ -178,6 +179,8 @@ class Resumer:
             record = {"format": FORMAT, "world_size": self.ddp.world_size, "num_threads": torch.get_num_threads(),
                       **_train_state(t, loop, epoch)}
             _write(temp / STATE, lambda p: p.write_text(json.dumps(record, indent=1)))
+            metrics = self.root.parent / METRICS_FILE
+            _write(temp / METRICS_FILE, lambda p: shutil.copyfile(metrics, p) if metrics.is_file() else p.touch())
             _link_best(self.root.parent, temp / BEST)
         self.ddp.barrier()  # rank 0 commits once every rank's file is on disk
         if self.rank == 0:
@@ -213,6 +216,7 @@ class Resumer:
         folder = self.loaded = checkpoints(self.root.parent)[-1]
         try:
             loop, threads = self._load(folder, t)
+            records = (folder / METRICS_FILE).read_text(encoding="utf-8") if self.rank == 0 else ""
         except (OSError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError, SafetensorError) as err:
             if isinstance(err, ConfigError):
                 raise
@@ -222,8 +226,7 @@ class Resumer:
         if self.rank == 0:
             remove_temp_files(self.root.parent)  # of a killed best-checkpoint write
             _restore_best(folder / BEST, self.root.parent)
-            save_text_atomic("".join(json.dumps(record) + "\n" for record in t.state.log),
-                             self.root.parent / METRICS_FILE)  # evaluations after the checkpoint are redone
+            save_text_atomic(records, self.root.parent / METRICS_FILE)  # what comes after the checkpoint is redone
         return loop, threads
 
     def _load(self, folder: Path, t: Training) -> tuple[Loop, int]:

@@ -17,6 +17,7 @@ captured once as CUDA graphs and replayed, so a step costs a handful of launches
 Graphs change no result: a replay runs the kernels the eager step runs, on the same values.
 """
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -28,6 +29,8 @@ from fastcls.components.precision import autocast
 from fastcls.errors import ConfigError
 from fastcls.data import Batch
 from fastcls.ops.dropout import DropoutGenerator
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -170,7 +173,7 @@ def cuda_graphs_enabled(mode: str, device, precision, custom_optimizer, custom_s
 def graph_report(step: TrainStep, tokens: int, padded_tokens: int) -> dict:
     report = dataclasses.asdict(step.report)
     report["padding_fraction"] = round(1 - tokens / max(1, padded_tokens), 4)  # bucketing's and the rows' own
-    print(f"CUDA graphs: {report['graphs']} captured in {report['capture_seconds']:.2f} s, {report['replays']} "
+    log.info(f"CUDA graphs: {report['graphs']} captured in {report['capture_seconds']:.2f} s, {report['replays']} "
           f"replays, {report['padding_fraction']:.1%} of the tokens were padding")
     return report
 

@@ -9,6 +9,7 @@ its labelled rows of the whole global batch: the counts go with each rank's batc
 computes what one process computes.
 """
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,8 @@ from fastcls.data.tasks import TASK_FORMAT, TaskSpec, parse_task, parse_task_wei
 from fastcls.data.collate import IGNORED_LABEL, Batch
 from fastcls.errors import ConfigError, DataError
 from fastcls.models.classifier import Tasks
+
+log = logging.getLogger(__name__)
 
 
 def is_multi_task(cfg: TrainConfig) -> bool:
@@ -84,12 +87,12 @@ class TrainingData:
 
 
 def _read(data, cfg: TrainConfig, name: str, skipped_rows: dict):
-    """The examples of `data`; with --skip-bad-rows, the rows dropped are printed and counted in `skipped_rows`."""
+    """The examples of `data`; with --skip-bad-rows, the rows dropped are logged and counted in `skipped_rows`."""
     skipped = SkippedRows() if cfg.skip_bad_rows else None
     rows = read_examples(data, text_columns=cfg.text_columns, text_pair_column=cfg.text_pair_column,
                          label_column=cfg.label_column, name=name, skipped=skipped)
     if skipped is not None and skipped.lines:
-        print(skipped.summary())
+        log.warning(skipped.summary())
         skipped_rows[name] = skipped.counts
     return rows
 
@@ -151,7 +154,7 @@ def _read_tasks(cfg: TrainConfig, tokenizer) -> TrainingData:
     skipped_rows = {}
     for name, skipped in data.skipped.items():
         if skipped.lines:
-            print(skipped.summary())
+            log.warning(skipped.summary())
             skipped_rows[name] = skipped.counts
     labels = TaskLabels(data.names, data.labels)
     weights = None

@@ -16,13 +16,16 @@ from fastcls.models.mean_pooling_hf import wrapped_encoder_config
 @contextmanager
 def quiet_transformers():
     """from_pretrained warns about the pooler it drops and the head it lacks: both expected here. fastcls checks
-    the weights it loads itself."""
-    previous = hf_logging.get_verbosity()
+    the weights it loads itself. Its progress bar is off too: a log piped to a file stays line-based."""
+    previous, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(previous)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def check_model_dir(path: str | Path, argument: str = "--model") -> Path:

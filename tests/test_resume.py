@@ -241,17 +241,19 @@ SLOW_FSYNC = ("import sys, time; import fastcls.components.resume as r; f = r._f
               "r._fsync = lambda p: (time.sleep(0.05), f(p))[1]; from fastcls.cli import main; sys.exit(main())")
 
 
-def start(args: list[str], cwd: Path, slow_writes: bool = False, stderr=subprocess.PIPE) -> subprocess.Popen:
+def start(args: list[str], cwd: Path, slow_writes: bool = False, stderr=subprocess.PIPE,
+          stdout=None) -> subprocess.Popen:
     """`fastcls` in a fresh process, run from `cwd`."""
     code = SLOW_FSYNC if slow_writes else "import sys; from fastcls.cli import main; sys.exit(main())"
-    return subprocess.Popen([sys.executable, "-c", code, *args], stderr=stderr, text=True, bufsize=1, cwd=cwd)
+    return subprocess.Popen([sys.executable, "-c", code, *args], stderr=stderr, stdout=stdout, text=True, bufsize=1,
+                            cwd=cwd)
 
 
 def wait_for(proc: subprocess.Popen, text: str) -> str:
-    """stderr up to the first chunk holding `text` (tqdm writes carriage returns, not lines)."""
+    """stdout (a pipe: plain lines) up to the first chunk holding `text`."""
     seen = ""
     while text not in seen:
-        chunk = proc.stderr.read(1) if proc.poll() is None else proc.stderr.read()
+        chunk = proc.stdout.read(1) if proc.poll() is None else proc.stdout.read()
         if not chunk:
             raise AssertionError(f"the run ended before {text!r}: {seen[-2000:]}")
         seen += chunk
@@ -269,8 +271,8 @@ def whole_cli_run(tiny_dir):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_saves_says_where_and_exits_without_a_traceback(tiny_dir, whole_cli_run, tmp_path, signum):
     out = tmp_path / "run"
-    proc = start(cli_train(tiny_dir, out), tmp_path)
-    wait_for(proc, "loss=")  # the first step is logged
+    proc = start(cli_train(tiny_dir, out), tmp_path, stdout=subprocess.PIPE)
+    wait_for(proc, "step 1/18 ")  # the first step is logged
     proc.send_signal(signum)
     if signum == signal.SIGINT:
         proc.send_signal(signum)  # a second one, while the first is handled, changes nothing
@@ -381,7 +383,7 @@ def test_under_torchrun_each_rank_resumes_its_own_state(tiny_dir, tmp_path, fsdp
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "resumed from" in done.stdout + done.stderr
     assert [p.name for p in sorted((tmp_path / "part" / CHECKPOINTS / "step-000004").iterdir())] == [
-        "best", "optimizer.pt", "rank_state_0.pt", "rank_state_1.pt", "scaler.pt", "scheduler.pt",
+        "best", "metrics.jsonl", "optimizer.pt", "rank_state_0.pt", "rank_state_1.pt", "scaler.pt", "scheduler.pt",
         "trainer_state.json", "weights.safetensors"]
     assert digest(tmp_path / "part") == digest(tmp_path / "whole")
     assert metrics(tmp_path / "part") == metrics(tmp_path / "whole")

@@ -31,6 +31,10 @@ class Callback:
         """After every optimizer step. `state.last_loss` is fresh only at logging steps (reading the loss back from
         the device every step would cost a host sync on CUDA)."""
 
+    def on_log(self, state: TrainState, record: dict) -> None:
+        """After each train record (every --log-every steps and the last step); `record` is the record written to
+        metrics.jsonl."""
+
     def on_evaluate(self, state: TrainState, metrics: dict) -> None:
         """After each evaluation on the dev set; `metrics` is the record written to metrics.jsonl."""
 

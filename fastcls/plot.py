@@ -4,11 +4,9 @@ and throughput (samples/s). matplotlib (the `plot` extra) draws it off-screen (t
 import json
 from pathlib import Path
 
-from fastcls.components.checkpoint import METRICS_FILE
+from fastcls.components.checkpoint import METRICS_FILE, PLOT_FILE
 from fastcls.components.output_path import atomic_write, check_writable
 from fastcls.errors import ConfigError, DataError
-
-PLOT_FILE = "metrics.png"
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -6,7 +6,7 @@ TensorBoard gets the scalars under the names the HF Trainer gives them (its `rew
 key, "eval/" + the key without "eval_"), at the optimizer step: train/loss, train/learning_rate, train/epoch,
 eval/loss, eval/accuracy, eval/macro_f1 and, in multi-task runs, eval/TASK/accuracy, eval/TASK/macro_f1,
 eval/TASK/loss; fastcls's throughput as train/samples_per_second, train/tokens_per_second and train/memory_mb.
-The run's settings go in as the text "args", as the HF Trainer's.
+The run's settings and the encoder's config go in as the texts "args" and "model_config", as the HF Trainer's.
 
 Folders: `--logging-dir`, else OUTPUT/runs/<date-time>_<host> (the HF Trainer's OUTPUT/runs/<date>_<host>). A
 resumed run continues in the run's newest runs/ folder (or the given one) with `purge_step` at its first step:
@@ -21,8 +21,6 @@ from fastcls.components.callbacks import Callback, TrainState
 from fastcls.errors import ConfigError
 
 LOGGING_FOLDER = "runs"
-# integration -> the extra that installs it
-EXTRAS = {"tensorboard": "tensorboard"}
 
 
 def _summary_writer():
@@ -41,27 +39,23 @@ class Reporter(Callback):
 
 def installed_integrations() -> list[str]:
     """`--report-to all`: every supported integration whose package imports."""
-    found = []
-    for name, load in (("tensorboard", _summary_writer),):
-        try:
-            load()
-        except ImportError:
-            continue
-        found.append(name)
-    return found
+    try:
+        _summary_writer()
+    except ImportError:
+        return []
+    return ["tensorboard"]
 
 
 def report_callbacks(cfg, main: bool) -> list[Reporter]:
     """The loggers and chart that `cfg` (resolved) asks for; a ConfigError naming the extra when a package is
     missing. Empty on ranks other than rank 0."""
     callbacks = []
-    for name in cfg.report_to:
+    if "tensorboard" in cfg.report_to:
         try:
-            writer = _summary_writer()
+            callbacks.append(TensorBoard(_summary_writer(), cfg.logging_dir, cfg.to_dict()))
         except ImportError:
-            raise ConfigError(f"--report-to {name} needs the {name} package: pip install "
-                              f"\"fastcls[{EXTRAS[name]}]\"") from None
-        callbacks.append(TensorBoard(writer, cfg.logging_dir, cfg.to_dict()))
+            raise ConfigError('--report-to tensorboard needs the tensorboard package: pip install '
+                              '"fastcls[tensorboard]"') from None
     if cfg.plot:
         from fastcls.plot import require_matplotlib
 
@@ -111,6 +105,9 @@ class TensorBoard(Reporter):
         self.writer = self.summary_writer(str(folder), purge_step=state.step + 1 if resumed else None)
         if not resumed:
             self.writer.add_text("args", json.dumps(self.settings, indent=2))
+            config = getattr(getattr(state.model, "encoder", None), "config", None)
+            if hasattr(config, "to_json_string"):  # a transformers encoder's
+                self.writer.add_text("model_config", config.to_json_string())
             self.writer.flush()
 
     def _write(self, scalars: dict, step: int) -> None:

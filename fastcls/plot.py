@@ -42,10 +42,10 @@ def require_matplotlib(what: str) -> None:
         raise ConfigError(f"{what} needs matplotlib: pip install \"fastcls[plot]\"") from None
 
 
-def _line(ax, records: list[dict], key: str, label: str) -> None:
+def _line(ax, records: list[dict], key: str, label: str, **style) -> None:
     points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
     if points:
-        ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3, label=label)
+        ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3, label=label, **style)
 
 
 def draw_metrics(records: list[dict], title: str | None = None):
@@ -64,9 +64,10 @@ def draw_metrics(records: list[dict], title: str | None = None):
     _line(loss, evals, "dev_loss", "dev")
     _line(lr, train, "lr", "learning rate")
     tasks = [key[:-len("/accuracy")] for key in (evals[0] if evals else {}) if key.endswith("/accuracy")]
-    for prefix, name in [*((f"{task}/", f"{task} ") for task in tasks), ("", "mean " if tasks else "")]:
-        _line(dev, evals, f"{prefix}accuracy", f"{name}accuracy")
-        _line(dev, evals, f"{prefix}macro_f1", f"{name}macro-F1")
+    groups = [("", "mean " if tasks else ""), *((f"{task}/", f"{task} ") for task in tasks)]
+    for i, (prefix, name) in enumerate(groups):  # a colour per task, macro-F1 dashed
+        _line(dev, evals, f"{prefix}accuracy", f"{name}accuracy", color=f"C{i}")
+        _line(dev, evals, f"{prefix}macro_f1", f"{name}macro-F1", color=f"C{i}", linestyle="--")
     _line(speed, train, speed_key, "samples/s")
     for ax, name in ((loss, "loss"), (lr, "learning rate"), (dev, "dev metrics"), (speed, "throughput (samples/s)")):
         ax.set_title(name)
@@ -74,7 +75,7 @@ def draw_metrics(records: list[dict], title: str | None = None):
         if ax.get_lines():
             ax.legend(fontsize="small")
         else:
-            ax.text(0.5, 0.5, "no evaluations (no dev set)" if ax is dev else "no records", ha="center",
+            ax.text(0.5, 0.5, "no evaluations (no dev set)" if ax is dev else "no train records", ha="center",
                     va="center", transform=ax.transAxes)
     for ax in (dev, speed):
         ax.set_xlabel("step")

@@ -1,4 +1,4 @@
-"""`fastcls train | eval | predict | export | augment | info`."""
+"""`fastcls train | eval | predict | export | augment | info | plot`."""
 import argparse
 import json
 import os
@@ -128,6 +128,10 @@ def _train_parser(sub) -> None:
                                                  "(default 10)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar or step lines: only warnings, errors and the result")
+    p.add_argument("--report-to", action="append", metavar="NAME",
+                   help="loggers, as the HF Trainer's: tensorboard, all (each one installed) or none (default)")
+    p.add_argument("--logging-dir", metavar="DIR", help="TensorBoard's folder (default OUTPUT/runs/<date-time>_<host>)")
+    p.add_argument("--plot", action="store_true", help="draw OUTPUT/metrics.png at the end (`fastcls plot`)")
     p.add_argument("--group-size", type=int, help="batches per length-sorted group (default 50)")
     p.add_argument("--overwrite", action="store_true", help="train into a folder that already holds a model")
     p.add_argument("--fsdp", action="store_true",
@@ -215,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="the same seed gives the same copies (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     sub.add_parser("info", help="versions, device and the backend of every op")
+    p = sub.add_parser("plot", help="draw a run's loss, learning rate, dev metrics and throughput as one PNG")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--output", help="the PNG (default RUN_DIR/metrics.png)")
     return parser
 
 
@@ -363,8 +370,14 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(describe())
 
 
+def cmd_plot(args: argparse.Namespace) -> None:
+    from fastcls.plot import command
+
+    print(command(args))
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export,
-            "augment": cmd_augment, "info": cmd_info}
+            "augment": cmd_augment, "info": cmd_info, "plot": cmd_plot}
 
 
 def main(argv: list[str] | None = None) -> int:

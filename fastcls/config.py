@@ -27,6 +27,7 @@ TASK_SAMPLING = ("proportional", "uniform", "temperature")
 AUGMENT = ("none", "eda")
 AUGMENT_COPIES = ("fresh", "fixed")
 POOLINGS = ("cls", "mean")
+REPORT_TO = ("tensorboard",)  # --report-to's integrations (fastcls/components/reporters.py), besides all and none
 # settings whose value must be one of a list: the CLI's `choices=` and the checks below read this table
 CHOICES = {"decay": DECAYS, "metric": METRICS, "precision": PRECISIONS, "head_impl": HEAD_IMPLS, "unpad": UNPAD,
            "cuda_graphs": CUDA_GRAPHS, "task_weighting": TASK_WEIGHTING, "task_sampling": TASK_SAMPLING,
@@ -130,6 +131,11 @@ class TrainConfig:
     synonyms: str | None = None  # a word<TAB>synonym... file instead of the bundled WordNet 3.0 table
     # what the head reads: h_CLS, or the mean of each row's tokens (sentence-transformers encoders were trained so)
     pooling: str = "cls"
+    # loggers, as the HF Trainer's --report-to (fastcls/components/reporters.py): none, all (each one installed) or
+    # names, a list or comma-separated; TensorBoard's folder (None: OUTPUT/runs/<date-time>_<host>)
+    report_to: str | list[str] = "none"
+    logging_dir: str | None = None
+    plot: bool = False  # draw OUTPUT/metrics.png from metrics.jsonl at the end (fastcls/plot.py)
 
     def resolve(self) -> "TrainConfig":
         """A copy with the bundled defaults filled in, every value checked (naming the flag at fault)."""
@@ -147,6 +153,7 @@ class TrainConfig:
             cfg.dev = cfg.dev if cfg.dev is not None else str(BUNDLED_DEV)
         if cfg.output is None:
             cfg.output = str(Path("fastcls_runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+        cfg.report_to = _report_to(cfg.report_to)
         for name, allowed in CHOICES.items():
             if getattr(cfg, name) not in allowed:
                 raise ConfigError(f"{flag(name)} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
@@ -200,6 +207,22 @@ class TrainConfig:
                          else task for task in value]
             out[f.name] = str(value) if isinstance(value, Path) else value
         return out
+
+
+def _report_to(value: str | list[str]) -> list[str]:
+    """--report-to's names (repeated or comma-separated) as a list: none = [], all = the installed ones."""
+    names = [name.strip() for part in ([value] if isinstance(value, str) else value) for name in part.split(",")
+             if name.strip()]
+    if names in (["none"], []):
+        return []
+    if names == ["all"]:
+        from fastcls.components.reporters import installed_integrations
+
+        return installed_integrations()
+    unknown = [name for name in names if name not in REPORT_TO]
+    if unknown:
+        raise ConfigError(f"--report-to must be none, all or any of {', '.join(REPORT_TO)}, got {unknown[0]!r}")
+    return list(dict.fromkeys(names))
 
 
 def _described(rows) -> str:

@@ -29,6 +29,7 @@ from fastcls.components.output_path import check_output_folder
 from fastcls.components.optimizer import OptimizerConfig, build_optimizer, describe_lr_decay, param_groups
 from fastcls.components.precision import grad_scaler, resolve_precision
 from fastcls.components.prefix_cache import frozen_report, prefix_cache_for
+from fastcls.components.reporters import Reporter, report_callbacks
 from fastcls.components.resume import Loop, Resumer, Training, data_digest, refill_prefix_cache
 from fastcls.components.train_loss import TrainLoss
 from fastcls.components.train_step import StepConfig, TrainStep, cuda_graphs_enabled, graph_report
@@ -124,12 +125,16 @@ def train(cfg: TrainConfig, *, encoder: nn.Module | None = None, tokenizer=None,
     # an encoder given as a module is not the bundled model: `model` then only names where its tokenizer is
     cfg = cfg.resolve() if encoder is None else dataclasses.replace(cfg.resolve(), model=cfg.model)
     ddp, device = setup(cfg.device)  # under torchrun: this process's rank and GPU; else one process
+    reporters = []
     try:
+        reporters = report_callbacks(cfg, ddp.is_main)  # a missing package stops the run here, before any work
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(cfg.seed)
-            return _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_factory, callbacks,
-                          resume)
+            return _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_factory,
+                          [*callbacks, *reporters], resume)
     finally:
+        for reporter in reporters:  # what a failing run logged so far stays readable
+            reporter.close()
         ddp.close()
 
 
@@ -289,7 +294,7 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
                     tick = time.perf_counter()
                 for callback in callbacks:
                     callback.on_step_end(state)
-                if callbacks and ddp.enabled:  # a callback's stop on one rank stops them all
+                if ddp.enabled and any(not isinstance(c, Reporter) for c in callbacks):  # a stop on one rank stops all
                     state.should_stop = ddp.agree(state.should_stop)
                 # --save-every, or SIGINT/SIGTERM; on CUDA the ranks agree on a signal at logging steps only, which
                 # read the device anyway

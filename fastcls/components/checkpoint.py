@@ -13,7 +13,8 @@ A run folder holds:
   `fastcls_head.safetensors`; fastcls.json lists the tasks. `fastcls export --task NAME` writes one task's
   AutoModelForSequenceClassification folder;
 - `fastcls.json` (head and data facts), `labels.json`, the tokenizer files, `train_config.json`,
-  `metrics.jsonl` (one line per evaluation) and `trainer_state.json` (the run's figures).
+  `metrics.jsonl` (one line per evaluation), `trainer_state.json` (the run's figures) and, with --plot,
+  `metrics.png`; with --report-to tensorboard, `runs/` holds the event files (fastcls/components/reporters.py).
 
 The folder is consistent at every moment: a new run (--overwrite) first removes the old model's files, the
 weights first and fastcls.json last, so every state in between lacks a file that loading requires; fastcls.json
@@ -52,13 +53,14 @@ HEAD_FILE = "fastcls_head.safetensors"
 FASTCLS_FILE = "fastcls.json"
 LABELS_FILE = "labels.json"
 METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "metrics.png"  # --plot's chart of metrics.jsonl (fastcls/plot.py)
 CONFIG_FILE = "train_config.json"
 STATE_FILE = "trainer_state.json"
 FORMAT = 2  # fastcls.json's "format": 2 = weights in transformers' layout plus the exact head
 TAG = "fastcls_checkpoint"  # the metadata key both weight files share
 RUN_TAG = "fastcls_run"  # the weights' metadata key for the run id that fastcls.json holds as "run_id"
 # the previous run's files a new run removes first, the weights before fastcls.json (see the module docstring)
-OLD_RUN_FILES = (WEIGHTS_FILE, HEAD_FILE, STATE_FILE, METRICS_FILE, CONFIG_FILE, LABELS_FILE,
+OLD_RUN_FILES = (WEIGHTS_FILE, HEAD_FILE, STATE_FILE, METRICS_FILE, PLOT_FILE, CONFIG_FILE, LABELS_FILE,
                  mean_pooling_hf.MODELING_FILE, FASTCLS_FILE)
 # the names of atomic_write's and save_pretrained_files' temporary files (tempfile adds 8 characters of
 # [a-z0-9_]): what a killed write leaves behind

@@ -57,7 +57,7 @@ PARTS = ("optimizer", "scheduler", "scaler")
 # settings a resumed run may change: none of them changes what the run computes (`device` and `eval_batch_size`
 # can change the last bits of the weights or of the metrics; bitwise equality holds on the same device)
 CHANGEABLE = {"output", "device", "eval_batch_size", "log_every", "save_every", "save_total_limit",
-              "cache_budget_gb", "deterministic", "overwrite"}
+              "cache_budget_gb", "deterministic", "overwrite", "report_to", "logging_dir", "plot"}
 
 
 @dataclass

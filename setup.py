@@ -82,8 +82,7 @@ class VariantBuild(build_ext):
 
     def build_extensions(self):
         self.check_extensions_list(self.extensions)
-        workers = int(os.environ.get("FASTCLS_BUILD_JOBS") or os.cpu_count() or 1)
-        with ThreadPoolExecutor(workers) as pool:
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
             order = list(VARIANTS)
             pending = sorted(((ext, source) for ext in self.extensions for source in ext.sources),
                              key=lambda job: (-os.path.getsize(job[1]), -order.index(job[0].variant)))
@@ -91,6 +90,8 @@ class VariantBuild(build_ext):
             jobs = {(ext.variant, source): pool.submit(self.compile_object, ext, source) for ext, source in pending}
             failures = [ext.variant for ext in self.extensions if not self.link(ext, jobs)]
         if failures:
+            # the variants that did build are the outputs to install (or, editable, to copy into the source tree)
+            self.extensions = [ext for ext in self.extensions if ext.variant not in failures]
             warn_loudly(failures)
             if REQUIRE_CPP:
                 sys.exit(f"fastcls: FASTCLS_REQUIRE_CPP=1 and the C++ kernels of {', '.join(failures)} did not build")

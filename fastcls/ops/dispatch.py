@@ -27,6 +27,11 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 CPP_BUILD = cpu_variant.load()
 cpp_ext = CPP_BUILD.module
 CPP_ERROR = None if cpp_ext is not None else CPP_BUILD.reason
+if cpp_ext is None:
+    # pip shows the install's warning about a failed build only with -v: say it where it matters
+    warnings.warn(f"fastcls: the C++ kernels are not built ({CPP_ERROR}); CPU ops run on the PyTorch reference. "
+                  "`pip install -v` shows why the build failed; FASTCLS_REQUIRE_CPP=1 makes it fail the install.",
+                  stacklevel=2)
 
 try:
     import triton  # noqa: F401

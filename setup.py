@@ -10,7 +10,6 @@ FASTCLS_REQUIRE_CPP=1 makes any failed variant fail the install instead (CI sets
 """
 import os
 import platform
-import re
 import sys
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
@@ -30,33 +29,17 @@ BASE_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=fast", "-Wno-unini
 SOURCES = sorted(glob("csrc/*.cpp"))
 HEADERS = sorted(glob("csrc/*.h"))
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")
-# name: (target flags, variant whose objects it shares, macro): a variant that only adds instructions that the
-# compiler emits through intrinsics compiles just the sources that test the macro (and its bindings) and links
-# the other variant's objects for the rest, which would compile to the same code. The names and their order
-# (worst to best) are fastcls/ops/cpu_variant.py's VARIANTS.
+# name -> target flags; the names and their order (worst to best) are fastcls/ops/cpu_variant.py's VARIANTS.
+# The baseline is plain x86-64, which every x86-64 CPU runs: x86-64-v2 would add SSE4.2 and POPCNT, which these
+# float loops do not use, and leave out the old CPUs a baseline exists for.
 VARIANTS = {
-    "baseline": (["-march=x86-64"], None, None),
-    "avx2": (["-march=x86-64-v3"], None, None),
-    "avx512": (["-march=x86-64-v4"], None, None),
-    "avx512_bf16": (["-march=x86-64-v4", "-mavx512bf16"], "avx512", "__AVX512BF16__"),
-} if X86_64 else {"baseline": ([], None, None)}
+    "baseline": ["-march=x86-64"],
+    "avx2": ["-march=x86-64-v3"],
+    "avx512": ["-march=x86-64-v4"],
+    "avx512_bf16": ["-march=x86-64-v4", "-mavx512bf16"],
+} if X86_64 else {"baseline": []}
 
 REQUIRE_CPP = os.environ.get("FASTCLS_REQUIRE_CPP") == "1"
-
-
-def mentions(source: str, macro: str) -> bool:
-    """Whether `source` or a csrc header it includes (directly or through another) tests `macro`."""
-    seen, todo = set(), [source]
-    while todo:
-        path = todo.pop()
-        if path in seen or not os.path.exists(path):
-            continue
-        seen.add(path)
-        text = open(path, encoding="utf-8").read()
-        if macro in text:
-            return True
-        todo += [os.path.join("csrc", name) for name in re.findall(r'#include\s+"([^"]+)"', text)]
-    return False
 
 
 def warn_loudly(failures: list[str]) -> None:
@@ -72,7 +55,7 @@ def warn_loudly(failures: list[str]) -> None:
         To get the kernels: install a C++17 compiler with OpenMP (g++ >= 11 or clang >= 14, and libgomp) and
         pybind11, then reinstall; the compiler's messages are above. Set FASTCLS_REQUIRE_CPP=1 to make a failed
         build fail the install instead.
-        {'=' * 100}
+        {rule}
         """), file=sys.stderr)
 
 
@@ -106,12 +89,9 @@ class VariantBuild(build_ext):
                                      extra_postargs=ext.extra_compile_args, depends=ext.depends)[0]
 
     def link(self, ext, jobs) -> bool:
-        """Links ext from its objects and its shared variant's; False (and the compiler's error) on a failure."""
-        objects = []
+        """Links ext from its objects; False (and the compiler's error) on a failure."""
         try:
-            for source in SOURCES:
-                owner = ext.variant if (ext.variant, source) in jobs else VARIANTS[ext.variant][1]
-                objects.append(jobs[owner, source].result())
+            objects = [jobs[ext.variant, source].result() for source in ext.sources]
             self.compiler.link_shared_object(
                 objects, self.get_ext_fullpath(ext.name), libraries=self.get_libraries(ext),
                 library_dirs=ext.library_dirs, runtime_library_dirs=ext.runtime_library_dirs,
@@ -124,11 +104,9 @@ class VariantBuild(build_ext):
 
 
 def variant_extension(variant: str):
-    flags, shares, macro = VARIANTS[variant]
-    own = [s for s in SOURCES if shares is None or s.endswith("bindings.cpp") or mentions(s, macro)]
-    ext = Pybind11Extension(f"fastcls._C_{variant}", own, include_dirs=["csrc"], depends=HEADERS,
+    ext = Pybind11Extension(f"fastcls._C_{variant}", SOURCES, include_dirs=["csrc"], depends=HEADERS,
                             define_macros=[("FASTCLS_MODULE", f"_C_{variant}")],
-                            extra_compile_args=BASE_FLAGS + flags, extra_link_args=["-fopenmp"])
+                            extra_compile_args=BASE_FLAGS + VARIANTS[variant], extra_link_args=["-fopenmp"])
     ext.variant = variant
     return ext
 

@@ -1,5 +1,5 @@
-"""Packaging of the C++ kernels: the sdist carries every source the build needs, its wheel every CPU variant's
-module, and each installs into a fresh venv whose `fastcls info` runs the C++ backend; every CPU variant this
+"""Packaging of the C++ kernels: the sdist carries every source the build needs, the wheel built from it every CPU
+variant's module, and it installs into a fresh venv whose `fastcls info` runs the C++ backend; every CPU variant this
 machine runs matches the PyTorch reference (the existing kernel tests, run with the variant forced); a forced
 variant the CPU lacks is one error line."""
 import glob
@@ -40,48 +40,35 @@ def fresh_venv(path: Path) -> Path:
     return python
 
 
-def pip_install(python: Path, target: Path, env: dict) -> None:
-    run(sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-build-isolation",
-        str(target), env=env)
-
-
-def check_installed(python: Path, cwd: Path) -> None:
-    """From a folder outside the repository: fastcls is the venv's own, and `fastcls info` shows the C++ backend
-    with the variant it picked."""
-    location = run(str(python), "-c", "import fastcls; print(fastcls.__file__)", cwd=cwd).strip()
-    assert Path(location).is_relative_to(python.parents[1]), location
-    info = run(str(python.parent / "fastcls"), "info", cwd=cwd)
-    assert "C++ kernels   built, CPU variant " in info, info
-    assert "cpu: cpp (fp32, bf16)" in next(line for line in info.splitlines() if line.startswith("dropout ")), info
-
-
 @needs_cpp
-def test_sdist_and_its_wheel_install_with_every_variants_kernels(tmp_path):
-    # pip's cache (a fresh one) keeps the wheel it builds from the sdist: the second install reuses it, as the
-    # wheel `python -m build` makes is also built from its sdist; one compile serves both.
-    env = {**os.environ, "FASTCLS_REQUIRE_CPP": "1", "PIP_CACHE_DIR": str(tmp_path / "pip-cache")}
+def test_sdist_builds_a_wheel_with_every_variant_that_installs_into_a_fresh_venv(tmp_path):
+    # One compile: pip builds the wheel from the sdist, which is what `pip install <sdist>` does before installing
+    # it and what `python -m build` does for its wheel.
+    env = {**os.environ, "FASTCLS_REQUIRE_CPP": "1"}
     make_sdist = f"import setuptools.build_meta as backend; print(backend.build_sdist({str(tmp_path)!r}))"
-    sdist_name = run(sys.executable, "-c", make_sdist, cwd=ROOT, env=env).strip().splitlines()[-1]
-    sdist = tmp_path / sdist_name
+    sdist = tmp_path / run(sys.executable, "-c", make_sdist, cwd=ROOT, env=env).strip().splitlines()[-1]
     with tarfile.open(sdist) as archive:
         names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
     needed = [str(Path(p).relative_to(ROOT)) for p in glob.glob(str(ROOT / "csrc" / "*.[ch]*"))
               + glob.glob(str(ROOT / "kernels" / "*.py")) + [str(ROOT / "setup.py"), str(ROOT / "pyproject.toml")]]
     assert sorted(set(needed) - names) == []
 
-    sdist_venv = fresh_venv(tmp_path / "from-sdist")
-    pip_install(sdist_venv, sdist, env)
-    check_installed(sdist_venv, tmp_path)
-
-    run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+    run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-cache-dir", "-w",
         str(tmp_path / "wheels"), str(sdist), env=env)
     (wheel,) = (tmp_path / "wheels").glob("fastcls-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         modules = [name for name in archive.namelist() if name.startswith("fastcls/_C_")]
     assert sorted(name.split(".")[0] for name in modules) == sorted(f"fastcls/_C_{v}" for v in BUILT_VARIANTS)
-    wheel_venv = fresh_venv(tmp_path / "from-wheel")
-    pip_install(wheel_venv, wheel, env)
-    check_installed(wheel_venv, tmp_path)
+
+    python = fresh_venv(tmp_path / "venv")
+    run(sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", str(wheel), env=env)
+    # from a folder outside the repository: fastcls is the venv's own, and `fastcls info` shows the C++ backend
+    # with the variant it picked
+    location = run(str(python), "-c", "import fastcls; print(fastcls.__file__)", cwd=tmp_path).strip()
+    assert Path(location).is_relative_to(tmp_path / "venv"), location
+    info = run(str(tmp_path / "venv" / "bin" / "fastcls"), "info", cwd=tmp_path)
+    assert "C++ kernels   built, CPU variant " in info, info
+    assert "cpu: cpp (fp32, bf16)" in next(line for line in info.splitlines() if line.startswith("dropout ")), info
 
 
 # The kernel tests that compare each C++ op with the PyTorch reference on odd shapes and dtypes.

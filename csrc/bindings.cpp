@@ -1,6 +1,7 @@
 // The pybind11 module of one CPU variant, fastcls._C_<variant> (setup.py compiles it once per variant, naming it
 // by FASTCLS_MODULE; fastcls/ops/cpu_variant.py picks the one to import). Tensors cross as raw addresses
-// (Python's tensor.data_ptr()), so the extension needs no torch headers; the Python op modules own shapes, dtypes, contiguity and allocation.
+// (Python's tensor.data_ptr()), so the extension needs no torch headers; the Python op modules own shapes, dtypes,
+// contiguity and allocation.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>

@@ -1,5 +1,7 @@
-// The one pybind11 module, fastcls._C. Tensors cross as raw addresses (Python's tensor.data_ptr()), so the
-// extension needs no torch headers; the Python op modules own shapes, dtypes, contiguity and allocation.
+// The pybind11 module of one CPU variant, fastcls._C_<variant> (setup.py compiles it once per variant, naming it
+// by FASTCLS_MODULE; fastcls/ops/cpu_variant.py picks the one to import). Tensors cross as raw addresses
+// (Python's tensor.data_ptr()), so the extension needs no torch headers; the Python op modules own shapes, dtypes,
+// contiguity and allocation.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -170,10 +172,34 @@ void def_adamw(py::module_& m, const char* name, AdamWKernel kernel, const char*
       py::arg("bias_correction"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("num_threads"), doc);
 }
 
+// Whether the CPU, and the OS (which must save the wider registers), runs the instructions of a variant.
+// __builtin_cpu_supports asks both; GCC 12 names the x86-64 levels, older compilers get their features.
+bool cpu_supports(const std::string& variant) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+  const bool v3 = __builtin_cpu_supports("x86-64-v3");
+  const bool v4 = __builtin_cpu_supports("x86-64-v4");
+#else
+  const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi") &&
+                  __builtin_cpu_supports("bmi2");
+  const bool v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                  __builtin_cpu_supports("avx512cd");
+#endif
+  if (variant == "avx2") return v3;
+  if (variant == "avx512") return v4;
+  if (variant == "avx512_bf16") return v4 && __builtin_cpu_supports("avx512bf16");
+#endif
+  return variant == "baseline";
+}
+
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
+PYBIND11_MODULE(FASTCLS_MODULE, m) {
   m.doc() = "fastcls C++ CPU kernels (raw-pointer interface; see fastcls/ops for the torch-facing ops)";
+  m.def("cpu_supports", &cpu_supports, py::arg("variant"),
+        "Whether this CPU and OS run the variant's instructions (baseline, avx2, avx512, avx512_bf16).");
   def_adamw(m, "adamw_f32", fastcls::adamw_f32,
             "AdamW step over a table of fp32 tensors (row layout in adamw.h); lr_tensor (replacing lr), grad_scale, "
             "found_inf: 0 or addresses.");

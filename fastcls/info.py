@@ -33,7 +33,10 @@ def describe() -> str:
                      f"bf16 {'yes' if bf16_is_fast(torch.device('cuda')) else 'no'})")
     else:
         lines.append("cuda          not available")
-    cpp = "built" if dispatch.cpp_ext is not None else f"not built ({dispatch.CPP_ERROR})"
+    if dispatch.cpp_ext is not None:
+        cpp = f"built, CPU variant {dispatch.CPP_BUILD.variant} ({dispatch.CPP_BUILD.reason})"
+    else:
+        cpp = f"not built ({dispatch.CPP_ERROR})"
     lines.append(f"C++ kernels   {cpp}")
     lines.append(f"Triton        {'importable' if dispatch.TRITON_ERROR is None else dispatch.TRITON_ERROR}")
     lines.append("")

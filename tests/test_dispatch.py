@@ -16,7 +16,7 @@ CPU = torch.device("cpu")
 
 def test_missing_cpp_build_falls_back_to_the_reference(monkeypatch):
     monkeypatch.setattr(dispatch, "cpp_ext", None)
-    monkeypatch.setattr(dispatch, "CPP_ERROR", "No module named 'fastcls._C'")
+    monkeypatch.setattr(dispatch, "CPP_ERROR", "No module named 'fastcls._C_baseline'")
     monkeypatch.delenv("FASTCLS_BACKEND", raising=False)
     assert dispatch.pick_backend(CPU) == "reference"
     assert all(by_device["cpu"] == ("reference", ()) for by_device in op_backends().values())
@@ -26,7 +26,7 @@ def test_missing_cpp_build_falls_back_to_the_reference(monkeypatch):
     loss.backward()
     expected = torch.nn.functional.cross_entropy(logits.detach().double(), target)
     torch.testing.assert_close(loss.double(), expected)
-    assert "C++ kernels   not built (No module named 'fastcls._C')" in describe()
+    assert "C++ kernels   not built (No module named 'fastcls._C_baseline')" in describe()
 
 
 def test_environment_forces_the_reference(monkeypatch):
@@ -78,18 +78,19 @@ def test_a_dtype_the_kernels_do_not_take_runs_the_reference(cpp_by_default, monk
 KERNEL_MODULES = ["fastcls.kernels.adamw", "fastcls.kernels.cross_entropy", "fastcls.kernels.dropout",
                   "fastcls.kernels.layer_norm", "fastcls.kernels.multi_task_cross_entropy"]
 OP_LAYER_MODULES = KERNEL_MODULES + [
-    "fastcls.ops", "fastcls.ops.classification_head", "fastcls.ops.cpp", "fastcls.ops.cross_entropy",
-    "fastcls.ops.dispatch", "fastcls.ops.dropout", "fastcls.ops.dropout_add_layer_norm", "fastcls.ops.embedding",
-    "fastcls.ops.linear_cross_entropy", "fastcls.ops.multi_task_cross_entropy", "fastcls.ops.multi_task_head",
+    "fastcls.ops", "fastcls.ops.classification_head", "fastcls.ops.cpp", "fastcls.ops.cpu_variant",
+    "fastcls.ops.cross_entropy", "fastcls.ops.dispatch", "fastcls.ops.dropout", "fastcls.ops.dropout_add_layer_norm",
+    "fastcls.ops.embedding", "fastcls.ops.linear_cross_entropy", "fastcls.ops.multi_task_cross_entropy",
+    "fastcls.ops.multi_task_head",
     "fastcls.optim", "fastcls.optim.adamw", "fastcls.optim.adamw_table",
 ]
-# Imports each module first in a clean slate of fastcls modules (the built extension stays loaded: it cannot be
+# Imports each module first in a clean slate of fastcls modules (the built extensions stay loaded: one cannot be
 # loaded twice), so that an import cycle shows as an ImportError, and lists the op-layer modules it pulled in.
 IMPORT_EACH_FIRST = """
 import importlib, json, sys
 pulled_in = {}
 for name in sys.argv[1:]:
-    for loaded in [m for m in sys.modules if m.split(".")[0] == "fastcls" and m != "fastcls._C"]:
+    for loaded in [m for m in sys.modules if m.split(".")[0] == "fastcls" and not m.startswith("fastcls._C_")]:
         del sys.modules[loaded]
     importlib.import_module(name)
     pulled_in[name] = sorted(m for m in sys.modules if m.startswith(("fastcls.ops", "fastcls.optim")))

@@ -5,6 +5,7 @@ keys, such as AdamW's parameter dtype paired with "master") each backend's kerne
 tensors of its devices: triton CUDA tensors (and CPU tensors under TRITON_INTERPRET=1), cpp CPU tensors. By
 default a CUDA tensor goes to triton and a CPU tensor to cpp, where built or installed; `backend_for` answers for
 one call, falling back to the PyTorch reference where the backend is missing or its kernels do not take a dtype.
+The cpp kernels are those of the CPU variant `cpu_variant.load` picks (FASTCLS_CPU_VARIANT can force one).
 
 `FASTCLS_BACKEND=reference` (or `backend="reference"` on a call) forces the PyTorch reference, which is
 what tests and benchmarks compare the kernels against; forcing a backend unavailable for the device warns and
@@ -17,15 +18,20 @@ from typing import NamedTuple
 
 import torch
 
+from fastcls.ops import cpu_variant
+
 BACKENDS = ("triton", "cpp", "reference")
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
-try:
-    from fastcls import _C as cpp_ext
-    CPP_ERROR = None
-except ImportError as err:  # the C++ build failed or was skipped at install
-    cpp_ext = None
-    CPP_ERROR = str(err)
+# the C++ kernels of the best CPU variant this machine runs (fastcls.ops.cpu_variant), or None where not built
+CPP_BUILD = cpu_variant.load()
+cpp_ext = CPP_BUILD.module
+CPP_ERROR = None if cpp_ext is not None else CPP_BUILD.reason
+if cpp_ext is None:
+    # pip shows the install's warning about a failed build only with -v: say it where it matters
+    warnings.warn(f"fastcls: the C++ kernels are not built ({CPP_ERROR}); CPU ops run on the PyTorch reference. "
+                  "`pip install -v` shows why the build failed; FASTCLS_REQUIRE_CPP=1 makes it fail the install.",
+                  stacklevel=2)
 
 try:
     import triton  # noqa: F401

@@ -193,8 +193,10 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from fastcls import __version__
+    from fastcls.cli_help import EXAMPLES
 
-    parser = _Parser(prog="fastcls", description=__doc__)
+    parser = _Parser(prog="fastcls", description=__doc__, epilog=EXAMPLES["fastcls"],
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"fastcls {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
@@ -212,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="the same seed gives the same copies (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     sub.add_parser("info", help="versions, device and the backend of every op")
+    for name, p in sub.choices.items():  # the epilogs keep their lines: RawDescriptionHelpFormatter
+        p.epilog, p.formatter_class = EXAMPLES.get(name), argparse.RawDescriptionHelpFormatter
     return parser
 
 

@@ -200,8 +200,10 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from fastcls import __version__
+    from fastcls.cli_help import EXAMPLES
 
-    parser = _Parser(prog="fastcls", description=__doc__)
+    parser = _Parser(prog="fastcls", description=__doc__, epilog=EXAMPLES["fastcls"],
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"fastcls {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
@@ -222,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="draw a run's loss, learning rate, dev metrics and throughput as one PNG")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--output", help="the PNG (default RUN_DIR/metrics.png)")
+    for name, p in sub.choices.items():  # the epilogs keep their lines: RawDescriptionHelpFormatter
+        p.epilog, p.formatter_class = EXAMPLES.get(name), argparse.RawDescriptionHelpFormatter
     return parser
 
 

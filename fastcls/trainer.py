@@ -7,7 +7,6 @@ from CUDA graphs):
         (forward under autocast, scaler.scale(loss / grad_accum).backward(), the dropout generator's end_step)
     step.update(): clip, scaler.step(optimizer), scaler.update(), scheduler.step(), optimizer.zero_grad()
 """
-import dataclasses
 import logging
 import math
 import time
@@ -123,7 +122,7 @@ def train(cfg: TrainConfig, *, encoder: nn.Module | None = None, tokenizer=None,
     being its settings (`fastcls.components.resume.resumed_config`). Torch's global RNG state is restored
     afterwards."""
     # an encoder given as a module is not the bundled model: `model` then only names where its tokenizer is
-    cfg = cfg.resolve() if encoder is None else dataclasses.replace(cfg.resolve(), model=cfg.model)
+    cfg = cfg.resolve(bundled_model=encoder is None)
     ddp, device = setup(cfg.device)  # under torchrun: this process's rank and GPU; else one process
     reporters = []
     try:

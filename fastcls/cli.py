@@ -1,4 +1,8 @@
-"""`fastcls train | eval | predict | export | augment | info | plot`."""
+"""`fastcls train | eval | predict | export | augment | info | plot`.
+
+Long because the train command's flags (one per TrainConfig field, with its help) are listed here, where argparse
+reads them; each command's handler is a few lines that call into the library.
+"""
 import argparse
 import json
 import os

@@ -13,8 +13,9 @@ A run folder holds:
   `fastcls_head.safetensors`; fastcls.json lists the tasks. `fastcls export --task NAME` writes one task's
   AutoModelForSequenceClassification folder;
 - `fastcls.json` (head and data facts), `labels.json`, the tokenizer files, `train_config.json`,
-  `metrics.jsonl` (one line per evaluation), `trainer_state.json` (the run's figures) and, with --plot,
-  `metrics.png`; with --report-to tensorboard, `runs/` holds the event files (fastcls/components/reporters.py).
+  `metrics.jsonl` (train and eval records: fastcls.components.metrics), `trainer_state.json` (the run's figures)
+  and, with --plot, `metrics.png`; with --report-to tensorboard, `runs/` holds the event files
+  (fastcls/components/reporters.py).
 
 The folder is consistent at every moment: a new run (--overwrite) first removes the old model's files, the
 weights first and fastcls.json last, so every state in between lacks a file that loading requires; fastcls.json

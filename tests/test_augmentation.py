@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from tiny import make_tiny_encoder, sst2_rows, write_tsv
+from tiny import tiny_run_inputs
 
 import fastcls
 from fastcls.cli import main
@@ -17,10 +17,7 @@ from fastcls.models.loading import load_tokenizer
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("augmentation")
-    make_tiny_encoder(tmp / "encoder")
-    write_tsv(tmp / "train.tsv", sst2_rows(24, seed=3))
-    return tmp
+    return tiny_run_inputs(tmp_path_factory.mktemp("augmentation"), 24, seed=3)
 
 
 def config(tiny_dir, tmp_path, **overrides) -> TrainConfig:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny import make_tiny_encoder, sst2_rows, write_tsv
+from tiny import tiny_run_inputs
 
 import fastcls
 from fastcls.cli import main
@@ -23,10 +23,7 @@ THROUGHPUT = ("train/samples_per_second", "train/tokens_per_second", "train/memo
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny BERT and 40 SST-2 rows: 5 batches of 8 per epoch."""
-    tmp = tmp_path_factory.mktemp("report")
-    make_tiny_encoder(tmp / "encoder")
-    write_tsv(tmp / "train.tsv", sst2_rows(40, seed=7))
-    return tmp
+    return tiny_run_inputs(tmp_path_factory.mktemp("report"), 40, seed=7)
 
 
 def settings(tmp: Path, **overrides) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import encoded_rows, make_tiny_encoder, sst2_rows, write_tsv
+from tiny import encoded_rows, sst2_rows, tiny_run_inputs, write_tsv
 
 import fastcls
 from fastcls.cli import main
@@ -29,9 +29,7 @@ TIMING = ("samples_per_s", "tokens_per_s", "memory_mb", "elapsed_s")
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny BERT (hidden dropout 0.1: masks matter) and 40 SST-2 rows: 5 batches of 8 per epoch."""
-    tmp = tmp_path_factory.mktemp("resume")
-    make_tiny_encoder(tmp / "encoder")
-    write_tsv(tmp / "train.tsv", sst2_rows(40, seed=7))
+    tmp = tiny_run_inputs(tmp_path_factory.mktemp("resume"), 40, seed=7)
     # a second task for the multi-task case: a three-way label from the sentence's length
     write_tsv(tmp / "train_b.tsv", [[str(min(2, len(s.split()) // 6)), s] for _, s in sst2_rows(14, seed=8)])
     return tmp

@@ -66,3 +66,10 @@ def write_tsv(path, rows, header=("label", "sentence")):
         f.write("\t".join(header) + "\n")
         f.writelines("\t".join(row) + "\n" for row in rows)
     return path
+
+
+def tiny_run_inputs(folder, rows, seed):
+    """`folder` with a tiny BERT (folder/encoder) and `rows` random SST-2 training rows (folder/train.tsv)."""
+    make_tiny_encoder(folder / "encoder")
+    write_tsv(folder / "train.tsv", sst2_rows(rows, seed=seed))
+    return folder

@@ -38,6 +38,14 @@ VARIANTS = {
     "avx512": ["-march=x86-64-v4"],
     "avx512_bf16": ["-march=x86-64-v4", "-mavx512bf16"],
 } if X86_64 else {"baseline": []}
+# FASTCLS_CPU_VARIANTS=baseline,avx512 builds those alone: a quicker install where the rest will not run (a GPU
+# machine's check, a developer's rebuild); fastcls.ops.cpu_variant then picks among what was built
+if os.environ.get("FASTCLS_CPU_VARIANTS"):
+    wanted = os.environ["FASTCLS_CPU_VARIANTS"].split(",")
+    unknown = sorted(set(wanted) - set(VARIANTS))
+    if unknown:
+        sys.exit(f"fastcls: FASTCLS_CPU_VARIANTS names {', '.join(unknown)}; the variants are {', '.join(VARIANTS)}")
+    VARIANTS = {name: flags for name, flags in VARIANTS.items() if name in wanted}
 
 REQUIRE_CPP = os.environ.get("FASTCLS_REQUIRE_CPP") == "1"
 

@@ -306,5 +306,5 @@ def load_start(path: str | Path, labels: LabelMap) -> tuple[torch.nn.Module, dic
         log.info(f"--model {folder}: continuing from the run's checkpoint, encoder and head")
         return encoder, {name: t.detach().clone() for name, t in model.head.linear.state_dict().items()}
     log.info(f"--model {folder}: continuing from the run's encoder with a fresh head: its labels "
-          f"{run_labels.names} are not these {labels.names}")
+             f"{run_labels.names} are not these {labels.names}")
     return encoder, None

@@ -174,7 +174,7 @@ def graph_report(step: TrainStep, tokens: int, padded_tokens: int) -> dict:
     report = dataclasses.asdict(step.report)
     report["padding_fraction"] = round(1 - tokens / max(1, padded_tokens), 4)  # bucketing's and the rows' own
     log.info(f"CUDA graphs: {report['graphs']} captured in {report['capture_seconds']:.2f} s, {report['replays']} "
-          f"replays, {report['padding_fraction']:.1%} of the tokens were padding")
+             f"replays, {report['padding_fraction']:.1%} of the tokens were padding")
     return report
 
 

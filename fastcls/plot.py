@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from fastcls.components.checkpoint import METRICS_FILE, PLOT_FILE
+from fastcls.components.metrics import report_tasks
 from fastcls.components.output_path import atomic_write, check_writable
 from fastcls.errors import ConfigError, DataError
 
@@ -63,7 +64,7 @@ def draw_metrics(records: list[dict], title: str | None = None):
     _line(loss, train, loss_key, "train")
     _line(loss, evals, "dev_loss", "dev")
     _line(lr, train, "lr", "learning rate")
-    tasks = [key[:-len("/accuracy")] for key in (evals[0] if evals else {}) if key.endswith("/accuracy")]
+    tasks = report_tasks(evals[0]) if evals else []
     groups = [("", "mean " if tasks else ""), *((f"{task}/", f"{task} ") for task in tasks)]
     for i, (prefix, name) in enumerate(groups):  # a colour per task, macro-F1 dashed
         _line(dev, evals, f"{prefix}accuracy", f"{name}accuracy", color=f"C{i}")

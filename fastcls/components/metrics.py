@@ -38,9 +38,14 @@ def classification_report(pred: torch.Tensor, true: torch.Tensor, names: list[st
     }
 
 
+def report_tasks(report: dict) -> list[str]:
+    """The tasks of a multi-task report or eval record (its TASK/accuracy keys), in order; [] for one task."""
+    return [key[:-len("/accuracy")] for key in report if key.endswith("/accuracy")]
+
+
 def format_report(report: dict) -> str:
     """The report as a table; a multi-task report (keys TASK/accuracy) as one table per task, then the mean."""
-    tasks = [key[:-len("/accuracy")] for key in report if key.endswith("/accuracy")]
+    tasks = report_tasks(report)
     if tasks:
         blocks = [f"task {task}: " + format_report({"accuracy": report[f"{task}/accuracy"],
                                                     "macro_f1": report[f"{task}/macro_f1"],
@@ -130,7 +135,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         self._append(record)
-        tasks = [key[:-len("/accuracy")] for key in record if key.endswith("/accuracy")]
+        tasks = report_tasks(record)
         mean = "mean over tasks: " if tasks else ""
         each = "".join(f"; {task} {record[f'{task}/accuracy']:.4f}, {record[f'{task}/macro_f1']:.4f}, "
                        f"{record[f'{task}/loss']:.4f}" for task in tasks)

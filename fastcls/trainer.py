@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastcls.components import bf16_weights
 from fastcls.components.callbacks import Callback, TrainState
 from fastcls.components.checkpoint import Checkpointer, load_start
 from fastcls.components.determinism import deterministic_mode, resolve_deterministic
@@ -172,8 +173,11 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
     model.train()
     parallel = DataParallel(model, ddp, device, fsdp=cfg.fsdp, precision=precision)
     groups = param_groups(model, cfg.weight_decay, cfg.lr, cfg.layer_lr_decay)
-    optimizer = build_optimizer(groups, OptimizerConfig(lr=cfg.lr, bias_correction=cfg.bias_correction),
+    bf16 = bf16_weights.applies(device, precision, cfg.grad_accum, ddp.enabled, optimizer_factory is not None)
+    optimizer = build_optimizer(groups, OptimizerConfig(lr=cfg.lr, bias_correction=cfg.bias_correction,
+                                                        master_weights=bf16),
                                 sharded=cfg.fsdp, factory=optimizer_factory)
+    weights = bf16_weights.Bf16Weights(model, optimizer) if bf16 else None
     # every rank cuts the same global batches and runs its share of each (fastcls.components.distributed)
     batches = data.batches(cfg, ddp.world_size)
     steps_per_epoch = math.ceil(len(batches) / cfg.grad_accum)
@@ -210,7 +214,7 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
     processes = (f", {ddp.world_size} processes ({'FSDP2' if cfg.fsdp else 'DDP'}), global batch "
                  f"{cfg.batch_size * ddp.world_size}" if ddp.enabled else "")
     logger.write(f"fastcls: {data.describe(batches)}, {total_steps} steps, "
-                 f"{device} {precision}{processes}, {'unpadded' if model.packed else 'padded'} batches"
+                 f"{device} {precision}{' (bf16 weights, fp32 masters)' if bf16 else ''}{processes}, {'unpadded' if model.packed else 'padded'} batches"
                  f"{', CUDA graphs' if graphs else ''}{describe_lr_decay(groups, cfg.lr, cfg.layer_lr_decay)}, "
                  f"{train_set.num_truncated} rows truncated to --max-length "
                  f"{cfg.max_length}")
@@ -329,6 +333,8 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
     if cfg.fsdp:  # the kept model is rank 0's whole copy; the other ranks return their shards
         full = parallel.full_model()
         model = full if full is not None else model
+    if weights is not None:
+        weights.restore()
     if (stopping.best or {}).get("step", state.step) != state.step and not (cfg.fsdp and not ddp.is_main):
         run.load_into(model)  # the kept checkpoint is an earlier step's than the last
     model.eval()

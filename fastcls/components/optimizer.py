@@ -28,6 +28,7 @@ class OptimizerConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     bias_correction: bool = True  # off: BERT's original Adam (BERTAdam), for comparison only
+    master_weights: bool = False  # fp32 masters for bf16 parameters (fastcls.components.bf16_weights)
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -108,7 +109,8 @@ def build_optimizer(groups: list[dict], cfg: OptimizerConfig, sharded: bool = Fa
         return factory(groups)
     if sharded:  # TrainConfig.resolve refuses --bias-correction off with --fsdp
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=True)
-    return FusedAdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, bias_correction=cfg.bias_correction)
+    return FusedAdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, bias_correction=cfg.bias_correction,
+                      master_weights=cfg.master_weights)
 
 
 def describe_lr_decay(groups: list[dict], lr: float, layer_lr_decay: float) -> str:

@@ -203,6 +203,18 @@ class FusedAdamW(torch.optim.Optimizer):
             state[MASTER_KEY] = param.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
             self._master_marks[param] = (param.data_ptr(), param._version)
 
+    def start_master(self, param: torch.Tensor, master: torch.Tensor) -> None:
+        """Start master-weights `param`'s fp32 master copy from `master`, its value before it was rounded to the
+        parameter's dtype (else the first step starts the master from the rounded parameter)."""
+        group = next(g for g in self.param_groups if any(p is param for p in g["params"]))
+        if not self._master_mode(group, param) or master.shape != param.shape:
+            raise ValueError(f"start_master needs a {tuple(param.shape)} master for a low-precision parameter of a "
+                             "group with master_weights=True")
+        state = self.state[param]
+        self._conform_state(param, state, group)
+        state[MASTER_KEY] = master.detach().to(device=param.device, dtype=torch.float32, copy=True)
+        self._master_marks[param] = (param.data_ptr(), param._version)
+
     def _refresh_master(self, param: torch.Tensor, master: torch.Tensor) -> None:
         """Adopt changes made to a master-weights parameter since the optimizer last wrote it; elements where
         the parameter still equals its rounded master keep the master's extra precision."""

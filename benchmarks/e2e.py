@@ -3,8 +3,9 @@
     python benchmarks/e2e.py [--encoder minilm|bert-base] [--device cpu|cuda] [--rows N] [--epochs 1]
                              [--frozen-epochs 3] [--runs a,b,...|all] [--json FILE] [--chart FILE.png]
 
-Every run: the first --rows SST-2 training rows (default 4,000 on the CPU, 16,000 on CUDA), batch 32,
-lr 5e-5, max length 128, 6% warmup, weight decay 0.01, evaluated on the SST-2 dev set. Each run is its own
+Every run: the first --rows training rows of --dataset (SST-2 by default; AG News: title and description as one
+text; default 4,000 rows on the CPU, 16,000 on CUDA), batch 32, lr 5e-5, max length 128, 6% warmup, weight
+decay 0.01, evaluated on the data set's dev set. Each run is its own
 process, so its peak memory (CPU: peak RSS; CUDA: torch.cuda.max_memory_allocated) is its own. Prints one
 table with the ratio of each run's samples/s to the Trainer's best flags, measured in the same invocation.
 
@@ -50,8 +51,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_SST2 = ROOT.parent / "shared" / "data" / "sst2"  # ../shared/data/sst2 beside the project root
+SHARED_DATA = ROOT.parent / "shared" / "data"  # ../shared/data beside the project root
 REFERENCE_RUN = "hf-best"
+DATASET_NAMES = {"sst2": "SST-2", "agnews": "AG News"}
 BASELINE_RUN = "fastcls-baseline"  # --baseline: the default configuration from another checkout
 HALF_FROZEN = {"freeze_embeddings": True, "freeze_layers": "half"}
 # What each fastcls run sets on TrainConfig; "half" becomes num_hidden_layers // 2 of the encoder.
@@ -101,21 +103,30 @@ def run_epochs(run: str, epochs: float, frozen_epochs: float) -> float:
     return frozen_epochs if run in FROZEN_RUNS or run == full_training_run(frozen_epochs) else epochs
 
 
-def write_train_rows(sst2: Path, rows: int, workdir: Path) -> tuple[Path, Path, int]:
-    """The header and the first `rows` rows of SST-2's train.tsv, and how many rows that gave."""
-    if not (sst2 / "train.tsv").is_file() or not (sst2 / "dev.tsv").is_file():
-        sys.exit(f"--sst2: SST-2 not found at {sst2} (pass a folder holding train.tsv and dev.tsv)")
-    train = workdir / f"sst2_train_{rows}.tsv"
-    written = -1  # the header is not a row
-    with open(sst2 / "train.tsv") as src, open(train, "w") as dst:
-        for line in src:
-            if written == rows:
-                break
-            dst.write(line)
-            written += 1
-    if written < rows:
-        print(f"note: {sst2 / 'train.tsv'} holds {written} rows, fewer than --rows {rows}", file=sys.stderr)
-    return train, sst2 / "dev.tsv", written
+def write_train_rows(dataset: str, folder: Path, rows: int, workdir: Path) -> tuple[Path, Path, int, int]:
+    """The first `rows` training rows and the dev set as `label<TAB>sentence` files (AG News: labels from 0, title and
+    description joined), with how many training rows that gave and the number of labels."""
+    names = ("train.tsv", "dev.tsv") if dataset == "sst2" else ("train.csv", "dev.csv")
+    if not all((folder / name).is_file() for name in names):
+        sys.exit(f"--{dataset}: {dataset} not found at {folder} (pass a folder holding {' and '.join(names)})")
+    if dataset == "sst2":
+        def read(path):
+            with open(path) as f:
+                return [(int(r["label"]), r["sentence"]) for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+    else:
+        def read(path):
+            with open(path, newline="") as f:
+                return [(int(r["label"]) - 1, " ".join(f"{r['title']} {r['description']}".split()))
+                        for r in csv.DictReader(f)]
+    train_rows, dev_rows = read(folder / names[0])[:rows], read(folder / names[1])
+    if len(train_rows) < rows:
+        print(f"note: {folder / names[0]} holds {len(train_rows)} rows, fewer than --rows {rows}", file=sys.stderr)
+    paths = workdir / f"{dataset}_train_{rows}.tsv", workdir / f"{dataset}_dev.tsv"
+    for path, part in zip(paths, (train_rows, dev_rows), strict=True):
+        with open(path, "w") as f:
+            f.write("label\tsentence\n")
+            f.writelines(f"{label}\t{text}\n" for label, text in part)
+    return *paths, len(train_rows), len({label for label, _ in train_rows + dev_rows})
 
 
 def build_bert_base(tokenizer_source: Path, folder: Path, seed: int) -> Path:
@@ -277,7 +288,8 @@ def run_hf(args, epochs: float, out: Path) -> dict:
 
     train_set, dev_set = dataset(args.train), dataset(args.dev)
     # fp32 master weights, as fastcls keeps: a bf16 checkpoint would otherwise load as a bf16 model
-    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2, dtype=torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=args.num_labels,
+                                                               dtype=torch.float32)
     flags = {}
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     if args.worker == "hf-best":
@@ -400,7 +412,11 @@ def main() -> None:
     parser.add_argument("--model", default=None,
                         help="encoder folder (default: bundled all-MiniLM-L6-v2); with --encoder bert-base, "
                              "the source of the vocabulary and tokenizer")
-    parser.add_argument("--sst2", default=str(SHARED_SST2), help="folder with SST-2 train.tsv and dev.tsv")
+    parser.add_argument("--dataset", choices=("sst2", "agnews"), default="sst2",
+                        help="SST-2 sentiment (2 labels, short phrases) or AG News topics (4 labels, longer texts)")
+    parser.add_argument("--sst2", default=str(SHARED_DATA / "sst2"), help="folder with SST-2 train.tsv and dev.tsv")
+    parser.add_argument("--agnews", default=str(SHARED_DATA / "agnews"),
+                        help="folder with AG News train.csv and dev.csv")
     parser.add_argument("--runs", default=None, help=f"comma-separated, from {', '.join(known_runs(1, 3))} "
                              "(fastcls-<N>ep follows --frozen-epochs N), or all, or "
                              f"{', '.join(f'{name} ({sets})' for name, sets in RUN_SET_TEXT.items())}; "
@@ -415,6 +431,7 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--train", help=argparse.SUPPRESS)
     parser.add_argument("--dev", help=argparse.SUPPRESS)
+    parser.add_argument("--num-labels", type=int, default=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rows is not None and args.rows < 1:
         parser.error("--rows must be >= 1")
@@ -453,7 +470,8 @@ def main() -> None:
     rows, failed, stopped, row_count = [], [], None, 0
     with tempfile.TemporaryDirectory(prefix="fastcls_e2e_") as tmp:
         try:
-            train, dev, row_count = write_train_rows(Path(args.sst2), rows_wanted, Path(tmp))
+            train, dev, row_count, num_labels = write_train_rows(args.dataset, Path(getattr(args, args.dataset)),
+                                                                 rows_wanted, Path(tmp))
             model = args.model
             if args.encoder == "bert-base":
                 print("== building the BERT-base-sized encoder", file=sys.stderr, flush=True)
@@ -468,7 +486,8 @@ def main() -> None:
                     script, env = str(checkout / "benchmarks" / "e2e.py"), {**os.environ, "PYTHONPATH": str(checkout)}
                 cmd = [sys.executable, script, "--worker", "fastcls" if checkout else run, "--epochs", str(args.epochs),
                        "--frozen-epochs", str(args.frozen_epochs), "--device", args.device, "--seed", str(args.seed),
-                       "--model", model, "--train", str(train), "--dev", str(dev)]
+                       "--model", model, "--train", str(train), "--dev", str(dev),
+                       *(["--num-labels", str(num_labels)] if run in HF_RUNS else [])]
                 print(f"== {run} ({i}/{len(schedule)})", file=sys.stderr, flush=True)
                 proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
                 lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -493,7 +512,7 @@ def main() -> None:
     reference = next((r for r in rows if r["run"] == REFERENCE_RUN), None)
     date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     machine = rows[0]["device_name"]
-    header = (f"{ENCODER_NAMES[args.encoder]}, first {row_count} SST-2 rows, batch 32, max length 128, "
+    header = (f"{ENCODER_NAMES[args.encoder]}, first {row_count} {DATASET_NAMES[args.dataset]} rows, batch 32, max length 128, "
               f"{args.device}\n{machine}; torch {rows[0]['torch']}; {date}")
     footnotes = []
     if reference is None:
@@ -511,7 +530,7 @@ def main() -> None:
     print_table(rows, header, reference, footnotes)
     if args.chart:
         accuracy_note = "; dev accuracy near chance (random init)" if args.encoder == "bert-base" else ""
-        title = (f"{ENCODER_NAMES[args.encoder]}, {row_count} SST-2 rows, batch 32, {args.device}: {machine}\n"
+        title = (f"{ENCODER_NAMES[args.encoder]}, {row_count} {DATASET_NAMES[args.dataset]} rows, batch 32, {args.device}: {machine}\n"
                  f"torch {rows[0]['torch']}, {date}{accuracy_note}")
         draw_chart(rows, args.chart, title, reference)
     if stopped or failed:

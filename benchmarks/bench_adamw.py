@@ -24,9 +24,10 @@ device copy on CUDA, read + write counted). GB/s for an optimizer
 counts the 28 bytes per parameter a step must move at least, for fp32 (read w, g, m, v; write w, m, v) and for
 bf16 with fp32 master (read g, master, m, v; write master, m, v, w) alike, plus for clipping rows one more read
 of the gradient (the norm must be known before the first update). speedup_vs_torch_fused is torch
-fused's time over the row's, with the same kind of lr and clipping. CUDA rows also count the kernels launched per step
-(torch.profiler). Timings are medians of --repeats rounds, a round timing --steps steps of every contender in
-turn (all of a parameter set's optimizers are alive at once: ~8 sets of moments).
+fused's time over the row's, with the same kind of lr and clipping. CUDA rows also count the kernels launched
+per step (torch.profiler). Timings are medians of --repeats rounds, a round timing --steps steps of every
+contender in turn (all of a parameter set's optimizers are alive at once: ~8 sets of moments); the speedups are
+medians of the ratios within a round.
 """
 import argparse
 import json
@@ -89,8 +90,8 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def time_in_turns(fns, device, steps: int, repeats: int, warmup: int = 3) -> list[float]:
-    """Each function's median over `repeats` rounds of the mean time of `steps` calls, in ms. A round times every
+def time_in_turns(fns, device, steps: int, repeats: int, warmup: int = 3) -> list[list[float]]:
+    """Each function's mean time of `steps` calls in each of `repeats` rounds, in ms. A round times every
     function in turn, so that a shared machine's drift falls on all of them alike, each after one untimed call:
     the optimizers share the parameters, and FusedAdamW's first step after another optimizer wrote them refreshes
     its master weights from them."""
@@ -108,7 +109,13 @@ def time_in_turns(fns, device, steps: int, repeats: int, warmup: int = 3) -> lis
                 fn()
             synchronize(device)
             times.append((time.perf_counter() - start) / steps * 1e3)
-    return [statistics.median(times) for times in samples]
+    return samples
+
+
+def paired_speedup(baseline: list[float], times: list[float]) -> float:
+    """The median over rounds of the baseline's time over the row's in the same round: a round's load on a shared
+    machine weighs on both alike."""
+    return round(statistics.median(b / t for b, t in zip(baseline, times, strict=True)), 3)
 
 
 def kernels_per_step(step, device) -> int | None:
@@ -195,22 +202,24 @@ def bench_model(model, device, dtype, master, args, generator):
             print(f"skipping {name} (lr {lr_kind}) on {model}: {err}", file=sys.stderr)
             continue
         contenders.append((name, lr_kind, clips, optimizer))
-    times = time_in_turns([c[-1].step for c in contenders], device, args.steps, args.repeats)
+    samples = time_in_turns([c[-1].step for c in contenders], device, args.steps, args.repeats)
     rows = []
-    for (name, lr_kind, clips, optimizer), ms in zip(contenders, times):
+    for (name, lr_kind, clips, optimizer), times in zip(contenders, samples):
+        ms = statistics.median(times)
         rows.append({"model": model, "params_M": round(n_params / 1e6, 2),
                      "dtype": "bf16+master" if master else str(dtype).removeprefix("torch."),
                      "optimizer": name, "lr": lr_kind, "ms_per_step": round(ms, 3), "clip": clips,
                      "GBps": round(n_params * (BYTES_PER_PARAM + clips * grad_bytes) / ms / 1e6, 1),
                      "kernels_per_step": kernels_per_step(optimizer.step, device)})
     del contenders
-    fused_ms = {(r["lr"], r["clip"]): r["ms_per_step"] for r in rows if "torch fused" in r["optimizer"]}
-    unfused_clip_ms = next((r["ms_per_step"] for r in rows if r["optimizer"] == "clip_grad_norm_ + fastcls"), None)
-    for r in rows:
-        baseline = fused_ms.get((r["lr"], r["clip"]))
-        r["speedup_vs_torch_fused"] = round(baseline / r["ms_per_step"], 3) if baseline else None
-        clip_fused = r["optimizer"] == "fastcls max_grad_norm" and unfused_clip_ms
-        r["speedup_vs_clip_grad_norm_"] = round(unfused_clip_ms / r["ms_per_step"], 3) if clip_fused else None
+    fused = {(r["lr"], r["clip"]): times for r, times in zip(rows, samples) if "torch fused" in r["optimizer"]}
+    unfused_clip = next((times for r, times in zip(rows, samples) if r["optimizer"] == "clip_grad_norm_ + fastcls"),
+                        None)
+    for r, times in zip(rows, samples):
+        baseline = fused.get((r["lr"], r["clip"]))
+        r["speedup_vs_torch_fused"] = paired_speedup(baseline, times) if baseline else None
+        clip_fused = r["optimizer"] == "fastcls max_grad_norm" and unfused_clip
+        r["speedup_vs_clip_grad_norm_"] = paired_speedup(unfused_clip, times) if clip_fused else None
     return rows
 
 

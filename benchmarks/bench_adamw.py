@@ -8,7 +8,10 @@ same two, in fp32 and in bf16 with fp32 master weights (torch has no master weig
 gradients into fp32 masters, step those, and round them back into the parameters). fastcls and torch fused also
 run with the learning rate as a 0-dim fp32 tensor on the device (lr "tensor"), as a CUDA-graph-captured step
 with `fastcls.components.lr_schedule.DeviceLRSchedule` reads it; torch's foreach path takes a tensor lr only
-with capturable=True and is left out there. Parameter sets: the shapes of all-MiniLM-L6-v2 (22.7M), BERT-base
+with capturable=True and is left out there. Gradient clipping to norm MAX_GRAD_NORM: `torch.nn.utils.
+clip_grad_norm_(foreach=True)` before fastcls's step and before torch fused's (the training loop's way and the
+Trainer's) against FusedAdamW(max_grad_norm=...), which clips inside its step; speedup_vs_clip_grad_norm_ is
+the first's time over the last's. Parameter sets: the shapes of all-MiniLM-L6-v2 (22.7M), BERT-base
 (bert-base-uncased's 110M: embeddings 30522x768, 512x768, 2x768; 12 layers of four 768x768, 3072x768 and
 768x3072 matrices, biases and LayerNorms; the pooler; a 2-label head) and BERT-large (335M), from a BertConfig
 (no download, random values), split into a decayed group (matrices) and an undecayed one (biases, LayerNorm), as
@@ -19,9 +22,12 @@ step over BERT-base takes up to seconds there, and `--repeats 1` should finish w
 The same run measures the memory's streaming bandwidth (benchmarks/bandwidth.py: an in-place add on the CPU, a
 device copy on CUDA, read + write counted). GB/s for an optimizer
 counts the 28 bytes per parameter a step must move at least, for fp32 (read w, g, m, v; write w, m, v) and for
-bf16 with fp32 master (read g, master, m, v; write master, m, v, w) alike. speedup_vs_torch_fused is torch
-fused's time over the row's, with the same kind of lr. CUDA rows also count the kernels launched per step
-(torch.profiler). Timings are medians of --repeats runs of --steps steps.
+bf16 with fp32 master (read g, master, m, v; write master, m, v, w) alike, plus for clipping rows one more read
+of the gradient (the norm must be known before the first update). speedup_vs_torch_fused is torch
+fused's time over the row's, with the same kind of lr and clipping. CUDA rows also count the kernels launched
+per step (torch.profiler). Timings are medians of --repeats rounds, a round timing --steps steps of every
+contender in turn (all of a parameter set's optimizers are alive at once: ~8 sets of moments); the speedups are
+medians of the ratios within a round.
 """
 import argparse
 import json
@@ -51,6 +57,7 @@ DEFAULT_CONFIGS = {"cpu": "fp32", "cuda": "fp32,bf16-master"}
 DEFAULT_MODELS = {"cpu": "minilm,bert-base", "cuda": "bert-base,bert-large"}
 DEFAULT_STEPS = {"cpu": 3, "cuda": 10}
 LR = 1e-4
+MAX_GRAD_NORM = 1.0  # below the gradients' norm (~5 for MiniLM's 22.7M at 1e-3 each): the first step clips
 
 
 def parameter_shapes(model: str) -> list[torch.Size]:
@@ -83,19 +90,32 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def time_ms(fn, device, steps: int, repeats: int, warmup: int = 3) -> float:
-    """Median over `repeats` of the mean time of `steps` calls, in ms."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
+def time_in_turns(fns, device, steps: int, repeats: int, warmup: int = 3) -> list[list[float]]:
+    """Each function's mean time of `steps` calls in each of `repeats` rounds, in ms. A round times every
+    function in turn, so that a shared machine's drift falls on all of them alike, each after one untimed call:
+    the optimizers share the parameters, and FusedAdamW's first step after another optimizer wrote them refreshes
+    its master weights from them."""
+    for fn in fns:
+        for _ in range(warmup):
             fn()
-        synchronize(device)
-        samples.append((time.perf_counter() - start) / steps * 1e3)
-    return statistics.median(samples)
+    synchronize(device)
+    samples = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, times in zip(fns, samples):
+            fn()
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            synchronize(device)
+            times.append((time.perf_counter() - start) / steps * 1e3)
+    return samples
+
+
+def paired_speedup(baseline: list[float], times: list[float]) -> float:
+    """The median over rounds of the baseline's time over the row's in the same round: a round's load on a shared
+    machine weighs on both alike."""
+    return round(statistics.median(b / t for b, t in zip(baseline, times, strict=True)), 3)
 
 
 def kernels_per_step(step, device) -> int | None:
@@ -133,8 +153,20 @@ class TorchWithMasterCopies:
         torch._foreach_copy_(self.params, masters)
 
 
+class ClipThenStep:
+    """clip_grad_norm_ over the optimizer's parameters, then its step: clipping as a separate pass."""
+
+    def __init__(self, optimizer, param_groups):
+        self.optimizer = optimizer
+        self.params = [p for g in param_groups for p in g["params"]]
+
+    def step(self):
+        torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM, foreach=True)
+        self.optimizer.step()
+
+
 def optimizers(master: bool, device: torch.device):
-    """(name, lr kind, factory) of each contender."""
+    """(name, lr kind, whether it clips, factory) of each contender."""
     torch_kind = TorchWithMasterCopies if master else torch.optim.AdamW
     suffix = " + master copies" if master else ""
 
@@ -142,11 +174,17 @@ def optimizers(master: bool, device: torch.device):
         return torch.tensor(LR, device=device)
 
     return [
-        ("fastcls", "float", lambda g: FusedAdamW(g, lr=LR, master_weights=master)),
-        ("fastcls", "tensor", lambda g: FusedAdamW(g, lr=tensor_lr(), master_weights=master)),
-        ("torch foreach" + suffix, "float", lambda g: torch_kind(g, lr=LR, foreach=True)),
-        ("torch fused" + suffix, "float", lambda g: torch_kind(g, lr=LR, fused=True)),
-        ("torch fused" + suffix, "tensor", lambda g: torch_kind(g, lr=tensor_lr(), fused=True)),
+        ("fastcls", "float", False, lambda g: FusedAdamW(g, lr=LR, master_weights=master)),
+        ("fastcls", "tensor", False, lambda g: FusedAdamW(g, lr=tensor_lr(), master_weights=master)),
+        ("torch foreach" + suffix, "float", False, lambda g: torch_kind(g, lr=LR, foreach=True)),
+        ("torch fused" + suffix, "float", False, lambda g: torch_kind(g, lr=LR, fused=True)),
+        ("torch fused" + suffix, "tensor", False, lambda g: torch_kind(g, lr=tensor_lr(), fused=True)),
+        ("clip_grad_norm_ + torch fused" + suffix, "float", True,
+         lambda g: ClipThenStep(torch_kind(g, lr=LR, fused=True), g)),
+        ("clip_grad_norm_ + fastcls", "float", True,
+         lambda g: ClipThenStep(FusedAdamW(g, lr=LR, master_weights=master), g)),
+        ("fastcls max_grad_norm", "float", True,
+         lambda g: FusedAdamW(g, lr=LR, master_weights=master, max_grad_norm=MAX_GRAD_NORM)),
     ]
 
 
@@ -154,25 +192,34 @@ def bench_model(model, device, dtype, master, args, generator):
     shapes = parameter_shapes(model)
     params = make_parameters(shapes, device, dtype, generator)
     n_params = sum(p.numel() for p in params)
-    rows = []
-    for name, lr_kind, factory in optimizers(master, device):
+    grad_bytes = torch.finfo(dtype).bits // 8
+    contenders = []
+    for name, lr_kind, clips, factory in optimizers(master, device):
         try:
             optimizer = factory(groups(params))
             optimizer.step()
         except (RuntimeError, ValueError) as err:  # e.g. fused=True unsupported for this device/dtype here
             print(f"skipping {name} (lr {lr_kind}) on {model}: {err}", file=sys.stderr)
             continue
-        ms = time_ms(optimizer.step, device, args.steps, args.repeats)
+        contenders.append((name, lr_kind, clips, optimizer))
+    samples = time_in_turns([c[-1].step for c in contenders], device, args.steps, args.repeats)
+    rows = []
+    for (name, lr_kind, clips, optimizer), times in zip(contenders, samples):
+        ms = statistics.median(times)
         rows.append({"model": model, "params_M": round(n_params / 1e6, 2),
                      "dtype": "bf16+master" if master else str(dtype).removeprefix("torch."),
-                     "optimizer": name, "lr": lr_kind, "ms_per_step": round(ms, 3),
-                     "GBps": round(n_params * BYTES_PER_PARAM / ms / 1e6, 1),
+                     "optimizer": name, "lr": lr_kind, "ms_per_step": round(ms, 3), "clip": clips,
+                     "GBps": round(n_params * (BYTES_PER_PARAM + clips * grad_bytes) / ms / 1e6, 1),
                      "kernels_per_step": kernels_per_step(optimizer.step, device)})
-        del optimizer
-    fused_ms = {r["lr"]: r["ms_per_step"] for r in rows if r["optimizer"].startswith("torch fused")}
-    for r in rows:
-        baseline = fused_ms.get(r["lr"])
-        r["speedup_vs_torch_fused"] = round(baseline / r["ms_per_step"], 3) if baseline else None
+    del contenders
+    fused = {(r["lr"], r["clip"]): times for r, times in zip(rows, samples) if "torch fused" in r["optimizer"]}
+    unfused_clip = next((times for r, times in zip(rows, samples) if r["optimizer"] == "clip_grad_norm_ + fastcls"),
+                        None)
+    for r, times in zip(rows, samples):
+        baseline = fused.get((r["lr"], r["clip"]))
+        r["speedup_vs_torch_fused"] = paired_speedup(baseline, times) if baseline else None
+        clip_fused = r["optimizer"] == "fastcls max_grad_norm" and unfused_clip
+        r["speedup_vs_clip_grad_norm_"] = paired_speedup(unfused_clip, times) if clip_fused else None
     return rows
 
 
@@ -184,7 +231,7 @@ def main():
     parser.add_argument("--configs", help=f"comma-separated from {sorted(CONFIGS)} (default per device: "
                                           f"{DEFAULT_CONFIGS})")
     parser.add_argument("--steps", type=int, help=f"steps per timed run (default per device: {DEFAULT_STEPS})")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds; the median is reported")
     parser.add_argument("--json", help="also write the results as JSON here")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -214,7 +261,7 @@ def main():
     print(f"AdamW step, {card}, torch {torch.__version__}, fastcls backend {backend}, {time.strftime('%Y-%m-%d')}")
     print(f"streaming bandwidth: {reference_bw:.1f} GB/s, {yardstick} (% below is of it)")
     header = ["model", "params_M", "dtype", "optimizer", "lr", "ms_per_step", "GBps", "pct_of_stream_bw",
-              "speedup_vs_torch_fused", "kernels_per_step"]
+              "speedup_vs_torch_fused", "speedup_vs_clip_grad_norm_", "kernels_per_step"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:

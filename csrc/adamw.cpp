@@ -46,6 +46,7 @@ struct Constants {
   float one_minus_beta2;
   float eps;
   float grad_scale;
+  float clip_coef;  // 1 without clipping: multiplying by it changes no gradient
   bool maximize;
 };
 
@@ -62,6 +63,7 @@ void update_scalar(const Row<Param>& r, int64_t i, const Constants& c, const Ste
     grad /= c.grad_scale;
     r.grad[i] = from_f32<Param>(grad);
   }
+  grad *= c.clip_coef;
   if (c.maximize) grad = -grad;
   float weight = r.master != nullptr ? r.master[i] : to_f32(r.param[i]);
   weight *= c.decay;
@@ -106,6 +108,7 @@ inline void update16(const Row<Param>& r, int64_t i, __mmask16 mask, const Const
     grad = _mm512_div_ps(grad, _mm512_set1_ps(c.grad_scale));
     store16(r.grad + i, grad, mask);
   }
+  grad = _mm512_mul_ps(grad, _mm512_set1_ps(c.clip_coef));
   if (c.maximize) grad = _mm512_sub_ps(_mm512_setzero_ps(), grad);
   __m512 weight = r.master != nullptr ? load16(r.master + i, mask) : load16(r.param + i, mask);
   weight = _mm512_mul_ps(weight, _mm512_set1_ps(c.decay));
@@ -127,7 +130,35 @@ inline void update16(const Row<Param>& r, int64_t i, __mmask16 mask, const Const
   if (r.master != nullptr) store16(r.master + i, weight, mask);
   store16(r.param + i, weight, mask);
 }
+
+// Adds the squares of 16 gradient elements, widened to fp64 where they are exact, to two 8-lane sums.
+template <typename Param>
+inline void add_squares16(const Param* grad, __mmask16 mask, __m512d& low, __m512d& high) {
+  const __m512 g = load16(grad, mask);
+  const __m512d g_low = _mm512_cvtps_pd(_mm512_castps512_ps256(g));
+  const __m512d g_high = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(g), 1)));
+  low = _mm512_fmadd_pd(g_low, g_low, low);
+  high = _mm512_fmadd_pd(g_high, g_high, high);
+}
 #endif
+
+template <typename Param>
+double sum_of_squares(const Param* grad, int64_t begin, int64_t end) {
+  int64_t i = begin;
+#if defined(FASTCLS_ADAMW_AVX512)
+  __m512d low = _mm512_setzero_pd(), high = _mm512_setzero_pd();
+  for (; i + 16 <= end; i += 16) add_squares16(grad + i, __mmask16(0xFFFF), low, high);
+  if (i < end) add_squares16(grad + i, __mmask16((1u << (end - i)) - 1), low, high);
+  return _mm512_reduce_add_pd(_mm512_add_pd(low, high));
+#else
+  double sum = 0.0;
+  for (; i < end; ++i) {
+    const double g = to_f32(grad[i]);
+    sum += g * g;
+  }
+  return sum;
+#endif
+}
 
 template <bool kScaled, bool kAmsgrad, typename Param>
 void update_range(const Row<Param>& row, int64_t begin, int64_t end, const Constants& constants,
@@ -145,37 +176,77 @@ void update_range(const Row<Param>& row, int64_t begin, int64_t end, const Const
 #endif
 }
 
-template <bool kScaled, bool kAmsgrad, typename Param>
-void update_all(const std::vector<Row<Param>>& rows, const std::vector<int64_t>& first, const Constants& c,
-                const std::vector<StepConstants>& s, int num_threads) {
+int64_t task_count(const std::vector<int64_t>& first, int num_threads) {
+  return std::max<int64_t>(1, std::min<int64_t>(num_threads, first.back() / kMinElementsPerThread));
+}
+
+// Calls visit(task, tensor, lo, hi) for each piece [lo, hi) of a tensor that falls in a task's share of all
+// elements (first[t]: the element where tensor t begins in the whole range), the tasks run in parallel.
+template <typename Visit>
+void for_each_piece(const std::vector<int64_t>& first, int64_t n_tasks, const Visit& visit) {
   const int64_t total = first.back();
-  const int64_t n_tasks = std::max<int64_t>(1, std::min<int64_t>(num_threads, total / kMinElementsPerThread));
+  const int64_t n_tensors = int64_t(first.size()) - 1;
 #pragma omp parallel for num_threads(int(n_tasks)) schedule(static) if (n_tasks > 1)
   for (int64_t task = 0; task < n_tasks; ++task) {
     // cut on multiples of 16 so that whole vectors stay within one thread
     const int64_t begin = std::min(total, task * (total / 16) / n_tasks * 16);
     const int64_t end = task + 1 == n_tasks ? total : std::min(total, (task + 1) * (total / 16) / n_tasks * 16);
     auto t = int64_t(std::upper_bound(first.begin(), first.end(), begin) - first.begin()) - 1;
-    for (; t < int64_t(rows.size()) && first[t] < end; ++t) {
+    for (; t < n_tensors && first[t] < end; ++t) {
       const int64_t lo = std::max(begin, first[t]) - first[t];
       const int64_t hi = std::min(end, first[t + 1]) - first[t];
-      if (lo < hi) update_range<kScaled, kAmsgrad>(rows[t], lo, hi, c, s[t]);
+      if (lo < hi) visit(task, t, lo, hi);
     }
   }
 }
 
+template <bool kScaled, bool kAmsgrad, typename Param>
+void update_all(const std::vector<Row<Param>>& rows, const std::vector<int64_t>& first, const Constants& c,
+                const std::vector<StepConstants>& s, int num_threads) {
+  for_each_piece(first, task_count(first, num_threads), [&](int64_t, int64_t t, int64_t lo, int64_t hi) {
+    update_range<kScaled, kAmsgrad>(rows[t], lo, hi, c, s[t]);
+  });
+}
+
 template <typename Param>
-void adamw(const int64_t* table, int64_t n_tensors, const AdamWOptions& o, const float* lr_tensor,
-           const float* grad_scale, const float* found_inf, int num_threads) {
-  if (found_inf != nullptr && *found_inf != 0.0f) return;
-  const double lr = lr_tensor != nullptr ? double(*lr_tensor) : o.lr;
-  std::vector<Row<Param>> rows(n_tensors);
-  std::vector<int64_t> first(n_tensors + 1, 0);
-  std::vector<StepConstants> step_constants(n_tensors);
-  std::vector<float> steps(n_tensors);
+void read_table(const int64_t* table, int64_t n_tensors, std::vector<Row<Param>>& rows,
+                std::vector<int64_t>& first) {
+  rows.resize(n_tensors);
+  first.assign(n_tensors + 1, 0);
   for (int64_t t = 0; t < n_tensors; ++t) {
     rows[t] = read_row<Param>(table + t * kAdamWTableWidth);
     first[t + 1] = first[t] + rows[t].numel;
+  }
+}
+
+template <typename Param>
+void grad_sum_of_squares(const int64_t* table, int64_t n_tensors, const float* grad_scale, double* out,
+                         int num_threads) {
+  std::vector<Row<Param>> rows;
+  std::vector<int64_t> first;
+  read_table(table, n_tensors, rows, first);
+  const int64_t n_tasks = task_count(first, num_threads);
+  std::vector<double> sums(n_tasks, 0.0);
+  for_each_piece(first, n_tasks, [&](int64_t task, int64_t t, int64_t lo, int64_t hi) {
+    sums[task] += sum_of_squares(rows[t].grad, lo, hi);
+  });
+  double sum = 0.0;
+  for (const double part : sums) sum += part;
+  if (grad_scale != nullptr) sum /= double(*grad_scale) * double(*grad_scale);
+  *out = sum;
+}
+
+template <typename Param>
+void adamw(const int64_t* table, int64_t n_tensors, const AdamWOptions& o, const float* lr_tensor,
+           const float* grad_scale, const float* found_inf, const float* clip_coef, int num_threads) {
+  if (found_inf != nullptr && *found_inf != 0.0f) return;
+  const double lr = lr_tensor != nullptr ? double(*lr_tensor) : o.lr;
+  std::vector<Row<Param>> rows;
+  std::vector<int64_t> first;
+  read_table(table, n_tensors, rows, first);
+  std::vector<StepConstants> step_constants(n_tensors);
+  std::vector<float> steps(n_tensors);
+  for (int64_t t = 0; t < n_tensors; ++t) {
     steps[t] = *rows[t].step + 1.0f;
     // in double, as torch's single-tensor AdamW computes them from a host step count
     const double t_step = steps[t];
@@ -184,7 +255,8 @@ void adamw(const int64_t* table, int64_t n_tensors, const AdamWOptions& o, const
     step_constants[t] = {float(lr / bias_correction1), float(1.0 / std::sqrt(bias_correction2))};
   }
   const Constants c{float(1.0 - lr * o.weight_decay), float(1.0 - o.beta1), float(o.beta2), float(1.0 - o.beta2),
-                    float(o.eps), grad_scale != nullptr ? *grad_scale : 1.0f, o.maximize};
+                    float(o.eps), grad_scale != nullptr ? *grad_scale : 1.0f,
+                    clip_coef != nullptr ? *clip_coef : 1.0f, o.maximize};
   const bool scaled = grad_scale != nullptr;
   if (scaled && o.amsgrad) update_all<true, true>(rows, first, c, step_constants, num_threads);
   else if (scaled) update_all<true, false>(rows, first, c, step_constants, num_threads);
@@ -196,13 +268,24 @@ void adamw(const int64_t* table, int64_t n_tensors, const AdamWOptions& o, const
 }  // namespace
 
 void adamw_f32(const int64_t* table, int64_t n_tensors, const AdamWOptions& options, const float* lr,
-               const float* grad_scale, const float* found_inf, int num_threads) {
-  adamw<float>(table, n_tensors, options, lr, grad_scale, found_inf, num_threads);
+               const float* grad_scale, const float* found_inf, const float* clip_coef, int num_threads) {
+  adamw<float>(table, n_tensors, options, lr, grad_scale, found_inf, clip_coef, num_threads);
 }
 
 void adamw_bf16_master(const int64_t* table, int64_t n_tensors, const AdamWOptions& options, const float* lr,
-                       const float* grad_scale, const float* found_inf, int num_threads) {
-  adamw<uint16_t>(table, n_tensors, options, lr, grad_scale, found_inf, num_threads);
+                       const float* grad_scale, const float* found_inf, const float* clip_coef,
+                       int num_threads) {
+  adamw<uint16_t>(table, n_tensors, options, lr, grad_scale, found_inf, clip_coef, num_threads);
+}
+
+void adamw_grad_sum_of_squares_f32(const int64_t* table, int64_t n_tensors, const float* grad_scale, double* out,
+                                   int num_threads) {
+  grad_sum_of_squares<float>(table, n_tensors, grad_scale, out, num_threads);
+}
+
+void adamw_grad_sum_of_squares_bf16(const int64_t* table, int64_t n_tensors, const float* grad_scale,
+                                    double* out, int num_threads) {
+  grad_sum_of_squares<uint16_t>(table, n_tensors, grad_scale, out, num_threads);
 }
 
 }  // namespace fastcls

@@ -6,7 +6,9 @@
 // order. Each tensor's bias corrections come from its own step count, which the call increments. lr (nullable)
 // points to an fp32 learning rate that replaces options.lr, so that a schedule can keep the rate in a tensor and
 // the caller never reads it. grad_scale (nullable) divides the gradients, which are stored back unscaled; a
-// nonzero *found_inf (nullable) makes the call change nothing at all.
+// nonzero *found_inf (nullable) makes the call change nothing at all. clip_coef (nullable) multiplies the
+// (unscaled) gradients in registers, as gradient clipping would, without writing them: the gradients stored
+// back under grad_scale are unscaled but not clipped.
 #pragma once
 
 #include <cstdint>
@@ -28,10 +30,21 @@ struct AdamWOptions {
 
 // fp32 parameters, gradients and moments.
 void adamw_f32(const int64_t* table, int64_t n_tensors, const AdamWOptions& options, const float* lr,
-               const float* grad_scale, const float* found_inf, int num_threads);
+               const float* grad_scale, const float* found_inf, const float* clip_coef, int num_threads);
 // bf16 parameters and gradients (uint16 bit patterns), fp32 master weights and moments; the parameter receives
 // the updated master rounded to nearest even.
 void adamw_bf16_master(const int64_t* table, int64_t n_tensors, const AdamWOptions& options, const float* lr,
-                       const float* grad_scale, const float* found_inf, int num_threads);
+                       const float* grad_scale, const float* found_inf, const float* clip_coef,
+                       int num_threads);
+
+// The sum of the squares of every gradient element of the table (the grad and numel columns), divided by
+// *grad_scale squared when grad_scale is not null, written to *out: the squares of the gradients that a step
+// would update with grad_scale, for a norm over all of a step's buckets (FusedAdamW's max_grad_norm). Summed in
+// fp64, where an fp32 square is exact; each thread sums its part in memory order and the parts are added in
+// thread order, so the result is the same from call to call at one thread count.
+void adamw_grad_sum_of_squares_f32(const int64_t* table, int64_t n_tensors, const float* grad_scale, double* out,
+                                   int num_threads);
+void adamw_grad_sum_of_squares_bf16(const int64_t* table, int64_t n_tensors, const float* grad_scale,
+                                    double* out, int num_threads);
 
 }  // namespace fastcls

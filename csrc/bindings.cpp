@@ -154,22 +154,40 @@ void def_layer_norm(py::module_& m) {
 }
 
 using AdamWKernel = void (*)(const int64_t*, int64_t, const fastcls::AdamWOptions&, const float*, const float*,
-                             const float*, int);
+                             const float*, const float*, int);
 
 void def_adamw(py::module_& m, const char* name, AdamWKernel kernel, const char* doc) {
   m.def(
       name,
       [kernel](std::uintptr_t table, int64_t n_tensors, double lr, std::uintptr_t lr_tensor, double beta1,
                double beta2, double eps, double weight_decay, bool amsgrad, bool maximize, bool bias_correction,
-               std::uintptr_t grad_scale, std::uintptr_t found_inf, int num_threads) {
+               std::uintptr_t grad_scale, std::uintptr_t found_inf, std::uintptr_t clip_coef, int num_threads) {
         py::gil_scoped_release release;
         const fastcls::AdamWOptions options{lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, bias_correction};
         kernel(as_ptr<const int64_t>(table), n_tensors, options, as_ptr<const float>(lr_tensor),
-               as_ptr<const float>(grad_scale), as_ptr<const float>(found_inf), num_threads);
+               as_ptr<const float>(grad_scale), as_ptr<const float>(found_inf), as_ptr<const float>(clip_coef),
+               num_threads);
       },
       py::arg("table"), py::arg("n_tensors"), py::arg("lr"), py::arg("lr_tensor"), py::arg("beta1"),
       py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("amsgrad"), py::arg("maximize"),
-      py::arg("bias_correction"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("num_threads"), doc);
+      py::arg("bias_correction"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("clip_coef"),
+      py::arg("num_threads"), doc);
+}
+
+using GradSumOfSquaresKernel = void (*)(const int64_t*, int64_t, const float*, double*, int);
+
+void def_grad_sum_of_squares(py::module_& m, const char* name, GradSumOfSquaresKernel kernel) {
+  m.def(
+      name,
+      [kernel](std::uintptr_t table, int64_t n_tensors, std::uintptr_t grad_scale, std::uintptr_t out,
+               int num_threads) {
+        py::gil_scoped_release release;
+        kernel(as_ptr<const int64_t>(table), n_tensors, as_ptr<const float>(grad_scale), as_ptr<double>(out),
+               num_threads);
+      },
+      py::arg("table"), py::arg("n_tensors"), py::arg("grad_scale"), py::arg("out"), py::arg("num_threads"),
+      "Sum of the squares of a table's gradients (divided by grad_scale squared; 0 or an address) into the fp64 "
+      "at out (see adamw.h).");
 }
 
 // Whether the CPU, and the OS (which must save the wider registers), runs the instructions of a variant.
@@ -202,9 +220,11 @@ PYBIND11_MODULE(FASTCLS_MODULE, m) {
         "Whether this CPU and OS run the variant's instructions (baseline, avx2, avx512, avx512_bf16).");
   def_adamw(m, "adamw_f32", fastcls::adamw_f32,
             "AdamW step over a table of fp32 tensors (row layout in adamw.h); lr_tensor (replacing lr), grad_scale, "
-            "found_inf: 0 or addresses.");
+            "found_inf, clip_coef: 0 or addresses.");
   def_adamw(m, "adamw_bf16_master", fastcls::adamw_bf16_master,
             "AdamW step over a table of bf16 params/grads with fp32 master weights and moments (see adamw.h).");
+  def_grad_sum_of_squares(m, "adamw_grad_sum_of_squares_f32", fastcls::adamw_grad_sum_of_squares_f32);
+  def_grad_sum_of_squares(m, "adamw_grad_sum_of_squares_bf16", fastcls::adamw_grad_sum_of_squares_bf16);
   def_cross_entropy_target_summary(m);
   def_cross_entropy_rows<float>(m, "f32", fastcls::cross_entropy_rows_f32);
   def_cross_entropy_rows<uint16_t>(m, "bf16", fastcls::cross_entropy_rows_bf16);

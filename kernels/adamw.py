@@ -13,6 +13,12 @@ GradScaler's found_inf turns every program into a no-op by shrinking its element
 tensor all read the step count before any of them writes it: each takes a ticket (an atomic counter per tensor)
 after reading, and the last one writes step + 1 and resets the counter, so the step is written exactly once per
 launch, after every read.
+
+Gradient clipping (FusedAdamW's max_grad_norm) takes two launches per bucket: `_grad_sum_of_squares_kernel`
+writes each program's sum of squared (unscaled) gradients in fp32 to its slot of a buffer, which the caller sums
+for the norm over all buckets; the update then multiplies the gradients in registers by a clip coefficient that
+it loads from the device (CLIP), leaving them as they were. The slots, in place of atomics, make the sum the same
+from run to run.
 """
 import torch
 import triton
@@ -66,14 +72,16 @@ def _store(ptr, value, mask, MASKED: tl.constexpr):
 def _adamw_block(
     param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_ptr, master_ptr, offsets, mask,
     decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, inv_bias_correction2_sqrt, grad_scale_ptr,
-    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-    MASKED: tl.constexpr,
+    clip_coef_ptr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, MASTER: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, CLIP: tl.constexpr, MASKED: tl.constexpr,
 ):
     grad = _load(grad_ptr + offsets, mask, MASKED)
     if HAS_GRAD_SCALE:
         # like torch's fused AdamW, the gradients are left unscaled, as GradScaler.unscale_ would leave them
         grad = tl.div_rn(grad, tl.load(grad_scale_ptr).to(tl.float32))
         _store(grad_ptr + offsets, grad, mask, MASKED)
+    if CLIP:
+        grad = grad * tl.load(clip_coef_ptr)
     if MAXIMIZE:
         grad = -grad
     if MASTER:
@@ -102,10 +110,10 @@ def _adamw_block(
 def _adamw_kernel(
     table_ptr, chunk_tensor_ptr, chunk_index_ptr, tickets_ptr, betas_ptr, param_base, grad_base, moment_base,
     master_base, lr, lr_ptr, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, grad_scale_ptr,
-    found_inf_ptr,
+    found_inf_ptr, clip_coef_ptr,
     PARAM_BYTES: tl.constexpr, GRAD_BYTES: tl.constexpr, MOMENT_BYTES: tl.constexpr,
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, BIAS_CORRECTION: tl.constexpr, MASTER: tl.constexpr,
-    LR_IS_TENSOR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    LR_IS_TENSOR: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, CLIP: tl.constexpr,
     TABLE_WIDTH: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -151,12 +159,12 @@ def _adamw_kernel(
     if (chunk + 1) * BLOCK <= limit:
         _adamw_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_ptr, master_ptr, offsets, None,
                      decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, inv_bias_correction2_sqrt,
-                     grad_scale_ptr, AMSGRAD, MAXIMIZE, MASTER, HAS_GRAD_SCALE, MASKED=False)
+                     grad_scale_ptr, clip_coef_ptr, AMSGRAD, MAXIMIZE, MASTER, HAS_GRAD_SCALE, CLIP, MASKED=False)
     else:
         _adamw_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_ptr, master_ptr, offsets,
                      offsets < limit, decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size,
-                     inv_bias_correction2_sqrt, grad_scale_ptr, AMSGRAD, MAXIMIZE, MASTER, HAS_GRAD_SCALE,
-                     MASKED=True)
+                     inv_bias_correction2_sqrt, grad_scale_ptr, clip_coef_ptr, AMSGRAD, MAXIMIZE, MASTER,
+                     HAS_GRAD_SCALE, CLIP, MASKED=True)
 
     # the ticket is taken after this program's read of the step count (the atomic orders it), so the last
     # program's write comes after every read
@@ -165,6 +173,33 @@ def _adamw_kernel(
     last = ticket == n_chunks - 1
     tl.store(step_ptr, step_after, mask=last)
     tl.store(tickets_ptr + tensor, 0, mask=last)
+
+
+@triton.jit
+def _squares_block(grad_ptr, offsets, mask, grad_scale_ptr, HAS_GRAD_SCALE: tl.constexpr, MASKED: tl.constexpr):
+    grad = _load(grad_ptr + offsets, mask, MASKED)
+    if HAS_GRAD_SCALE:  # divided as the update divides, before squaring: a scaled square could overflow fp32
+        grad = tl.div_rn(grad, tl.load(grad_scale_ptr).to(tl.float32))
+    return tl.sum(grad * grad, axis=0)
+
+
+@triton.jit
+def _grad_sum_of_squares_kernel(
+    table_ptr, chunk_tensor_ptr, chunk_index_ptr, grad_base, grad_scale_ptr, sums_ptr,
+    GRAD_BYTES: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, TABLE_WIDTH: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tensor = tl.load(chunk_tensor_ptr + pid).to(tl.int64)
+    chunk = tl.load(chunk_index_ptr + pid).to(tl.int64)
+    row = table_ptr + tensor * TABLE_WIDTH
+    grad_ptr = _aligned(grad_base, tl.load(row + 1), GRAD_BYTES)
+    numel = tl.load(row + 7)
+    offsets = chunk * BLOCK + tl.arange(0, BLOCK)
+    if (chunk + 1) * BLOCK <= numel:
+        total = _squares_block(grad_ptr, offsets, None, grad_scale_ptr, HAS_GRAD_SCALE, MASKED=False)
+    else:
+        total = _squares_block(grad_ptr, offsets, offsets < numel, grad_scale_ptr, HAS_GRAD_SCALE, MASKED=True)
+    tl.store(sums_ptr + pid, total)
 
 
 def block_size(device: torch.device, max_numel: int) -> int:
@@ -189,21 +224,37 @@ def adamw_triton(
     betas64: torch.Tensor, bases: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], block: int, *,
     lr: float | torch.Tensor, beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool,
     maximize: bool, bias_correction: bool, master: bool, grad_scale: torch.Tensor | None,
-    found_inf: torch.Tensor | None,
+    found_inf: torch.Tensor | None, clip_coef: torch.Tensor | None = None,
 ) -> None:
     """One launch over the bucket described by `table` (see the module doc). Every address in it must be 16-byte
     aligned; `bases` are 16-byte aligned tensors of the parameter, gradient, moment and master (fp32) dtypes that
     the kernel addresses the table's tensors from. `betas64` holds (beta1, beta2) in fp64 on the device and
-    `tickets` one zeroed int32 counter per table row."""
+    `tickets` one zeroed int32 counter per table row; `clip_coef`, an fp32 scalar on the device, multiplies the
+    (unscaled) gradients."""
     param_base, grad_base, moment_base, master_base = bases
     lr_is_tensor = isinstance(lr, torch.Tensor)
     _adamw_kernel[(chunk_tensor.numel(),)](
         table, chunk_tensor, chunk_index, tickets, betas64, param_base, grad_base, moment_base, master_base,
         0.0 if lr_is_tensor else lr, lr if lr_is_tensor else table, 1.0 - beta1, beta2, 1.0 - beta2, eps,
         weight_decay, table if grad_scale is None else grad_scale, table if found_inf is None else found_inf,
-        PARAM_BYTES=param_base.element_size(), GRAD_BYTES=grad_base.element_size(),
+        table if clip_coef is None else clip_coef, PARAM_BYTES=param_base.element_size(), GRAD_BYTES=grad_base.element_size(),
         MOMENT_BYTES=moment_base.element_size(),
         AMSGRAD=amsgrad, MAXIMIZE=maximize, BIAS_CORRECTION=bias_correction, MASTER=master,
         LR_IS_TENSOR=lr_is_tensor, HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-        TABLE_WIDTH=table.shape[1], BLOCK=block, num_warps=CUDA_WARPS,
+        CLIP=clip_coef is not None, TABLE_WIDTH=table.shape[1], BLOCK=block, num_warps=CUDA_WARPS,
     )
+
+
+def grad_sum_of_squares_triton(
+    table: torch.Tensor, chunk_tensor: torch.Tensor, chunk_index: torch.Tensor, grad_base: torch.Tensor,
+    sums: torch.Tensor, block: int, grad_scale: torch.Tensor | None,
+) -> torch.Tensor:
+    """The sum of the squares of the bucket's gradients, each divided by grad_scale first, as a 0-dim fp64
+    tensor on the device: one fp32 partial sum per program into `sums` (fp32, one slot per program), then their
+    sum. `grad_base` is a 16-byte aligned tensor of the gradients' dtype, as for `adamw_triton`."""
+    _grad_sum_of_squares_kernel[(chunk_tensor.numel(),)](
+        table, chunk_tensor, chunk_index, grad_base, table if grad_scale is None else grad_scale, sums,
+        GRAD_BYTES=grad_base.element_size(), HAS_GRAD_SCALE=grad_scale is not None, TABLE_WIDTH=table.shape[1],
+        BLOCK=block, num_warps=CUDA_WARPS,
+    )
+    return sums.sum(dtype=torch.float64)

@@ -19,6 +19,9 @@ LAYER_NORM_DTYPES = (torch.float32, torch.bfloat16)
 # AdamW's entry points by dtype key: the parameter dtype, paired with "master" where fp32 master weights and
 # moments back it; the gradients share the parameter's dtype
 ADAMW_KERNELS = {torch.float32: "adamw_f32", (torch.bfloat16, "master"): "adamw_bf16_master"}
+# the gradient sum of squares over the same tables, by the same keys
+ADAMW_GRAD_SUM_OF_SQUARES_KERNELS = {torch.float32: "adamw_grad_sum_of_squares_f32",
+                                     (torch.bfloat16, "master"): "adamw_grad_sum_of_squares_bf16"}
 ADAMW_TABLE_WIDTH = 8  # kAdamWTableWidth in csrc/adamw.h
 
 
@@ -170,17 +173,15 @@ def _dtype_code(tensor: torch.Tensor | None) -> int:
 
 def adamw(table: torch.Tensor, dtype_key, *, lr: float | torch.Tensor, beta1: float, beta2: float, eps: float,
           weight_decay: float, amsgrad: bool, maximize: bool, bias_correction: bool,
-          grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
+          grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
+          clip_coef: torch.Tensor | None = None) -> None:
     """One AdamW step over the tensors whose addresses `table` holds (int64, a row per tensor laid out as
     `fastcls.optim.adamw_table.TABLE_COLUMNS`), with the entry point of `dtype_key` (a key of ADAMW_KERNELS).
     lr: a float, or a one-element fp32/fp64 CPU tensor that the kernel reads itself (Python never reads it);
-    grad_scale and found_inf: None or one-element fp32 CPU tensors."""
+    grad_scale, found_inf and clip_coef (multiplies the unscaled gradients, which are not rewritten): None or
+    one-element fp32 CPU tensors."""
     _check(table, "table", (torch.int64,), (table.shape[0], ADAMW_TABLE_WIDTH))
-    for name, tensor in (("grad_scale", grad_scale), ("found_inf", found_inf)):
-        if tensor is not None:
-            _check(tensor, name, (torch.float32,), None)
-            if tensor.numel() != 1:
-                raise ValueError(f"{name} must have one element, got shape {tuple(tensor.shape)}")
+    _check_scalars(grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef)
     lr32 = None
     if isinstance(lr, torch.Tensor):
         _check(lr, "lr", (torch.float32, torch.float64), None)
@@ -190,4 +191,23 @@ def adamw(table: torch.Tensor, dtype_key, *, lr: float | torch.Tensor, beta1: fl
     getattr(dispatch.cpp_ext, ADAMW_KERNELS[dtype_key])(
         table.data_ptr(), table.shape[0], 0.0 if lr32 is not None else lr, _address(lr32), beta1, beta2, eps,
         weight_decay, amsgrad, maximize, bias_correction, _address(grad_scale), _address(found_inf),
-        torch.get_num_threads())
+        _address(clip_coef), torch.get_num_threads())
+
+
+def _check_scalars(**tensors: torch.Tensor | None) -> None:
+    for name, tensor in tensors.items():
+        if tensor is not None:
+            _check(tensor, name, (torch.float32,), None)
+            if tensor.numel() != 1:
+                raise ValueError(f"{name} must have one element, got shape {tuple(tensor.shape)}")
+
+
+def adamw_grad_sum_of_squares(table: torch.Tensor, dtype_key, grad_scale: torch.Tensor | None) -> torch.Tensor:
+    """The sum of the squares of the gradients in `table` (laid out as for `adamw`), each divided by grad_scale
+    (None or a one-element fp32 CPU tensor) first, as a 0-dim fp64 CPU tensor (summed in fp64: adamw.h)."""
+    _check(table, "table", (torch.int64,), (table.shape[0], ADAMW_TABLE_WIDTH))
+    _check_scalars(grad_scale=grad_scale)
+    out = torch.empty((), dtype=torch.float64)
+    getattr(dispatch.cpp_ext, ADAMW_GRAD_SUM_OF_SQUARES_KERNELS[dtype_key])(
+        table.data_ptr(), table.shape[0], _address(grad_scale), out.data_ptr(), torch.get_num_threads())
+    return out

@@ -38,6 +38,19 @@ Mixed precision: `_step_supports_amp_scaling` is set, so `torch.amp.GradScaler.s
 AdamW. The kernels divide the gradients by grad_scale (and store them unscaled, as unscale_ would) and, when
 found_inf is nonzero, change nothing: no weight, moment, gradient or step count.
 
+Gradient clipping: `max_grad_norm` > 0 makes a step do what `torch.nn.utils.clip_grad_norm_(params,
+max_grad_norm)` before it would, without its passes over the gradients (a norm per tensor, then a multiply that
+rewrites every gradient). The step first sums the squares of every gradient it will update, all groups and
+buckets, one pass per bucket over the bucket's address table (C++: AVX-512, summed in fp64; Triton: an fp32 sum
+per program; reference: torch's norms), unscaled by grad_scale; the norm of the total goes to `grad_norm` (an
+fp32 device tensor, what clip_grad_norm_ returns; None before the first clipped step), and
+`min(1, max_grad_norm / (norm + 1e-6))`, clip_grad_norm_'s coefficient computed by the same fp32 ops, is a device
+tensor that the update kernels read and multiply the gradients by in registers. Nothing is read on the host and
+the gradients are left as they were (unscaled under grad_scale, as before, but not clipped). Like clip_grad_norm_
+without error_if_nonfinite, a non-finite norm is not an error: an infinite one zeroes the finite gradients' part
+of the step and NaN spreads; GradScaler's found_inf skips such steps anyway. It is an attribute of the optimizer,
+not of its groups (one norm spans them all), and not part of the state dict.
+
 `master_weights=True` keeps, for bf16/fp16 parameters, an fp32 copy in the state under "master_param" and fp32
 moments; the update runs on the copy and the parameter receives it rounded. torch.optim.AdamW loading such a
 state dict ignores "master_param" and rounds the moments to the parameter dtype; FusedAdamW loading torch's state
@@ -49,7 +62,9 @@ and are not seen.
 import torch
 
 from fastcls.ops import cpp, dispatch
-from fastcls.optim.adamw_table import AddressTable, Entry, StagingBuffers, dense_strides, is_dense, to_device
+from fastcls.optim.adamw_table import (
+    AddressTable, Bucket, Entry, StagingBuffers, dense_strides, is_dense, to_device)
+from fastcls.optim.reference import adamw_reference, grad_sum_of_squares_reference
 
 MASTER_KEY = "master_param"
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -66,63 +81,14 @@ def _scalar(value, name: str) -> float:
     return float(value)
 
 
-def adamw_reference(
-    params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor | None],
-    master_params: list[torch.Tensor | None], steps: list[torch.Tensor], *, lr: float | torch.Tensor,
-    beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
-    bias_correction: bool, grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
-) -> None:
-    """The AdamW step of the module doc on lists of tensors, with PyTorch ops in the order of torch's
-    single-tensor AdamW (fp32 math, fp64 for fp64 tensors; bias corrections in fp64). Never syncs with the device:
-    with found_inf, new values are computed and then discarded element-wise where found_inf is nonzero."""
-    def commit(target: torch.Tensor, value: torch.Tensor, skip: torch.Tensor | None) -> None:
-        value = value.to(target.dtype)
-        target.copy_(value if skip is None else torch.where(skip, target, value))
-
-    for i, param in enumerate(params):
-        device = param.device
-        skip = None if found_inf is None else found_inf.to(device, non_blocking=True) != 0
-
-        compute = torch.promote_types(param.dtype, torch.float32)
-        grad = grads[i].to(compute)
-        if grad_scale is not None:
-            grad = grad / grad_scale.to(device, non_blocking=True)
-            commit(grads[i], grad, skip)
-        if maximize:
-            grad = -grad
-        weight = (param if master_params[i] is None else master_params[i]).to(compute)
-        if weight_decay != 0:
-            weight = weight * (1 - lr * weight_decay)
-        exp_avg = exp_avgs[i].to(compute).lerp(grad, 1 - beta1)
-        exp_avg_sq = torch.addcmul(exp_avg_sqs[i].to(compute) * beta2, grad, grad, value=1 - beta2)
-        second_moment = exp_avg_sq
-        if amsgrad:
-            second_moment = torch.maximum(max_exp_avg_sqs[i].to(compute), exp_avg_sq)
-            commit(max_exp_avg_sqs[i], second_moment, skip)
-        step = steps[i] + 1
-        if bias_correction:
-            t = step.to(torch.float64)
-            step_size = lr / (1 - beta1**t)
-            bias_correction2_sqrt = (1 - beta2**t).sqrt()
-        else:
-            step_size, bias_correction2_sqrt = lr, 1.0
-        denom = (second_moment.sqrt() / bias_correction2_sqrt).add_(eps)
-        weight = weight + (-step_size * exp_avg) / denom
-        commit(exp_avgs[i], exp_avg, skip)
-        commit(exp_avg_sqs[i], exp_avg_sq, skip)
-        if master_params[i] is not None:
-            commit(master_params[i], weight, skip)
-        commit(param, weight, skip)
-        commit(steps[i], step, skip)
-
-
 class FusedAdamW(torch.optim.Optimizer):
     """torch.optim.AdamW as one kernel launch per parameter group (see the module doc).
 
     Args beyond torch.optim.AdamW's: `bias_correction` (default True) divides the moments by 1 − βᵗ;
-    `master_weights` keeps fp32 master copies and moments for bf16/fp16 parameters; `backend` forces
-    "triton", "cpp" or "reference" (default: `fastcls.ops.dispatch.backend_for` per device and dtype). lr may be
+    `master_weights` keeps fp32 master copies and moments for bf16/fp16 parameters; `max_grad_norm` (> 0) clips
+    the gradients' total norm as clip_grad_norm_ would, inside the step (module doc; the norm in `grad_norm`);
+    `backend` forces "triton", "cpp" or "reference" (default: `fastcls.ops.dispatch.backend_for` per device and
+    dtype). lr may be
     a float or a one-element tensor (fp32 or fp64, best on the parameters' device), and may differ per group;
     schedulers write `group["lr"]` as usual, and `DeviceLRSchedule` writes into a tensor lr on the device.
     """
@@ -130,7 +96,7 @@ class FusedAdamW(torch.optim.Optimizer):
     def __init__(
         self, params, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
         weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False, bias_correction: bool = True,
-        master_weights: bool = False, backend: str | None = None,
+        master_weights: bool = False, max_grad_norm: float = 0.0, backend: str | None = None,
     ):
         if _scalar(lr, "lr") < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
@@ -143,6 +109,8 @@ class FusedAdamW(torch.optim.Optimizer):
                 raise ValueError(f"betas[{index}] must be in [0, 1), got {beta}")
         if not weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if not max_grad_norm >= 0:
+            raise ValueError(f"max_grad_norm must be >= 0 (0: no clipping), got {max_grad_norm}")
         if backend is not None and backend not in dispatch.BACKENDS:
             raise ValueError(f"backend must be one of {dispatch.BACKENDS} or None, got {backend!r}")
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "amsgrad": amsgrad,
@@ -151,6 +119,8 @@ class FusedAdamW(torch.optim.Optimizer):
         # GradScaler then passes grad_scale / found_inf to step() instead of unscaling and syncing itself
         self._step_supports_amp_scaling = True
         self.backend = backend
+        self.max_grad_norm = float(max_grad_norm)
+        self.grad_norm: torch.Tensor | None = None  # the last clipped step's gradient norm, on the device
         self._tables: dict[tuple, AddressTable] = {}
         self._betas64: dict[tuple, torch.Tensor] = {}
         self._staging = StagingBuffers()
@@ -167,6 +137,8 @@ class FusedAdamW(torch.optim.Optimizer):
             for option in _GROUP_OPTIONS:
                 group.setdefault(option, self.defaults[option])
         self.__dict__.setdefault("backend", None)
+        self.__dict__.setdefault("max_grad_norm", 0.0)
+        self.__dict__.setdefault("grad_norm", None)
         self.__dict__.setdefault("_tables", {})
         self.__dict__.setdefault("_betas64", {})
         self.__dict__.setdefault("_staging", StagingBuffers())
@@ -303,12 +275,15 @@ class FusedAdamW(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for index, group in enumerate(self.param_groups):
-            for key, params in self._buckets(group).items():
-                self._step_bucket((index, *key), group, params, grad_scale, found_inf)
+        buckets = [self._prepare((index, *key), group, params, grad_scale, found_inf)
+                   for index, group in enumerate(self.param_groups) for key, params in self._buckets(group).items()]
+        # every bucket's gradients are measured before any update unscales them
+        clip_coef = self._clip_coefficient(buckets) if self.max_grad_norm > 0 and buckets else None
+        for bucket in buckets:
+            self._update(bucket, None if clip_coef is None else clip_coef.to(bucket.device))
         return loss
 
-    def _step_bucket(self, key: tuple, group: dict, params: list[torch.Tensor], grad_scale, found_inf) -> None:
+    def _prepare(self, key: tuple, group: dict, params: list[torch.Tensor], grad_scale, found_inf) -> Bucket:
         _, device, param_dtype, grad_dtype, master = key
         dtype_key = (param_dtype, "master") if master else param_dtype
         backend = dispatch.backend_for("adamw", device, dtype_key, backend=self.backend)
@@ -329,12 +304,8 @@ class FusedAdamW(torch.optim.Optimizer):
             # the kernels read it where it is, so a schedule can update it on the device; no copy when it is
             # already there, as a captured step needs
             lr = lr.detach().reshape(()).to(device)
-        if backend == "reference":
-            adamw_reference(
-                [e.param for e in entries], [e.grad for e in entries], [e.exp_avg for e in entries],
-                [e.exp_avg_sq for e in entries], [e.max_exp_avg_sq for e in entries], [e.master for e in entries],
-                [e.step for e in entries], lr=lr, grad_scale=grad_scale, found_inf=found_inf, **hyper)
-        else:
+        table = None
+        if backend != "reference":
             rows = list(rows)
             table = self._tables.get(key)
             if table is None or table.rows != rows:
@@ -345,33 +316,69 @@ class FusedAdamW(torch.optim.Optimizer):
                     block = block_size(device, max(r[-1] for r in rows))
                 table = AddressTable(rows, device, block, table)
                 self._tables[key] = table
-            if backend == "cpp":
-                cpp.adamw(table.table, dtype_key, lr=lr, grad_scale=grad_scale, found_inf=found_inf, **hyper)
+        return Bucket(key, params, entries, backend, dtype_key, lr, hyper, grad_scale, found_inf, table)
+
+    def _grad_sum_of_squares(self, bucket: Bucket) -> torch.Tensor:
+        """The sum of the bucket's squared unscaled gradients, a 0-dim fp64 tensor on its device."""
+        if bucket.backend == "reference":
+            return grad_sum_of_squares_reference([e.grad for e in bucket.entries], bucket.grad_scale)
+        if bucket.backend == "cpp":
+            return cpp.adamw_grad_sum_of_squares(bucket.table.table, bucket.dtype_key, bucket.grad_scale)
+        from fastcls.kernels.adamw import grad_sum_of_squares_triton
+
+        table = bucket.table
+        return grad_sum_of_squares_triton(table.table, table.chunk_tensor, table.chunk_index, bucket.entries[0].grad,
+                                          table.sums, table.block, bucket.grad_scale)
+
+    def _clip_coefficient(self, buckets: list[Bucket]) -> torch.Tensor:
+        """clip_grad_norm_'s coefficient for the norm of every gradient the step updates, an fp32 scalar on the
+        first bucket's device; the norm goes to `grad_norm` (kept at one address, so a captured step updates it)."""
+        device = buckets[0].device
+        total = torch.stack([self._grad_sum_of_squares(b).to(device) for b in buckets]).sum()
+        norm = total.sqrt().to(torch.float32)
+        if self.grad_norm is None or self.grad_norm.device != device:
+            self.grad_norm = torch.empty((), dtype=torch.float32, device=device)
+        self.grad_norm.copy_(norm)
+        return torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)  # torch's expression, in fp32 as there
+
+    def _update(self, bucket: Bucket, clip_coef: torch.Tensor | None) -> None:
+        entries, grad_scale, found_inf = bucket.entries, bucket.grad_scale, bucket.found_inf
+        if bucket.backend == "reference":
+            adamw_reference(
+                [e.param for e in entries], [e.grad for e in entries], [e.exp_avg for e in entries],
+                [e.exp_avg_sq for e in entries], [e.max_exp_avg_sq for e in entries], [e.master for e in entries],
+                [e.step for e in entries], lr=bucket.lr, grad_scale=grad_scale, found_inf=found_inf,
+                clip_coef=clip_coef, **bucket.hyper)
+        else:
+            if bucket.backend == "cpp":
+                cpp.adamw(bucket.table.table, bucket.dtype_key, lr=bucket.lr, grad_scale=grad_scale,
+                          found_inf=found_inf, clip_coef=clip_coef, **bucket.hyper)
             else:
-                self._launch_triton(table, entries[0], device, master, lr, hyper, grad_scale, found_inf)
+                self._launch_triton(bucket, clip_coef)
             # Kernel stores bypass autograd's version counters: bump them as an in-place torch update would, so
             # a backward that saved a parameter fails loudly and caches keyed on versions see the new values.
-            torch.autograd.graph.increment_version(params)
+            torch.autograd.graph.increment_version(bucket.params)
         for entry in entries:
             original_param, original_grad = entry.staged
             if original_param is not None:
                 original_param.copy_(entry.param)
             if original_grad is not None and grad_scale is not None:
                 original_grad.copy_(entry.grad)  # torch leaves the gradients unscaled
-        if master:
-            for param in params:
+        if bucket.master:
+            for param in bucket.params:
                 self._master_marks[param] = (param.data_ptr(), param._version)
 
-    def _launch_triton(self, table: AddressTable, first: Entry, device, master: bool, lr, hyper: dict, grad_scale,
-                       found_inf) -> None:
+    def _launch_triton(self, bucket: Bucket, clip_coef: torch.Tensor | None) -> None:
         from fastcls.kernels.adamw import adamw_triton
 
+        table, first, hyper = bucket.table, bucket.entries[0], bucket.hyper
         # the kernel addresses every tensor from these, which are 16-byte aligned like all the others
-        bases = (first.param, first.grad, first.exp_avg, first.master if master else first.exp_avg)
+        bases = (first.param, first.grad, first.exp_avg, first.master if bucket.master else first.exp_avg)
         adamw_triton(
             table.table, table.chunk_tensor, table.chunk_index, table.tickets,
-            self._betas_on(device, hyper["beta1"], hyper["beta2"]), bases, table.block, lr=lr, master=master,
-            grad_scale=grad_scale, found_inf=found_inf, **hyper,
+            self._betas_on(bucket.device, hyper["beta1"], hyper["beta2"]), bases, table.block, lr=bucket.lr,
+            master=bucket.master, grad_scale=bucket.grad_scale, found_inf=bucket.found_inf, clip_coef=clip_coef,
+            **hyper,
         )
 
     def load_state_dict(self, state_dict: dict) -> None:

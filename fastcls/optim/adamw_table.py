@@ -1,5 +1,6 @@
 """The address tables FusedAdamW's kernels read: a row of addresses per parameter (TABLE_COLUMNS), one table per
-bucket, kept on the device while the rows stay the same (see `fastcls.optim.adamw` for the design)."""
+bucket, kept on the device while the rows stay the same; and the buckets a step prepares before it measures the
+gradients and updates (see `fastcls.optim.adamw` for the design)."""
 from dataclasses import dataclass
 
 import torch
@@ -76,8 +77,8 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class AddressTable:
-    """A bucket's address table on its device (plus, for Triton, the program-to-chunk map and step tickets),
-    kept while the rows stay the same. Gradients reallocated elsewhere change only the addresses: the chunk map
+    """A bucket's address table on its device (plus, for Triton, the program-to-chunk map, step tickets and a
+    slot per program for the gradient norm's partial sums), kept while the rows stay the same. Gradients reallocated elsewhere change only the addresses: the chunk map
     and tickets of the previous table are kept when the element counts are the same."""
 
     def __init__(self, rows: list[list[int]], device: torch.device, block: int | None,
@@ -89,10 +90,35 @@ class AddressTable:
         if block is None:
             return
         if previous is not None and previous.block == block and previous.numels == self.numels:
-            self.chunk_tensor, self.chunk_index, self.tickets = previous.chunk_tensor, previous.chunk_index, \
-                previous.tickets
+            self.chunk_tensor, self.chunk_index, self.tickets, self.sums = previous.chunk_tensor, \
+                previous.chunk_index, previous.tickets, previous.sums
             return
         from fastcls.kernels.adamw import chunk_map
 
         self.chunk_tensor, self.chunk_index = (to_device(t, device) for t in chunk_map(self.numels, block))
         self.tickets = torch.zeros(len(rows), dtype=torch.int32, device=device)
+        self.sums = torch.empty(len(self.chunk_tensor), dtype=torch.float32, device=device)
+
+
+@dataclass(slots=True)
+class Bucket:
+    """A bucket ready to step (its key: group index, device, parameter and gradient dtypes, master mode): its
+    tensors, the backend that runs it, and for the kernels its address table."""
+    key: tuple
+    params: list[torch.Tensor]
+    entries: tuple[Entry, ...]
+    backend: str
+    dtype_key: object
+    lr: float | torch.Tensor
+    hyper: dict
+    grad_scale: torch.Tensor | None
+    found_inf: torch.Tensor | None
+    table: AddressTable | None
+
+    @property
+    def device(self) -> torch.device:
+        return self.key[1]
+
+    @property
+    def master(self) -> bool:
+        return self.key[4]

@@ -175,7 +175,7 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
     groups = param_groups(model, cfg.weight_decay, cfg.lr, cfg.layer_lr_decay)
     bf16 = bf16_weights.applies(device, precision, cfg.grad_accum, ddp.enabled, optimizer_factory is not None)
     optimizer = build_optimizer(groups, OptimizerConfig(lr=cfg.lr, bias_correction=cfg.bias_correction,
-                                                        master_weights=bf16),
+                                                        master_weights=bf16, max_grad_norm=cfg.max_grad_norm),
                                 sharded=cfg.fsdp, factory=optimizer_factory)
     weights = bf16_weights.Bf16Weights(model, optimizer) if bf16 else None
     # every rank cuts the same global batches and runs its share of each (fastcls.components.distributed)

@@ -29,6 +29,7 @@ class OptimizerConfig:
     eps: float = 1e-8
     bias_correction: bool = True  # off: BERT's original Adam (BERTAdam), for comparison only
     master_weights: bool = False  # fp32 masters for bf16 parameters (fastcls.components.bf16_weights)
+    max_grad_norm: float = 0.0  # > 0: FusedAdamW clips the gradients' total norm inside its step
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -102,7 +103,8 @@ def build_optimizer(groups: list[dict], cfg: OptimizerConfig, sharded: bool = Fa
                     factory: Callable[[list[dict]], torch.optim.Optimizer] | None = None) -> torch.optim.Optimizer:
     """FusedAdamW over `param_groups`' groups (their weight decay and rates set there), or `factory(groups)`, an
     optimizer of the caller's. `sharded`: FSDP2's DTensor parameters, which FusedAdamW's address tables do not
-    take: torch's AdamW (the same update, always bias-corrected) runs on them."""
+    take: torch's AdamW (the same update, always bias-corrected) runs on them. FusedAdamW clips to
+    `cfg.max_grad_norm` itself; the training step clips for the others."""
     if factory is not None:
         if not cfg.bias_correction:
             raise ConfigError("--bias-correction off applies to fastcls's FusedAdamW, not to an optimizer of your own")
@@ -110,7 +112,7 @@ def build_optimizer(groups: list[dict], cfg: OptimizerConfig, sharded: bool = Fa
     if sharded:  # TrainConfig.resolve refuses --bias-correction off with --fsdp
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=True)
     return FusedAdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, bias_correction=cfg.bias_correction,
-                      master_weights=cfg.master_weights)
+                      master_weights=cfg.master_weights, max_grad_norm=cfg.max_grad_norm)
 
 
 def describe_lr_decay(groups: list[dict], lr: float, layer_lr_decay: float) -> str:

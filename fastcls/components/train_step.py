@@ -29,6 +29,7 @@ from fastcls.components.precision import autocast
 from fastcls.errors import ConfigError
 from fastcls.data import Batch
 from fastcls.ops.dropout import DropoutGenerator
+from fastcls.optim import FusedAdamW
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,9 @@ class TrainStep:
 
     def _update(self) -> None:
         self.parallel.finish_gradients()
-        if self.cfg.max_grad_norm > 0:
+        # FusedAdamW clips inside its step, reading each gradient once; another optimizer after torch's clipping
+        clips_itself = isinstance(self.optimizer, FusedAdamW) and self.optimizer.max_grad_norm == self.cfg.max_grad_norm
+        if self.cfg.max_grad_norm > 0 and not clips_itself:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm, foreach=True)
         self.scaler.step(self.optimizer)

@@ -88,9 +88,9 @@ class FusedAdamW(torch.optim.Optimizer):
     `master_weights` keeps fp32 master copies and moments for bf16/fp16 parameters; `max_grad_norm` (> 0) clips
     the gradients' total norm as clip_grad_norm_ would, inside the step (module doc; the norm in `grad_norm`);
     `backend` forces "triton", "cpp" or "reference" (default: `fastcls.ops.dispatch.backend_for` per device and
-    dtype). lr may be
-    a float or a one-element tensor (fp32 or fp64, best on the parameters' device), and may differ per group;
-    schedulers write `group["lr"]` as usual, and `DeviceLRSchedule` writes into a tensor lr on the device.
+    dtype). lr may be a float or a one-element tensor (fp32 or fp64, best on the parameters' device), and may
+    differ per group; schedulers write `group["lr"]` as usual, and `DeviceLRSchedule` writes into a tensor lr on
+    the device.
     """
 
     def __init__(

@@ -194,6 +194,7 @@ def adamw(table: torch.Tensor, dtype_key, *, lr: float | torch.Tensor, beta1: fl
 
 
 VARLEN_ATTENTION_DTYPES = (torch.float32, torch.bfloat16)  # dtype code: the index in this tuple
+VARLEN_ATTENTION_MAX_HEAD_DIM = 128  # kMaxHeadDim in csrc/varlen_attention.cpp
 
 
 def _check_heads(tensor: torch.Tensor, name: str, dtype: torch.dtype, heads: int, head_dim: int) -> None:
@@ -205,6 +206,8 @@ def _check_heads(tensor: torch.Tensor, name: str, dtype: torch.dtype, heads: int
 
 def _varlen_attention_args(q, k, v, cu_seqlens_q, cu_seqlens_k):
     heads, head_dim = q.shape[1:]
+    if head_dim > VARLEN_ATTENTION_MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {head_dim} exceeds the kernel's maximum {VARLEN_ATTENTION_MAX_HEAD_DIM}")
     _check(q, "q", VARLEN_ATTENTION_DTYPES, None, contiguous=False)
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         _check_heads(tensor, name, q.dtype, heads, head_dim)

@@ -20,8 +20,9 @@ the active `DropoutGenerator` (which a checkpoint's recomputation replays throug
 backward and any recomputation redraw the very mask, and `keep_mask((H * sum Lq Lk,), p, seed, offset=...)`
 reconstructs it.
 
-Backends (registered with `fastcls.ops.dispatch`): cpp, fp32 and bf16 on CPU, fp32 arithmetic; reference
-(PyTorch, row by row, differentiated by autograd) for every other device and dtype. The kernel runs inside the
+Backends (registered with `fastcls.ops.dispatch`): cpp, fp32 and bf16 on CPU, heads of up to 128, fp32
+arithmetic; reference (PyTorch, row by row, differentiated by autograd) for every other device, dtype and head
+size. The kernel runs inside the
 custom ops "fastcls::varlen_attention_forward" and "fastcls::varlen_attention_backward", so torch.compile traces
 through them.
 """
@@ -142,8 +143,9 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, p=0.0, *, scale=None, 
     source = mask_source(q.device, _mask_numel(lengths_q, lengths_k, q.shape[1]), seed) if p > 0 \
         else MaskSource(None, 0, 0)
     backend = dispatch.backend_for("varlen_attention", q.device, q.dtype, k.dtype, v.dtype, backend=backend)
-    if backend == "reference" or len({q.dtype, k.dtype, v.dtype}) > 1 or q.stride(-1) != 1 \
-            or k.stride(-1) != 1 or v.stride(-1) != 1:
+    kernel_takes = (len({q.dtype, k.dtype, v.dtype}) == 1 and q.shape[-1] <= cpp.VARLEN_ATTENTION_MAX_HEAD_DIM
+                    and all(t.stride(-1) == 1 for t in (q, k, v)))
+    if backend == "reference" or not kernel_takes:
         return _reference(q, k, v, lengths_q, lengths_k, p, scale, source)
     out, _ = _forward_op(q, k, v, cu_seqlens_q.to(torch.int64), cu_seqlens_k.to(torch.int64), scale, p,
                          source.rng, source.seed, source.offset)

@@ -24,25 +24,23 @@ int64_t padded(int64_t n) { return (n + kColumns - 1) / kColumns * kColumns; }
 constexpr int64_t kMaxHeadDim = 128;
 
 // Per-thread fp32 blocks of one row, every head's, sized for the longest row: [H, L, D] blocks (q times scale,
-// grad_out, k times scale, v) and [H, D, padded L] transposed ones (k, v).
+// grad_out, k times scale, v), [H, D, padded L] transposed ones (k, v), and one head's [Lq, padded Lk] scores and
+// their gradient, [Lq, Lk] dropout multipliers and [max(Lq, Lk), D] results.
 struct Scratch {
-  std::vector<float> q, grad_out, k, kt, vt, v, out, scores, probs, grad_probs, multipliers, dropped, grad_scores;
+  std::vector<float> q, grad_out, k, kt, vt, v, probs, grad_scores, multipliers, out;
 
   Scratch(int64_t max_q, int64_t max_k, int64_t heads, int64_t d, bool backward, bool dropout) {
     const int64_t cols = padded(max_k);
     q.resize(heads * max_q * d);
     kt.resize(heads * d * cols);
-    scores.resize(cols);
-    probs.resize(cols);
-    out.resize(d);
+    probs.resize(max_q * cols);
+    out.resize(std::max<int64_t>({max_q, max_k, 1}) * d);
     if (dropout) multipliers.resize(max_q * max_k);
     if (backward) {
       grad_out.resize(heads * max_q * d);
       k.resize(heads * max_k * d);
       vt.resize(heads * d * cols);
-      grad_probs.resize(cols);
-      dropped.resize(max_q * max_k);
-      grad_scores.resize(max_q * max_k);
+      grad_scores.resize(max_q * cols);
     } else {
       v.resize(heads * max_k * d);
     }
@@ -88,87 +86,122 @@ void pack_transposed(const Element* src, int64_t token_stride, int64_t head_stri
   }
 }
 
-// The two products of every query: a row times a transposed block (scores, and the gradient of the
-// probabilities), and a weighted sum of block rows (the output, and each gradient). Their accumulators stay in
-// registers: accumulating through memory would chain every update on a store-to-load round trip, which measured
-// several times slower.
+// The two products of a head: rows times a transposed block (the scores, and the gradient of the probabilities),
+// and weighted sums of a block's rows (the output and the three gradients), for `count` rows (or sums) at a time:
+// out[r, j] = sum_c x[r * x_stride + c] * mt[c * cols + j] for j < cols (a multiple of kColumns), and
+// out[r * out_stride + c] = sum_{n < len} w[r * w_step + n * w_stride] * rows[n * d + c] for c < d.
+// AVX-512 holds a block of outputs in registers (each load of mt or rows serves several rows, and no update goes
+// through memory, which would chain every one on a store-to-load round trip).
 #if defined(__AVX512F__)
-// out[j] = sum_c x[c] * mt[c * cols + j] for j < cols (a multiple of kColumns), four vectors of keys at a time.
-void row_times(const float* x, const float* mt, int64_t d, int64_t cols, float* out) {
-  int64_t j = 0;
-  for (; j + 4 * kColumns <= cols; j += 4 * kColumns) {
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
-    for (int64_t c = 0; c < d; ++c) {
-      const __m512 a = _mm512_set1_ps(x[c]);
-      const float* m = mt + c * cols + j;
-      acc0 = _mm512_fmadd_ps(a, _mm512_loadu_ps(m), acc0);
-      acc1 = _mm512_fmadd_ps(a, _mm512_loadu_ps(m + 16), acc1);
-      acc2 = _mm512_fmadd_ps(a, _mm512_loadu_ps(m + 32), acc2);
-      acc3 = _mm512_fmadd_ps(a, _mm512_loadu_ps(m + 48), acc3);
+template <int kRows, int kVectors>
+void times_block(const float* x, int64_t x_stride, const float* mt, int64_t d, int64_t cols, int64_t j, float* out,
+                 int64_t out_stride) {
+  __m512 acc[kRows][kVectors];
+  for (int r = 0; r < kRows; ++r)
+    for (int u = 0; u < kVectors; ++u) acc[r][u] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < d; ++c) {
+    __m512 m[kVectors];
+    for (int u = 0; u < kVectors; ++u) m[u] = _mm512_loadu_ps(mt + c * cols + j + 16 * u);
+    for (int r = 0; r < kRows; ++r) {
+      const __m512 a = _mm512_set1_ps(x[r * x_stride + c]);
+      for (int u = 0; u < kVectors; ++u) acc[r][u] = _mm512_fmadd_ps(a, m[u], acc[r][u]);
     }
-    _mm512_storeu_ps(out + j, acc0);
-    _mm512_storeu_ps(out + j + 16, acc1);
-    _mm512_storeu_ps(out + j + 32, acc2);
-    _mm512_storeu_ps(out + j + 48, acc3);
   }
-  for (; j < cols; j += kColumns) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t c = 0; c < d; ++c) acc = _mm512_fmadd_ps(_mm512_set1_ps(x[c]), _mm512_loadu_ps(mt + c * cols + j), acc);
-    _mm512_storeu_ps(out + j, acc);
-  }
+  for (int r = 0; r < kRows; ++r)
+    for (int u = 0; u < kVectors; ++u) _mm512_storeu_ps(out + r * out_stride + j + 16 * u, acc[r][u]);
 }
 
-// out[0:d] = sum_{j < n} w[j * w_stride] * rows[j * d : (j + 1) * d], in kVectors registers (d <= 16 * kVectors).
-template <int kVectors>
-void weighted_sum_in_registers(const float* w, int64_t w_stride, const float* rows, int64_t n, int64_t d, float* out) {
+template <int kRows>
+void times_rows(const float* x, int64_t x_stride, const float* mt, int64_t d, int64_t cols, float* out,
+                int64_t out_stride) {
+  int64_t j = 0;
+  for (; j + 4 * kColumns <= cols; j += 4 * kColumns) times_block<kRows, 4>(x, x_stride, mt, d, cols, j, out, out_stride);
+  for (; j < cols; j += kColumns) times_block<kRows, 1>(x, x_stride, mt, d, cols, j, out, out_stride);
+}
+
+void rows_times(const float* x, int64_t x_stride, const float* mt, int64_t d, int64_t cols, float* out,
+                int64_t out_stride, int64_t count) {
+  int64_t r = 0;
+  for (; r + 4 <= count; r += 4) times_rows<4>(x + r * x_stride, x_stride, mt, d, cols, out + r * out_stride, out_stride);
+  for (; r < count; ++r) times_rows<1>(x + r * x_stride, x_stride, mt, d, cols, out + r * out_stride, out_stride);
+}
+
+template <int kSums, int kVectors>
+void sums_block(const float* w, int64_t w_step, int64_t w_stride, const float* rows, int64_t len, int64_t d,
+                float* out, int64_t out_stride) {
   const __mmask16 last = tail_mask(d - 16 * (kVectors - 1));
-  __m512 acc[kVectors];
-  for (int v = 0; v < kVectors; ++v) acc[v] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < n; ++j) {
-    const __m512 a = _mm512_set1_ps(w[j * w_stride]);
-    const float* row = rows + j * d;
-    for (int v = 0; v < kVectors - 1; ++v) acc[v] = _mm512_fmadd_ps(a, _mm512_loadu_ps(row + 16 * v), acc[v]);
-    acc[kVectors - 1] = _mm512_fmadd_ps(a, _mm512_maskz_loadu_ps(last, row + 16 * (kVectors - 1)), acc[kVectors - 1]);
+  __m512 acc[kSums][kVectors];
+  for (int r = 0; r < kSums; ++r)
+    for (int u = 0; u < kVectors; ++u) acc[r][u] = _mm512_setzero_ps();
+  for (int64_t n = 0; n < len; ++n) {
+    const float* row = rows + n * d;
+    __m512 x[kVectors];
+    for (int u = 0; u < kVectors - 1; ++u) x[u] = _mm512_loadu_ps(row + 16 * u);
+    x[kVectors - 1] = _mm512_maskz_loadu_ps(last, row + 16 * (kVectors - 1));
+    for (int r = 0; r < kSums; ++r) {
+      const __m512 a = _mm512_set1_ps(w[r * w_step + n * w_stride]);
+      for (int u = 0; u < kVectors; ++u) acc[r][u] = _mm512_fmadd_ps(a, x[u], acc[r][u]);
+    }
   }
-  for (int v = 0; v < kVectors - 1; ++v) _mm512_storeu_ps(out + 16 * v, acc[v]);
-  _mm512_mask_storeu_ps(out + 16 * (kVectors - 1), last, acc[kVectors - 1]);
+  for (int r = 0; r < kSums; ++r) {
+    for (int u = 0; u < kVectors - 1; ++u) _mm512_storeu_ps(out + r * out_stride + 16 * u, acc[r][u]);
+    _mm512_mask_storeu_ps(out + r * out_stride + 16 * (kVectors - 1), last, acc[r][kVectors - 1]);
+  }
 }
 
-void weighted_sum(const float* w, int64_t w_stride, const float* rows, int64_t n, int64_t d, float* out) {
+template <int kVectors>
+void sums_of(const float* w, int64_t w_step, int64_t w_stride, const float* rows, int64_t len, int64_t d, float* out,
+             int64_t out_stride, int64_t count) {
+  constexpr int kSums = kVectors <= 4 ? 4 : 2;  // at most 16 accumulators
+  int64_t r = 0;
+  for (; r + kSums <= count; r += kSums)
+    sums_block<kSums, kVectors>(w + r * w_step, w_step, w_stride, rows, len, d, out + r * out_stride, out_stride);
+  for (; r < count; ++r)
+    sums_block<1, kVectors>(w + r * w_step, w_step, w_stride, rows, len, d, out + r * out_stride, out_stride);
+}
+
+void weighted_sums(const float* w, int64_t w_step, int64_t w_stride, const float* rows, int64_t len, int64_t d,
+                   float* out, int64_t out_stride, int64_t count) {
   switch ((d + 15) / 16) {
-    case 1: return weighted_sum_in_registers<1>(w, w_stride, rows, n, d, out);
-    case 2: return weighted_sum_in_registers<2>(w, w_stride, rows, n, d, out);
-    case 3: return weighted_sum_in_registers<3>(w, w_stride, rows, n, d, out);
-    case 4: return weighted_sum_in_registers<4>(w, w_stride, rows, n, d, out);
-    case 5: return weighted_sum_in_registers<5>(w, w_stride, rows, n, d, out);
-    case 6: return weighted_sum_in_registers<6>(w, w_stride, rows, n, d, out);
-    case 7: return weighted_sum_in_registers<7>(w, w_stride, rows, n, d, out);
-    default: return weighted_sum_in_registers<8>(w, w_stride, rows, n, d, out);
+    case 1: return sums_of<1>(w, w_step, w_stride, rows, len, d, out, out_stride, count);
+    case 2: return sums_of<2>(w, w_step, w_stride, rows, len, d, out, out_stride, count);
+    case 3: return sums_of<3>(w, w_step, w_stride, rows, len, d, out, out_stride, count);
+    case 4: return sums_of<4>(w, w_step, w_stride, rows, len, d, out, out_stride, count);
+    case 5: return sums_of<5>(w, w_step, w_stride, rows, len, d, out, out_stride, count);
+    case 6: return sums_of<6>(w, w_step, w_stride, rows, len, d, out, out_stride, count);
+    case 7: return sums_of<7>(w, w_step, w_stride, rows, len, d, out, out_stride, count);
+    default: return sums_of<8>(w, w_step, w_stride, rows, len, d, out, out_stride, count);
   }
 }
 #else
-void row_times(const float* x, const float* mt, int64_t d, int64_t cols, float* out) {
-  for (int64_t j = 0; j < cols; j += kColumns) {
-    float acc[kColumns] = {};
-    for (int64_t c = 0; c < d; ++c) {
-      const float a = x[c];
-      const float* m = mt + c * cols + j;
+void rows_times(const float* x, int64_t x_stride, const float* mt, int64_t d, int64_t cols, float* out,
+                int64_t out_stride, int64_t count) {
+  for (int64_t r = 0; r < count; ++r) {
+    for (int64_t j = 0; j < cols; j += kColumns) {
+      float acc[kColumns] = {};
+      for (int64_t c = 0; c < d; ++c) {
+        const float a = x[r * x_stride + c];
+        const float* m = mt + c * cols + j;
 #pragma omp simd
-      for (int64_t u = 0; u < kColumns; ++u) acc[u] += a * m[u];
+        for (int64_t u = 0; u < kColumns; ++u) acc[u] += a * m[u];
+      }
+      std::copy(acc, acc + kColumns, out + r * out_stride + j);
     }
-    std::copy(acc, acc + kColumns, out + j);
   }
 }
 
-void weighted_sum(const float* w, int64_t w_stride, const float* rows, int64_t n, int64_t d, float* out) {
-  float acc[kMaxHeadDim] = {};
-  for (int64_t j = 0; j < n; ++j) {
-    const float a = w[j * w_stride];
-    const float* row = rows + j * d;
+void weighted_sums(const float* w, int64_t w_step, int64_t w_stride, const float* rows, int64_t len, int64_t d,
+                   float* out, int64_t out_stride, int64_t count) {
+  for (int64_t r = 0; r < count; ++r) {
+    float acc[kMaxHeadDim] = {};
+    for (int64_t n = 0; n < len; ++n) {
+      const float a = w[r * w_step + n * w_stride];
+      const float* row = rows + n * d;
 #pragma omp simd
-    for (int64_t c = 0; c < d; ++c) acc[c] += a * row[c];
+      for (int64_t c = 0; c < d; ++c) acc[c] += a * row[c];
+    }
+    std::copy(acc, acc + d, out + r * out_stride);
   }
-  std::copy(acc, acc + d, out);
 }
 #endif
 
@@ -230,30 +263,27 @@ void forward_row(const Element* q, const Element* k, const Element* v, const Var
   pack_transposed(k + k0 * s.k_token_stride, s.k_token_stride, s.k_head_stride, lk, heads, d, w.kt.data());
   pack_rows(v + k0 * s.v_token_stride, s.v_token_stride, s.v_head_stride, lk, heads, d, 1.0f, w.v.data());
   const bool drops = dropout.threshold != 0;
-  float* scores = w.scores.data();
   float* probs = w.probs.data();
   for (int64_t h = 0; h < heads; ++h) {
     if (drops) fill_multipliers(w.multipliers.data(), layout.row_start[r] + h * lq * lk, lq * lk, dropout);
-    const float* kt = &w.kt[h * d * cols];
-    const float* vh = &w.v[h * lk * d];
+    rows_times(&w.q[h * lq * d], d, &w.kt[h * d * cols], d, cols, probs, cols, lq);
     for (int64_t i = 0; i < lq; ++i) {
-      const int64_t token = q0 + i;
-      row_times(&w.q[(h * lq + i) * d], kt, d, cols, scores);
-      const float shift = max_of(scores, lk);
-      const float sum = sum_exp<true>(scores, shift, probs, lk);
-      lse[token * heads + h] = shift + std::log(sum);
+      float* p = probs + i * cols;
+      const float shift = max_of(p, lk);
+      const float sum = sum_exp<true>(p, shift, p, lk);
+      lse[(q0 + i) * heads + h] = shift + std::log(sum);
       const float inv = 1.0f / sum;
       if (drops) {
         const float* m = &w.multipliers[i * lk];
 #pragma omp simd
-        for (int64_t j = 0; j < lk; ++j) probs[j] *= inv * m[j];
+        for (int64_t j = 0; j < lk; ++j) p[j] *= inv * m[j];
       } else {
 #pragma omp simd
-        for (int64_t j = 0; j < lk; ++j) probs[j] *= inv;
+        for (int64_t j = 0; j < lk; ++j) p[j] *= inv;
       }
-      weighted_sum(probs, 1, vh, lk, d, row_out);
-      store_row(row_out, out + (token * heads + h) * d, d);
     }
+    weighted_sums(probs, cols, 1, &w.v[h * lk * d], lk, d, row_out, d, lq);
+    for (int64_t i = 0; i < lq; ++i) store_row(row_out + i * d, out + ((q0 + i) * heads + h) * d, d);
   }
 }
 
@@ -276,47 +306,43 @@ void backward_row(const Element* q, const Element* k, const Element* v, const Va
   pack_transposed(k + k0 * s.k_token_stride, s.k_token_stride, s.k_head_stride, lk, heads, d, w.kt.data());
   pack_transposed(v + k0 * s.v_token_stride, s.v_token_stride, s.v_head_stride, lk, heads, d, w.vt.data());
   const bool drops = dropout.threshold != 0;
-  float* scores = w.scores.data();
-  float* grad_probs = w.grad_probs.data();
+  float* probs = w.probs.data();
+  float* grad_scores = w.grad_scores.data();
   for (int64_t h = 0; h < heads; ++h) {
     if (drops) fill_multipliers(w.multipliers.data(), layout.row_start[r] + h * lq * lk, lq * lk, dropout);
     const float* qh = &w.q[h * lq * d];  // times scale
     const float* grad_oh = &w.grad_out[h * lq * d];
-    const float* kh = &w.k[h * lk * d];  // times scale
+    rows_times(qh, d, &w.kt[h * d * cols], d, cols, probs, cols, lq);
+    // the gradient of the dropped-out probabilities, then of the probabilities, then of the scores
+    rows_times(grad_oh, d, &w.vt[h * d * cols], d, cols, grad_scores, cols, lq);
     for (int64_t i = 0; i < lq; ++i) {
-      const int64_t token = q0 + i;
-      float* probs = &w.dropped[i * lk];  // the probabilities, then their dropped-out values
-      float* grad_scores = &w.grad_scores[i * lk];
-      row_times(qh + i * d, &w.kt[h * d * cols], d, cols, scores);
-      sum_exp<true>(scores, lse[token * heads + h], probs, lk);
-      // the gradient of the dropped-out probabilities, then of the probabilities
-      row_times(grad_oh + i * d, &w.vt[h * d * cols], d, cols, grad_probs);
+      float* p = probs + i * cols;
+      float* g = grad_scores + i * cols;
+      sum_exp<true>(p, lse[(q0 + i) * heads + h], p, lk);
       if (drops) {
         const float* m = &w.multipliers[i * lk];
 #pragma omp simd
-        for (int64_t j = 0; j < lk; ++j) grad_probs[j] *= m[j];
+        for (int64_t j = 0; j < lk; ++j) g[j] *= m[j];
       }
       // sum_j P_ij dL/dP_ij in fp32 from the same terms
       float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-      for (int64_t j = 0; j < lk; ++j) dot += probs[j] * grad_probs[j];
+      for (int64_t j = 0; j < lk; ++j) dot += p[j] * g[j];
 #pragma omp simd
-      for (int64_t j = 0; j < lk; ++j) grad_scores[j] = probs[j] * (grad_probs[j] - dot);
-      if (drops) {
+      for (int64_t j = 0; j < lk; ++j) g[j] = p[j] * (g[j] - dot);
+      if (drops) {  // p becomes the dropped-out probabilities, the weights of dV
         const float* m = &w.multipliers[i * lk];
 #pragma omp simd
-        for (int64_t j = 0; j < lk; ++j) probs[j] *= m[j];
+        for (int64_t j = 0; j < lk; ++j) p[j] *= m[j];
       }
-      weighted_sum(grad_scores, 1, kh, lk, d, row_out);  // k carries the scale
-      store_row(row_out, grad_q + (token * heads + h) * d, d);
     }
-    // dV = dropped^T dO and dK = dS^T (q * scale), a key at a time
-    for (int64_t j = 0; j < lk; ++j) {
-      weighted_sum(&w.dropped[j], lk, grad_oh, lq, d, row_out);
-      store_row(row_out, grad_v + ((k0 + j) * heads + h) * d, d);
-      weighted_sum(&w.grad_scores[j], lk, qh, lq, d, row_out);
-      store_row(row_out, grad_k + ((k0 + j) * heads + h) * d, d);
-    }
+    weighted_sums(grad_scores, cols, 1, &w.k[h * lk * d], lk, d, row_out, d, lq);  // k carries the scale
+    for (int64_t i = 0; i < lq; ++i) store_row(row_out + i * d, grad_q + ((q0 + i) * heads + h) * d, d);
+    // dV = dropped^T dO and dK = dS^T (q * scale): sums over the queries, one per key
+    weighted_sums(probs, 1, cols, grad_oh, lq, d, row_out, d, lk);
+    for (int64_t j = 0; j < lk; ++j) store_row(row_out + j * d, grad_v + ((k0 + j) * heads + h) * d, d);
+    weighted_sums(grad_scores, 1, cols, qh, lq, d, row_out, d, lk);
+    for (int64_t j = 0; j < lk; ++j) store_row(row_out + j * d, grad_k + ((k0 + j) * heads + h) * d, d);
   }
 }
 

@@ -59,7 +59,7 @@ def test_kernel_matches_the_fp64_reference(dtype, head_dim, p, cls_only, generat
     cu_k = cumulative(LENGTHS)
     cu_q = cumulative([1] * len(LENGTHS)) if cls_only else cu_k
     seed = int(torch.randint(0, 2**62, (), generator=generator))
-    out = varlen_attention(q, k, v, cu_q, cu_k, p, seed=seed, backend="cpp")
+    out = varlen_attention(q, k, v, cu_q, cu_k, max(LENGTHS), p, seed=seed, backend="cpp")
     assert out.dtype == dtype and out.shape == q.shape
     upstream = torch.randn(out.shape, generator=generator).to(dtype)
     grads = torch.autograd.grad(out, leaves, upstream)
@@ -87,10 +87,10 @@ def test_dropout_drops_exactly_the_masks_elements(through_generator):
         generator.state[1] = 12345
         generator.reserve(9)  # 3 counters, so the call starts mid-stream
         with use_generator(generator):
-            out = varlen_attention(q, q, v, cu, cu, p)
+            out = varlen_attention(q, q, v, cu, cu, max(lengths), p)
         source = MaskSource(generator.state, 0, 3)
     else:
-        out = varlen_attention(q, q, v, cu, cu, p, seed=99)
+        out = varlen_attention(q, q, v, cu, cu, max(lengths), p, seed=99)
         source = MaskSource(None, 99, 0)
     keep = source_mask((HEADS * sum(n * n for n in lengths),), p, source, "cpu")
     first = 0
@@ -109,7 +109,7 @@ def test_equals_the_padded_path_without_dropout(dtype, generator):
     """The kernel gives what run_layer's padded path (to_heads, attention, from_heads) gives."""
     batch = collate(encoded_rows(LENGTHS), list(range(len(LENGTHS))), packed=True, pad_token_id=1)
     leaves, q, k, v = projections(LENGTHS, 32, dtype, generator)
-    out = varlen_attention(q, k, v, batch.cu_seqlens, batch.cu_seqlens, 0.0).flatten(-2)
+    out = varlen_attention(q, k, v, batch.cu_seqlens, batch.cu_seqlens, batch.max_len, 0.0).flatten(-2)
     padded = attn.attention(batch.to_heads(q), batch.to_heads(k), batch.to_heads(v),
                             batch.key_mask[:, None, None, :], 0.0)
     expected = batch.from_heads(padded.transpose(1, 2).flatten(-2))
@@ -129,7 +129,7 @@ def test_checkpoint_recomputation_redraws_the_forwards_mask(generator):
     def attend(stacked):
         # sin saves the attention's output for its backward, as the output projection does in a layer: what
         # the recomputation must reproduce (the attention's own backward redraws its mask from its saved offset)
-        return torch.sin(varlen_attention(*regroup([stacked], False), cu, cu, 0.1))
+        return torch.sin(varlen_attention(*regroup([stacked], False), cu, cu, max(LENGTHS), 0.1))
 
     def gradient(run):
         with use_generator(DropoutGenerator(seed=5)):
@@ -146,12 +146,14 @@ def test_checkpoint_recomputation_redraws_the_forwards_mask(generator):
 def test_fp64_runs_the_reference_and_bad_lengths_are_refused(generator):
     leaves, q, k, v = projections(LENGTHS, 16, torch.float64, generator)
     cu = cumulative(LENGTHS)
-    torch.testing.assert_close(varlen_attention(q, k, v, cu, cu, 0.2, seed=3),
+    torch.testing.assert_close(varlen_attention(q, k, v, cu, cu, 33, 0.2, seed=3),
                                varlen_attention_reference(q, k, v, cu, cu, 0.2, seed=3))
     with pytest.raises(ValueError, match="cu_seqlens_k must rise"):
-        varlen_attention(q, k, v, cu, cumulative([2, 1, 7, 33, 4]), 0.0)
+        varlen_attention(q, k, v, cu, cumulative([2, 1, 7, 33, 4]), 33, 0.0)
     with pytest.raises(ValueError, match="cu_seqlens_q must rise"):
-        varlen_attention(q, k, v, cumulative(LENGTHS[:-1]), cu, 0.0)
+        varlen_attention(q, k, v, cumulative(LENGTHS[:-1]), cu, 33, 0.0)
+    with pytest.raises(ValueError, match="longer than max_len 32"):
+        varlen_attention(q, k, v, cu, cu, 32, 0.0)
 
 
 def test_reference_mask_is_keep_mask_over_the_canonical_index():

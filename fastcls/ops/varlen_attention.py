@@ -1,6 +1,6 @@
 """Attention over packed (unpadded) sequences with mask-free dropout on the probabilities, in one CPU kernel.
 
-`varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, p)`: q [Tq, H, D], k and v [Tk, H, D]; row r's queries are
+`varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_len, p)`: q [Tq, H, D], k and v [Tk, H, D]; row r's queries are
 q[cu_seqlens_q[r]:cu_seqlens_q[r + 1]] and attend to that row's keys k[cu_seqlens_k[r]:cu_seqlens_k[r + 1]]
 alone; out [Tq, H, D] = dropout(softmax(q k^T * scale)) v. The queries may be fewer than the keys: with [CLS]
 pooling the last layer queries from the [CLS] tokens alone (cu_seqlens_q = arange(rows + 1)). q, k and v may be
@@ -18,7 +18,8 @@ after the previous rows'), and is kept iff Philox word index % 4 of counter offs
 round(p * 2^32); kept probabilities are scaled by fp32(1 / (1 - p)). The key and offset come from a seed or from
 the active `DropoutGenerator` (which a checkpoint's recomputation replays through `recomputed_alike`), so the
 backward and any recomputation redraw the very mask, and `keep_mask((H * sum Lq Lk,), p, seed, offset=...)`
-reconstructs it.
+reconstructs it. A call takes H * Tq * max_len counters of the generator's stream (a bound of the index that the
+shapes give, so that torch.compile's graph takes what eager takes), of which the mask uses the first.
 
 Backends (registered with `fastcls.ops.dispatch`): cpp, fp32 and bf16 on CPU, heads of up to 128, fp32
 arithmetic; reference (PyTorch, row by row, differentiated by autograd) for every other device, dtype and head
@@ -28,9 +29,8 @@ through them.
 """
 import torch
 
-from fastcls.ops import cpp, dispatch
+from fastcls.ops import cpp, dispatch, library
 from fastcls.ops.dropout import MaskSource, _as_int64, _check_p, keep_threshold, kept_scale, mask_source, source_mask
-from fastcls.ops.library import KernelOp
 
 dispatch.register_op("varlen_attention", cpp=cpp.VARLEN_ATTENTION_DTYPES)
 
@@ -118,34 +118,39 @@ def _backward_of_forward(ctx, grad_out, _grad_lse):
     return *grads, None, None, None, None, None, None, None
 
 
-_backward_op = KernelOp("varlen_attention_backward", _backward_impl, _backward_fake)
-_forward_op = KernelOp("varlen_attention_forward", _forward_impl, _forward_fake).with_autograd(
+_backward_op = library.KernelOp("varlen_attention_backward", _backward_impl, _backward_fake)
+_forward_op = library.KernelOp("varlen_attention_forward", _forward_impl, _forward_fake).with_autograd(
     _backward_of_forward, _setup_forward)
 
 
-def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, p=0.0, *, scale=None, training=True, seed=None,
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_len, p=0.0, *, scale=None, training=True, seed=None,
                      backend=None):
     """softmax(q k^T * scale) v within each packed row, dropout p on the probabilities (see the module docstring).
 
     q [Tq, H, D], k and v [Tk, H, D] (any token and head strides); cu_seqlens_q and cu_seqlens_k [rows + 1] (any
-    integer dtype, on the CPU). Returns [Tq, H, D] in q's dtype. `seed` (any int, taken modulo 2^64) fixes the
-    mask; by default the active `DropoutGenerator` draws it, or else each call a fresh seed."""
+    integer dtype, on the CPU); max_len: at least the longest row of keys. Returns [Tq, H, D] in q's dtype.
+    `seed` (any int, taken modulo 2^64) fixes the mask; by default the active `DropoutGenerator` draws it, or else
+    each call a fresh seed."""
     _check_p(p)
     if q.dim() != 3 or k.shape != v.shape or k.dim() != 3 or q.shape[1:] != k.shape[1:]:
         raise ValueError(f"q must be [Tq, H, D] and k, v [Tk, H, D], got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
     p = float(p) if training else 0.0
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    lengths_q = _lengths(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
-    lengths_k = _lengths(cu_seqlens_k, k.shape[0], "cu_seqlens_k")
-    if len(lengths_q) != len(lengths_k):
-        raise ValueError(f"cu_seqlens_q has {len(lengths_q)} rows and cu_seqlens_k {len(lengths_k)}")
-    source = mask_source(q.device, _mask_numel(lengths_q, lengths_k, q.shape[1]), seed) if p > 0 \
-        else MaskSource(None, 0, 0)
     backend = dispatch.backend_for("varlen_attention", q.device, q.dtype, k.dtype, v.dtype, backend=backend)
-    kernel_takes = (len({q.dtype, k.dtype, v.dtype}) == 1 and q.shape[-1] <= cpp.VARLEN_ATTENTION_MAX_HEAD_DIM
-                    and all(t.stride(-1) == 1 for t in (q, k, v)))
-    if backend == "reference" or not kernel_takes:
+    kernel_runs = backend == "cpp" and len({q.dtype, k.dtype, v.dtype}) == 1 and all(
+        t.stride(-1) == 1 for t in (q, k, v)) and q.shape[-1] <= cpp.VARLEN_ATTENTION_MAX_HEAD_DIM
+    # reading the lengths would stop a trace, and the kernel reads them itself
+    if not (kernel_runs and library.traced(q, k, v, cu_seqlens_q, cu_seqlens_k)):
+        lengths_q = _lengths(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
+        lengths_k = _lengths(cu_seqlens_k, k.shape[0], "cu_seqlens_k")
+        if len(lengths_q) != len(lengths_k) or max(lengths_k, default=0) > max_len:
+            raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have as many rows ({len(lengths_q)} and "
+                             f"{len(lengths_k)}) and no row of keys be longer than max_len {max_len}")
+    # The counters a call takes follow from the shapes alone (H * Tq * max_len bounds H * sum Lq * Lk), so that a
+    # compiled graph takes the ones eager would.
+    source = mask_source(q.device, q.shape[1] * q.shape[0] * max_len, seed) if p > 0 else MaskSource(None, 0, 0)
+    if not kernel_runs:
         return _reference(q, k, v, lengths_q, lengths_k, p, scale, source)
     out, _ = _forward_op(q, k, v, cu_seqlens_q.to(torch.int64), cu_seqlens_k.to(torch.int64), scale, p,
                          source.rng, source.seed, source.offset)

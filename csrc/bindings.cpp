@@ -12,6 +12,7 @@
 #include "dropout.h"
 #include "layer_norm.h"
 #include "multi_task_cross_entropy.h"
+#include "varlen_attention.h"
 
 namespace py = pybind11;
 
@@ -212,6 +213,54 @@ bool cpu_supports(const std::string& variant) {
   return variant == "baseline";
 }
 
+// Attention over packed sequences with mask-free dropout, forward and backward; see varlen_attention.h.
+void def_varlen_attention(py::module_& m) {
+  auto shape_of = [](std::uintptr_t cu_q, std::uintptr_t cu_k, int64_t rows, int64_t heads, int64_t head_dim,
+                     const py::tuple& strides) {
+    const auto stride = [&](int i) { return strides[i].cast<int64_t>(); };
+    return fastcls::VarlenAttentionShape{as_ptr<const int64_t>(cu_q), as_ptr<const int64_t>(cu_k), rows, heads,
+                                         head_dim, stride(0), stride(1), stride(2), stride(3), stride(4), stride(5)};
+  };
+  m.def(
+      "varlen_attention_forward",
+      [shape_of](std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, int dtype, py::tuple strides,
+                 std::uintptr_t cu_q, std::uintptr_t cu_k, int64_t rows, int64_t heads, int64_t head_dim, float scale,
+                 uint64_t seed, uint64_t counter_offset, uint64_t threshold, float drop_scale, std::uintptr_t out,
+                 std::uintptr_t lse, int num_threads) {
+        const auto shape = shape_of(cu_q, cu_k, rows, heads, head_dim, strides);
+        py::gil_scoped_release release;
+        fastcls::varlen_attention_forward(as_ptr<const void>(q), as_ptr<const void>(k), as_ptr<const void>(v), dtype,
+                                          shape, scale, {seed, counter_offset, threshold, drop_scale},
+                                          as_ptr<void>(out), as_ptr<float>(lse), num_threads);
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("dtype"), py::arg("strides"), py::arg("cu_q"),
+      py::arg("cu_k"), py::arg("rows"), py::arg("heads"), py::arg("head_dim"), py::arg("scale"), py::arg("seed"),
+      py::arg("counter_offset"), py::arg("threshold"), py::arg("drop_scale"), py::arg("out"), py::arg("lse"),
+      py::arg("num_threads"),
+      "out = dropout(softmax(q k^T * scale)) v per packed row, and the fp32 log-sum-exp per (query, head); strides: "
+      "the token and head strides of q, k and v; dtype code 0 fp32, 1 bf16 (varlen_attention.h).");
+  m.def(
+      "varlen_attention_backward",
+      [shape_of](std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, int dtype, py::tuple strides,
+                 std::uintptr_t cu_q, std::uintptr_t cu_k, int64_t rows, int64_t heads, int64_t head_dim, float scale,
+                 uint64_t seed, uint64_t counter_offset, uint64_t threshold, float drop_scale, std::uintptr_t grad_out,
+                 std::uintptr_t lse, std::uintptr_t grad_q, std::uintptr_t grad_k, std::uintptr_t grad_v,
+                 int num_threads) {
+        const auto shape = shape_of(cu_q, cu_k, rows, heads, head_dim, strides);
+        py::gil_scoped_release release;
+        fastcls::varlen_attention_backward(as_ptr<const void>(q), as_ptr<const void>(k), as_ptr<const void>(v), dtype,
+                                           shape, scale, {seed, counter_offset, threshold, drop_scale},
+                                           as_ptr<const void>(grad_out), as_ptr<const float>(lse),
+                                           as_ptr<void>(grad_q), as_ptr<void>(grad_k), as_ptr<void>(grad_v),
+                                           num_threads);
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("dtype"), py::arg("strides"), py::arg("cu_q"),
+      py::arg("cu_k"), py::arg("rows"), py::arg("heads"), py::arg("head_dim"), py::arg("scale"), py::arg("seed"),
+      py::arg("counter_offset"), py::arg("threshold"), py::arg("drop_scale"), py::arg("grad_out"), py::arg("lse"),
+      py::arg("grad_q"), py::arg("grad_k"), py::arg("grad_v"), py::arg("num_threads"),
+      "Gradients of varlen_attention_forward from the saved log-sum-exp, redrawing its mask (varlen_attention.h).");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(FASTCLS_MODULE, m) {
@@ -235,4 +284,5 @@ PYBIND11_MODULE(FASTCLS_MODULE, m) {
   def_dropout<float>(m, "f32", fastcls::dropout_f32);
   def_dropout<uint16_t>(m, "bf16", fastcls::dropout_bf16);
   def_layer_norm(m);
+  def_varlen_attention(m);
 }

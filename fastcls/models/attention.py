@@ -6,12 +6,15 @@ softmax(q k^T * scale + mask) v over [B, H, L, D] tensors, with attention-probab
   scaled_dot_product_attention;
 - on the CPU with dropout, SDPA would fall back to its math path with torch's slow `bernoulli_` mask: the same
   math runs here with fastcls's mask-free dropout instead (`kernels=False`: torch's dropout, as SDPA would);
-- unpadded bf16/fp16 batches on CUDA without dropout: variable-length flash attention (`varlen`).
+- unpadded bf16/fp16 batches on CUDA without dropout: variable-length flash attention (`varlen`);
+- unpadded fp32/bf16 batches on the CPU with the kernels on: fastcls's packed-sequence kernel
+  (`fastcls.ops.varlen_attention`), dropout included, with no padded block at all.
 """
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from fastcls.ops import dispatch
 from fastcls.ops import dropout as mask_free_dropout
 
 try:
@@ -59,3 +62,9 @@ def varlen_applies(query: torch.Tensor, p: float) -> bool:
 def varlen_attention(query, key, value, cu_seqlens, max_len: int):
     """Each packed row's tokens attend to that row's: [T, H, D] in, [T, H, D] out."""
     return varlen_attn(query, key, value, cu_seqlens, cu_seqlens, max_len, max_len)
+
+
+def packed_kernel_applies(query: torch.Tensor, kernels: bool) -> bool:
+    """Whether fastcls's packed-sequence CPU kernel runs this attention (else the padded path)."""
+    return kernels and query.device.type == "cpu" and dispatch.backend_for(
+        "varlen_attention", query.device, query.dtype) == "cpp"

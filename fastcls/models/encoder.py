@@ -37,6 +37,7 @@ from fastcls.ops.dropout_add_layer_norm import (
 )
 from fastcls.ops.dropout import recomputed_alike
 from fastcls.ops.embedding import row_accumulated_embedding
+from fastcls.ops.varlen_attention import varlen_attention
 
 
 def _p(module) -> float:
@@ -106,6 +107,10 @@ def run_layer(part: _Layer, h: torch.Tensor, batch: Batch, cls_only: bool, kerne
         # the stacked product's q, k and v are strided views of its output
         context = attn.varlen_attention(q.contiguous(), k.contiguous(), v.contiguous(), batch.cu_seqlens,
                                         batch.max_len).flatten(-2)
+    elif isinstance(batch, PackedBatch) and attn.packed_kernel_applies(q, kernels):
+        # reads the strided views in place; with cls_only each row has one query, its [CLS] token
+        cu_seqlens_q = torch.arange(batch.num_rows + 1) if cls_only else batch.cu_seqlens
+        context = varlen_attention(q, k, v, cu_seqlens_q, batch.cu_seqlens, batch.max_len, p).flatten(-2)
     else:
         queries = q.view(batch.num_rows, part.heads, 1, -1) if cls_only else batch.to_heads(q)
         out = attn.attention(queries, batch.to_heads(k), batch.to_heads(v), batch.key_mask[:, None, None, :], p,

@@ -20,10 +20,12 @@ from fastcls.ops.multi_task_cross_entropy import (
     multi_task_cross_entropy_reference,
 )
 from fastcls.ops.multi_task_head import multi_task_head
+from fastcls.ops.varlen_attention import varlen_attention, varlen_attention_reference
 
 __all__ = [
     "Dropout", "classification_head", "cross_entropy", "cross_entropy_reference", "dispatch", "dropout",
     "dropout_add_layer_norm", "dropout_add_layer_norm_reference", "dropout_reference", "layer_norm_dropout",
     "layer_norm_dropout_reference", "linear_cross_entropy", "linear_cross_entropy_reference",
     "multi_task_cross_entropy", "multi_task_cross_entropy_reference", "multi_task_head", "op_backends",
+    "varlen_attention", "varlen_attention_reference",
 ]

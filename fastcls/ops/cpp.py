@@ -211,3 +211,55 @@ def adamw_grad_sum_of_squares(table: torch.Tensor, dtype_key, grad_scale: torch.
     getattr(dispatch.cpp_ext, ADAMW_GRAD_SUM_OF_SQUARES_KERNELS[dtype_key])(
         table.data_ptr(), table.shape[0], _address(grad_scale), out.data_ptr(), torch.get_num_threads())
     return out
+
+
+VARLEN_ATTENTION_DTYPES = (torch.float32, torch.bfloat16)  # dtype code: the index in this tuple
+VARLEN_ATTENTION_MAX_HEAD_DIM = 128  # kMaxHeadDim in csrc/varlen_attention.cpp
+
+
+def _check_heads(tensor: torch.Tensor, name: str, dtype: torch.dtype, heads: int, head_dim: int) -> None:
+    """tensor [T, heads, head_dim] on the CPU with element stride 1 (any token and head strides)."""
+    _check(tensor, name, (dtype,), (tensor.shape[0], heads, head_dim), contiguous=False)
+    if tensor.stride(2) != 1:
+        raise ValueError(f"{name} must have element stride 1, got strides {tensor.stride()}")
+
+
+def _varlen_attention_args(q, k, v, cu_seqlens_q, cu_seqlens_k):
+    heads, head_dim = q.shape[1:]
+    if head_dim > VARLEN_ATTENTION_MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {head_dim} exceeds the kernel's maximum {VARLEN_ATTENTION_MAX_HEAD_DIM}")
+    _check(q, "q", VARLEN_ATTENTION_DTYPES, None, contiguous=False)
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        _check_heads(tensor, name, q.dtype, heads, head_dim)
+    rows = cu_seqlens_q.numel() - 1
+    _check(cu_seqlens_q, "cu_seqlens_q", (torch.int64,), (rows + 1,))
+    _check(cu_seqlens_k, "cu_seqlens_k", (torch.int64,), (rows + 1,))
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
+    return (q.data_ptr(), k.data_ptr(), v.data_ptr(), VARLEN_ATTENTION_DTYPES.index(q.dtype), strides,
+            cu_seqlens_q.data_ptr(), cu_seqlens_k.data_ptr(), rows, heads, head_dim)
+
+
+def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, seed, counter_offset, threshold,
+                             drop_scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [Tq, H, D] contiguous in q's dtype, fp32 log-sum-exp [Tq, H]) of q [Tq, H, D], k and v [Tk, H, D]
+    (element stride 1), rows given by int64 cu_seqlens_q and cu_seqlens_k whose values lie within the tensors
+    (the caller checks them)."""
+    args = _varlen_attention_args(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    out = torch.empty(q.shape, dtype=q.dtype)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32)
+    dispatch.cpp_ext.varlen_attention_forward(*args, scale, seed, counter_offset, threshold, drop_scale,
+                                              out.data_ptr(), lse.data_ptr(), torch.get_num_threads())
+    return out, lse
+
+
+def varlen_attention_backward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, seed, counter_offset, threshold,
+                              drop_scale, grad_out, lse) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_q, grad_k, grad_v), contiguous, from contiguous grad_out [Tq, H, D] (q's dtype) and the forward's lse."""
+    args = _varlen_attention_args(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    _check(grad_out, "grad_out", (q.dtype,), tuple(q.shape))
+    _check(lse, "lse", (torch.float32,), tuple(q.shape[:2]))
+    grads = [torch.empty(t.shape, dtype=t.dtype) for t in (q, k, v)]
+    dispatch.cpp_ext.varlen_attention_backward(*args, scale, seed, counter_offset, threshold, drop_scale,
+                                               grad_out.data_ptr(), lse.data_ptr(),
+                                               *(g.data_ptr() for g in grads), torch.get_num_threads())
+    return tuple(grads)

@@ -371,14 +371,17 @@ def test_build_optimizer_is_fused_without_decay_on_biases_and_norms():
 
 
 @pytest.mark.cuda
-def test_cuda_graph_capture(generator):
-    """A step launches kernels only: it can be captured in a CUDA graph and replayed."""
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1.0])
+def test_cuda_graph_capture(generator, max_grad_norm):
+    """A step launches kernels only: it can be captured in a CUDA graph and replayed, fresh gradients each replay;
+    a clipped step's norm and coefficient stay on the device, grad_norm included."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     device = torch.device("cuda")
     start = make_params([7, 100_003], device, generator)
     graphed_params, eager_params = twin(start), twin(start)
-    graphed, eager = FusedAdamW(graphed_params, lr=1e-2), FusedAdamW(eager_params, lr=1e-2)
+    graphed = FusedAdamW(graphed_params, lr=1e-2, max_grad_norm=max_grad_norm)
+    eager = FusedAdamW(eager_params, lr=1e-2, max_grad_norm=max_grad_norm)
     set_grads([graphed_params, eager_params], generator)
     graphed.step()  # first step: state and address table
     eager.step()
@@ -392,8 +395,13 @@ def test_cuda_graph_capture(generator):
     with torch.cuda.graph(graph):
         graphed.step()
     for _ in range(3):
+        for p, q in zip(graphed_params, eager_params):  # in place: the graph reads the gradients' addresses
+            p.grad.normal_()
+            q.grad.copy_(p.grad)
         graph.replay()
         eager.step()
+        if max_grad_norm:
+            torch.testing.assert_close(graphed.grad_norm, eager.grad_norm, rtol=0, atol=0)
     torch.cuda.synchronize()
     for p, q in zip(graphed_params, eager_params):
         torch.testing.assert_close(p, q, rtol=0, atol=0)

@@ -53,7 +53,7 @@ class Bf16Weights:
                 if param.dtype == torch.float32:
                     master = param.detach().clone()
                     param.data = master.to(torch.bfloat16)
-                    optimizer.start_master(param, master)
+                    optimizer.state[param][MASTER_KEY] = master  # the first step keeps it (FusedAdamW's doc)
                     self.params.append(param)
             # a function, not the bound method: torch marks the hook with an attribute
             self.hooks.append(module.register_state_dict_post_hook(functools.partial(Bf16Weights._fp32_state, self)))

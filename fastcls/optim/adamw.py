@@ -54,7 +54,9 @@ not of its groups (one norm spans them all), and not part of the state dict.
 `master_weights=True` keeps, for bf16/fp16 parameters, an fp32 copy in the state under "master_param" and fp32
 moments; the update runs on the copy and the parameter receives it rounded. torch.optim.AdamW loading such a
 state dict ignores "master_param" and rounds the moments to the parameter dtype; FusedAdamW loading torch's state
-dict (bf16 moments, no master) widens the moments and starts the master from the parameter. A parameter changed
+dict (bf16 moments, no master) widens the moments and starts the master from the parameter. A master put in the
+state before the first step (`optimizer.state[p]["master_param"] = w`, w the fp32 value p was rounded from) is
+kept (`fastcls.components.bf16_weights`). A parameter changed
 behind the optimizer's back (its address or version counter moved, e.g. by `model.load_state_dict`) has its
 master refreshed at the next step wherever the two disagree; writes through `param.data` move no version counter
 and are not seen.
@@ -155,7 +157,7 @@ class FusedAdamW(torch.optim.Optimizer):
         as an fp32 scalar (a state dict loaded from torch's non-fused AdamW keeps it on the CPU: pytorch#103256)."""
         master = self._master_mode(group, param)
         moment_dtype = torch.float32 if master else param.dtype
-        if not state:
+        if "step" not in state:  # a first step (the state may hold a master put there already)
             state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
             for key in ("exp_avg", "exp_avg_sq"):
                 state[key] = torch.zeros_like(param, dtype=moment_dtype, memory_format=torch.preserve_format)
@@ -174,18 +176,6 @@ class FusedAdamW(torch.optim.Optimizer):
         if master and MASTER_KEY not in state:
             state[MASTER_KEY] = param.detach().to(torch.float32, memory_format=torch.preserve_format, copy=True)
             self._master_marks[param] = (param.data_ptr(), param._version)
-
-    def start_master(self, param: torch.Tensor, master: torch.Tensor) -> None:
-        """Start master-weights `param`'s fp32 master copy from `master`, its value before it was rounded to the
-        parameter's dtype (else the first step starts the master from the rounded parameter)."""
-        group = next(g for g in self.param_groups if any(p is param for p in g["params"]))
-        if not self._master_mode(group, param) or master.shape != param.shape:
-            raise ValueError(f"start_master needs a {tuple(param.shape)} master for a low-precision parameter of a "
-                             "group with master_weights=True")
-        state = self.state[param]
-        self._conform_state(param, state, group)
-        state[MASTER_KEY] = master.detach().to(device=param.device, dtype=torch.float32, copy=True)
-        self._master_marks[param] = (param.data_ptr(), param._version)
 
     def _refresh_master(self, param: torch.Tensor, master: torch.Tensor) -> None:
         """Adopt changes made to a master-weights parameter since the optimizer last wrote it; elements where

@@ -214,7 +214,8 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
     processes = (f", {ddp.world_size} processes ({'FSDP2' if cfg.fsdp else 'DDP'}), global batch "
                  f"{cfg.batch_size * ddp.world_size}" if ddp.enabled else "")
     logger.write(f"fastcls: {data.describe(batches)}, {total_steps} steps, "
-                 f"{device} {precision}{' (bf16 weights, fp32 masters)' if bf16 else ''}{processes}, {'unpadded' if model.packed else 'padded'} batches"
+                 f"{device} {precision}{' (bf16 weights, fp32 masters)' if bf16 else ''}{processes}, "
+                 f"{'unpadded' if model.packed else 'padded'} batches"
                  f"{', CUDA graphs' if graphs else ''}{describe_lr_decay(groups, cfg.lr, cfg.layer_lr_decay)}, "
                  f"{train_set.num_truncated} rows truncated to --max-length "
                  f"{cfg.max_length}")

@@ -165,3 +165,16 @@ def test_reference_mask_is_keep_mask_over_the_canonical_index():
     out = varlen_attention_reference(q, q, v, cu, cu, 0.5, seed=11)
     keep = keep_mask((9 + 16,), 0.5, 11)
     assert torch.equal(out[3:, 0, :4] != 0, keep[9:].view(4, 4))
+
+
+@pytest.mark.skipif(dispatch.cpp_ext is None, reason="no C++ kernels")
+def test_bf16_rows_of_one_length_keep_the_padded_path():
+    """The kernel runs fp32 always and bf16 where padding would waste work; bf16 rows of nearly one length keep the
+    padded path's bf16 products."""
+    uneven = collate(encoded_rows([5, 17, 40, 9]), [0, 1, 2, 3], packed=True)
+    even = collate(encoded_rows([40, 39, 40, 38]), [0, 1, 2, 3], packed=True)
+    for batch, dtype, expected in ((uneven, torch.bfloat16, True), (even, torch.bfloat16, False),
+                                   (even, torch.float32, True), (uneven, torch.float64, False)):
+        query = torch.zeros(batch.num_tokens, 2, 16, dtype=dtype)
+        assert attn.packed_kernel_applies(query, True, batch) == expected, (batch.max_len, dtype)
+        assert not attn.packed_kernel_applies(query, False, batch)

@@ -78,8 +78,9 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 class AddressTable:
     """A bucket's address table on its device (plus, for Triton, the program-to-chunk map, step tickets and a
-    slot per program for the gradient norm's partial sums), kept while the rows stay the same. Gradients reallocated elsewhere change only the addresses: the chunk map
-    and tickets of the previous table are kept when the element counts are the same."""
+    slot per program for the gradient norm's partial sums), kept while the rows stay the same. Gradients
+    reallocated elsewhere change only the addresses: the chunk map, tickets and slots of the previous table are
+    kept when the element counts are the same."""
 
     def __init__(self, rows: list[list[int]], device: torch.device, block: int | None,
                  previous: "AddressTable | None"):

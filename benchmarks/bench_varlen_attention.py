@@ -100,7 +100,7 @@ def model_step(batch, reps):
     kernel_applies = attn.packed_kernel_applies
 
     def step(use_kernel):  # either path forced, whatever the encoder's own choice would be
-        attn.packed_kernel_applies = lambda query, kernels, batch: use_kernel
+        attn.packed_kernel_applies = lambda query, kernels: use_kernel
         try:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss, _ = model(batch)

@@ -167,14 +167,20 @@ def test_reference_mask_is_keep_mask_over_the_canonical_index():
     assert torch.equal(out[3:, 0, :4] != 0, keep[9:].view(4, 4))
 
 
-@pytest.mark.skipif(dispatch.cpp_ext is None, reason="no C++ kernels")
-def test_bf16_rows_of_one_length_keep_the_padded_path():
-    """The kernel runs fp32 always and bf16 where padding would waste work; bf16 rows of nearly one length keep the
-    padded path's bf16 products."""
-    uneven = collate(encoded_rows([5, 17, 40, 9]), [0, 1, 2, 3], packed=True)
-    even = collate(encoded_rows([40, 39, 40, 38]), [0, 1, 2, 3], packed=True)
-    for batch, dtype, expected in ((uneven, torch.bfloat16, True), (even, torch.bfloat16, False),
-                                   (even, torch.float32, True), (uneven, torch.float64, False)):
-        query = torch.zeros(batch.num_tokens, 2, 16, dtype=dtype)
-        assert attn.packed_kernel_applies(query, True, batch) == expected, (batch.max_len, dtype)
-        assert not attn.packed_kernel_applies(query, False, batch)
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_rows_attention_does_not_depend_on_the_rows_beside_it(dtype):
+    """Bit for bit, whatever batch a row comes in: the frozen-prefix cache and exact resume rely on it."""
+    heads, head_dim = 3, 32
+
+    def attend(rows):
+        lengths = [row.shape[0] for row in rows]
+        cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+        q, k, v = (t.unflatten(-1, (heads, head_dim)) for t in torch.cat(rows).chunk(3, -1))
+        return varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max(lengths), 0.0)
+
+    torch.manual_seed(3)
+    row, long_row, short_row = (torch.randn(n, 3 * heads * head_dim).to(dtype) for n in (7, 50, 2))
+    alone = attend([row])
+    assert torch.equal(attend([long_row, row])[50:], alone)
+    assert torch.equal(attend([short_row, long_row, row, short_row])[52:59], alone)

@@ -64,16 +64,9 @@ def varlen_attention(query, key, value, cu_seqlens, max_len: int):
     return varlen_attn(query, key, value, cu_seqlens, cu_seqlens, max_len, max_len)
 
 
-# The kernel computes in fp32 FMA loops and wins by skipping the padding; in bf16 the padded path's products use
-# the CPU's bf16 dot products, so on rows of nearly one length (measured: a block 100% real tokens, kernel 0.90x;
-# 57% real, 2.1x; RESULTS.md) the padded path stays
-BF16_KERNEL_MAX_FILL = 0.9
-
-
-def packed_kernel_applies(query: torch.Tensor, kernels: bool, batch) -> bool:
-    """Whether fastcls's packed-sequence CPU kernel runs this attention over the PackedBatch `batch` (else the
-    padded path)."""
-    if not kernels or query.device.type != "cpu" or dispatch.backend_for(
-            "varlen_attention", query.device, query.dtype) != "cpp":
-        return False
-    return query.dtype != torch.bfloat16 or batch.num_tokens < BF16_KERNEL_MAX_FILL * batch.num_rows * batch.max_len
+def packed_kernel_applies(query: torch.Tensor, kernels: bool) -> bool:
+    """Whether fastcls's packed-sequence CPU kernel runs this attention (else the padded path). Never a choice per
+    batch: a row's attention must not depend on the rows beside it (the frozen-prefix cache and exact resume rely
+    on it), and the two paths round differently."""
+    return kernels and query.device.type == "cpu" and dispatch.backend_for(
+        "varlen_attention", query.device, query.dtype) == "cpp"

@@ -107,7 +107,7 @@ def run_layer(part: _Layer, h: torch.Tensor, batch: Batch, cls_only: bool, kerne
         # the stacked product's q, k and v are strided views of its output
         context = attn.varlen_attention(q.contiguous(), k.contiguous(), v.contiguous(), batch.cu_seqlens,
                                         batch.max_len).flatten(-2)
-    elif isinstance(batch, PackedBatch) and attn.packed_kernel_applies(q, kernels, batch):
+    elif isinstance(batch, PackedBatch) and attn.packed_kernel_applies(q, kernels):
         # reads the strided views in place; with cls_only each row has one query, its [CLS] token
         cu_seqlens_q = torch.arange(batch.num_rows + 1) if cls_only else batch.cu_seqlens
         context = varlen_attention(q, k, v, cu_seqlens_q, batch.cu_seqlens, batch.max_len, p).flatten(-2)

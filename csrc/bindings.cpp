@@ -8,6 +8,7 @@
 #include <string>
 
 #include "adamw.h"
+#include "bias_gelu.h"
 #include "cross_entropy.h"
 #include "dropout.h"
 #include "layer_norm.h"
@@ -154,6 +155,39 @@ void def_layer_norm(py::module_& m) {
       "(layer_norm.h).");
 }
 
+template <typename Element>
+using BiasGeluForwardKernel = void (*)(const Element*, const float*, Element*, int64_t, int64_t, int);
+template <typename Element>
+using BiasGeluBackwardKernel = void (*)(const Element*, const Element*, const float*, Element*, float*, int64_t,
+                                        int64_t, int);
+
+// GELU(x + bias) over contiguous rows and its gradients; bias and grad_bias may be 0 (see bias_gelu.h).
+template <typename Element>
+void def_bias_gelu(py::module_& m, const char* suffix, BiasGeluForwardKernel<Element> forward,
+                   BiasGeluBackwardKernel<Element> backward) {
+  m.def(
+      (std::string("bias_gelu_forward_") + suffix).c_str(),
+      [forward](std::uintptr_t x, std::uintptr_t bias, std::uintptr_t out, int64_t n_rows, int64_t n_cols,
+                int num_threads) {
+        py::gil_scoped_release release;
+        forward(as_ptr<const Element>(x), as_ptr<const float>(bias), as_ptr<Element>(out), n_rows, n_cols,
+                num_threads);
+      },
+      py::arg("x"), py::arg("bias"), py::arg("out"), py::arg("n_rows"), py::arg("n_cols"), py::arg("num_threads"),
+      "out = gelu(x + bias), erf form, fp32 arithmetic (see bias_gelu.h).");
+  m.def(
+      (std::string("bias_gelu_backward_") + suffix).c_str(),
+      [backward](std::uintptr_t grad_out, std::uintptr_t x, std::uintptr_t bias, std::uintptr_t grad_x,
+                 std::uintptr_t grad_bias, int64_t n_rows, int64_t n_cols, int num_threads) {
+        py::gil_scoped_release release;
+        backward(as_ptr<const Element>(grad_out), as_ptr<const Element>(x), as_ptr<const float>(bias),
+                 as_ptr<Element>(grad_x), as_ptr<float>(grad_bias), n_rows, n_cols, num_threads);
+      },
+      py::arg("grad_out"), py::arg("x"), py::arg("bias"), py::arg("grad_x"), py::arg("grad_bias"), py::arg("n_rows"),
+      py::arg("n_cols"), py::arg("num_threads"),
+      "grad_x = grad_out * gelu'(x + bias) and grad_bias (fp32) = its column sums (see bias_gelu.h).");
+}
+
 using AdamWKernel = void (*)(const int64_t*, int64_t, const fastcls::AdamWOptions&, const float*, const float*,
                              const float*, const float*, int);
 
@@ -285,4 +319,6 @@ PYBIND11_MODULE(FASTCLS_MODULE, m) {
   def_dropout<uint16_t>(m, "bf16", fastcls::dropout_bf16);
   def_layer_norm(m);
   def_varlen_attention(m);
+  def_bias_gelu<float>(m, "f32", fastcls::bias_gelu_forward_f32, fastcls::bias_gelu_backward_f32);
+  def_bias_gelu<uint16_t>(m, "bf16", fastcls::bias_gelu_forward_bf16, fastcls::bias_gelu_backward_bf16);
 }

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers.activations import GELUActivation
 
 from fastcls.components.prefix_cache import PrefixCache
 from fastcls.data import Batch, PackedBatch
@@ -36,6 +37,7 @@ from fastcls.ops.dropout_add_layer_norm import (
     layer_norm_dropout,
 )
 from fastcls.ops.dropout import recomputed_alike
+from fastcls.ops.bias_gelu import bias_gelu, bias_gelu_applies
 from fastcls.ops.embedding import row_accumulated_embedding
 from fastcls.ops.varlen_attention import varlen_attention
 
@@ -64,6 +66,9 @@ class _Layer:
             self.attn_out_dropout = _p(attention.output.dropout)
             self.ffn_in, self.act = layer.intermediate.dense, layer.intermediate.intermediate_act_fn
             self.ffn_out, self.out_norm, self.out_dropout = layer.output.dense, layer.output.LayerNorm, _p(layer.output.dropout)
+        # GELU's erf form (BERT's "gelu"): the kernels take the first feed-forward product's bias and activation
+        self.exact_gelu = type(self.ffn_in) is nn.Linear and (
+            isinstance(self.act, GELUActivation) or (isinstance(self.act, nn.GELU) and self.act.approximate == "none"))
         projections = (self.query, self.key, self.value)
         # modules of another class (an adapter's, a quantised one) run their own forward
         self.stackable = (all(type(m) is nn.Linear for m in projections)
@@ -118,7 +123,18 @@ def run_layer(part: _Layer, h: torch.Tensor, batch: Batch, cls_only: bool, kerne
         out = out.transpose(1, 2).flatten(-2)  # [rows, L, H * D]
         context = out[:, 0] if cls_only else batch.from_heads(out)
     h = _add_norm(part.attn_norm, part.attn_out(context), query_input, part.attn_out_dropout, training, kernels)
-    return _add_norm(part.out_norm, part.ffn_out(part.act(part.ffn_in(h))), h, part.out_dropout, training, kernels)
+    return _add_norm(part.out_norm, part.ffn_out(_activated_ffn_in(part, h, kernels)), h, part.out_dropout, training,
+                     kernels)
+
+
+def _activated_ffn_in(part: _Layer, h: torch.Tensor, kernels: bool) -> torch.Tensor:
+    """act(ffn_in(h)). With the kernels, GELU's erf form adds the product's bias in its own pass and computes the
+    bias gradient in its backward's (fastcls.ops.bias_gelu): no bias copy, no separate gelu, gelu_backward or sum."""
+    if kernels and part.exact_gelu and bias_gelu_applies(h):
+        x, bias = F.linear(h, part.ffn_in.weight), part.ffn_in.bias
+        # the bias rounded to the product's dtype, as autocast's linear takes it (bf16 weights train alike)
+        return bias_gelu(x, None if bias is None else bias.to(x.dtype))
+    return part.act(part.ffn_in(h))
 
 
 class LayerwiseEncoder:

@@ -1,6 +1,7 @@
 """Kernel-backed ops, each with a PyTorch reference; each op module registers its kernels with `dispatch`, which
 picks the backend per call (`op_backends` reports the choice per op and device)."""
 from fastcls.ops import dispatch
+from fastcls.ops.bias_gelu import bias_gelu, bias_gelu_reference
 from fastcls.ops.classification_head import classification_head
 from fastcls.ops.cross_entropy import cross_entropy, cross_entropy_reference
 from fastcls.ops.dispatch import op_backends
@@ -23,7 +24,7 @@ from fastcls.ops.multi_task_head import multi_task_head
 from fastcls.ops.varlen_attention import varlen_attention, varlen_attention_reference
 
 __all__ = [
-    "Dropout", "classification_head", "cross_entropy", "cross_entropy_reference", "dispatch", "dropout",
+    "Dropout", "bias_gelu", "bias_gelu_reference", "classification_head", "cross_entropy", "cross_entropy_reference", "dispatch", "dropout",
     "dropout_add_layer_norm", "dropout_add_layer_norm_reference", "dropout_reference", "layer_norm_dropout",
     "layer_norm_dropout_reference", "linear_cross_entropy", "linear_cross_entropy_reference",
     "multi_task_cross_entropy", "multi_task_cross_entropy_reference", "multi_task_head", "op_backends",

@@ -14,6 +14,7 @@ from fastcls.ops import dispatch
 _SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 CROSS_ENTROPY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DROPOUT_DTYPES = (torch.float32, torch.bfloat16)
+BIAS_GELU_DTYPES = (torch.float32, torch.bfloat16)
 # the layer_norm kernels' dtype codes: the index in this tuple
 LAYER_NORM_DTYPES = (torch.float32, torch.bfloat16)
 # AdamW's entry points by dtype key: the parameter dtype, paired with "master" where fp32 master weights and
@@ -119,6 +120,32 @@ def dropout(x: torch.Tensor, seed: int, counter_offset: int, threshold: int, sca
     kernel = getattr(dispatch.cpp_ext, f"dropout_{_SUFFIXES[x.dtype]}")
     kernel(x.data_ptr(), out.data_ptr(), x.numel(), seed, counter_offset, threshold, scale, torch.get_num_threads())
     return out
+
+
+def bias_gelu_forward(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A new tensor gelu(x + bias) from contiguous x [N, H] and bias [H] (any float dtype) or None."""
+    n_rows, n_cols = x.shape
+    _check(x, "x", BIAS_GELU_DTYPES, (n_rows, n_cols))
+    bias32 = None if bias is None else _fp32_vector(bias, "bias", n_cols)
+    out = torch.empty_like(x)
+    kernel = getattr(dispatch.cpp_ext, f"bias_gelu_forward_{_SUFFIXES[x.dtype]}")
+    kernel(x.data_ptr(), _address(bias32), out.data_ptr(), n_rows, n_cols, torch.get_num_threads())
+    return out
+
+
+def bias_gelu_backward(grad_out: torch.Tensor, x: torch.Tensor,
+                       bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x [N, H] in x's dtype, the fp32 column sums of grad_x [H]) of bias_gelu_forward; contiguous tensors."""
+    n_rows, n_cols = x.shape
+    _check(x, "x", BIAS_GELU_DTYPES, (n_rows, n_cols))
+    _check(grad_out, "grad_out", (x.dtype,), (n_rows, n_cols))
+    bias32 = None if bias is None else _fp32_vector(bias, "bias", n_cols)
+    grad_x = torch.empty_like(x)
+    grad_bias = torch.empty(n_cols, dtype=torch.float32)
+    kernel = getattr(dispatch.cpp_ext, f"bias_gelu_backward_{_SUFFIXES[x.dtype]}")
+    kernel(grad_out.data_ptr(), x.data_ptr(), _address(bias32), grad_x.data_ptr(), grad_bias.data_ptr(), n_rows,
+           n_cols, torch.get_num_threads())
+    return grad_x, grad_bias
 
 
 def layer_norm_forward(x, residual, weight, bias, out, summed, mean, rstd, eps, seed, counter_offset, threshold,

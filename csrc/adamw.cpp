@@ -251,17 +251,23 @@ int64_t task_count(const std::vector<int64_t>& first, int num_threads) {
   return std::max<int64_t>(1, std::min<int64_t>(num_threads, first.back() / kMinElementsPerThread));
 }
 
+// n_tasks equal shares of all elements: task k's is [cuts[k], cuts[k + 1]), cut on multiples of 16 so that whole
+// vectors stay within one thread.
+std::vector<int64_t> even_cuts(int64_t total, int64_t n_tasks) {
+  std::vector<int64_t> cuts(n_tasks + 1, total);
+  for (int64_t task = 0; task < n_tasks; ++task) cuts[task] = std::min(total, task * (total / 16) / n_tasks * 16);
+  return cuts;
+}
+
 // Calls visit(task, tensor, lo, hi) for each piece [lo, hi) of a tensor that falls in a task's share of all
 // elements (first[t]: the element where tensor t begins in the whole range), the tasks run in parallel.
 template <typename Visit>
-void for_each_piece(const std::vector<int64_t>& first, int64_t n_tasks, const Visit& visit) {
-  const int64_t total = first.back();
+void for_each_piece(const std::vector<int64_t>& first, const std::vector<int64_t>& cuts, const Visit& visit) {
+  const int64_t n_tasks = int64_t(cuts.size()) - 1;
   const int64_t n_tensors = int64_t(first.size()) - 1;
 #pragma omp parallel for num_threads(int(n_tasks)) schedule(static) if (n_tasks > 1)
   for (int64_t task = 0; task < n_tasks; ++task) {
-    // cut on multiples of 16 so that whole vectors stay within one thread
-    const int64_t begin = std::min(total, task * (total / 16) / n_tasks * 16);
-    const int64_t end = task + 1 == n_tasks ? total : std::min(total, (task + 1) * (total / 16) / n_tasks * 16);
+    const int64_t begin = cuts[task], end = cuts[task + 1];
     auto t = int64_t(std::upper_bound(first.begin(), first.end(), begin) - first.begin()) - 1;
     for (; t < n_tensors && first[t] < end; ++t) {
       const int64_t lo = std::max(begin, first[t]) - first[t];
@@ -271,14 +277,58 @@ void for_each_piece(const std::vector<int64_t>& first, int64_t n_tasks, const Vi
   }
 }
 
+// Shares of about equal memory traffic, cut on row boundaries inside masked tensors: an element of a full update
+// moves 28 bytes (7 units of 4), one of a dead row 8 (the decay's read and write) or nothing. Even shares of the
+// elements would leave one thread the table's few live rows and the other all of the layers.
+std::vector<int64_t> work_cuts(const std::vector<int64_t>& first, const std::vector<LiveRows>& masks, bool decays,
+                               int64_t n_tasks) {
+  const int64_t n_tensors = int64_t(first.size()) - 1;
+  const auto row_work = [&](const LiveRows& m, int64_t row) { return m.live[row] ? 7 : decays ? 2 : 0; };
+  std::vector<int64_t> work(n_tensors + 1, 0);  // work[t]: the units before tensor t
+  for (int64_t t = 0; t < n_tensors; ++t) {
+    const int64_t numel = first[t + 1] - first[t];
+    int64_t units = 7 * numel;
+    if (masks[t].live != nullptr) {
+      units = 0;
+      for (int64_t row = 0; row * masks[t].width < numel; ++row) units += row_work(masks[t], row) * masks[t].width;
+    }
+    work[t + 1] = work[t] + units;
+  }
+  std::vector<int64_t> cuts(n_tasks + 1, first.back());
+  cuts[0] = 0;
+  for (int64_t task = 1; task < n_tasks; ++task) {
+    const int64_t target = work.back() / n_tasks * task;
+    const int64_t t = int64_t(std::upper_bound(work.begin(), work.end(), target) - work.begin()) - 1;
+    int64_t cut = first.back();
+    if (t < n_tensors && masks[t].live == nullptr) {
+      cut = first[t] + (target - work[t]) / 7 / 16 * 16;
+    } else if (t < n_tensors) {
+      const LiveRows m = masks[t];
+      int64_t row = 0;
+      for (int64_t units = work[t]; units < target && (row + 1) * m.width <= first[t + 1] - first[t]; ++row) {
+        units += row_work(m, row) * m.width;
+      }
+      cut = first[t] + row * m.width;
+    }
+    cuts[task] = std::max(cuts[task - 1], cut);
+  }
+  return cuts;
+}
+
 template <bool kScaled, bool kAmsgrad, typename Param>
 void update_all(const std::vector<Row<Param>>& rows, const std::vector<int64_t>& first, const Constants& c,
                 const std::vector<StepConstants>& s, const std::vector<LiveRows>& masks, int num_threads) {
-  for_each_piece(first, task_count(first, num_threads), [&](int64_t, int64_t t, int64_t lo, int64_t hi) {
+  const int64_t n_tasks = task_count(first, num_threads);
+  const bool masked = std::any_of(masks.begin(), masks.end(), [](const LiveRows& m) { return m.live != nullptr; });
+  const std::vector<int64_t> cuts =
+      masked ? work_cuts(first, masks, c.decay != 1.0f, n_tasks) : even_cuts(first.back(), n_tasks);
+  for_each_piece(first, cuts, [&](int64_t, int64_t t, int64_t lo, int64_t hi) {
     const LiveRows m = masks[t];
     if (m.live == nullptr) return update_range<kScaled, kAmsgrad>(rows[t], lo, hi, c, s[t]);
-    for (int64_t row = lo / m.width; row * m.width < hi; ++row) {
-      const int64_t begin = std::max(lo, row * m.width), end = std::min(hi, (row + 1) * m.width);
+    // each run of live rows, and of dead ones, in one streaming pass
+    for (int64_t row = lo / m.width, next = row; row * m.width < hi; row = next) {
+      while (next * m.width < hi && m.live[next] == m.live[row]) ++next;
+      const int64_t begin = std::max(lo, row * m.width), end = std::min(hi, next * m.width);
       if (m.live[row]) update_range<kScaled, kAmsgrad>(rows[t], begin, end, c, s[t]);
       else if (c.decay != 1.0f) decay_range(rows[t], begin, end, c.decay);
     }
@@ -305,7 +355,8 @@ void grad_sum_of_squares(const int64_t* table, const int64_t* live_table, int64_
   const std::vector<LiveRows> masks = read_live_table(live_table, n_tensors);
   const int64_t n_tasks = task_count(first, num_threads);
   std::vector<double> sums(n_tasks, 0.0);
-  for_each_piece(first, n_tasks, [&](int64_t task, int64_t t, int64_t lo, int64_t hi) {
+  // the dense sum's shares whatever the masks: each share's sum, and the order they are added in, stay the same
+  for_each_piece(first, even_cuts(first.back(), n_tasks), [&](int64_t task, int64_t t, int64_t lo, int64_t hi) {
     const LiveRows m = masks[t];
     sums[task] += m.live == nullptr ? sum_of_squares(rows[t].grad, lo, hi)
                                     : sum_of_squares_live(rows[t].grad, lo, hi, m.live, m.width);

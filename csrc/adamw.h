@@ -55,7 +55,9 @@ void adamw_grad_sum_of_squares_bf16(const int64_t* table, int64_t n_tensors, con
 // the weight times 1 - lr * weight_decay (a master's rounded into the parameter; nothing when that is 1), which
 // is all that is done to it, and the sum of squares reads only the vectors that hold part of a live row. Where a
 // zero gradient would not give exactly that (eps 0, a non-finite step size, grad_scale or clip_coef that turns a
-// zero into something else), every row takes the full update.
+// zero into something else), every row takes the full update. The update walks each run of live rows, and of dead
+// ones, as one stream, and the threads share it by bytes moved (a dead row's decay moves 8 per element, a full
+// update 28); the sum keeps the dense sum's shares, which its bits depend on.
 void adamw_live_rows_f32(const int64_t* table, const int64_t* live_table, int64_t n_tensors,
                          const AdamWOptions& options, const float* lr, const float* grad_scale,
                          const float* found_inf, const float* clip_coef, int num_threads);

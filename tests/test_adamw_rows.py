@@ -109,9 +109,8 @@ def test_row_sparse_steps_equal_dense_steps_bit_for_bit(two_threads, dtype, max_
         if not (scaled and step == 1):
             moved |= set(ids) - {PAD}
         assert sorted(ours._live_rows.mask(table).nonzero().flatten().tolist()) == sorted(live)
-        state = ours.state[table]
-        assert sorted((nonzero_rows(state["exp_avg"]) | nonzero_rows(state["exp_avg_sq"])).nonzero().flatten().tolist()) \
-            == sorted(moved)
+        moments = nonzero_rows(ours.state[table]["exp_avg"]) | nonzero_rows(ours.state[table]["exp_avg_sq"])
+        assert sorted(moments.nonzero().flatten().tolist()) == sorted(moved)
     assert ONCE in moved and ours.state_dict()["state"][1].keys() == dense.state_dict()["state"][1].keys()
 
 

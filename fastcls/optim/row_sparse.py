@@ -12,18 +12,23 @@ gradient-norm pass for clipping reads the live rows only (csrc/adamw.h says why 
 The mask is derived from the state when first needed and again whenever exp_avg or exp_avg_sq was replaced or
 written by torch since (a loaded state dict, the reference backend, a user's edit; the kernels' own writes move no
 version counter): a state saved by the dense step or by torch.optim.AdamW resumes here, and back, with no extra
-field. A step that cannot use it (the touched rows unknown, amsgrad, a non-contiguous layout, the switch off) drops
-it. A table with more than DENSE_FRACTION of its rows live takes the dense kernel, which is then as fast
-(benchmarks/bench_adamw_rows.py).
+field. A step that cannot use it (the touched rows unknown, amsgrad, a non-contiguous layout, the switch
+`FusedAdamW.row_sparse` off) drops it.
+
+Speed (benchmarks/bench_adamw_rows.py, RESULTS.md): the kernel walks the table's runs of live and of dead rows,
+each run one streaming pass, and the threads share the work by bytes moved, not by elements. Scattered live rows
+cut the streams short: with more than DENSE_FRACTION of the rows live (scattered at random) the row-sparse step
+measured no faster than the dense one, which such a table then takes (its mask kept up to date all the same). A
+second pass over live rows after a decay pass over the whole table measured slower than the one pass.
 """
 import weakref
 
 import torch
 
-from fastcls.optim.adamw_table import Entry
 from fastcls.ops.embedding import touched_rows
+from fastcls.optim.adamw_table import Entry
 
-DENSE_FRACTION = 0.75
+DENSE_FRACTION = 0.4
 _DENSE_ROW = (0, 1)  # a live_table row that leaves its tensor to the dense update
 
 

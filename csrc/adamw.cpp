@@ -38,6 +38,21 @@ Row<Param> read_row(const int64_t* row) {
           reinterpret_cast<float*>(row[6]), row[7]};
 }
 
+// A tensor's row mask (live_table's row: the mask's address, 0 for a dense tensor, and the row width).
+struct LiveRows {
+  const bool* live;
+  int64_t width;
+};
+
+std::vector<LiveRows> read_live_table(const int64_t* live_table, int64_t n_tensors) {
+  std::vector<LiveRows> masks(n_tensors, LiveRows{nullptr, 1});
+  for (int64_t t = 0; live_table != nullptr && t < n_tensors; ++t) {
+    masks[t] = {reinterpret_cast<const bool*>(live_table[t * kAdamWLiveTableWidth]),
+                live_table[t * kAdamWLiveTableWidth + 1]};
+  }
+  return masks;
+}
+
 // What every element of the call shares, in fp32.
 struct Constants {
   float decay;  // 1 - lr * weight_decay
@@ -131,6 +146,15 @@ inline void update16(const Row<Param>& r, int64_t i, __mmask16 mask, const Const
   store16(r.param + i, weight, mask);
 }
 
+// A dead row's whole update (see adamw.h): the weight times decay, rounded into a bf16 parameter from its master.
+template <typename Param>
+inline void decay16(const Row<Param>& r, int64_t i, __mmask16 mask, float decay) {
+  __m512 weight = r.master != nullptr ? load16(r.master + i, mask) : load16(r.param + i, mask);
+  weight = _mm512_mul_ps(weight, _mm512_set1_ps(decay));
+  if (r.master != nullptr) store16(r.master + i, weight, mask);
+  store16(r.param + i, weight, mask);
+}
+
 // Adds the squares of 16 gradient elements, widened to fp64 where they are exact, to two 8-lane sums.
 template <typename Param>
 inline void add_squares16(const Param* grad, __mmask16 mask, __m512d& low, __m512d& high) {
@@ -160,6 +184,53 @@ double sum_of_squares(const Param* grad, int64_t begin, int64_t end) {
 #endif
 }
 
+template <typename Param>
+void decay_range(const Row<Param>& row, int64_t begin, int64_t end, float decay) {
+  const Row<Param> r = row;
+  int64_t i = begin;
+#if defined(FASTCLS_ADAMW_AVX512)
+  for (; i + 16 <= end; i += 16) decay16(r, i, __mmask16(0xFFFF), decay);
+  if (i < end) decay16(r, i, __mmask16((1u << (end - i)) - 1), decay);
+#else
+  for (; i < end; ++i) {
+    const float weight = (r.master != nullptr ? r.master[i] : to_f32(r.param[i])) * decay;
+    if (r.master != nullptr) r.master[i] = weight;
+    r.param[i] = from_f32<Param>(weight);
+  }
+#endif
+}
+
+// The sum of squares of [begin, end) as sum_of_squares computes it, reading only the 16-element vectors (counted
+// from begin) that hold part of a live row: the others hold zeros, whose squares leave every partial sum as it was.
+template <typename Param>
+double sum_of_squares_live(const Param* grad, int64_t begin, int64_t end, const bool* live, int64_t width) {
+#if defined(FASTCLS_ADAMW_AVX512)
+  __m512d low = _mm512_setzero_pd(), high = _mm512_setzero_pd();
+  int64_t next = begin;  // the first vector not summed yet
+  for (int64_t row = begin / width; row * width < end; ++row) {
+    if (!live[row]) continue;
+    const int64_t row_end = std::min(end, (row + 1) * width);
+    int64_t i = std::max(next, begin + (std::max(begin, row * width) - begin) / 16 * 16);
+    for (; i < row_end; i += 16) {
+      const int64_t n = std::min<int64_t>(16, end - i);
+      add_squares16(grad + i, __mmask16((1u << n) - 1), low, high);
+    }
+    next = i;
+  }
+  return _mm512_reduce_add_pd(_mm512_add_pd(low, high));
+#else
+  double sum = 0.0;
+  for (int64_t row = begin / width; row * width < end; ++row) {
+    if (!live[row]) continue;
+    for (int64_t i = std::max(begin, row * width); i < std::min(end, (row + 1) * width); ++i) {
+      const double g = to_f32(grad[i]);
+      sum += g * g;
+    }
+  }
+  return sum;
+#endif
+}
+
 template <bool kScaled, bool kAmsgrad, typename Param>
 void update_range(const Row<Param>& row, int64_t begin, int64_t end, const Constants& constants,
                   const StepConstants& step_constants) {
@@ -180,17 +251,23 @@ int64_t task_count(const std::vector<int64_t>& first, int num_threads) {
   return std::max<int64_t>(1, std::min<int64_t>(num_threads, first.back() / kMinElementsPerThread));
 }
 
+// n_tasks equal shares of all elements: task k's is [cuts[k], cuts[k + 1]), cut on multiples of 16 so that whole
+// vectors stay within one thread.
+std::vector<int64_t> even_cuts(int64_t total, int64_t n_tasks) {
+  std::vector<int64_t> cuts(n_tasks + 1, total);
+  for (int64_t task = 0; task < n_tasks; ++task) cuts[task] = std::min(total, task * (total / 16) / n_tasks * 16);
+  return cuts;
+}
+
 // Calls visit(task, tensor, lo, hi) for each piece [lo, hi) of a tensor that falls in a task's share of all
 // elements (first[t]: the element where tensor t begins in the whole range), the tasks run in parallel.
 template <typename Visit>
-void for_each_piece(const std::vector<int64_t>& first, int64_t n_tasks, const Visit& visit) {
-  const int64_t total = first.back();
+void for_each_piece(const std::vector<int64_t>& first, const std::vector<int64_t>& cuts, const Visit& visit) {
+  const int64_t n_tasks = int64_t(cuts.size()) - 1;
   const int64_t n_tensors = int64_t(first.size()) - 1;
 #pragma omp parallel for num_threads(int(n_tasks)) schedule(static) if (n_tasks > 1)
   for (int64_t task = 0; task < n_tasks; ++task) {
-    // cut on multiples of 16 so that whole vectors stay within one thread
-    const int64_t begin = std::min(total, task * (total / 16) / n_tasks * 16);
-    const int64_t end = task + 1 == n_tasks ? total : std::min(total, (task + 1) * (total / 16) / n_tasks * 16);
+    const int64_t begin = cuts[task], end = cuts[task + 1];
     auto t = int64_t(std::upper_bound(first.begin(), first.end(), begin) - first.begin()) - 1;
     for (; t < n_tensors && first[t] < end; ++t) {
       const int64_t lo = std::max(begin, first[t]) - first[t];
@@ -200,11 +277,61 @@ void for_each_piece(const std::vector<int64_t>& first, int64_t n_tasks, const Vi
   }
 }
 
+// Shares of about equal memory traffic, cut on row boundaries inside masked tensors: an element of a full update
+// moves 28 bytes (7 units of 4), one of a dead row 8 (the decay's read and write) or nothing. Even shares of the
+// elements would leave one thread the table's few live rows and the other all of the layers.
+std::vector<int64_t> work_cuts(const std::vector<int64_t>& first, const std::vector<LiveRows>& masks, bool decays,
+                               int64_t n_tasks) {
+  const int64_t n_tensors = int64_t(first.size()) - 1;
+  const auto row_work = [&](const LiveRows& m, int64_t row) { return m.live[row] ? 7 : decays ? 2 : 0; };
+  std::vector<int64_t> work(n_tensors + 1, 0);  // work[t]: the units before tensor t
+  for (int64_t t = 0; t < n_tensors; ++t) {
+    const int64_t numel = first[t + 1] - first[t];
+    int64_t units = 7 * numel;
+    if (masks[t].live != nullptr) {
+      units = 0;
+      for (int64_t row = 0; row * masks[t].width < numel; ++row) units += row_work(masks[t], row) * masks[t].width;
+    }
+    work[t + 1] = work[t] + units;
+  }
+  std::vector<int64_t> cuts(n_tasks + 1, first.back());
+  cuts[0] = 0;
+  for (int64_t task = 1; task < n_tasks; ++task) {
+    const int64_t target = work.back() / n_tasks * task;
+    const int64_t t = int64_t(std::upper_bound(work.begin(), work.end(), target) - work.begin()) - 1;
+    int64_t cut = first.back();
+    if (t < n_tensors && masks[t].live == nullptr) {
+      cut = first[t] + (target - work[t]) / 7 / 16 * 16;
+    } else if (t < n_tensors) {
+      const LiveRows m = masks[t];
+      int64_t row = 0;
+      for (int64_t units = work[t]; units < target && (row + 1) * m.width <= first[t + 1] - first[t]; ++row) {
+        units += row_work(m, row) * m.width;
+      }
+      cut = first[t] + row * m.width;
+    }
+    cuts[task] = std::max(cuts[task - 1], cut);
+  }
+  return cuts;
+}
+
 template <bool kScaled, bool kAmsgrad, typename Param>
 void update_all(const std::vector<Row<Param>>& rows, const std::vector<int64_t>& first, const Constants& c,
-                const std::vector<StepConstants>& s, int num_threads) {
-  for_each_piece(first, task_count(first, num_threads), [&](int64_t, int64_t t, int64_t lo, int64_t hi) {
-    update_range<kScaled, kAmsgrad>(rows[t], lo, hi, c, s[t]);
+                const std::vector<StepConstants>& s, const std::vector<LiveRows>& masks, int num_threads) {
+  const int64_t n_tasks = task_count(first, num_threads);
+  const bool masked = std::any_of(masks.begin(), masks.end(), [](const LiveRows& m) { return m.live != nullptr; });
+  const std::vector<int64_t> cuts =
+      masked ? work_cuts(first, masks, c.decay != 1.0f, n_tasks) : even_cuts(first.back(), n_tasks);
+  for_each_piece(first, cuts, [&](int64_t, int64_t t, int64_t lo, int64_t hi) {
+    const LiveRows m = masks[t];
+    if (m.live == nullptr) return update_range<kScaled, kAmsgrad>(rows[t], lo, hi, c, s[t]);
+    // each run of live rows, and of dead ones, in one streaming pass
+    for (int64_t row = lo / m.width, next = row; row * m.width < hi; row = next) {
+      while (next * m.width < hi && m.live[next] == m.live[row]) ++next;
+      const int64_t begin = std::max(lo, row * m.width), end = std::min(hi, next * m.width);
+      if (m.live[row]) update_range<kScaled, kAmsgrad>(rows[t], begin, end, c, s[t]);
+      else if (c.decay != 1.0f) decay_range(rows[t], begin, end, c.decay);
+    }
   });
 }
 
@@ -220,15 +347,19 @@ void read_table(const int64_t* table, int64_t n_tensors, std::vector<Row<Param>>
 }
 
 template <typename Param>
-void grad_sum_of_squares(const int64_t* table, int64_t n_tensors, const float* grad_scale, double* out,
-                         int num_threads) {
+void grad_sum_of_squares(const int64_t* table, const int64_t* live_table, int64_t n_tensors,
+                         const float* grad_scale, double* out, int num_threads) {
   std::vector<Row<Param>> rows;
   std::vector<int64_t> first;
   read_table(table, n_tensors, rows, first);
+  const std::vector<LiveRows> masks = read_live_table(live_table, n_tensors);
   const int64_t n_tasks = task_count(first, num_threads);
   std::vector<double> sums(n_tasks, 0.0);
-  for_each_piece(first, n_tasks, [&](int64_t task, int64_t t, int64_t lo, int64_t hi) {
-    sums[task] += sum_of_squares(rows[t].grad, lo, hi);
+  // the dense sum's shares whatever the masks: each share's sum, and the order they are added in, stay the same
+  for_each_piece(first, even_cuts(first.back(), n_tasks), [&](int64_t task, int64_t t, int64_t lo, int64_t hi) {
+    const LiveRows m = masks[t];
+    sums[task] += m.live == nullptr ? sum_of_squares(rows[t].grad, lo, hi)
+                                    : sum_of_squares_live(rows[t].grad, lo, hi, m.live, m.width);
   });
   double sum = 0.0;
   for (const double part : sums) sum += part;
@@ -237,8 +368,9 @@ void grad_sum_of_squares(const int64_t* table, int64_t n_tensors, const float* g
 }
 
 template <typename Param>
-void adamw(const int64_t* table, int64_t n_tensors, const AdamWOptions& o, const float* lr_tensor,
-           const float* grad_scale, const float* found_inf, const float* clip_coef, int num_threads) {
+void adamw(const int64_t* table, const int64_t* live_table, int64_t n_tensors, const AdamWOptions& o,
+           const float* lr_tensor, const float* grad_scale, const float* found_inf, const float* clip_coef,
+           int num_threads) {
   if (found_inf != nullptr && *found_inf != 0.0f) return;
   const double lr = lr_tensor != nullptr ? double(*lr_tensor) : o.lr;
   std::vector<Row<Param>> rows;
@@ -246,6 +378,10 @@ void adamw(const int64_t* table, int64_t n_tensors, const AdamWOptions& o, const
   read_table(table, n_tensors, rows, first);
   std::vector<StepConstants> step_constants(n_tensors);
   std::vector<float> steps(n_tensors);
+  // Whether a zero gradient on zero moments moves a weight by exactly nothing beyond the decay: the update is then
+  // step_size * (0 / (0 * k + eps)) and every gradient stays the zero it was; else every row takes the full update.
+  bool exact_dead_rows = float(o.eps) > 0.0f && (grad_scale == nullptr || *grad_scale > 0.0f) &&
+                         (clip_coef == nullptr || std::isfinite(*clip_coef));
   for (int64_t t = 0; t < n_tensors; ++t) {
     steps[t] = *rows[t].step + 1.0f;
     // in double, as torch's single-tensor AdamW computes them from a host step count
@@ -253,15 +389,18 @@ void adamw(const int64_t* table, int64_t n_tensors, const AdamWOptions& o, const
     const double bias_correction1 = o.bias_correction ? 1.0 - std::pow(o.beta1, t_step) : 1.0;
     const double bias_correction2 = o.bias_correction ? 1.0 - std::pow(o.beta2, t_step) : 1.0;
     step_constants[t] = {float(lr / bias_correction1), float(1.0 / std::sqrt(bias_correction2))};
+    exact_dead_rows = exact_dead_rows && std::isfinite(step_constants[t].step_size) &&
+                      std::isfinite(step_constants[t].inv_bias_correction2_sqrt);
   }
   const Constants c{float(1.0 - lr * o.weight_decay), float(1.0 - o.beta1), float(o.beta2), float(1.0 - o.beta2),
                     float(o.eps), grad_scale != nullptr ? *grad_scale : 1.0f,
                     clip_coef != nullptr ? *clip_coef : 1.0f, o.maximize};
   const bool scaled = grad_scale != nullptr;
-  if (scaled && o.amsgrad) update_all<true, true>(rows, first, c, step_constants, num_threads);
-  else if (scaled) update_all<true, false>(rows, first, c, step_constants, num_threads);
-  else if (o.amsgrad) update_all<false, true>(rows, first, c, step_constants, num_threads);
-  else update_all<false, false>(rows, first, c, step_constants, num_threads);
+  const std::vector<LiveRows> masks = read_live_table(exact_dead_rows ? live_table : nullptr, n_tensors);
+  if (scaled && o.amsgrad) update_all<true, true>(rows, first, c, step_constants, masks, num_threads);
+  else if (scaled) update_all<true, false>(rows, first, c, step_constants, masks, num_threads);
+  else if (o.amsgrad) update_all<false, true>(rows, first, c, step_constants, masks, num_threads);
+  else update_all<false, false>(rows, first, c, step_constants, masks, num_threads);
   for (int64_t t = 0; t < n_tensors; ++t) *rows[t].step = steps[t];
 }
 
@@ -269,23 +408,45 @@ void adamw(const int64_t* table, int64_t n_tensors, const AdamWOptions& o, const
 
 void adamw_f32(const int64_t* table, int64_t n_tensors, const AdamWOptions& options, const float* lr,
                const float* grad_scale, const float* found_inf, const float* clip_coef, int num_threads) {
-  adamw<float>(table, n_tensors, options, lr, grad_scale, found_inf, clip_coef, num_threads);
+  adamw<float>(table, nullptr, n_tensors, options, lr, grad_scale, found_inf, clip_coef, num_threads);
 }
 
 void adamw_bf16_master(const int64_t* table, int64_t n_tensors, const AdamWOptions& options, const float* lr,
                        const float* grad_scale, const float* found_inf, const float* clip_coef,
                        int num_threads) {
-  adamw<uint16_t>(table, n_tensors, options, lr, grad_scale, found_inf, clip_coef, num_threads);
+  adamw<uint16_t>(table, nullptr, n_tensors, options, lr, grad_scale, found_inf, clip_coef, num_threads);
+}
+
+void adamw_live_rows_f32(const int64_t* table, const int64_t* live_table, int64_t n_tensors,
+                         const AdamWOptions& options, const float* lr, const float* grad_scale,
+                         const float* found_inf, const float* clip_coef, int num_threads) {
+  adamw<float>(table, live_table, n_tensors, options, lr, grad_scale, found_inf, clip_coef, num_threads);
+}
+
+void adamw_live_rows_bf16_master(const int64_t* table, const int64_t* live_table, int64_t n_tensors,
+                                 const AdamWOptions& options, const float* lr, const float* grad_scale,
+                                 const float* found_inf, const float* clip_coef, int num_threads) {
+  adamw<uint16_t>(table, live_table, n_tensors, options, lr, grad_scale, found_inf, clip_coef, num_threads);
 }
 
 void adamw_grad_sum_of_squares_f32(const int64_t* table, int64_t n_tensors, const float* grad_scale, double* out,
                                    int num_threads) {
-  grad_sum_of_squares<float>(table, n_tensors, grad_scale, out, num_threads);
+  grad_sum_of_squares<float>(table, nullptr, n_tensors, grad_scale, out, num_threads);
 }
 
 void adamw_grad_sum_of_squares_bf16(const int64_t* table, int64_t n_tensors, const float* grad_scale,
                                     double* out, int num_threads) {
-  grad_sum_of_squares<uint16_t>(table, n_tensors, grad_scale, out, num_threads);
+  grad_sum_of_squares<uint16_t>(table, nullptr, n_tensors, grad_scale, out, num_threads);
+}
+
+void adamw_live_rows_grad_sum_of_squares_f32(const int64_t* table, const int64_t* live_table, int64_t n_tensors,
+                                             const float* grad_scale, double* out, int num_threads) {
+  grad_sum_of_squares<float>(table, live_table, n_tensors, grad_scale, out, num_threads);
+}
+
+void adamw_live_rows_grad_sum_of_squares_bf16(const int64_t* table, const int64_t* live_table, int64_t n_tensors,
+                                              const float* grad_scale, double* out, int num_threads) {
+  grad_sum_of_squares<uint16_t>(table, live_table, n_tensors, grad_scale, out, num_threads);
 }
 
 }  // namespace fastcls

@@ -16,6 +16,7 @@
 namespace fastcls {
 
 constexpr int kAdamWTableWidth = 8;
+constexpr int kAdamWLiveTableWidth = 2;
 
 struct AdamWOptions {
   double lr;
@@ -46,5 +47,26 @@ void adamw_grad_sum_of_squares_f32(const int64_t* table, int64_t n_tensors, cons
                                    int num_threads);
 void adamw_grad_sum_of_squares_bf16(const int64_t* table, int64_t n_tensors, const float* grad_scale,
                                     double* out, int num_threads);
+
+// The same steps and sums, bitwise, for tables whose 2-D tensors (an embedding table) are mostly rows that no
+// step has touched. Row t of `live_table` (int64, kAdamWLiveTableWidth columns) gives tensor t's row mask: the
+// address of one bool per row (0: a dense tensor, all rows live) and the row width in elements (the tensors of a
+// masked row are row-major). A row outside the mask must have a zero gradient and zero moments: its update is then
+// the weight times 1 - lr * weight_decay (a master's rounded into the parameter; nothing when that is 1), which
+// is all that is done to it, and the sum of squares reads only the vectors that hold part of a live row. Where a
+// zero gradient would not give exactly that (eps 0, a non-finite step size, grad_scale or clip_coef that turns a
+// zero into something else), every row takes the full update. The update walks each run of live rows, and of dead
+// ones, as one stream, and the threads share it by bytes moved (a dead row's decay moves 8 per element, a full
+// update 28); the sum keeps the dense sum's shares, which its bits depend on.
+void adamw_live_rows_f32(const int64_t* table, const int64_t* live_table, int64_t n_tensors,
+                         const AdamWOptions& options, const float* lr, const float* grad_scale,
+                         const float* found_inf, const float* clip_coef, int num_threads);
+void adamw_live_rows_bf16_master(const int64_t* table, const int64_t* live_table, int64_t n_tensors,
+                                 const AdamWOptions& options, const float* lr, const float* grad_scale,
+                                 const float* found_inf, const float* clip_coef, int num_threads);
+void adamw_live_rows_grad_sum_of_squares_f32(const int64_t* table, const int64_t* live_table, int64_t n_tensors,
+                                             const float* grad_scale, double* out, int num_threads);
+void adamw_live_rows_grad_sum_of_squares_bf16(const int64_t* table, const int64_t* live_table, int64_t n_tensors,
+                                              const float* grad_scale, double* out, int num_threads);
 
 }  // namespace fastcls

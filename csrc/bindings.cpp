@@ -225,6 +225,43 @@ void def_grad_sum_of_squares(py::module_& m, const char* name, GradSumOfSquaresK
       "at out (see adamw.h).");
 }
 
+using AdamWLiveRowsKernel = void (*)(const int64_t*, const int64_t*, int64_t, const fastcls::AdamWOptions&,
+                                     const float*, const float*, const float*, const float*, int);
+
+void def_adamw_live_rows(py::module_& m, const char* name, AdamWLiveRowsKernel kernel, const char* doc) {
+  m.def(
+      name,
+      [kernel](std::uintptr_t table, std::uintptr_t live_table, int64_t n_tensors, double lr, std::uintptr_t lr_tensor,
+               double beta1, double beta2, double eps, double weight_decay, bool amsgrad, bool maximize,
+               bool bias_correction, std::uintptr_t grad_scale, std::uintptr_t found_inf, std::uintptr_t clip_coef,
+               int num_threads) {
+        py::gil_scoped_release release;
+        const fastcls::AdamWOptions options{lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, bias_correction};
+        kernel(as_ptr<const int64_t>(table), as_ptr<const int64_t>(live_table), n_tensors, options,
+               as_ptr<const float>(lr_tensor), as_ptr<const float>(grad_scale), as_ptr<const float>(found_inf),
+               as_ptr<const float>(clip_coef), num_threads);
+      },
+      py::arg("table"), py::arg("live_table"), py::arg("n_tensors"), py::arg("lr"), py::arg("lr_tensor"),
+      py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("amsgrad"),
+      py::arg("maximize"), py::arg("bias_correction"), py::arg("grad_scale"), py::arg("found_inf"),
+      py::arg("clip_coef"), py::arg("num_threads"), doc);
+}
+
+using GradSumOfSquaresLiveRowsKernel = void (*)(const int64_t*, const int64_t*, int64_t, const float*, double*, int);
+
+void def_grad_sum_of_squares_live_rows(py::module_& m, const char* name, GradSumOfSquaresLiveRowsKernel kernel) {
+  m.def(
+      name,
+      [kernel](std::uintptr_t table, std::uintptr_t live_table, int64_t n_tensors, std::uintptr_t grad_scale,
+               std::uintptr_t out, int num_threads) {
+        py::gil_scoped_release release;
+        kernel(as_ptr<const int64_t>(table), as_ptr<const int64_t>(live_table), n_tensors,
+               as_ptr<const float>(grad_scale), as_ptr<double>(out), num_threads);
+      },
+      py::arg("table"), py::arg("live_table"), py::arg("n_tensors"), py::arg("grad_scale"), py::arg("out"),
+      py::arg("num_threads"), "adamw_grad_sum_of_squares reading only the live rows of masked tensors (adamw.h).");
+}
+
 // Whether the CPU, and the OS (which must save the wider registers), runs the instructions of a variant.
 // __builtin_cpu_supports asks both; GCC 12 names the x86-64 levels, older compilers get their features.
 bool cpu_supports(const std::string& variant) {
@@ -308,6 +345,14 @@ PYBIND11_MODULE(FASTCLS_MODULE, m) {
             "AdamW step over a table of bf16 params/grads with fp32 master weights and moments (see adamw.h).");
   def_grad_sum_of_squares(m, "adamw_grad_sum_of_squares_f32", fastcls::adamw_grad_sum_of_squares_f32);
   def_grad_sum_of_squares(m, "adamw_grad_sum_of_squares_bf16", fastcls::adamw_grad_sum_of_squares_bf16);
+  def_adamw_live_rows(m, "adamw_live_rows_f32", fastcls::adamw_live_rows_f32,
+                      "adamw_f32 updating only the live rows of masked tensors, the rest decayed (adamw.h).");
+  def_adamw_live_rows(m, "adamw_live_rows_bf16_master", fastcls::adamw_live_rows_bf16_master,
+                      "adamw_bf16_master updating only the live rows of masked tensors (adamw.h).");
+  def_grad_sum_of_squares_live_rows(m, "adamw_live_rows_grad_sum_of_squares_f32",
+                                    fastcls::adamw_live_rows_grad_sum_of_squares_f32);
+  def_grad_sum_of_squares_live_rows(m, "adamw_live_rows_grad_sum_of_squares_bf16",
+                                    fastcls::adamw_live_rows_grad_sum_of_squares_bf16);
   def_cross_entropy_target_summary(m);
   def_cross_entropy_rows<float>(m, "f32", fastcls::cross_entropy_rows_f32);
   def_cross_entropy_rows<uint16_t>(m, "bf16", fastcls::cross_entropy_rows_bf16);

@@ -23,7 +23,14 @@ ADAMW_KERNELS = {torch.float32: "adamw_f32", (torch.bfloat16, "master"): "adamw_
 # the gradient sum of squares over the same tables, by the same keys
 ADAMW_GRAD_SUM_OF_SQUARES_KERNELS = {torch.float32: "adamw_grad_sum_of_squares_f32",
                                      (torch.bfloat16, "master"): "adamw_grad_sum_of_squares_bf16"}
+# the same steps and sums for tables with row masks (csrc/adamw.h), by the same keys
+ADAMW_LIVE_ROWS_KERNELS = {torch.float32: "adamw_live_rows_f32",
+                           (torch.bfloat16, "master"): "adamw_live_rows_bf16_master"}
+ADAMW_LIVE_ROWS_GRAD_SUM_OF_SQUARES_KERNELS = {
+    torch.float32: "adamw_live_rows_grad_sum_of_squares_f32",
+    (torch.bfloat16, "master"): "adamw_live_rows_grad_sum_of_squares_bf16"}
 ADAMW_TABLE_WIDTH = 8  # kAdamWTableWidth in csrc/adamw.h
+ADAMW_LIVE_TABLE_WIDTH = 2  # kAdamWLiveTableWidth: a tensor's row mask address (0: dense) and row width
 
 
 def _check(tensor: torch.Tensor, name: str, dtypes, shape: tuple[int, ...] | None, *,
@@ -201,13 +208,16 @@ def _dtype_code(tensor: torch.Tensor | None) -> int:
 def adamw(table: torch.Tensor, dtype_key, *, lr: float | torch.Tensor, beta1: float, beta2: float, eps: float,
           weight_decay: float, amsgrad: bool, maximize: bool, bias_correction: bool,
           grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
-          clip_coef: torch.Tensor | None = None) -> None:
+          clip_coef: torch.Tensor | None = None, live_table: torch.Tensor | None = None) -> None:
     """One AdamW step over the tensors whose addresses `table` holds (int64, a row per tensor laid out as
     `fastcls.optim.adamw_table.TABLE_COLUMNS`), with the entry point of `dtype_key` (a key of ADAMW_KERNELS).
     lr: a float, or a one-element fp32/fp64 CPU tensor that the kernel reads itself (Python never reads it);
     grad_scale, found_inf and clip_coef (multiplies the unscaled gradients, which are not rewritten): None or
-    one-element fp32 CPU tensors."""
+    one-element fp32 CPU tensors. live_table (int64, ADAMW_LIVE_TABLE_WIDTH columns, a row per table row): the
+    row masks of tensors most of whose rows no step has touched (csrc/adamw.h; fastcls.optim.row_sparse)."""
     _check(table, "table", (torch.int64,), (table.shape[0], ADAMW_TABLE_WIDTH))
+    if live_table is not None:
+        _check(live_table, "live_table", (torch.int64,), (table.shape[0], ADAMW_LIVE_TABLE_WIDTH))
     _check_scalars(grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef)
     lr32 = None
     if isinstance(lr, torch.Tensor):
@@ -215,10 +225,13 @@ def adamw(table: torch.Tensor, dtype_key, *, lr: float | torch.Tensor, beta1: fl
         if lr.numel() != 1:
             raise ValueError(f"lr must have one element, got shape {tuple(lr.shape)}")
         lr32 = lr.detach().reshape(()).to(torch.float32)  # itself when already fp32
-    getattr(dispatch.cpp_ext, ADAMW_KERNELS[dtype_key])(
-        table.data_ptr(), table.shape[0], 0.0 if lr32 is not None else lr, _address(lr32), beta1, beta2, eps,
-        weight_decay, amsgrad, maximize, bias_correction, _address(grad_scale), _address(found_inf),
-        _address(clip_coef), torch.get_num_threads())
+    options = (0.0 if lr32 is not None else lr, _address(lr32), beta1, beta2, eps, weight_decay, amsgrad, maximize,
+               bias_correction, _address(grad_scale), _address(found_inf), _address(clip_coef), torch.get_num_threads())
+    if live_table is None:
+        getattr(dispatch.cpp_ext, ADAMW_KERNELS[dtype_key])(table.data_ptr(), table.shape[0], *options)
+    else:
+        getattr(dispatch.cpp_ext, ADAMW_LIVE_ROWS_KERNELS[dtype_key])(
+            table.data_ptr(), live_table.data_ptr(), table.shape[0], *options)
 
 
 def _check_scalars(**tensors: torch.Tensor | None) -> None:
@@ -229,14 +242,22 @@ def _check_scalars(**tensors: torch.Tensor | None) -> None:
                 raise ValueError(f"{name} must have one element, got shape {tuple(tensor.shape)}")
 
 
-def adamw_grad_sum_of_squares(table: torch.Tensor, dtype_key, grad_scale: torch.Tensor | None) -> torch.Tensor:
+def adamw_grad_sum_of_squares(table: torch.Tensor, dtype_key, grad_scale: torch.Tensor | None,
+                              live_table: torch.Tensor | None = None) -> torch.Tensor:
     """The sum of the squares of the gradients in `table` (laid out as for `adamw`), each divided by grad_scale
-    (None or a one-element fp32 CPU tensor) first, as a 0-dim fp64 CPU tensor (summed in fp64: adamw.h)."""
+    (None or a one-element fp32 CPU tensor) first, as a 0-dim fp64 CPU tensor (summed in fp64: adamw.h); with
+    `live_table` (as for `adamw`), read from the live rows of masked tensors only, to the same bits."""
     _check(table, "table", (torch.int64,), (table.shape[0], ADAMW_TABLE_WIDTH))
     _check_scalars(grad_scale=grad_scale)
     out = torch.empty((), dtype=torch.float64)
-    getattr(dispatch.cpp_ext, ADAMW_GRAD_SUM_OF_SQUARES_KERNELS[dtype_key])(
-        table.data_ptr(), table.shape[0], _address(grad_scale), out.data_ptr(), torch.get_num_threads())
+    if live_table is None:
+        getattr(dispatch.cpp_ext, ADAMW_GRAD_SUM_OF_SQUARES_KERNELS[dtype_key])(
+            table.data_ptr(), table.shape[0], _address(grad_scale), out.data_ptr(), torch.get_num_threads())
+    else:
+        _check(live_table, "live_table", (torch.int64,), (table.shape[0], ADAMW_LIVE_TABLE_WIDTH))
+        getattr(dispatch.cpp_ext, ADAMW_LIVE_ROWS_GRAD_SUM_OF_SQUARES_KERNELS[dtype_key])(
+            table.data_ptr(), live_table.data_ptr(), table.shape[0], _address(grad_scale), out.data_ptr(),
+            torch.get_num_threads())
     return out
 
 

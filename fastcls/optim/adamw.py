@@ -29,9 +29,9 @@ device that is updated in place, as `fastcls.components.lr_schedule.DeviceLRSche
 is copied to the device every step, which a capture cannot hold).
 
 Backends (registered below with `fastcls.ops.dispatch`, keyed by parameter dtype and master weights): triton
-for CUDA tensors (fp32, bf16 and fp16 parameters, with or without master weights); cpp for CPU tensors (fp32,
-and bf16 with master weights); the reference (PyTorch ops, the same math in fp32, sync-free) for everything else,
-and for gradients whose dtype is not the parameter's.
+for CUDA (fp32, bf16 and fp16 parameters, with or without master weights); cpp for the CPU (fp32, and bf16 with
+master weights; embedding tables row-sparse: fastcls.optim.row_sparse); the reference (PyTorch ops, the same
+math in fp32, sync-free) for everything else, and for gradients whose dtype is not the parameter's.
 
 Mixed precision: `_step_supports_amp_scaling` is set, so `torch.amp.GradScaler.step` hands the optimizer
 `grad_scale` (None once `scaler.unscale_` has run) and `found_inf` as attributes, the protocol of torch's fused
@@ -67,6 +67,7 @@ from fastcls.ops import cpp, dispatch
 from fastcls.optim.adamw_table import (
     AddressTable, Bucket, Entry, StagingBuffers, dense_strides, is_dense, to_device)
 from fastcls.optim.reference import adamw_reference, grad_sum_of_squares_reference
+from fastcls.optim.row_sparse import LiveRows
 
 MASTER_KEY = "master_param"
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -94,6 +95,7 @@ class FusedAdamW(torch.optim.Optimizer):
     differ per group; schedulers write `group["lr"]` as usual, and `DeviceLRSchedule` writes into a tensor lr on
     the device.
     """
+    row_sparse = True  # False: the dense step for embedding tables too (fastcls.optim.row_sparse)
 
     def __init__(
         self, params, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -132,6 +134,7 @@ class FusedAdamW(torch.optim.Optimizer):
         self._master_marks: dict[torch.Tensor, tuple[int, int]] = {}
         # param -> the (amsgrad, master, device) its state was last conformed to (see _conform_state)
         self._conformed: dict[torch.Tensor, tuple] = {}
+        self._live_rows = LiveRows()
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -146,7 +149,7 @@ class FusedAdamW(torch.optim.Optimizer):
         self.__dict__.setdefault("_staging", StagingBuffers())
         self.__dict__.setdefault("_tensor_floats", {})
         self.__dict__.setdefault("_master_marks", {})
-        self.__dict__["_conformed"] = {}
+        self.__dict__.update(_conformed={}, _live_rows=LiveRows())
 
     def _master_mode(self, group: dict, param: torch.Tensor) -> bool:
         return bool(group["master_weights"]) and param.dtype in _LOW_PRECISION
@@ -306,14 +309,16 @@ class FusedAdamW(torch.optim.Optimizer):
                     block = block_size(device, max(r[-1] for r in rows))
                 table = AddressTable(rows, device, block, table)
                 self._tables[key] = table
-        return Bucket(key, params, entries, backend, dtype_key, lr, hyper, grad_scale, found_inf, table)
+        live_table = self._live_rows.live_table(params, entries, backend == "cpp" and self.row_sparse)
+        return Bucket(key, params, entries, backend, dtype_key, lr, hyper, grad_scale, found_inf, table, live_table)
 
     def _grad_sum_of_squares(self, bucket: Bucket) -> torch.Tensor:
         """The sum of the bucket's squared unscaled gradients, a 0-dim fp64 tensor on its device."""
         if bucket.backend == "reference":
             return grad_sum_of_squares_reference([e.grad for e in bucket.entries], bucket.grad_scale)
         if bucket.backend == "cpp":
-            return cpp.adamw_grad_sum_of_squares(bucket.table.table, bucket.dtype_key, bucket.grad_scale)
+            return cpp.adamw_grad_sum_of_squares(bucket.table.table, bucket.dtype_key, bucket.grad_scale,
+                                                 bucket.live_table)
         from fastcls.kernels.adamw import grad_sum_of_squares_triton
 
         table = bucket.table
@@ -342,7 +347,7 @@ class FusedAdamW(torch.optim.Optimizer):
         else:
             if bucket.backend == "cpp":
                 cpp.adamw(bucket.table.table, bucket.dtype_key, lr=bucket.lr, grad_scale=grad_scale,
-                          found_inf=found_inf, clip_coef=clip_coef, **bucket.hyper)
+                          found_inf=found_inf, clip_coef=clip_coef, live_table=bucket.live_table, **bucket.hyper)
             else:
                 self._launch_triton(bucket, clip_coef)
             # Kernel stores bypass autograd's version counters: bump them as an in-place torch update would, so

@@ -104,7 +104,7 @@ class AddressTable:
 @dataclass(slots=True)
 class Bucket:
     """A bucket ready to step (its key: group index, device, parameter and gradient dtypes, master mode): its
-    tensors, the backend that runs it, and for the kernels its address table."""
+    tensors, the backend that runs it, and for the kernels its address table (and the C++ kernels' row masks)."""
     key: tuple
     params: list[torch.Tensor]
     entries: tuple[Entry, ...]
@@ -115,6 +115,7 @@ class Bucket:
     grad_scale: torch.Tensor | None
     found_inf: torch.Tensor | None
     table: AddressTable | None
+    live_table: torch.Tensor | None = None  # the C++ kernels' row masks (fastcls.optim.row_sparse)
 
     @property
     def device(self) -> torch.device:

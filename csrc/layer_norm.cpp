@@ -224,9 +224,10 @@ void backward_rows(const O* grad_out, const O* saved, bool saved_is_output, cons
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(FASTCLS_PHILOX_KEEP_BITS)
 // The AVX-512 rows: 16 columns a step, the keep decisions one bit per element (philox_keep_bits) used as the
 // lane mask of the scaling multiply, bf16 widened and rounded in registers. Same arithmetic as the portable rows.
-// Philox4x32-10 costs about as much as the rest of the kernel (some 0.3 ns per element and core here), so the rows
-// hide memory behind it: the bits are drawn inside the first pass over a row, the rows two ahead are prefetched,
-// and outputs too large to stay cached are stored non-temporally (streams()).
+// Philox4x32-10 costs about as much as the rest of the kernel (some 0.35 ns per element and core on a Zen 4, bound
+// by the vector pipes: ~1.9 zmm instructions per element, 8 of its 32-bit products per vpmuludq), so the rows hide
+// memory behind it: each row's bits are drawn before its passes, the rows ahead are prefetched, and outputs too
+// large to stay cached are stored non-temporally (streams()).
 #define FASTCLS_LAYER_NORM_AVX512 1
 
 // One step of 16 columns; the last step of a row masks its lanes (loads give 0 there, stores skip them).
@@ -318,9 +319,8 @@ inline void for_each_step(int64_t n, F&& body) {
   if (j < n) body(j, Step<true>{__mmask16((1u << (n - j)) - 1)});
 }
 
-// The keep bits of one row: bit j of the row's mask is element row * n_cols + j's decision. They are drawn a
-// block of 4 * kPhiloxCounters columns ahead of the pass that first walks the row (start, then advance at every
-// block start), so that the Philox arithmetic overlaps that pass's memory traffic.
+// The keep bits of one row: bit j of the row's mask is element row * n_cols + j's decision, all drawn by start().
+// (Drawing them a block ahead inside the first pass measured no faster, and with two rows at once slower.)
 class RowKeep {
  public:
   static constexpr int64_t kBlockColumns = 4 * kPhiloxCounters;
@@ -335,12 +335,7 @@ class RowKeep {
     n_blocks_ = ((int64_t(lead_) + n_cols + 3) / 4 + kPhiloxCounters - 1) / kPhiloxCounters;
     key_ = key;
     bound_ = bound;
-    draw_block(0);
-  }
-
-  // Called with j = 0, 16, 32, ...: the bits at() reads up to column j + kBlockColumns - 1 are drawn.
-  void advance(int64_t j) {
-    if (j % kBlockColumns == 0 && j / kBlockColumns + 1 < n_blocks_) draw_block(j / kBlockColumns + 1);
+    for (int64_t block = 0; block < n_blocks_; ++block) draw_block(block);
   }
 
   // The 16 decisions of columns j..j+15 (j a multiple of 16).
@@ -364,110 +359,168 @@ class RowKeep {
   uint32_t bound_ = 0;
 };
 
-template <bool kDropX, bool kDropY, bool kResidual, bool kSum, bool kStream, typename X, typename R, typename O>
+// Rows are worked on kRows at a time, their steps interleaved: a row's sums are chains of dependent adds (each
+// lane adds the row's steps in order), and the chains of independent rows overlap where one row's would stall.
+// Each row's arithmetic, and so its result, is the same as alone.
+template <int kRows, typename F>
+inline void for_rows(F&& f) {
+  for (int r = 0; r < kRows; ++r) f(r);
+}
+
+// Rows row_begin .. row_begin + kRows - 1 (pointers at the first; row r is n elements further per row).
+template <int kRows, bool kDropX, bool kDropY, bool kResidual, bool kSum, bool kStream, typename X, typename R,
+          typename O>
 void forward_row_avx512(const X* xr, const R* rr, const float* weight, const float* bias, O* yr, O* sr,
-                        RowKeep& keep, float scale, float eps, float* s, int64_t n, int64_t ahead,
-                        float& row_mean, float& row_rstd) {
+                        RowKeep* keep, float scale, float eps, float* s, int64_t n, int64_t ahead,
+                        float* row_mean, float* row_rstd) {
   const __m512 scale_v = _mm512_set1_ps(scale);
-  __m512 total = _mm512_setzero_ps();
+  __m512 total[kRows];
+  for_rows<kRows>([&](int r) { total[r] = _mm512_setzero_ps(); });
   for_each_step(n, [&](int64_t j, auto step) {
-    if (ahead != 0) {
-      prefetch(xr + j + ahead);
-      if constexpr (kResidual) prefetch(rr + j + ahead);
-    }
-    if constexpr (kDropX || kDropY) keep.advance(j);
-    __m512 v = step.load(xr + j);
-    // a masked multiply rather than a multiply by 0, so that a dropped NaN or infinity becomes 0
-    if constexpr (kDropX) v = _mm512_maskz_mul_ps(keep.at(j), v, scale_v);
-    if constexpr (kResidual) v = _mm512_add_ps(v, step.load(rr + j));
-    step.store(s + j, v);
-    if constexpr (kSum) step.template put<kStream>(sr + j, v);
-    total = _mm512_add_ps(total, v);
+    for_rows<kRows>([&](int r) {
+      const int64_t at = r * n + j;
+      if (ahead != 0) {
+        prefetch(xr + at + ahead);
+        if constexpr (kResidual) prefetch(rr + at + ahead);
+      }
+      __m512 v = step.load(xr + at);
+      // a masked multiply rather than a multiply by 0, so that a dropped NaN or infinity becomes 0
+      if constexpr (kDropX) v = _mm512_maskz_mul_ps(keep[r].at(j), v, scale_v);
+      if constexpr (kResidual) v = _mm512_add_ps(v, step.load(rr + at));
+      step.store(s + at, v);
+      if constexpr (kSum) step.template put<kStream>(sr + at, v);
+      total[r] = _mm512_add_ps(total[r], v);
+    });
   });
   const float inverse_n = 1.0f / float(n);
-  row_mean = _mm512_reduce_add_ps(total) * inverse_n;
-  const __m512 mean_v = _mm512_set1_ps(row_mean);
-  __m512 squares = _mm512_setzero_ps();
-  for_each_step(n, [&](int64_t j, auto step) {
-    const __m512 centred = step.within(_mm512_sub_ps(step.load(s + j), mean_v));
-    squares = _mm512_fmadd_ps(centred, centred, squares);
+  __m512 mean_v[kRows], squares[kRows];
+  for_rows<kRows>([&](int r) {
+    row_mean[r] = _mm512_reduce_add_ps(total[r]) * inverse_n;
+    mean_v[r] = _mm512_set1_ps(row_mean[r]);
+    squares[r] = _mm512_setzero_ps();
   });
-  row_rstd = 1.0f / std::sqrt(_mm512_reduce_add_ps(squares) * inverse_n + eps);
-  const __m512 rstd_v = _mm512_set1_ps(row_rstd);
   for_each_step(n, [&](int64_t j, auto step) {
-    const __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(step.load(s + j), mean_v), rstd_v);
-    __m512 y = _mm512_fmadd_ps(xhat, step.load(weight + j), step.load(bias + j));
-    if constexpr (kDropY) y = _mm512_maskz_mul_ps(keep.at(j), y, scale_v);
-    step.template put<kStream>(yr + j, y);
+    for_rows<kRows>([&](int r) {
+      const __m512 centred = step.within(_mm512_sub_ps(step.load(s + r * n + j), mean_v[r]));
+      squares[r] = _mm512_fmadd_ps(centred, centred, squares[r]);
+    });
+  });
+  __m512 rstd_v[kRows];
+  for_rows<kRows>([&](int r) {
+    row_rstd[r] = 1.0f / std::sqrt(_mm512_reduce_add_ps(squares[r]) * inverse_n + eps);
+    rstd_v[r] = _mm512_set1_ps(row_rstd[r]);
+  });
+  for_each_step(n, [&](int64_t j, auto step) {
+    const __m512 w = step.load(weight + j), b = step.load(bias + j);
+    for_rows<kRows>([&](int r) {
+      const int64_t at = r * n + j;
+      const __m512 xhat = _mm512_mul_ps(_mm512_sub_ps(step.load(s + at), mean_v[r]), rstd_v[r]);
+      __m512 y = _mm512_fmadd_ps(xhat, w, b);
+      if constexpr (kDropY) y = _mm512_maskz_mul_ps(keep[r].at(j), y, scale_v);
+      step.template put<kStream>(yr + at, y);
+    });
   });
 }
 
-template <bool kDropY, bool kFromOutput, bool kDropX, bool kGradSum, bool kResidual, bool kStream, typename O,
-          typename X, typename R>
-void backward_row_avx512(const O* gr, const O* sr, const O* gsr, X* gxr, R* grr, RowKeep& keep, float scale,
-                         const float* weight, const float* bias, const float* inverse_weight, float row_mean,
-                         float row_rstd, float* g, float* xhat, float* grad_weight, float* grad_bias, int64_t n,
-                         int64_t ahead) {
+// Rows row .. row + kRows - 1, interleaved as in forward_row_avx512; the weight and bias gradient columns take the
+// rows' terms in row order, as one row at a time would.
+template <int kRows, bool kDropY, bool kFromOutput, bool kDropX, bool kGradSum, bool kResidual, bool kStream,
+          typename O, typename X, typename R>
+void backward_row_avx512(const O* gr, const O* sr, const O* gsr, X* gxr, R* grr, RowKeep* keep, float scale,
+                         const float* weight, const float* bias, const float* inverse_weight, const float* row_mean,
+                         const float* row_rstd, float* g, float* xhat, float* grad_weight, float* grad_bias,
+                         int64_t n, int64_t ahead) {
   const __m512 scale_v = _mm512_set1_ps(scale);
-  const __m512 mean_v = _mm512_set1_ps(row_mean);
-  const __m512 rstd_v = _mm512_set1_ps(row_rstd);
-  __m512 sum_g_xhat = _mm512_setzero_ps(), sum_g = _mm512_setzero_ps();
+  __m512 mean_v[kRows], rstd_v[kRows], sum_g_xhat[kRows], sum_g[kRows];
+  for_rows<kRows>([&](int r) {
+    mean_v[r] = _mm512_set1_ps(row_mean[r]);
+    rstd_v[r] = _mm512_set1_ps(row_rstd[r]);
+    sum_g_xhat[r] = _mm512_setzero_ps();
+    sum_g[r] = _mm512_setzero_ps();
+  });
   for_each_step(n, [&](int64_t j, auto step) {
-    if (ahead != 0) {
-      prefetch(gr + j + ahead);
-      prefetch(sr + j + ahead);
-      if constexpr (kGradSum) prefetch(gsr + j + ahead);
-    }
-    if constexpr (kDropX || kDropY) keep.advance(j);
-    __m512 d = step.load(gr + j);
-    if constexpr (kDropY) d = _mm512_maskz_mul_ps(keep.at(j), d, scale_v);
-    __m512 h;
-    if constexpr (kFromOutput) {
-      h = _mm512_mul_ps(_mm512_sub_ps(step.load(sr + j), step.load(bias + j)), step.load(inverse_weight + j));
-    } else {
-      h = _mm512_mul_ps(_mm512_sub_ps(step.load(sr + j), mean_v), rstd_v);
-    }
-    step.store(grad_weight + j, _mm512_fmadd_ps(d, h, step.load(grad_weight + j)));
-    step.store(grad_bias + j, _mm512_add_ps(d, step.load(grad_bias + j)));
-    const __m512 gw = _mm512_mul_ps(d, step.load(weight + j));  // 0 past the row's end, as d is
-    step.store(g + j, gw);
-    step.store(xhat + j, h);
-    sum_g_xhat = _mm512_fmadd_ps(gw, h, sum_g_xhat);
-    sum_g = _mm512_add_ps(sum_g, gw);
+    __m512 grad_w = step.load(grad_weight + j), grad_b = step.load(grad_bias + j);
+    const __m512 w = step.load(weight + j);
+    for_rows<kRows>([&](int r) {
+      const int64_t at = r * n + j;
+      if (ahead != 0) {
+        prefetch(gr + at + ahead);
+        prefetch(sr + at + ahead);
+        if constexpr (kGradSum) prefetch(gsr + at + ahead);
+      }
+      __m512 d = step.load(gr + at);
+      if constexpr (kDropY) d = _mm512_maskz_mul_ps(keep[r].at(j), d, scale_v);
+      __m512 h;
+      if constexpr (kFromOutput) {
+        h = _mm512_mul_ps(_mm512_sub_ps(step.load(sr + at), step.load(bias + j)), step.load(inverse_weight + j));
+      } else {
+        h = _mm512_mul_ps(_mm512_sub_ps(step.load(sr + at), mean_v[r]), rstd_v[r]);
+      }
+      grad_w = _mm512_fmadd_ps(d, h, grad_w);
+      grad_b = _mm512_add_ps(d, grad_b);
+      const __m512 gw = _mm512_mul_ps(d, w);  // 0 past the row's end, as d is
+      step.store(g + at, gw);
+      step.store(xhat + at, h);
+      sum_g_xhat[r] = _mm512_fmadd_ps(gw, h, sum_g_xhat[r]);
+      sum_g[r] = _mm512_add_ps(sum_g[r], gw);
+    });
+    step.store(grad_weight + j, grad_w);
+    step.store(grad_bias + j, grad_b);
   });
   const float inverse_n = 1.0f / float(n);
-  const __m512 mean_g = _mm512_set1_ps(_mm512_reduce_add_ps(sum_g) * inverse_n);
-  const __m512 mean_g_xhat = _mm512_set1_ps(_mm512_reduce_add_ps(sum_g_xhat) * inverse_n);
+  __m512 mean_g[kRows], mean_g_xhat[kRows];
+  for_rows<kRows>([&](int r) {
+    mean_g[r] = _mm512_set1_ps(_mm512_reduce_add_ps(sum_g[r]) * inverse_n);
+    mean_g_xhat[r] = _mm512_set1_ps(_mm512_reduce_add_ps(sum_g_xhat[r]) * inverse_n);
+  });
   for_each_step(n, [&](int64_t j, auto step) {
-    const __m512 centred = _mm512_sub_ps(step.load(g + j), mean_g);
-    __m512 ds = _mm512_mul_ps(_mm512_fnmadd_ps(step.load(xhat + j), mean_g_xhat, centred), rstd_v);
-    if constexpr (kGradSum) ds = _mm512_add_ps(ds, step.load(gsr + j));
-    if constexpr (kResidual) step.template put<kStream>(grr + j, ds);
-    if constexpr (kDropX) ds = _mm512_maskz_mul_ps(keep.at(j), ds, scale_v);
-    step.template put<kStream>(gxr + j, ds);
+    for_rows<kRows>([&](int r) {
+      const int64_t at = r * n + j;
+      const __m512 centred = _mm512_sub_ps(step.load(g + at), mean_g[r]);
+      __m512 ds = _mm512_mul_ps(_mm512_fnmadd_ps(step.load(xhat + at), mean_g_xhat[r], centred), rstd_v[r]);
+      if constexpr (kGradSum) ds = _mm512_add_ps(ds, step.load(gsr + at));
+      if constexpr (kResidual) step.template put<kStream>(grr + at, ds);
+      if constexpr (kDropX) ds = _mm512_maskz_mul_ps(keep[r].at(j), ds, scale_v);
+      step.template put<kStream>(gxr + at, ds);
+    });
   });
 }
+
+// Rows worked on at once (see forward_row_avx512): two where every tensor is bf16. Pairs of fp32 rows measured
+// slower at 2000 x 384 (their six streams per pass conflict in the caches).
+template <typename... T>
+constexpr int kRowsAtOnce = ((sizeof(T) == 2) && ...) ? 2 : 1;
 
 template <typename X, typename R, typename O>
 void forward_rows_avx512(const X* x, const R* residual, const float* weight, const float* bias, O* out, O* sum,
                          float* mean, float* rstd, int64_t row_begin, int64_t row_end, int64_t n_cols, float eps,
                          const Dropout& drop, bool stream) {
-  std::vector<float> summed(static_cast<size_t>(n_cols));
-  RowKeep keep(n_cols);
+  constexpr int kPair = kRowsAtOnce<X, R, O>;
+  std::vector<float> summed(static_cast<size_t>(kPair * n_cols));
+  std::vector<RowKeep> keep(kPair, RowKeep(n_cols));
   with_flag(stream, [&](auto streamed) {
   with_flag(drop.on && !drop.after, [&](auto drop_x) {
     with_flag(drop.on && drop.after, [&](auto drop_y) {
       with_flag(residual != nullptr, [&](auto has_residual) {
         with_flag(sum != nullptr, [&](auto has_sum) {
-          for (int64_t row = row_begin; row < row_end; ++row) {
+          // rows row .. row + kRows - 1
+          auto block = [&](auto rows, int64_t row) {
+            constexpr int kRows = decltype(rows)::value;
             const int64_t offset = row * n_cols;
-            if (drop.on) keep.start(row, n_cols, drop.key, drop.bound, drop.counter_offset);
-            forward_row_avx512<decltype(drop_x)::value, decltype(drop_y)::value, decltype(has_residual)::value,
-                               decltype(has_sum)::value, decltype(streamed)::value>(
+            if (drop.on) {
+              for (int r = 0; r < kRows; ++r) {
+                keep[r].start(row + r, n_cols, drop.key, drop.bound, drop.counter_offset);
+              }
+            }
+            forward_row_avx512<kRows, decltype(drop_x)::value, decltype(drop_y)::value,
+                               decltype(has_residual)::value, decltype(has_sum)::value, decltype(streamed)::value>(
                 x + offset, has_residual ? residual + offset : nullptr, weight, bias, out + offset,
-                has_sum ? sum + offset : nullptr, keep, drop.scale, eps, summed.data(), n_cols,
-                row + kPrefetchRows < row_end ? kPrefetchRows * n_cols : 0, mean[row], rstd[row]);
-          }
+                has_sum ? sum + offset : nullptr, keep.data(), drop.scale, eps, summed.data(), n_cols,
+                row + kRows * (kPrefetchRows + 1) <= row_end ? kRows * kPrefetchRows * n_cols : 0, mean + row, rstd + row);
+          };
+          int64_t row = row_begin;
+          for (; row + kPair <= row_end; row += kPair) block(std::integral_constant<int, kPair>{}, row);
+          for (; row < row_end; ++row) block(std::integral_constant<int, 1>{}, row);
         });
       });
     });
@@ -481,29 +534,39 @@ void backward_rows_avx512(const O* grad_out, const O* saved, bool saved_is_outpu
                           const float* bias, const float* mean, const float* rstd, const O* grad_sum, X* grad_x,
                           R* grad_residual, float* grad_weight, float* grad_bias, int64_t row_begin,
                           int64_t row_end, int64_t n_cols, const Dropout& drop, bool stream) {
-  std::vector<float> buffers(size_t(3 * n_cols));
+  constexpr int kPair = kRowsAtOnce<O, X, R>;
+  std::vector<float> buffers(size_t((2 * kPair + 1) * n_cols));
   float* g = buffers.data();
-  float* xhat = g + n_cols;
-  float* inverse_weight = xhat + n_cols;
+  float* xhat = g + kPair * n_cols;
+  float* inverse_weight = xhat + kPair * n_cols;
   for (int64_t j = 0; j < n_cols; ++j) inverse_weight[j] = 1.0f / weight[j];
-  RowKeep keep(n_cols);
+  std::vector<RowKeep> keep(kPair, RowKeep(n_cols));
   with_flag(stream, [&](auto streamed) {
   with_flag(drop.on && drop.after, [&](auto drop_y) {
     with_flag(saved_is_output, [&](auto from_output) {
       with_flag(drop.on && !drop.after, [&](auto drop_x) {
         with_flag(grad_sum != nullptr, [&](auto has_grad_sum) {
           with_flag(grad_residual != nullptr, [&](auto has_residual) {
-            for (int64_t row = row_begin; row < row_end; ++row) {
+            // rows row .. row + kRows - 1
+            auto block = [&](auto rows, int64_t row) {
+              constexpr int kRows = decltype(rows)::value;
               const int64_t offset = row * n_cols;
-              if (drop.on) keep.start(row, n_cols, drop.key, drop.bound, drop.counter_offset);
-              backward_row_avx512<decltype(drop_y)::value, decltype(from_output)::value, decltype(drop_x)::value,
-                                  decltype(has_grad_sum)::value, decltype(has_residual)::value,
-                                  decltype(streamed)::value>(
+              if (drop.on) {
+                for (int r = 0; r < kRows; ++r) {
+                  keep[r].start(row + r, n_cols, drop.key, drop.bound, drop.counter_offset);
+                }
+              }
+              backward_row_avx512<kRows, decltype(drop_y)::value, decltype(from_output)::value,
+                                  decltype(drop_x)::value, decltype(has_grad_sum)::value,
+                                  decltype(has_residual)::value, decltype(streamed)::value>(
                   grad_out + offset, saved + offset, has_grad_sum ? grad_sum + offset : nullptr, grad_x + offset,
-                  has_residual ? grad_residual + offset : nullptr, keep, drop.scale, weight, bias, inverse_weight,
-                  mean[row], rstd[row], g, xhat, grad_weight, grad_bias, n_cols,
-                  row + kPrefetchRows < row_end ? kPrefetchRows * n_cols : 0);
-            }
+                  has_residual ? grad_residual + offset : nullptr, keep.data(), drop.scale, weight, bias,
+                  inverse_weight, mean + row, rstd + row, g, xhat, grad_weight, grad_bias, n_cols,
+                  row + kRows * (kPrefetchRows + 1) <= row_end ? kRows * kPrefetchRows * n_cols : 0);
+            };
+            int64_t row = row_begin;
+            for (; row + kPair <= row_end; row += kPair) block(std::integral_constant<int, kPair>{}, row);
+            for (; row < row_end; ++row) block(std::integral_constant<int, 1>{}, row);
           });
         });
       });

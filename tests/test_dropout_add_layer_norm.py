@@ -15,7 +15,8 @@ from fastcls.ops import (
     layer_norm_dropout_reference,
     op_backends,
 )
-from fastcls.ops.dropout import keep_mask, kept_scale
+from fastcls.ops import cpp
+from fastcls.ops.dropout import keep_mask, keep_threshold, kept_scale
 
 SHAPES = [(7, 33), (5, 769), (2, 3, 64)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -94,6 +95,42 @@ def test_dropout_add_layer_norm_matches_the_reference_mask(backend, shape, dtype
         assert_close_to(got, want, dtype, f"grad {what}")
     # the backward redrew the forward's mask: the gradient of x is 0 exactly where the mask drops
     assert torch.equal(got_grads[0] != 0, keep_mask(shape, p, seed, device))
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("dropout_after", [False, True], ids=["dropout-add-norm", "norm-dropout"])
+def test_cpp_rows_worked_on_together_match_each_row_alone(dtype, p, dropout_after, generator):
+    # The AVX-512 kernels work on bf16 rows in pairs, one row alone at the end (csrc/layer_norm.cpp): every row,
+    # paired or not, gets exactly the values and gradients it gets from a call over itself alone, whose mask
+    # starts at the row's first counter.
+    if dispatch.cpp_ext is None:
+        pytest.skip("C++ kernels not built")
+    n_rows, hidden, seed = 7, 40, 11
+    x, residual, upstream = (randn((n_rows, hidden), generator, "cpu", dtype) for _ in range(3))
+    residual = None if dropout_after else residual
+    weight, bias = (t.detach() for t in layer_norm_params(hidden, generator, "cpu"))
+
+    def run(rows, counter_offset):
+        """(output, grad x, grad residual) of the kernels over x[rows]."""
+        n = rows.stop - rows.start
+        out, grad_x = torch.empty((n, hidden), dtype=dtype), torch.empty((n, hidden), dtype=dtype)
+        grad_residual = None if dropout_after else torch.empty((n, hidden), dtype=dtype)
+        mean, rstd = torch.empty(n), torch.empty(n)
+        drop = (seed, counter_offset, keep_threshold(p), kept_scale(p), dropout_after)
+        cpp.layer_norm_forward(x[rows], None if residual is None else residual[rows], weight, bias, out, None, mean,
+                               rstd, 1e-12, *drop)
+        saved = x[rows] if dropout_after else out
+        cpp.layer_norm_backward(upstream[rows], saved, not dropout_after, weight, bias, mean, rstd, None, grad_x,
+                                grad_residual, *drop)
+        return out, grad_x, grad_residual
+
+    together = run(slice(0, n_rows), 0)
+    for row in range(n_rows):
+        alone = run(slice(row, row + 1), row * hidden // 4)
+        for what, got, want in zip(("output", "grad x", "grad residual"), together, alone):
+            if want is not None:
+                assert torch.equal(got[row:row + 1], want), f"row {row}: {what}"
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))

@@ -78,11 +78,11 @@ def test_a_dtype_the_kernels_do_not_take_runs_the_reference(cpp_by_default, monk
 KERNEL_MODULES = ["fastcls.kernels.adamw", "fastcls.kernels.cross_entropy", "fastcls.kernels.dropout",
                   "fastcls.kernels.layer_norm", "fastcls.kernels.multi_task_cross_entropy"]
 OP_LAYER_MODULES = KERNEL_MODULES + [
-    "fastcls.ops", "fastcls.ops.classification_head", "fastcls.ops.cpp", "fastcls.ops.cpu_variant",
+    "fastcls.ops", "fastcls.ops.bias_gelu", "fastcls.ops.classification_head", "fastcls.ops.cpp", "fastcls.ops.cpu_variant",
     "fastcls.ops.cross_entropy", "fastcls.ops.dispatch", "fastcls.ops.dropout", "fastcls.ops.dropout_add_layer_norm",
     "fastcls.ops.embedding", "fastcls.ops.linear_cross_entropy", "fastcls.ops.multi_task_cross_entropy",
     "fastcls.ops.multi_task_head", "fastcls.ops.varlen_attention",
-    "fastcls.optim", "fastcls.optim.adamw", "fastcls.optim.adamw_table",
+    "fastcls.optim", "fastcls.optim.adamw", "fastcls.optim.adamw_table", "fastcls.optim.row_sparse",
 ]
 # Imports each module first in a clean slate of fastcls modules (the built extensions stay loaded: one cannot be
 # loaded twice), so that an import cycle shows as an ImportError, and lists the op-layer modules it pulled in.

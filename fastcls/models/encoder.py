@@ -39,7 +39,6 @@ from fastcls.ops.dropout_add_layer_norm import (
 from fastcls.ops.dropout import recomputed_alike
 from fastcls.ops.bias_gelu import bias_gelu, bias_gelu_applies
 from fastcls.ops.embedding import row_accumulated_embedding
-from fastcls.ops.linear import linear
 from fastcls.ops.varlen_attention import varlen_attention
 
 
@@ -76,29 +75,23 @@ class _Layer:
                           and len({m.bias is None for m in projections}) == 1)
 
 
-def _dense(module: nn.Module, x: torch.Tensor, kernels: bool) -> torch.Tensor:
-    """module(x); with the kernels, a plain Linear adds its bias in the product's epilogue (fastcls.ops.linear)."""
-    return linear(x, module.weight, module.bias) if kernels and type(module) is nn.Linear else module(x)
-
-
-def _stacked_linear(modules: tuple[nn.Linear, ...], x: torch.Tensor, kernels: bool) -> torch.Tensor:
+def _stacked_linear(modules: tuple[nn.Linear, ...], x: torch.Tensor) -> torch.Tensor:
     """The Linear modules' outputs side by side from one product. One wide product runs nearer the CPU's matrix
     peak than three narrow ones, and its backward takes one product for the input's gradient instead of three and
     two sums."""
     bias = None if modules[0].bias is None else torch.cat([m.bias for m in modules])
-    weight = torch.cat([m.weight for m in modules])
-    return linear(x, weight, bias) if kernels else F.linear(x, weight, bias)
+    return F.linear(x, torch.cat([m.weight for m in modules]), bias)
 
 
-def _projections(part: _Layer, h: torch.Tensor, query_input: torch.Tensor, cls_only: bool, kernels: bool):
+def _projections(part: _Layer, h: torch.Tensor, query_input: torch.Tensor, cls_only: bool):
     """Queries (of query_input's tokens), keys and values (of h's), each [tokens, heads, head_dim]."""
     if not part.stackable:
         q, k, v = part.query(query_input), part.key(h), part.value(h)
     elif cls_only:
-        q = _dense(part.query, query_input, kernels)
-        k, v = _stacked_linear((part.key, part.value), h, kernels).chunk(2, -1)
+        q = part.query(query_input)
+        k, v = _stacked_linear((part.key, part.value), h).chunk(2, -1)
     else:
-        q, k, v = _stacked_linear((part.query, part.key, part.value), h, kernels).chunk(3, -1)
+        q, k, v = _stacked_linear((part.query, part.key, part.value), h).chunk(3, -1)
     return (t.unflatten(-1, (part.heads, -1)) for t in (q, k, v))
 
 
@@ -113,7 +106,7 @@ def run_layer(part: _Layer, h: torch.Tensor, batch: Batch, cls_only: bool, kerne
     """One encoder layer on tokens h [T, d]; with cls_only, only the [CLS] rows' output [rows, d]."""
     training = part.module.training
     query_input = h.index_select(0, batch.cls_index) if cls_only else h
-    q, k, v = _projections(part, h, query_input, cls_only, kernels)
+    q, k, v = _projections(part, h, query_input, cls_only)
     p = part.attn_dropout if training else 0.0
     if not cls_only and isinstance(batch, PackedBatch) and attn.varlen_applies(q, p):
         # the stacked product's q, k and v are strided views of its output
@@ -129,10 +122,9 @@ def run_layer(part: _Layer, h: torch.Tensor, batch: Batch, cls_only: bool, kerne
                              kernels=kernels)
         out = out.transpose(1, 2).flatten(-2)  # [rows, L, H * D]
         context = out[:, 0] if cls_only else batch.from_heads(out)
-    h = _add_norm(part.attn_norm, _dense(part.attn_out, context, kernels), query_input, part.attn_out_dropout,
-                  training, kernels)
-    return _add_norm(part.out_norm, _dense(part.ffn_out, _activated_ffn_in(part, h, kernels), kernels), h,
-                     part.out_dropout, training, kernels)
+    h = _add_norm(part.attn_norm, part.attn_out(context), query_input, part.attn_out_dropout, training, kernels)
+    return _add_norm(part.out_norm, part.ffn_out(_activated_ffn_in(part, h, kernels)), h, part.out_dropout, training,
+                     kernels)
 
 
 def _activated_ffn_in(part: _Layer, h: torch.Tensor, kernels: bool) -> torch.Tensor:

@@ -11,9 +11,7 @@ per case: the activation alone (x [T, 1536] in, gradients of x and the bias out)
 load spike on a shared machine hits both. The allocator keeps freed memory, as `fastcls train` does.
 """
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,24 +19,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_varlen_attention import alternating
+
 from fastcls.components.host_memory import keep_freed_host_memory
 from fastcls.ops.bias_gelu import bias_gelu
 
 D_MODEL, D_FF = 384, 1536
-
-
-def alternating(steps: dict, reps: int) -> dict:
-    """Median seconds of each step, the steps taking turns."""
-    for _ in range(2):
-        for step in steps.values():
-            step()
-    times = {name: [] for name in steps}
-    for _ in range(reps):
-        for name, step in steps.items():
-            tick = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - tick)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def case(tokens: int, dtype: torch.dtype, reps: int) -> dict:

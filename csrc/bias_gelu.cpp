@@ -1,6 +1,7 @@
 #include "bias_gelu.h"
 
 #include "bf16.h"
+#include "lanes16.h"
 #include "softmax.h"
 
 #include <algorithm>
@@ -70,22 +71,6 @@ inline __m512 gelu_slope(__m512 t) {
   const __m512 pdf = _mm512_mul_ps(_mm512_set1_ps(kInvSqrt2Pi),
                                    exp512_nonpositive(_mm512_mul_ps(_mm512_mul_ps(t, t), _mm512_set1_ps(-0.5f))));
   return _mm512_fmadd_ps(t, pdf, cdf);
-}
-
-inline __m512 load16(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
-inline __m512 load16(const uint16_t* p, __mmask16 mask) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
-}
-inline void store16(float* p, __m512 value, __mmask16 mask) { _mm512_mask_storeu_ps(p, mask, value); }
-// f32_to_bf16 (bf16.h) on 16 lanes: round to nearest even, NaN kept quiet.
-inline void store16(uint16_t* p, __m512 value, __mmask16 mask) {
-  const __m512i bits = _mm512_castps_si512(value);
-  const __m512i high = _mm512_srli_epi32(bits, 16);
-  const __m512i bias = _mm512_add_epi32(_mm512_and_si512(high, _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7fff));
-  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(value, value, _CMP_UNORD_Q);
-  rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(high, _mm512_set1_epi32(0x40)));
-  _mm256_mask_storeu_epi16(p, mask, _mm512_cvtepi32_epi16(rounded));
 }
 
 inline __mmask16 lanes(int64_t remaining) {

@@ -12,6 +12,7 @@
 #include "cross_entropy.h"
 #include "dropout.h"
 #include "layer_norm.h"
+#include "linear_bf16.h"
 #include "multi_task_cross_entropy.h"
 #include "varlen_attention.h"
 
@@ -157,6 +158,61 @@ void def_layer_norm(py::module_& m) {
 
 template <typename Element>
 using BiasGeluForwardKernel = void (*)(const Element*, const float*, Element*, int64_t, int64_t, int);
+#if defined(__AVX512BF16__)
+// The Linear layer's bf16 products and their packings (linear_bf16.h): this variant only, so that
+// fastcls/ops/linear.py finds `linear_bf16_gemm` exactly where the kernels run.
+template <typename Source>
+void def_linear_packs(py::module_& m, const char* suffix,
+                      void (*pack_wt)(const Source*, int64_t, int64_t, int64_t, uint16_t*, uint16_t*, int64_t, int),
+                      void (*pack_pairs)(const Source*, int64_t, int64_t, int64_t, int64_t, int64_t, uint16_t*, int)) {
+  m.def((std::string("linear_pack_wt_") + suffix).c_str(),
+        [pack_wt](std::uintptr_t w, int64_t rows, int64_t row_offset, int64_t K, std::uintptr_t packed,
+                  std::uintptr_t pairs_out, int64_t R, int num_threads) {
+          py::gil_scoped_release release;
+          pack_wt(as_ptr<const Source>(w), rows, row_offset, K, as_ptr<uint16_t>(packed), as_ptr<uint16_t>(pairs_out),
+                  R, num_threads);
+        },
+        py::arg("w"), py::arg("rows"), py::arg("row_offset"), py::arg("K"), py::arg("packed"), py::arg("pairs_out"),
+        py::arg("R"), py::arg("num_threads"),
+        "Rows of a stacked weight [N, K] packed as the forward's B = W^T, and as the input gradient's B = W unless "
+        "pairs_out is 0 (linear_bf16.h).");
+  m.def((std::string("linear_pack_pairs_") + suffix).c_str(),
+        [pack_pairs](std::uintptr_t b, int64_t ld, int64_t rows, int64_t row_offset, int64_t R, int64_t C,
+                     std::uintptr_t packed, int num_threads) {
+          py::gil_scoped_release release;
+          pack_pairs(as_ptr<const Source>(b), ld, rows, row_offset, R, C, as_ptr<uint16_t>(packed), num_threads);
+        },
+        py::arg("b"), py::arg("ld"), py::arg("rows"), py::arg("row_offset"), py::arg("R"), py::arg("C"),
+        py::arg("packed"), py::arg("num_threads"),
+        "Rows of B [R, C] packed in pairs with the reduction over B's rows (linear_bf16.h).");
+}
+
+void def_linear(py::module_& m) {
+  m.def("linear_bf16_gemm",
+        [](std::uintptr_t a, int64_t row_stride, int64_t pair_stride, std::uintptr_t packed, std::uintptr_t bias,
+           std::uintptr_t c_bf16, std::uintptr_t c_f32, int64_t ldc, int64_t M, int64_t N, int64_t K,
+           int num_threads) {
+          py::gil_scoped_release release;
+          fastcls::linear_bf16_gemm(as_ptr<const uint16_t>(a), row_stride, pair_stride, as_ptr<const uint16_t>(packed),
+                                    as_ptr<const float>(bias), as_ptr<uint16_t>(c_bf16), as_ptr<float>(c_f32), ldc, M,
+                                    N, K, num_threads);
+        },
+        py::arg("a"), py::arg("row_stride"), py::arg("pair_stride"), py::arg("packed"), py::arg("bias"),
+        py::arg("c_bf16"), py::arg("c_f32"), py::arg("ldc"), py::arg("M"), py::arg("N"), py::arg("K"),
+        py::arg("num_threads"), "C[M, N] = A . packed B (+ fp32 bias), fp32 accumulation (linear_bf16.h).");
+  def_linear_packs<uint16_t>(m, "bf16", fastcls::linear_pack_wt_bf16, fastcls::linear_pack_pairs_bf16);
+  def_linear_packs<float>(m, "f32", fastcls::linear_pack_wt_f32, fastcls::linear_pack_pairs_f32);
+  m.def("linear_interleave_row_pairs",
+        [](std::uintptr_t in, int64_t ld, int64_t R, int64_t C, std::uintptr_t out, int num_threads) {
+          py::gil_scoped_release release;
+          fastcls::linear_interleave_row_pairs(as_ptr<const uint16_t>(in), ld, R, C, as_ptr<uint16_t>(out),
+                                               num_threads);
+        },
+        py::arg("in"), py::arg("ld"), py::arg("R"), py::arg("C"), py::arg("out"), py::arg("num_threads"),
+        "out[rp][c][t] = in[2 rp + t][c], zeros past R (linear_bf16.h).");
+}
+#endif
+
 template <typename Element>
 using BiasGeluBackwardKernel = void (*)(const Element*, const Element*, const float*, Element*, float*, int64_t,
                                         int64_t, int);
@@ -366,4 +422,7 @@ PYBIND11_MODULE(FASTCLS_MODULE, m) {
   def_varlen_attention(m);
   def_bias_gelu<float>(m, "f32", fastcls::bias_gelu_forward_f32, fastcls::bias_gelu_backward_f32);
   def_bias_gelu<uint16_t>(m, "bf16", fastcls::bias_gelu_forward_bf16, fastcls::bias_gelu_backward_bf16);
+#if defined(__AVX512BF16__)
+  def_linear(m);
+#endif
 }

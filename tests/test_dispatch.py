@@ -80,7 +80,8 @@ KERNEL_MODULES = ["fastcls.kernels.adamw", "fastcls.kernels.cross_entropy", "fas
 OP_LAYER_MODULES = KERNEL_MODULES + [
     "fastcls.ops", "fastcls.ops.bias_gelu", "fastcls.ops.classification_head", "fastcls.ops.cpp", "fastcls.ops.cpu_variant",
     "fastcls.ops.cross_entropy", "fastcls.ops.dispatch", "fastcls.ops.dropout", "fastcls.ops.dropout_add_layer_norm",
-    "fastcls.ops.embedding", "fastcls.ops.linear_cross_entropy", "fastcls.ops.multi_task_cross_entropy",
+    "fastcls.ops.embedding", "fastcls.ops.linear", "fastcls.ops.linear_cross_entropy",
+    "fastcls.ops.multi_task_cross_entropy",
     "fastcls.ops.multi_task_head", "fastcls.ops.varlen_attention",
     "fastcls.optim", "fastcls.optim.adamw", "fastcls.optim.adamw_table", "fastcls.optim.row_sparse",
 ]

@@ -39,6 +39,7 @@ from fastcls.ops.dropout_add_layer_norm import (
 from fastcls.ops.dropout import recomputed_alike
 from fastcls.ops.bias_gelu import bias_gelu, bias_gelu_applies
 from fastcls.ops.embedding import row_accumulated_embedding
+from fastcls.ops.linear import linear
 from fastcls.ops.varlen_attention import varlen_attention
 
 
@@ -75,23 +76,33 @@ class _Layer:
                           and len({m.bias is None for m in projections}) == 1)
 
 
-def _stacked_linear(modules: tuple[nn.Linear, ...], x: torch.Tensor) -> torch.Tensor:
+def _stacked_linear(modules: tuple[nn.Linear, ...], x: torch.Tensor, kernels: bool) -> torch.Tensor:
     """The Linear modules' outputs side by side from one product. One wide product runs nearer the CPU's matrix
     peak than three narrow ones, and its backward takes one product for the input's gradient instead of three and
-    two sums."""
+    two sums. The kernels pack the weights straight from the modules (fastcls.ops.linear), without a torch.cat."""
     bias = None if modules[0].bias is None else torch.cat([m.bias for m in modules])
+    if kernels:
+        return linear(x, [m.weight for m in modules], bias)
     return F.linear(x, torch.cat([m.weight for m in modules]), bias)
 
 
-def _projections(part: _Layer, h: torch.Tensor, query_input: torch.Tensor, cls_only: bool):
+def _linear(module: nn.Module, x: torch.Tensor, kernels: bool) -> torch.Tensor:
+    """module(x); a plain nn.Linear by fastcls's products with the kernels (other classes run their own forward)."""
+    if kernels and type(module) is nn.Linear:
+        return linear(x, module.weight, module.bias)
+    return module(x)
+
+
+def _projections(part: _Layer, h: torch.Tensor, query_input: torch.Tensor, cls_only: bool,
+                 kernels: bool):
     """Queries (of query_input's tokens), keys and values (of h's), each [tokens, heads, head_dim]."""
     if not part.stackable:
         q, k, v = part.query(query_input), part.key(h), part.value(h)
     elif cls_only:
-        q = part.query(query_input)
-        k, v = _stacked_linear((part.key, part.value), h).chunk(2, -1)
+        q = _linear(part.query, query_input, kernels)
+        k, v = _stacked_linear((part.key, part.value), h, kernels).chunk(2, -1)
     else:
-        q, k, v = _stacked_linear((part.query, part.key, part.value), h).chunk(3, -1)
+        q, k, v = _stacked_linear((part.query, part.key, part.value), h, kernels).chunk(3, -1)
     return (t.unflatten(-1, (part.heads, -1)) for t in (q, k, v))
 
 
@@ -106,7 +117,7 @@ def run_layer(part: _Layer, h: torch.Tensor, batch: Batch, cls_only: bool, kerne
     """One encoder layer on tokens h [T, d]; with cls_only, only the [CLS] rows' output [rows, d]."""
     training = part.module.training
     query_input = h.index_select(0, batch.cls_index) if cls_only else h
-    q, k, v = _projections(part, h, query_input, cls_only)
+    q, k, v = _projections(part, h, query_input, cls_only, kernels)
     p = part.attn_dropout if training else 0.0
     if not cls_only and isinstance(batch, PackedBatch) and attn.varlen_applies(q, p):
         # the stacked product's q, k and v are strided views of its output
@@ -122,19 +133,20 @@ def run_layer(part: _Layer, h: torch.Tensor, batch: Batch, cls_only: bool, kerne
                              kernels=kernels)
         out = out.transpose(1, 2).flatten(-2)  # [rows, L, H * D]
         context = out[:, 0] if cls_only else batch.from_heads(out)
-    h = _add_norm(part.attn_norm, part.attn_out(context), query_input, part.attn_out_dropout, training, kernels)
-    return _add_norm(part.out_norm, part.ffn_out(_activated_ffn_in(part, h, kernels)), h, part.out_dropout, training,
-                     kernels)
+    h = _add_norm(part.attn_norm, _linear(part.attn_out, context, kernels), query_input, part.attn_out_dropout,
+                  training, kernels)
+    ffn = _linear(part.ffn_out, _activated_ffn_in(part, h, kernels), kernels)
+    return _add_norm(part.out_norm, ffn, h, part.out_dropout, training, kernels)
 
 
 def _activated_ffn_in(part: _Layer, h: torch.Tensor, kernels: bool) -> torch.Tensor:
     """act(ffn_in(h)). With the kernels, GELU's erf form adds the product's bias in its own pass and computes the
     bias gradient in its backward's (fastcls.ops.bias_gelu): no bias copy, no separate gelu, gelu_backward or sum."""
     if kernels and part.exact_gelu and bias_gelu_applies(h):
-        x, bias = F.linear(h, part.ffn_in.weight), part.ffn_in.bias
+        x, bias = linear(h, part.ffn_in.weight), part.ffn_in.bias
         # the bias rounded to the product's dtype, as autocast's linear takes it (bf16 weights train alike)
         return bias_gelu(x, None if bias is None else bias.to(x.dtype))
-    return part.act(part.ffn_in(h))
+    return part.act(_linear(part.ffn_in, h, kernels))
 
 
 class LayerwiseEncoder:

@@ -12,6 +12,7 @@ from fastcls.ops.dropout_add_layer_norm import (
     layer_norm_dropout,
     layer_norm_dropout_reference,
 )
+from fastcls.ops.linear import linear
 from fastcls.ops.linear_cross_entropy import (
     linear_cross_entropy,
     linear_cross_entropy_reference,
@@ -26,7 +27,7 @@ from fastcls.ops.varlen_attention import varlen_attention, varlen_attention_refe
 __all__ = [
     "Dropout", "bias_gelu", "bias_gelu_reference", "classification_head", "cross_entropy", "cross_entropy_reference", "dispatch", "dropout",
     "dropout_add_layer_norm", "dropout_add_layer_norm_reference", "dropout_reference", "layer_norm_dropout",
-    "layer_norm_dropout_reference", "linear_cross_entropy", "linear_cross_entropy_reference",
+    "layer_norm_dropout_reference", "linear", "linear_cross_entropy", "linear_cross_entropy_reference",
     "multi_task_cross_entropy", "multi_task_cross_entropy_reference", "multi_task_head", "op_backends",
     "varlen_attention", "varlen_attention_reference",
 ]

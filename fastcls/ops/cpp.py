@@ -15,6 +15,10 @@ _SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 CROSS_ENTROPY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DROPOUT_DTYPES = (torch.float32, torch.bfloat16)
 BIAS_GELU_DTYPES = (torch.float32, torch.bfloat16)
+# the Linear products' kernels (csrc/linear_bf16.h): bf16, in the avx512_bf16 variant alone; panels of 48 columns
+LINEAR_DTYPES = (torch.bfloat16,)
+LINEAR_PANEL = 48
+LINEAR_BUILT = hasattr(dispatch.cpp_ext, "linear_bf16_gemm")
 # the layer_norm kernels' dtype codes: the index in this tuple
 LAYER_NORM_DTYPES = (torch.float32, torch.bfloat16)
 # AdamW's entry points by dtype key: the parameter dtype, paired with "master" where fp32 master weights and
@@ -153,6 +157,96 @@ def bias_gelu_backward(grad_out: torch.Tensor, x: torch.Tensor,
     kernel(grad_out.data_ptr(), x.data_ptr(), _address(bias32), grad_x.data_ptr(), grad_bias.data_ptr(), n_rows,
            n_cols, torch.get_num_threads())
     return grad_x, grad_bias
+
+
+def _linear_sources(weights) -> list[torch.Tensor]:
+    """The weights as contiguous 2-D bf16 or fp32 tensors of one width and even row counts (others cast to fp32)."""
+    out = []
+    for w in weights:
+        if w.device.type != "cpu" or w.dim() != 2 or w.shape[1] != weights[0].shape[1] or w.shape[0] % 2:
+            raise ValueError(f"weights must be CPU [N_i, K] tensors of one K and even N_i, got {tuple(w.shape)}")
+        out.append(w.detach().to(w.dtype if w.dtype in _LINEAR_SOURCES else torch.float32).contiguous())
+    return out
+
+
+_LINEAR_SOURCES = (torch.bfloat16, torch.float32)
+
+
+def _panels(columns: int) -> int:
+    return -(-columns // LINEAR_PANEL)
+
+
+def linear_pack_wt(weights, with_pairs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weights stacked on their rows, [N, K], packed as the forward's B = W^T and, with_pairs, as the input
+    gradient's B = W (what linear_pack_pairs returns) in the same pass (csrc/linear_bf16.h)."""
+    sources = _linear_sources(weights)
+    n_rows, width = sum(w.shape[0] for w in sources), sources[0].shape[1]
+    if width % 2:
+        raise ValueError(f"the weights' width must be even, got {width}")
+    packed = torch.empty(_panels(n_rows) * LINEAR_PANEL * width, dtype=torch.bfloat16)
+    pairs = torch.empty(_panels(width) * LINEAR_PANEL * n_rows, dtype=torch.bfloat16) if with_pairs else None
+    offset = 0
+    for w in sources:
+        kernel = getattr(dispatch.cpp_ext, f"linear_pack_wt_{_SUFFIXES[w.dtype]}")
+        kernel(w.data_ptr(), w.shape[0], offset, width, packed.data_ptr(), _address(pairs), n_rows,
+               torch.get_num_threads())
+        offset += w.shape[0]
+    if n_rows % LINEAR_PANEL:  # the last panel's rows past N: computed, never stored; zeros all the same
+        packed.view(-1, width // 2, LINEAR_PANEL, 2)[-1, :, n_rows % LINEAR_PANEL:].zero_()
+    if pairs is not None and width % LINEAR_PANEL:
+        pairs.view(-1, n_rows // 2, LINEAR_PANEL, 2)[-1, :, width % LINEAR_PANEL:].zero_()
+    return packed, pairs
+
+
+def _pack_pairs(sources, n_rows: int, width: int) -> torch.Tensor:
+    pair_rows = -(-n_rows // 2)
+    packed = torch.empty(_panels(width) * LINEAR_PANEL * 2 * pair_rows, dtype=torch.bfloat16)
+    offset = 0
+    for b in sources:
+        kernel = getattr(dispatch.cpp_ext, f"linear_pack_pairs_{_SUFFIXES[b.dtype]}")
+        kernel(b.data_ptr(), width, b.shape[0], offset, n_rows, width, packed.data_ptr(), torch.get_num_threads())
+        offset += b.shape[0]
+    if width % LINEAR_PANEL:
+        packed.view(-1, pair_rows, LINEAR_PANEL, 2)[-1, :, width % LINEAR_PANEL:].zero_()
+    return packed
+
+
+def linear_pack_pairs(weights) -> torch.Tensor:
+    """The weights stacked on their rows, [N, K], packed as the input gradient's B = W (csrc/linear_bf16.h)."""
+    sources = _linear_sources(weights)
+    return _pack_pairs(sources, sum(w.shape[0] for w in sources), sources[0].shape[1])
+
+
+def linear_gemm(a: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n_cols: int) -> torch.Tensor:
+    """a [M, K] (bf16, contiguous, K even) times the packed B [K, n_cols], plus an fp32 bias [n_cols] or None:
+    a new bf16 [M, n_cols]."""
+    n_rows, width = a.shape
+    _check(a, "a", LINEAR_DTYPES, (n_rows, width))
+    if width % 2 or packed.numel() != _panels(n_cols) * LINEAR_PANEL * width:
+        raise ValueError(f"packed holds {packed.numel()} elements, not a [{width}, {n_cols}] B (even width)")
+    if bias is not None:
+        _check(bias, "bias", (torch.float32,), (n_cols,))
+    out = torch.empty(n_rows, n_cols, dtype=torch.bfloat16)
+    dispatch.cpp_ext.linear_bf16_gemm(a.data_ptr(), width // 2, 1, packed.data_ptr(), _address(bias), out.data_ptr(),
+                                      0, n_cols, n_rows, n_cols, width, torch.get_num_threads())
+    return out
+
+
+def linear_weight_grad(grad_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """grad_y^T x, [N, K] bf16, from contiguous bf16 grad_y [M, N] and x [M, K] (any M; pairs of rows padded)."""
+    n_rows, n_out = grad_y.shape
+    width = x.shape[1]
+    _check(grad_y, "grad_y", LINEAR_DTYPES, (n_rows, n_out))
+    _check(x, "x", LINEAR_DTYPES, (n_rows, width))
+    pair_rows = -(-n_rows // 2)
+    interleaved = torch.empty(pair_rows * 2 * n_out, dtype=torch.bfloat16)
+    dispatch.cpp_ext.linear_interleave_row_pairs(grad_y.data_ptr(), n_out, n_rows, n_out, interleaved.data_ptr(),
+                                                 torch.get_num_threads())
+    packed = _pack_pairs([x], n_rows, width)
+    out = torch.empty(n_out, width, dtype=torch.bfloat16)
+    dispatch.cpp_ext.linear_bf16_gemm(interleaved.data_ptr(), 1, n_out, packed.data_ptr(), 0, out.data_ptr(), 0,
+                                      width, n_out, width, 2 * pair_rows, torch.get_num_threads())
+    return out
 
 
 def layer_norm_forward(x, residual, weight, bias, out, summed, mean, rstd, eps, seed, counter_offset, threshold,

@@ -1,0 +1,136 @@
+"""y = x W^T + b in bf16 on CPUs with AVX-512 BF16: fastcls's own matrix products for the encoder's Linear layers,
+forward and backward (csrc/linear_bf16.cpp), with each weight packed once per optimizer step.
+
+torch's bf16 products on the CPU (oneDNN) reach this CPU's peak on a shape they have seen, but a fine-tuning step
+brings a new token count every batch: oneDNN builds new primitives for each (~13 a step for a 6-layer encoder),
+and packs the weight again on every call, which at the tens to hundreds of tokens of short texts costs as much as
+the product. Here one register-blocked kernel of `vdpbf16ps` runs any row count without building anything; the
+forward's and the input gradient's weight layouts are packed once per weight version (the optimizer's in-place
+update bumps the version) and reused by every call until the next step, the weight gradient packs x and dy on
+the fly (`dy` interleaved by row pairs, not transposed).
+
+Numerics are those of bf16 autocast's linear: x, W and b rounded to bf16, fp32 accumulation, the output rounded
+once to bf16 (the bias added in fp32 before), dW = dy^T x and db = dy summed over rows, each rounded to bf16 and
+cast to its parameter's dtype. `weights` may be several weights stacked on their rows (the query, key and value
+projections), packed straight from the parameters: no torch.cat of the weights each forward.
+
+Runs where the avx512_bf16 kernels were built and the CPU has them, for bf16 tensors or under CPU bf16 autocast,
+eager mode only (torch.compile traces and tensor subclasses see F.linear), with an even reduction length; anywhere
+else `linear` is F.linear on the stacked weights.
+"""
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
+
+from fastcls.ops import cpp, dispatch
+from fastcls.ops.library import traced
+
+dispatch.register_op("linear", cpp=cpp.LINEAR_DTYPES)
+
+PANEL = cpp.LINEAR_PANEL
+
+
+def _marks(weights: Sequence[torch.Tensor]) -> tuple:
+    return tuple((w.data_ptr(), w._version, w.dtype, tuple(w.shape)) for w in weights)
+
+
+class _Packs:
+    """A stack of weights packed for the forward and for the input gradient, each built on first use and rebuilt
+    when any weight's storage or version has changed."""
+
+    def __init__(self):
+        self.forward_marks = self.backward_marks = None
+        self.forward_packed = self.backward_packed = None
+
+    def forward(self, weights: Sequence[torch.Tensor], with_backward: bool) -> torch.Tensor:
+        """The forward's packing; with_backward, the input gradient's too, from the same read of the weights."""
+        marks = _marks(weights)
+        if marks != self.forward_marks:
+            both = with_backward and marks != self.backward_marks
+            self.forward_packed, pairs = cpp.linear_pack_wt(weights, with_pairs=both)
+            self.forward_marks = marks
+            if both:
+                self.backward_packed, self.backward_marks = pairs, marks
+        return self.forward_packed
+
+    def backward(self, weights: Sequence[torch.Tensor]) -> torch.Tensor:
+        marks = _marks(weights)
+        if marks != self.backward_marks:
+            self.backward_packed, self.backward_marks = cpp.linear_pack_pairs(weights), marks
+        return self.backward_packed
+
+
+# the first weight of a stack -> {the stack's ids: its packs}; entries go with their weights
+_PACKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _packs_of(weights: Sequence[torch.Tensor]) -> _Packs:
+    stacks = _PACKS.setdefault(weights[0], {})
+    key = tuple(id(w) for w in weights)
+    if key not in stacks:
+        stacks[key] = _Packs()
+    return stacks[key]
+
+
+class _LinearBf16(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, *weights: torch.Tensor) -> torch.Tensor:
+        packs = _packs_of(weights)
+        bias32 = None if bias is None else bias.to(torch.bfloat16).float()
+        packed = packs.forward(weights, with_backward=ctx.needs_input_grad[0])
+        y = cpp.linear_gemm(x, packed, bias32, sum(w.shape[0] for w in weights))
+        ctx.save_for_backward(x, *weights)
+        ctx.packs, ctx.bias_dtype = packs, None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x, *weights = ctx.saved_tensors
+        grad_y = grad_y.to(torch.bfloat16).contiguous()
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = cpp.linear_gemm(grad_y, ctx.packs.backward(weights), None, x.shape[1])
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[1]:
+            grad_bias = grad_y.sum(0).to(ctx.bias_dtype)
+        grad_weights = [None] * len(weights)
+        if any(ctx.needs_input_grad[2:]):
+            stacked = cpp.linear_weight_grad(grad_y, x)
+            rows = stacked.split([w.shape[0] for w in weights])
+            grad_weights = [g.to(w.dtype) if needed else None
+                            for g, w, needed in zip(rows, weights, ctx.needs_input_grad[2:])]
+        return grad_x, grad_bias, *grad_weights
+
+
+def _compute_dtype(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.dtype:
+    if torch.is_autocast_enabled("cpu") and x.device.type == "cpu":
+        return torch.get_autocast_dtype("cpu")
+    return torch.result_type(x, weights[0]) if all(w.dtype == weights[0].dtype for w in weights) else x.dtype
+
+
+def linear_applies(x: torch.Tensor, weights: Sequence[torch.Tensor], backend: str | None = None) -> bool:
+    """Whether `linear(x, weights)` runs fastcls's kernels (else F.linear)."""
+    if dispatch.backend_for("linear", x.device, torch.bfloat16, backend=backend) != "cpp" or not cpp.LINEAR_BUILT:
+        return False
+    if traced(x, *weights) or any(w.device.type != "cpu" or w.dim() != 2 for w in weights):
+        return False
+    if _compute_dtype(x, weights) != torch.bfloat16 or not x.dtype.is_floating_point:
+        return False
+    # pairs of the reduction: x's width (the forward) and the stacked rows (the input gradient), each weight's
+    # rows starting on a pair
+    return x.shape[-1] % 2 == 0 and all(w.shape[0] % 2 == 0 and w.shape[1] == x.shape[-1] for w in weights) \
+        and x.numel() > 0
+
+
+def linear(x: torch.Tensor, weights: torch.Tensor | Sequence[torch.Tensor], bias: torch.Tensor | None = None, *,
+           backend: str | None = None) -> torch.Tensor:
+    """x [..., K] times the weights [N_i, K] stacked on their rows, plus bias [sum N_i] (or None): F.linear(x,
+    torch.cat(weights), bias), by fastcls's bf16 kernels where `linear_applies`."""
+    weights = (weights,) if isinstance(weights, torch.Tensor) else tuple(weights)
+    if not linear_applies(x, weights, backend):
+        weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+        return F.linear(x, weight, bias)
+    rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+    y = _LinearBf16.apply(rows, bias, *weights)
+    return y.view(*x.shape[:-1], y.shape[-1])

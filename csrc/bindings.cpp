@@ -203,13 +203,14 @@ void def_linear(py::module_& m) {
   def_linear_packs<uint16_t>(m, "bf16", fastcls::linear_pack_wt_bf16, fastcls::linear_pack_pairs_bf16);
   def_linear_packs<float>(m, "f32", fastcls::linear_pack_wt_f32, fastcls::linear_pack_pairs_f32);
   m.def("linear_interleave_row_pairs",
-        [](std::uintptr_t in, int64_t ld, int64_t R, int64_t C, std::uintptr_t out, int num_threads) {
+        [](std::uintptr_t in, int64_t ld, int64_t R, int64_t C, std::uintptr_t out, std::uintptr_t col_sums,
+           int num_threads) {
           py::gil_scoped_release release;
           fastcls::linear_interleave_row_pairs(as_ptr<const uint16_t>(in), ld, R, C, as_ptr<uint16_t>(out),
-                                               num_threads);
+                                               as_ptr<float>(col_sums), num_threads);
         },
-        py::arg("in"), py::arg("ld"), py::arg("R"), py::arg("C"), py::arg("out"), py::arg("num_threads"),
-        "out[rp][c][t] = in[2 rp + t][c], zeros past R (linear_bf16.h).");
+        py::arg("in"), py::arg("ld"), py::arg("R"), py::arg("C"), py::arg("out"), py::arg("col_sums"),
+        py::arg("num_threads"), "out[rp][c][t] = in[2 rp + t][c], zeros past R; col_sums: in's (linear_bf16.h).");
 }
 #endif
 

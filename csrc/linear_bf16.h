@@ -40,8 +40,9 @@ void linear_pack_pairs_bf16(const uint16_t* b, int64_t ld, int64_t rows, int64_t
 void linear_pack_pairs_f32(const float* b, int64_t ld, int64_t rows, int64_t row_offset, int64_t R, int64_t C,
                            uint16_t* packed, int num_threads);
 // out[rp][c][t] = in[2 rp + t][c] (zero where 2 rp + t >= R), in [R, C] with row stride ld: dy as the weight
-// gradient's A (pair_stride = C, row_stride = 1). out holds ceil(R / 2) * 2 * C.
+// gradient's A (pair_stride = C, row_stride = 1). out holds ceil(R / 2) * 2 * C. col_sums (fp32 [C], or null)
+// gets in's column sums from the same read: the bias gradient.
 void linear_interleave_row_pairs(const uint16_t* in, int64_t ld, int64_t R, int64_t C, uint16_t* out,
-                                 int num_threads);
+                                 float* col_sums, int num_threads);
 
 }  // namespace fastcls

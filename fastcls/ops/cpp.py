@@ -232,21 +232,24 @@ def linear_gemm(a: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
     return out
 
 
-def linear_weight_grad(grad_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """grad_y^T x, [N, K] bf16, from contiguous bf16 grad_y [M, N] and x [M, K] (any M; pairs of rows padded)."""
+def linear_weight_grad(grad_y: torch.Tensor, x: torch.Tensor,
+                       with_bias: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(grad_y^T x [N, K] bf16, and with_bias grad_y's fp32 column sums [N]) from contiguous bf16 grad_y [M, N] and
+    x [M, K] (any M; pairs of rows padded)."""
     n_rows, n_out = grad_y.shape
     width = x.shape[1]
     _check(grad_y, "grad_y", LINEAR_DTYPES, (n_rows, n_out))
     _check(x, "x", LINEAR_DTYPES, (n_rows, width))
     pair_rows = -(-n_rows // 2)
     interleaved = torch.empty(pair_rows * 2 * n_out, dtype=torch.bfloat16)
+    col_sums = torch.empty(n_out, dtype=torch.float32) if with_bias else None
     dispatch.cpp_ext.linear_interleave_row_pairs(grad_y.data_ptr(), n_out, n_rows, n_out, interleaved.data_ptr(),
-                                                 torch.get_num_threads())
+                                                 _address(col_sums), torch.get_num_threads())
     packed = _pack_pairs([x], n_rows, width)
     out = torch.empty(n_out, width, dtype=torch.bfloat16)
     dispatch.cpp_ext.linear_bf16_gemm(interleaved.data_ptr(), 1, n_out, packed.data_ptr(), 0, out.data_ptr(), 0,
                                       width, n_out, width, 2 * pair_rows, torch.get_num_threads())
-    return out
+    return out, col_sums
 
 
 def layer_norm_forward(x, residual, weight, bias, out, summed, mean, rstd, eps, seed, counter_offset, threshold,

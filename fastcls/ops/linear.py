@@ -92,35 +92,39 @@ class _LinearBf16(torch.autograd.Function):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = cpp.linear_gemm(grad_y, ctx.packs.backward(weights), None, x.shape[1])
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[1]:
-            grad_bias = grad_y.sum(0).to(ctx.bias_dtype)
+        bias_needed = ctx.bias_dtype is not None and ctx.needs_input_grad[1]
         grad_weights = [None] * len(weights)
         if any(ctx.needs_input_grad[2:]):
-            stacked = cpp.linear_weight_grad(grad_y, x)
+            # the bias gradient's column sums come from the pass that interleaves grad_y for the weight's
+            stacked, sums = cpp.linear_weight_grad(grad_y, x, with_bias=bias_needed)
             rows = stacked.split([w.shape[0] for w in weights])
             grad_weights = [g.to(w.dtype) if needed else None
                             for g, w, needed in zip(rows, weights, ctx.needs_input_grad[2:])]
+        else:
+            sums = grad_y.sum(0, dtype=torch.float32) if bias_needed else None
+        if bias_needed:  # rounded to bf16 as autocast's bias gradient is, then to the bias's dtype
+            grad_bias = sums.to(torch.bfloat16).to(ctx.bias_dtype)
         return grad_x, grad_bias, *grad_weights
 
 
-def _compute_dtype(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.dtype:
-    if torch.is_autocast_enabled("cpu") and x.device.type == "cpu":
-        return torch.get_autocast_dtype("cpu")
-    return torch.result_type(x, weights[0]) if all(w.dtype == weights[0].dtype for w in weights) else x.dtype
-
-
 def linear_applies(x: torch.Tensor, weights: Sequence[torch.Tensor], backend: str | None = None) -> bool:
-    """Whether `linear(x, weights)` runs fastcls's kernels (else F.linear)."""
-    if dispatch.backend_for("linear", x.device, torch.bfloat16, backend=backend) != "cpp" or not cpp.LINEAR_BUILT:
+    """Whether `linear(x, weights)` runs fastcls's kernels (else F.linear): bf16 products (bf16 x and weights, or
+    CPU bf16 autocast), CPU tensors, eager mode, and pairs of the reduction: an even width (the forward) and even
+    row counts (the input gradient, each weight's rows starting on a pair)."""
+    if not cpp.LINEAR_BUILT or x.device.type != "cpu" or x.numel() == 0 or x.shape[-1] % 2:
         return False
-    if traced(x, *weights) or any(w.device.type != "cpu" or w.dim() != 2 for w in weights):
+    if dispatch.backend_for("linear", x.device, torch.bfloat16, backend=backend) != "cpp" or traced(x, *weights):
         return False
-    if _compute_dtype(x, weights) != torch.bfloat16 or not x.dtype.is_floating_point:
+    autocast = torch.is_autocast_enabled("cpu")
+    if autocast and torch.get_autocast_dtype("cpu") != torch.bfloat16:
         return False
-    # pairs of the reduction: x's width (the forward) and the stacked rows (the input gradient), each weight's
-    # rows starting on a pair
-    return x.shape[-1] % 2 == 0 and all(w.shape[0] % 2 == 0 and w.shape[1] == x.shape[-1] for w in weights) \
-        and x.numel() > 0
+    width = x.shape[-1]
+    for w in weights:
+        if w.device.type != "cpu" or w.dim() != 2 or w.shape[1] != width or w.shape[0] % 2:
+            return False
+        if not autocast and w.dtype != torch.bfloat16:
+            return False
+    return autocast and x.dtype.is_floating_point or x.dtype == torch.bfloat16
 
 
 def linear(x: torch.Tensor, weights: torch.Tensor | Sequence[torch.Tensor], bias: torch.Tensor | None = None, *,

@@ -2,6 +2,8 @@
 bf16 values: the output, the input, weight and bias gradients, stacked weights, row counts around the 8-row tile
 and the 48-column panel, fp32 weights under autocast, packs that follow in-place and optimizer updates, the cases
 that fall back to F.linear, and an encoder layer's training step with the kernels on and off."""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +16,15 @@ from fastcls.ops import cpp, dispatch
 from fastcls.ops.linear import linear, linear_applies
 from fastcls.optim import FusedAdamW
 
+# the module (fastcls.ops re-exports the function under the same name)
+linear_module = importlib.import_module("fastcls.ops.linear")
 needs_kernels = pytest.mark.skipif(not cpp.LINEAR_BUILT, reason="the avx512_bf16 kernels are not built or not run here")
+
+
+@pytest.fixture(autouse=True)
+def any_row_count(monkeypatch):
+    """The kernels on every row count here (tile tails included), not only from linear.MIN_ROWS up."""
+    monkeypatch.setattr(linear_module, "MIN_ROWS", 1)
 
 
 def bf16(shape, generator, scale=1.0):
@@ -126,7 +136,10 @@ def test_frozen_weight_and_input_without_gradient(generator):
                         grad.double().abs().t() @ x_frozen.double().abs())
 
 
-def test_falls_back_to_f_linear_where_the_kernels_do_not_apply(generator):
+def test_falls_back_to_f_linear_where_the_kernels_do_not_apply(generator, monkeypatch):
+    monkeypatch.setattr(linear_module, "MIN_ROWS", 64)
+    assert not linear_applies(torch.randn(63, 4).bfloat16(), [torch.randn(6, 4).bfloat16()])  # too few rows
+    monkeypatch.setattr(linear_module, "MIN_ROWS", 1)
     w, x = torch.randn(6, 4, generator=generator), torch.randn(3, 4, generator=generator)
     assert not linear_applies(x, [w])  # fp32 without autocast
     assert torch.equal(linear(x, w), F.linear(x, w))
@@ -170,3 +183,20 @@ def test_registered_with_dispatch():
     backends = dispatch.op_backends()["linear"]
     assert backends["cuda"].backend in ("triton", "reference")
     assert backends["cpu"].backend in ("cpp", "reference")
+
+
+@needs_kernels
+def test_evaluation_packs_the_forward_layout_only(generator):
+    """Under no_grad only the forward's packing is built (half the memory); a later training forward of the same
+    weight version builds the input gradient's packing when its backward first needs it."""
+    w = bf16((96, 64), generator, 0.1).requires_grad_()
+    x = bf16((70, 64), generator)
+    with torch.no_grad():
+        linear(x, w)
+    packs = linear_module._packs_of((w,))
+    assert packs.forward_packed is not None and packs.backward_packed is None
+    x.requires_grad_()
+    linear(x, w).sum().backward()
+    assert packs.backward_packed is not None
+    assert_bf16_product(x.grad, torch.ones(70, 96).double() @ w.detach().double(),
+                        torch.ones(70, 96).double() @ w.detach().double().abs())

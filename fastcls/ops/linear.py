@@ -30,6 +30,10 @@ from fastcls.ops.library import traced
 dispatch.register_op("linear", cpp=cpp.LINEAR_DTYPES)
 
 PANEL = cpp.LINEAR_PANEL
+# Fewer rows run F.linear: the packing of the weights (a pass over them each step) outweighs the product there,
+# and a row count this small is the [CLS]-only last layer's, the same every step, so oneDNN builds its primitive
+# once (benchmarks/bench_linear.py: at 32 rows fastcls takes 1.4x the time of torch's built primitive).
+MIN_ROWS = 64
 
 
 def _marks(weights: Sequence[torch.Tensor]) -> tuple:
@@ -109,9 +113,9 @@ class _LinearBf16(torch.autograd.Function):
 
 def linear_applies(x: torch.Tensor, weights: Sequence[torch.Tensor], backend: str | None = None) -> bool:
     """Whether `linear(x, weights)` runs fastcls's kernels (else F.linear): bf16 products (bf16 x and weights, or
-    CPU bf16 autocast), CPU tensors, eager mode, and pairs of the reduction: an even width (the forward) and even
-    row counts (the input gradient, each weight's rows starting on a pair)."""
-    if not cpp.LINEAR_BUILT or x.device.type != "cpu" or x.numel() == 0 or x.shape[-1] % 2:
+    CPU bf16 autocast), CPU tensors, eager mode, at least MIN_ROWS rows of x, and pairs of the reduction: an even
+    width (the forward) and even row counts (the input gradient, each weight's rows starting on a pair)."""
+    if not cpp.LINEAR_BUILT or x.device.type != "cpu" or x.shape[-1] % 2 or x.numel() < MIN_ROWS * x.shape[-1]:
         return False
     if dispatch.backend_for("linear", x.device, torch.bfloat16, backend=backend) != "cpp" or traced(x, *weights):
         return False

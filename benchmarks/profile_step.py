@@ -16,10 +16,11 @@ from torch.profiler import ProfilerActivity, profile
 
 import fastcls
 from fastcls.components.host_memory import keep_freed_host_memory
+from fastcls.ops import cpp
 
 # op-name prefixes -> the group a row of the table sums them into (first match wins; the rest is "other")
 GROUPS = [
-    ("matrix products", ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul")),
+    ("matrix products", ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul", "_LinearBf16")),
     ("attention (SDPA, softmax, varlen kernel)", ("aten::_scaled_dot_product", "aten::scaled_dot_product",
                                                   "aten::_softmax", "varlen_attention")),
     ("casts and copies", ("aten::copy_", "aten::_to_copy", "aten::to", "aten::clone", "aten::contiguous")),
@@ -42,19 +43,43 @@ def group_of(name: str) -> str:
     return "other"
 
 
+class LinearKernelClock:
+    """FLOPs and seconds of fastcls's own products (fastcls.ops.linear's kernel calls), which the profiler sees
+    only as the autograd Function's events, without shapes."""
+
+    def __init__(self):
+        self.on, self.flops, self.seconds = False, 0, 0.0
+        for name, flops_of in (("linear_gemm", lambda a, packed, bias, n: 2 * a.shape[0] * a.shape[1] * n),
+                               ("linear_weight_grad", lambda g, x, *rest: 2 * g.shape[0] * g.shape[1] * x.shape[1])):
+            setattr(cpp, name, self.timed(getattr(cpp, name), flops_of))
+
+    def timed(self, kernel, flops_of):
+        def call(*args, **kwargs):
+            if not self.on:
+                return kernel(*args, **kwargs)
+            start = time.perf_counter()
+            out = kernel(*args, **kwargs)
+            self.seconds += time.perf_counter() - start
+            self.flops += flops_of(*args)
+            return out
+        return call
+
+
 class StepProfiler(fastcls.Callback):
     """Profiles steps skip+1 .. skip+steps (the first ones warm the allocator and the caches)."""
 
-    def __init__(self, skip: int, steps: int):
-        self.skip, self.steps, self.prof, self.seconds = skip, steps, None, 0.0
+    def __init__(self, skip: int, steps: int, clock: LinearKernelClock):
+        self.skip, self.steps, self.prof, self.seconds, self.clock = skip, steps, None, 0.0, clock
 
     def on_step_end(self, state):
         if state.step == self.skip:
             self.prof = profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True)
             self.prof.__enter__()
             self.start = time.perf_counter()
+            self.clock.on = True
         elif state.step == self.skip + self.steps and self.prof is not None:
             self.seconds = time.perf_counter() - self.start
+            self.clock.on = False
             self.prof.__exit__(None, None, None)
             state.should_stop = True
 
@@ -85,7 +110,8 @@ def main() -> None:
     args = parser.parse_args()
 
     keep_freed_host_memory()  # as `fastcls train` does: no page faults on each step's fresh tensors
-    profiler = StepProfiler(args.skip, args.steps)
+    clock = LinearKernelClock()
+    profiler = StepProfiler(args.skip, args.steps, clock)
     with tempfile.TemporaryDirectory() as out:
         fastcls.train(model=args.model, output=out, dev=None, precision=args.precision, batch_size=args.batch_size,
                       max_steps=args.skip + args.steps + 1, log_every=10_000, callbacks=[profiler])
@@ -110,11 +136,13 @@ def main() -> None:
     print("other, largest: " + ", ".join(f"{name} {us / args.steps / 1e3:.1f} ms" for name, us in largest))
     dtype = torch.bfloat16 if args.precision in ("auto", "bf16") else torch.float32
     floor = linear_gflops(dtype)
+    mm_flops += clock.flops  # fastcls's own products: their kernel calls' time (inside the Functions' events)
+    mm_us += clock.seconds * 1e6
     achieved = mm_flops / max(mm_us, 1e-9) / 1e3
-    print(f"\nmatrix products (aten::mm/addmm/bmm): {mm_flops / args.steps / 1e9:.1f} GFLOP a step in "
-          f"{mm_us / args.steps / 1e3:.1f} ms = {achieved:.0f} GFLOP/s; F.linear alone on MiniLM's shapes "
-          f"({dtype}): {floor:.0f} GFLOP/s, so the products at that rate would take "
-          f"{mm_flops / args.steps / floor / 1e6:.1f} ms of the {step_ms:.1f} ms step")
+    print(f"\nmatrix products (aten::mm/addmm/bmm and fastcls.ops.linear's kernels, {clock.flops / max(mm_flops, 1):.0%} "
+          f"of the FLOPs): {mm_flops / args.steps / 1e9:.1f} GFLOP a step in {mm_us / args.steps / 1e3:.1f} ms = "
+          f"{achieved:.0f} GFLOP/s; F.linear alone on MiniLM's shapes ({dtype}): {floor:.0f} GFLOP/s, so the "
+          f"products at that rate would take {mm_flops / args.steps / floor / 1e6:.1f} ms of the {step_ms:.1f} ms step")
 
 
 if __name__ == "__main__":

@@ -186,28 +186,28 @@ void linear_pack_pairs_f32(const float* b, int64_t ld, int64_t rows, int64_t row
 
 void linear_interleave_row_pairs(const uint16_t* in, int64_t ld, int64_t R, int64_t C, uint16_t* out,
                                  float* col_sums, int num_threads) {
-  const int64_t pair_rows = (R + 1) / 2, chunks = (C + 15) / 16;
-  const int n_threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, pair_rows)));
+  const int64_t pair_rows = (R + 1) / 2, chunks = (C + 15) / 16, width = chunks * 16;
+  // the column sums of each block of kSumBlock row pairs, added in block order afterwards: the same sums whatever
+  // the thread count or timing (a resumed run with other threads gets the same bias gradients)
+  constexpr int64_t kSumBlock = 32;
+  const int64_t blocks = (pair_rows + kSumBlock - 1) / kSumBlock;
+  std::vector<float> partial(col_sums ? size_t(blocks * width) : 0, 0.0f);
   uint32_t* out32 = reinterpret_cast<uint32_t*>(out);
-  // each thread's column sums, added in thread order afterwards: the same sums whatever the timing
-  std::vector<float> partial(col_sums ? size_t(n_threads) * size_t(chunks) * 16 : 0, 0.0f);
-#pragma omp parallel num_threads(n_threads)
-  {
-    float* mine = col_sums ? partial.data() + size_t(omp_get_thread_num()) * size_t(chunks) * 16 : nullptr;
-#pragma omp for schedule(static)
-    for (int64_t rp = 0; rp < pair_rows; ++rp) {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t block = 0; block < blocks; ++block) {
+    float* sums = col_sums ? partial.data() + block * width : nullptr;
+    for (int64_t rp = block * kSumBlock; rp < std::min(pair_rows, (block + 1) * kSumBlock); ++rp) {
       const uint16_t* lo = in + 2 * rp * ld;
       const bool has_hi = 2 * rp + 1 < R;
-      for (int64_t ch = 0; ch < chunks; ++ch) {
-        const int64_t c = 16 * ch;
+      for (int64_t c = 0; c < C; c += 16) {
         const __mmask16 mask = lanes(C - c);
         const __m512i low = widened16(lo + c, mask);
         const __m512i high = has_hi ? _mm512_slli_epi32(widened16(lo + ld + c, mask), 16) : _mm512_setzero_si512();
         _mm512_mask_storeu_epi32(out32 + rp * C + c, mask, _mm512_or_si512(low, high));
-        if (mine) {  // the two rows as fp32: the low bf16 shifted up, the high one with the low half cleared
+        if (sums) {  // the two rows as fp32: the low bf16 shifted up, the high one with the low half cleared
           const __m512 pair_sum = _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(low, 16)),
                                                 _mm512_castsi512_ps(high));
-          _mm512_storeu_ps(mine + c, _mm512_add_ps(_mm512_loadu_ps(mine + c), pair_sum));
+          _mm512_storeu_ps(sums + c, _mm512_add_ps(_mm512_loadu_ps(sums + c), pair_sum));
         }
       }
     }
@@ -215,7 +215,7 @@ void linear_interleave_row_pairs(const uint16_t* in, int64_t ld, int64_t R, int6
   if (col_sums)
     for (int64_t c = 0; c < C; ++c) {
       float sum = 0.0f;
-      for (int t = 0; t < n_threads; ++t) sum += partial[size_t(t) * size_t(chunks) * 16 + size_t(c)];
+      for (int64_t block = 0; block < blocks; ++block) sum += partial[size_t(block * width + c)];
       col_sums[c] = sum;
     }
 }

@@ -200,3 +200,24 @@ def test_evaluation_packs_the_forward_layout_only(generator):
     assert packs.backward_packed is not None
     assert_bf16_product(x.grad, torch.ones(70, 96).double() @ w.detach().double(),
                         torch.ones(70, 96).double() @ w.detach().double().abs())
+
+
+@needs_kernels
+def test_results_do_not_depend_on_the_thread_count(generator):
+    """Every output element and gradient sums in one fixed order, whatever the threads (a resumed run may have
+    others): bitwise the same with 1 and 2 threads, the bias gradient's column sums included."""
+    w = bf16((96, 64), generator, 0.1).requires_grad_()
+    b = bf16(96, generator).requires_grad_()
+    x = bf16((301, 64), generator).requires_grad_()
+    grad = bf16((301, 96), generator)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            y = linear(x, w, b)
+            results.append((y, *torch.autograd.grad(y, (x, w, b), grad)))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)

@@ -7,8 +7,9 @@ MiniLM's four products (the stacked query/key/value projection 384 -> 1152, the 
 feed-forward 384 -> 1536 and 1536 -> 384) at token counts of a [CLS]-only last layer (32), of short and SST-2-like
 batches (~110, ~450, ~1070) and of a full 32 x 128 batch. Each rep is one training step's use of a weight: its
 version is bumped first, as the optimizer's update does, so fastcls packs it again inside the timed rep. Two
-columns per contender: the same token count every rep, and a new one every rep (tokens + rep), as a fine-tuning
-run's batches bring (oneDNN builds new primitives for each). Median milliseconds; the contenders take turns rep
+columns per contender: the same token count every rep, and a new one every rep (one neither contender has run), as
+a fine-tuning run's batches bring (oneDNN builds new primitives for each; a step's layers then reuse them). Below
+fastcls.ops.linear.MIN_ROWS rows (64: the [CLS]-only layer) fastcls runs F.linear itself. Median milliseconds; the contenders take turns rep
 by rep, so that a load spike on a shared machine hits both. The allocator keeps freed memory, as `fastcls train`
 does. Needs the avx512_bf16 kernels (else fastcls runs F.linear too, and the script says so).
 """
@@ -52,13 +53,14 @@ def case(width: int, rows: tuple[int, ...], tokens: int, reps: int) -> dict:
     contenders = {"torch": lambda x, ws: F.linear(x, torch.cat(ws) if len(ws) > 1 else ws[0]),
                   "fastcls": lambda x, ws: linear(x, ws)}
     result = {}
-    for pattern, counts in (("same", [tokens] * reps), ("new", [tokens + i for i in range(reps)])):
+    for pattern in ("same", "new"):
         times = {name: [] for name in contenders}
-        for name, fn in contenders.items():  # warm-up (oneDNN's primitive for "same"; "new" starts past it)
-            timed_steps(fn, weights, [tokens - 1, tokens], width, gen)
-        for i in range(reps):  # in turns, one rep each
-            for name, fn in contenders.items():
-                times[name] += timed_steps(fn, weights, [counts[i]], width, gen)
+        for name, fn in contenders.items():  # warm-up, at the count "same" times
+            timed_steps(fn, weights, [tokens, tokens], width, gen)
+        for i in range(reps):  # in turns, one rep each; "new": counts no contender has run (F.linear's included)
+            for j, (name, fn) in enumerate(contenders.items()):
+                count = tokens if pattern == "same" else tokens + 1 + len(contenders) * i + j
+                times[name] += timed_steps(fn, weights, [count], width, gen)
         result[pattern] = {name: statistics.median(t) for name, t in times.items()}
     return result
 

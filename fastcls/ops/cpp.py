@@ -1,5 +1,5 @@
 """Typed calls into the C++ kernels (`fastcls._C_<variant>`, the one fastcls.ops.cpu_variant loads): the one place
-that hands them tensor addresses.
+that hands them tensor addresses (long because every kernel's call is checked here, and nowhere else).
 
 The extension takes raw addresses (csrc/bindings.cpp), so a tensor of the wrong dtype, shape, layout or device
 makes it read or write memory the tensor does not own. Each wrapper takes tensors (None for an absent one),

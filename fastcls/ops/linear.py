@@ -9,6 +9,10 @@ forward's and the input gradient's weight layouts are packed once per weight ver
 update bumps the version) and reused by every call until the next step, the weight gradient packs x and dy on
 the fly (`dy` interleaved by row pairs, not transposed).
 
+A pack is rebuilt when a weight's storage or version changes (torch's in-place ops and FusedAdamW's update bump
+the version) and at every training forward (`new_training_pass`, which the encoder calls), so that a weight
+changed through `.data` is seen from the next step on; evaluation reuses the packs while the weights stand still.
+
 Numerics are those of bf16 autocast's linear: x, W and b rounded to bf16, fp32 accumulation, the output rounded
 once to bf16 (the bias added in fp32 before), dW = dy^T x and db = dy summed over rows, each rounded to bf16 and
 cast to its parameter's dtype. `weights` may be several weights stacked on their rows (the query, key and value
@@ -18,6 +22,7 @@ Runs where the avx512_bf16 kernels were built and the CPU has them, for bf16 ten
 eager mode only (torch.compile traces and tensor subclasses see F.linear), with an even reduction length; anywhere
 else `linear` is F.linear on the stacked weights.
 """
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -36,8 +41,20 @@ PANEL = cpp.LINEAR_PANEL
 MIN_ROWS = 64
 
 
+# Bumped by new_training_pass(): packs built in an earlier training forward are built again, so that even a weight
+# changed through `.data` (which bypasses its version counter) is read afresh at the next training step.
+_training_pass = 0
+
+
+def new_training_pass() -> None:
+    """Mark the start of a forward pass whose backward will follow (the encoder calls it once per training
+    forward): its packs are built from the weights as they are now, then serve its backward and any recomputation."""
+    global _training_pass
+    _training_pass += 1
+
+
 def _marks(weights: Sequence[torch.Tensor]) -> tuple:
-    return tuple((w.data_ptr(), w._version, w.dtype, tuple(w.shape)) for w in weights)
+    return _training_pass, tuple((w.data_ptr(), w._version, w.dtype, tuple(w.shape)) for w in weights)
 
 
 class _Packs:
@@ -73,9 +90,11 @@ _PACKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 def _packs_of(weights: Sequence[torch.Tensor]) -> _Packs:
     stacks = _PACKS.setdefault(weights[0], {})
     key = tuple(id(w) for w in weights)
-    if key not in stacks:
-        stacks[key] = _Packs()
-    return stacks[key]
+    entry = stacks.get(key)
+    # the stack's other weights by reference: a new tensor at a dead one's id never inherits its packs
+    if entry is None or any(ref() is not w for ref, w in zip(entry[0], weights)):
+        entry = stacks[key] = ([weakref.ref(w) for w in weights], _Packs())
+    return entry[1]
 
 
 class _LinearBf16(torch.autograd.Function):

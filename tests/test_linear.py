@@ -147,6 +147,9 @@ def test_falls_back_to_f_linear_where_the_kernels_do_not_apply(generator, monkey
     assert not linear_applies(torch.randn(3, 5).bfloat16(), [odd])  # an odd reduction length
     assert not linear_applies(torch.randn(3, 4).bfloat16(), [torch.randn(5, 4).bfloat16()])  # odd rows
     assert not linear_applies(x.bfloat16(), [w.bfloat16()], backend="reference")
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp64 is not autocast's to round
+        assert not linear_applies(x.double(), [w.double()])
+        assert linear_applies(x, [w.bfloat16()])
     stacked = [torch.randn(5, 4, generator=generator).bfloat16() for _ in range(2)]
     assert torch.equal(linear(x.bfloat16(), stacked), F.linear(x.bfloat16(), torch.cat(stacked)))
 

@@ -39,6 +39,7 @@ PANEL = cpp.LINEAR_PANEL
 # and a row count this small is the [CLS]-only last layer's, the same every step, so oneDNN builds its primitive
 # once (benchmarks/bench_linear.py: at 32 rows fastcls takes 1.4x the time of torch's built primitive).
 MIN_ROWS = 64
+_AUTOCAST_DTYPES = (torch.float32, torch.bfloat16)
 
 
 # Bumped by new_training_pass(): packs built in an earlier training forward are built again, so that even a weight
@@ -141,13 +142,13 @@ def linear_applies(x: torch.Tensor, weights: Sequence[torch.Tensor], backend: st
     autocast = torch.is_autocast_enabled("cpu")
     if autocast and torch.get_autocast_dtype("cpu") != torch.bfloat16:
         return False
+    # what autocast casts to bf16 (fp32), or bf16 already; anything else keeps F.linear's own handling
+    dtypes = _AUTOCAST_DTYPES if autocast else (torch.bfloat16,)
     width = x.shape[-1]
     for w in weights:
-        if w.device.type != "cpu" or w.dim() != 2 or w.shape[1] != width or w.shape[0] % 2:
+        if w.device.type != "cpu" or w.dim() != 2 or w.shape[1] != width or w.shape[0] % 2 or w.dtype not in dtypes:
             return False
-        if not autocast and w.dtype != torch.bfloat16:
-            return False
-    return autocast and x.dtype.is_floating_point or x.dtype == torch.bfloat16
+    return x.dtype in dtypes
 
 
 def linear(x: torch.Tensor, weights: torch.Tensor | Sequence[torch.Tensor], bias: torch.Tensor | None = None, *,

@@ -57,9 +57,10 @@ using Tile = void (*)(const int32_t*, int64_t, int64_t, const uint16_t*, int64_t
                       int64_t, int64_t);
 constexpr Tile kTiles[kRows + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>, tile<7>, tile<8>};
 
-
 // 16 columns of a row as bf16 bits widened to 32-bit lanes (zeros past the mask)
-inline __m512i widened16(const uint16_t* p, __mmask16 mask) { return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)); }
+inline __m512i widened16(const uint16_t* p, __mmask16 mask) {
+  return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p));
+}
 inline __m512i widened16(const float* p, __mmask16 mask) {
   return _mm512_cvtepu16_epi32(bf16_bits16(_mm512_maskz_loadu_ps(mask, p)));
 }
@@ -71,7 +72,8 @@ inline __m512i row_pairs16(const uint16_t* w, __m512i rows, int64_t kp, __mmask1
 inline __m512i row_pairs16(const float* w, __m512i rows, int64_t kp, __mmask16 mask) {
   const __m512 lo = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, rows, w + 2 * kp, 4);
   const __m512 hi = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, rows, w + 2 * kp + 1, 4);
-  return _mm512_or_si512(_mm512_cvtepu16_epi32(bf16_bits16(lo)), _mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_bits16(hi)), 16));
+  return _mm512_or_si512(_mm512_cvtepu16_epi32(bf16_bits16(lo)),
+                         _mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_bits16(hi)), 16));
 }
 
 // Row pair rp of B (lo, and hi unless null) into the pair-packed panels, 16 columns per 64-byte store. stream:

@@ -78,12 +78,18 @@ inline __m512i row_pairs16(const float* w, __m512i rows, int64_t kp, __mmask16 m
 
 // Row pair rp of B (lo, and hi unless null) into the pair-packed panels, 16 columns per 64-byte store. stream:
 // stores that bypass the cache, for a pack read much later (the input gradient's, built in the forward).
+// Columns [c, c + 16) of two rows as 32-bit pairs (lo's bits low, hi's high; hi null: zeros), zeros past the mask.
+template <typename T>
+inline __m512i row_pair16(const T* lo, const T* hi, int64_t c, __mmask16 mask) {
+  const __m512i low = widened16(lo + c, mask);
+  return hi ? _mm512_or_si512(low, _mm512_slli_epi32(widened16(hi + c, mask), 16)) : low;
+}
+
 template <typename T>
 void store_row_pair(const T* lo, const T* hi, int64_t C, int64_t pair_rows, int64_t rp, uint32_t* out, bool stream) {
   for (int64_t c = 0; c < C; c += 16) {
     const __mmask16 mask = lanes(C - c);
-    const __m512i low = widened16(lo + c, mask);
-    const __m512i pair = hi ? _mm512_or_si512(low, _mm512_slli_epi32(widened16(hi + c, mask), 16)) : low;
+    const __m512i pair = row_pair16(lo, hi, c, mask);
     uint32_t* dst = out + ((c / kLinearPanel) * pair_rows + rp) * kLinearPanel + c % kLinearPanel;
     if (stream && mask == 0xffff)
       _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), pair);  // 64-byte aligned: torch's allocations are
@@ -200,15 +206,15 @@ void linear_interleave_row_pairs(const uint16_t* in, int64_t ld, int64_t R, int6
     float* sums = col_sums ? partial.data() + block * width : nullptr;
     for (int64_t rp = block * kSumBlock; rp < std::min(pair_rows, (block + 1) * kSumBlock); ++rp) {
       const uint16_t* lo = in + 2 * rp * ld;
-      const bool has_hi = 2 * rp + 1 < R;
+      const uint16_t* hi = 2 * rp + 1 < R ? lo + ld : nullptr;
       for (int64_t c = 0; c < C; c += 16) {
         const __mmask16 mask = lanes(C - c);
-        const __m512i low = widened16(lo + c, mask);
-        const __m512i high = has_hi ? _mm512_slli_epi32(widened16(lo + ld + c, mask), 16) : _mm512_setzero_si512();
-        _mm512_mask_storeu_epi32(out32 + rp * C + c, mask, _mm512_or_si512(low, high));
+        const __m512i pair = row_pair16(lo, hi, c, mask);
+        _mm512_mask_storeu_epi32(out32 + rp * C + c, mask, pair);
         if (sums) {  // the two rows as fp32: the low bf16 shifted up, the high one with the low half cleared
-          const __m512 pair_sum = _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(low, 16)),
-                                                _mm512_castsi512_ps(high));
+          const __m512 pair_sum = _mm512_add_ps(
+              _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16)),
+              _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32(int(0xffff0000u)))));
           _mm512_storeu_ps(sums + c, _mm512_add_ps(_mm512_loadu_ps(sums + c), pair_sum));
         }
       }

@@ -1,13 +1,12 @@
 """y = x W^T + b in bf16 on CPUs with AVX-512 BF16: fastcls's own matrix products for the encoder's Linear layers,
-forward and backward (csrc/linear_bf16.cpp), with each weight packed once per optimizer step.
+forward and backward (csrc/linear_bf16.cpp), with each weight packed once per training step.
 
 torch's bf16 products on the CPU (oneDNN) reach this CPU's peak on a shape they have seen, but a fine-tuning step
 brings a new token count every batch: oneDNN builds new primitives for each (~13 a step for a 6-layer encoder),
 and packs the weight again on every call, which at the tens to hundreds of tokens of short texts costs as much as
 the product. Here one register-blocked kernel of `vdpbf16ps` runs any row count without building anything; the
-forward's and the input gradient's weight layouts are packed once per weight version (the optimizer's in-place
-update bumps the version) and reused by every call until the next step, the weight gradient packs x and dy on
-the fly (`dy` interleaved by row pairs, not transposed).
+forward's and the input gradient's weight layouts are packed from one read of the weight and reused by the
+step's calls; the weight gradient packs x and dy on the fly (`dy` interleaved by row pairs, not transposed).
 
 A pack is rebuilt when a weight's storage or version changes (torch's in-place ops and FusedAdamW's update bump
 the version) and at every training forward (`new_training_pass`, which the encoder calls), so that a weight
@@ -34,7 +33,6 @@ from fastcls.ops.library import traced
 
 dispatch.register_op("linear", cpp=cpp.LINEAR_DTYPES)
 
-PANEL = cpp.LINEAR_PANEL
 # Fewer rows run F.linear: the packing of the weights (a pass over them each step) outweighs the product there,
 # and a row count this small is the [CLS]-only last layer's, the same every step, so oneDNN builds its primitive
 # once (benchmarks/bench_linear.py: at 32 rows fastcls takes 1.4x the time of torch's built primitive).

@@ -190,8 +190,8 @@ def test_registered_with_dispatch():
 
 @needs_kernels
 def test_evaluation_packs_the_forward_layout_only(generator):
-    """Under no_grad only the forward's packing is built (half the memory); a later training forward of the same
-    weight version builds the input gradient's packing when its backward first needs it."""
+    """Under no_grad only the forward's packing is built (half the memory); a later training forward in the same
+    pass builds the input gradient's packing when its backward first needs it."""
     w = bf16((96, 64), generator, 0.1).requires_grad_()
     x = bf16((70, 64), generator)
     with torch.no_grad():
@@ -227,13 +227,13 @@ def test_results_do_not_depend_on_the_thread_count(generator):
 
 
 @needs_kernels
-def test_a_training_pass_reads_weights_changed_behind_their_version(generator):
-    """`.data` in place bypasses the version counter: the next training pass packs the weight again."""
+def test_a_forward_pass_reads_weights_changed_behind_their_version(generator):
+    """`.data` in place bypasses the version counter: the next forward pass packs the weight again."""
     w = bf16((96, 64), generator, 0.1).requires_grad_()
     x = bf16((70, 64), generator)
-    linear_module.new_training_pass()
+    linear_module.new_forward_pass()
     before = linear(x, w)
     w.data.add_(1.0)
     assert torch.equal(linear(x, w), before)  # the premise: within one pass the packing stands
-    linear_module.new_training_pass()
+    linear_module.new_forward_pass()
     assert torch.equal(linear(x, w), linear(x, w.detach().clone()))

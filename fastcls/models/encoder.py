@@ -39,7 +39,7 @@ from fastcls.ops.dropout_add_layer_norm import (
 from fastcls.ops.dropout import recomputed_alike
 from fastcls.ops.bias_gelu import bias_gelu, bias_gelu_applies
 from fastcls.ops.embedding import row_accumulated_embedding
-from fastcls.ops.linear import linear, new_training_pass
+from fastcls.ops.linear import linear, new_forward_pass
 from fastcls.ops.varlen_attention import varlen_attention
 
 
@@ -282,8 +282,7 @@ class LayerwiseEncoder:
     def pooled(self, batch: Batch) -> torch.Tensor:
         """The pooled vector [rows, d]; with task layers, per task [tasks, rows, d]."""
         n = len(self.layers)
-        if torch.is_grad_enabled():
-            new_training_pass()  # fastcls's products pack the weights as they are at this step
+        new_forward_pass()  # fastcls's products pack the weights as they are now (not as a stale buffer held them)
         h = self._prefix(batch)
         checkpointing = self.checkpointing and torch.is_grad_enabled()
         last_cls_only = self.pooling == "cls" and self.task_layers is None

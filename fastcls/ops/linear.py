@@ -9,8 +9,9 @@ forward's and the input gradient's weight layouts are packed from one read of th
 step's calls; the weight gradient packs x and dy on the fly (`dy` interleaved by row pairs, not transposed).
 
 A pack is rebuilt when a weight's storage or version changes (torch's in-place ops and FusedAdamW's update bump
-the version) and at every training forward (`new_training_pass`, which the encoder calls), so that a weight
-changed through `.data` is seen from the next step on; evaluation reuses the packs while the weights stand still.
+the version) and at every forward pass of the encoder (`new_forward_pass`, which it calls, with or without
+gradients): weights whose contents change behind their version counter (a write through `.data`, FSDP2's
+all-gather into a reused buffer) are read afresh by every pass, and a pass's packs serve its backward.
 
 Numerics are those of bf16 autocast's linear: x, W and b rounded to bf16, fp32 accumulation, the output rounded
 once to bf16 (the bias added in fp32 before), dW = dy^T x and db = dy summed over rows, each rounded to bf16 and
@@ -40,20 +41,20 @@ MIN_ROWS = 64
 _AUTOCAST_DTYPES = (torch.float32, torch.bfloat16)
 
 
-# Bumped by new_training_pass(): packs built in an earlier training forward are built again, so that even a weight
-# changed through `.data` (which bypasses its version counter) is read afresh at the next training step.
-_training_pass = 0
+# Bumped by new_forward_pass(): packs built in an earlier pass are built again, so that a weight whose contents
+# changed behind its version counter (`.data`, FSDP2's all-gather into a reused buffer) is never read stale.
+_forward_pass = 0
 
 
-def new_training_pass() -> None:
-    """Mark the start of a forward pass whose backward will follow (the encoder calls it once per training
-    forward): its packs are built from the weights as they are now, then serve its backward and any recomputation."""
-    global _training_pass
-    _training_pass += 1
+def new_forward_pass() -> None:
+    """Mark the start of a forward pass (the encoder calls it once per forward, training or evaluating): its packs
+    are built from the weights as they are now, then serve its backward and any recomputation."""
+    global _forward_pass
+    _forward_pass += 1
 
 
 def _marks(weights: Sequence[torch.Tensor]) -> tuple:
-    return _training_pass, tuple((w.data_ptr(), w._version, w.dtype, tuple(w.shape)) for w in weights)
+    return _forward_pass, tuple((w.data_ptr(), w._version, w.dtype, tuple(w.shape)) for w in weights)
 
 
 class _Packs:

@@ -134,20 +134,29 @@ def linear_applies(x: torch.Tensor, weights: Sequence[torch.Tensor], backend: st
     """Whether `linear(x, weights)` runs fastcls's kernels (else F.linear): bf16 products (bf16 x and weights, or
     CPU bf16 autocast), CPU tensors, eager mode, at least MIN_ROWS rows of x, and pairs of the reduction: an even
     width (the forward) and even row counts (the input gradient, each weight's rows starting on a pair)."""
-    if not cpp.LINEAR_BUILT or x.device.type != "cpu" or x.shape[-1] % 2 or x.numel() < MIN_ROWS * x.shape[-1]:
+    if not cpp.LINEAR_BUILT or x.device.type != "cpu" or x.numel() < MIN_ROWS * x.shape[-1]:
         return False
-    if dispatch.backend_for("linear", x.device, torch.bfloat16, backend=backend) != "cpp" or traced(x, *weights):
+    if dispatch.backend_for("linear", x.device, torch.bfloat16, backend=backend) != "cpp" or traced(x):
         return False
-    autocast = torch.is_autocast_enabled("cpu")
-    if autocast and torch.get_autocast_dtype("cpu") != torch.bfloat16:
-        return False
-    # what autocast casts to bf16 (fp32), or bf16 already; anything else keeps F.linear's own handling
-    dtypes = _AUTOCAST_DTYPES if autocast else (torch.bfloat16,)
-    width = x.shape[-1]
-    for w in weights:
-        if w.device.type != "cpu" or w.dim() != 2 or w.shape[1] != width or w.shape[0] % 2 or w.dtype not in dtypes:
-            return False
-    return x.dtype in dtypes
+    dtypes = _product_dtypes()
+    return x.dtype in dtypes and weights_apply(weights, x.shape[-1], dtypes)
+
+
+def _product_dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes whose products are bf16 ones: what CPU bf16 autocast casts to bf16 (fp32), or bf16 already;
+    anything else keeps F.linear's own handling."""
+    if not torch.is_autocast_enabled("cpu"):
+        return (torch.bfloat16,)
+    return _AUTOCAST_DTYPES if torch.get_autocast_dtype("cpu") == torch.bfloat16 else ()
+
+
+def weights_apply(weights: Sequence[torch.Tensor], width: int, dtypes: tuple[torch.dtype, ...] | None = None) -> bool:
+    """Whether the kernels take `weights` [N_i, width] (CPU, plain tensors, even width and row counts) for an input
+    whose rows pass `linear_applies`."""
+    dtypes = _product_dtypes() if dtypes is None else dtypes
+    return width % 2 == 0 and not traced(*weights) and all(
+        w.device.type == "cpu" and w.dim() == 2 and w.shape[1] == width and w.shape[0] % 2 == 0 and w.dtype in dtypes
+        for w in weights)
 
 
 def linear(x: torch.Tensor, weights: torch.Tensor | Sequence[torch.Tensor], bias: torch.Tensor | None = None, *,

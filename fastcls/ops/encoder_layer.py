@@ -1,0 +1,181 @@
+"""A whole BERT-family encoder layer over packed sequences as one autograd node, on the CPU kernels.
+
+The layer's eight ops (the stacked query/key/value product, attention, the output product, dropout + residual +
+LayerNorm, the first feed-forward product with its bias and GELU, the second product, dropout + residual +
+LayerNorm) each run as their own autograd Function elsewhere (fastcls.ops.linear, varlen_attention,
+dropout_add_layer_norm, bias_gelu). On two CPU cores a fine-tuning step of short texts spends about a fifth of its
+time around the kernels rather than in them: building and walking ~20 autograd nodes a layer, the wrappers'
+checks, views, casts and gradient sums. Here the forward calls the kernels in turn and its backward calls their
+backwards in reverse: one node a layer, nothing else changed.
+
+The arithmetic is the separate ops', call for call: the same kernels on the same inputs, the same dropout masks
+(each op draws its counters in the same order and number), the same roundings and gradient dtypes, so a step
+gives the same bits either way (tests/test_encoder_layer.py). It saves what they save: the bf16 input of each
+product, q/k/v (the stacked product's output), the attention's log-sum-exp, GELU's input, and each LayerNorm's
+output (or its pre-norm sum where the output cannot stand in for it; fastcls.ops.layer_norm_recovery).
+
+`encoder_layer_applies` says where it runs: bf16 products by fastcls's kernels (fastcls.ops.linear), the packed
+attention, LayerNorm and bias-GELU CPU kernels, plain nn.Linear modules with biases, GELU's erf form, gradients
+on. Anywhere else the encoder composes the separate ops.
+"""
+from typing import NamedTuple
+
+import torch
+
+from fastcls.ops import cpp, dispatch
+from fastcls.ops.dropout import MaskSource, keep_threshold, kept_scale, mask_source
+from fastcls.ops.dropout_add_layer_norm import _backward as layer_norm_backward
+from fastcls.ops.dropout_add_layer_norm import _forward as layer_norm_forward
+from fastcls.ops.dropout_add_layer_norm import _out_dtype
+from fastcls.ops.layer_norm_recovery import output_stands_in
+from fastcls.ops.linear import _packs_of, linear_applies, weights_apply
+from fastcls.ops.library import traced
+
+
+class LayerSpec(NamedTuple):
+    """What the layer's parameters do not say: heads, dropout probabilities (0 when not training), epsilons."""
+    heads: int
+    attn_dropout: float
+    attn_out_dropout: float
+    out_dropout: float
+    attn_eps: float
+    out_eps: float
+
+
+def encoder_layer_applies(h: torch.Tensor, linears: tuple, norms: tuple, heads: int, dropouts: tuple) -> bool:
+    """Whether `encoder_layer` runs for h [T, d], the layer's (query, key, value, attention output, feed-forward
+    in, feed-forward out) modules, its two LayerNorms, its head count and its three dropout probabilities."""
+    if not torch.is_grad_enabled() or any(type(m) is not torch.nn.Linear or m.bias is None for m in linears):
+        return False
+    query, key, value, attn_out, ffn_in, ffn_out = linears
+    width = h.shape[-1]
+    if h.dim() != 2 or width % heads or width // heads > cpp.VARLEN_ATTENTION_MAX_HEAD_DIM or max(dropouts) >= 1:
+        return False
+    if not (linear_applies(h, [m.weight for m in (query, key, value, attn_out, ffn_in)])
+            and weights_apply([ffn_out.weight], ffn_out.weight.shape[1])):
+        return False
+    if traced(*[t for m in (*linears, *norms) for t in (m.weight, m.bias)]):
+        return False
+    return all(dispatch.backend_for(op, h.device, torch.bfloat16) == "cpp"
+               for op in ("varlen_attention", "dropout_add_layer_norm", "bias_gelu"))
+
+
+def encoder_layer(h: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int, linears: tuple, norms: tuple,
+                  spec: LayerSpec) -> torch.Tensor:
+    """The layer's output [T, d] for tokens h [T, d] of packed rows (int cu_seqlens [rows + 1], rows at most
+    max_len long), where `encoder_layer_applies`; linears and norms as there."""
+    params = [t for m in (*linears, *norms) for t in (m.weight, m.bias)]
+    return _EncoderLayer.apply(h, cu_seqlens.to(torch.int64), max_len, spec, _out_dtype(h, h), *params)
+
+
+def _bias32(bias: torch.Tensor) -> torch.Tensor:
+    return bias.to(torch.bfloat16).float()  # the product's bias as autocast's linear rounds it
+
+
+def _grad_bias(sums: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return sums.to(torch.bfloat16).to(bias.dtype)  # rounded to bf16 as autocast's bias gradient is
+
+
+def _source(h: torch.Tensor, numel: int, p: float) -> MaskSource:
+    return mask_source(h.device, numel, None) if p > 0 else MaskSource(None, 0, 0)
+
+
+def _norm_saves(weight: torch.Tensor, bias: torch.Tensor) -> str:
+    """What a LayerNorm's backward reads: its output, or the pre-norm sum (fastcls.ops.dropout_add_layer_norm)."""
+    return "output" if output_stands_in(weight, bias) else "sum"
+
+
+class _EncoderLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, cu, max_len, spec, out_dtype, wq, bq, wk, bk, wv, bv, wo, bo, wi, bi, wout, bout, ln1_w,
+                ln1_b, ln2_w, ln2_b):
+        tokens, width = h.shape
+        head_dim = width // spec.heads
+        backward = any(ctx.needs_input_grad)
+        qkv_weights = (wq, wk, wv)
+        packs = [_packs_of(w) for w in (qkv_weights, (wo,), (wi,), (wout,))]
+        hb = h.to(torch.bfloat16).contiguous()
+        # the input gradient's packing where it is needed: for the first product, where h takes a gradient
+        qkv_packed = packs[0].forward(qkv_weights, ctx.needs_input_grad[0])
+        qkv = cpp.linear_gemm(hb, qkv_packed, _bias32(torch.cat([bq, bk, bv])), 3 * width)
+        q, k, v = qkv.view(tokens, 3, spec.heads, head_dim).unbind(1)
+        # each op draws its mask's counters in the separate ops' order and number: the same masks
+        attn_source = _source(h, spec.heads * tokens * max_len, spec.attn_dropout)
+        context, lse = cpp.varlen_attention_forward(q, k, v, cu, cu, head_dim ** -0.5, *attn_source.resolved(),
+                                                    keep_threshold(spec.attn_dropout), kept_scale(spec.attn_dropout))
+        context = context.view(tokens, width)
+        a = cpp.linear_gemm(context, packs[1].forward((wo,), backward), _bias32(bo), width)
+        source1, saves1 = _source(h, a.numel(), spec.attn_out_dropout), _norm_saves(ln1_w, ln1_b)
+        h1, sum1, mean1, rstd1 = layer_norm_forward(a, h, ln1_w, ln1_b, spec.attn_eps, spec.attn_out_dropout,
+                                                    source1, False, out_dtype, saves1 == "sum", "cpp")
+        h1b = h1.to(torch.bfloat16).contiguous()
+        f = cpp.linear_gemm(h1b, packs[2].forward((wi,), backward), None, wi.shape[0])
+        g = cpp.bias_gelu_forward(f, bi.to(torch.bfloat16))
+        o = cpp.linear_gemm(g, packs[3].forward((wout,), backward), _bias32(bout), width)
+        source2, saves2 = _source(h, o.numel(), spec.out_dropout), _norm_saves(ln2_w, ln2_b)
+        h2, sum2, mean2, rstd2 = layer_norm_forward(o, h1, ln2_w, ln2_b, spec.out_eps, spec.out_dropout, source2,
+                                                    False, out_dtype, saves2 == "sum", "cpp")
+        sources = (attn_source, source1, source2)
+        rng = next((s.rng for s in sources if s.rng is not None), None)
+        # the generator's state is saved like a tensor input, so a backward after its end_step fails loudly
+        # rather than redrawing other masks
+        ctx.save_for_backward(hb, qkv, lse, context, h1 if saves1 == "output" else sum1, mean1, rstd1, h1b, f, g,
+                              h2 if saves2 == "output" else sum2, mean2, rstd2, cu, rng, wq, bq, wk, bk, wv, bv, wo,
+                              bo, wi, bi, wout, bout, ln1_w, ln1_b, ln2_w, ln2_b)
+        ctx.spec, ctx.saves, ctx.dtypes, ctx.packs = spec, (saves1, saves2), (h.dtype, h1.dtype), packs
+        ctx.sources = tuple((s.seed, s.offset) for s in sources)
+        return h2
+
+    @staticmethod
+    def backward(ctx, grad_h2):
+        (hb, qkv, lse, context, saved1, mean1, rstd1, h1b, f, g, saved2, mean2, rstd2, cu, rng, wq, bq, wk, bk, wv,
+         bv, wo, bo, wi, bi, wout, bout, ln1_w, ln1_b, ln2_w, ln2_b) = ctx.saved_tensors
+        spec, (saves1, saves2), (h_dtype, h1_dtype) = ctx.spec, ctx.saves, ctx.dtypes
+        attn_source, source1, source2 = (MaskSource(rng, seed, offset) for seed, offset in ctx.sources)
+        needs = ctx.needs_input_grad[5:]
+        tokens, width = hb.shape
+        head_dim = width // spec.heads
+
+        grad_o, grad_h1, ln2_gw, ln2_gb = layer_norm_backward(
+            grad_h2.contiguous(), saved2, saves2 == "output", ln2_w, ln2_b, mean2, rstd2, None, spec.out_dropout,
+            source2, False, torch.bfloat16, h1_dtype, "cpp")
+        grad_g = cpp.linear_gemm(grad_o, ctx.packs[3].backward((wout,)), None, g.shape[1])
+        out_grads = _weight_grads(grad_o, g, (wout,), bout, needs[10:12])
+        grad_f, in_bias_sums = cpp.bias_gelu_backward(grad_g, f, bi.to(torch.bfloat16))
+        grad_h1b = cpp.linear_gemm(grad_f, ctx.packs[2].backward((wi,)), None, width)
+        in_grads = _weight_grads(grad_f, h1b, (wi,), None, needs[8:9])
+        grad_h1 = grad_h1 + grad_h1b.to(h1_dtype)  # h1 feeds the product and the residual
+
+        grad_a, grad_h, ln1_gw, ln1_gb = layer_norm_backward(
+            grad_h1, saved1, saves1 == "output", ln1_w, ln1_b, mean1, rstd1, None, spec.attn_out_dropout, source1,
+            False, torch.bfloat16, h_dtype, "cpp")
+        grad_context = cpp.linear_gemm(grad_a, ctx.packs[1].backward((wo,)), None, width)
+        o_grads = _weight_grads(grad_a, context, (wo,), bo, needs[6:8])
+        q, k, v = qkv.view(tokens, 3, spec.heads, head_dim).unbind(1)
+        grad_q, grad_k, grad_v = cpp.varlen_attention_backward(
+            q, k, v, cu, cu, head_dim ** -0.5, *attn_source.resolved(), keep_threshold(spec.attn_dropout),
+            kept_scale(spec.attn_dropout), grad_context.view(tokens, spec.heads, head_dim), lse)
+        grad_qkv = torch.cat([t.view(tokens, width) for t in (grad_q, grad_k, grad_v)], dim=1)
+        qkv_bias = torch.cat([bq, bk, bv]) if any(needs[1:6:2]) else None
+        wq_grad, wk_grad, wv_grad, qkv_bias_grad = _weight_grads(grad_qkv, hb, (wq, wk, wv), qkv_bias,
+                                                                 (*needs[0:6:2], any(needs[1:6:2])))
+        bias_grads = qkv_bias_grad.split(width) if qkv_bias_grad is not None else (None,) * 3
+        if ctx.needs_input_grad[0]:  # h feeds the product and the residual
+            grad_h = grad_h + cpp.linear_gemm(grad_qkv, ctx.packs[0].backward((wq, wk, wv)), None, width).to(h_dtype)
+        else:
+            grad_h = None
+        grads = (wq_grad, bias_grads[0], wk_grad, bias_grads[1], wv_grad, bias_grads[2], *o_grads, in_grads[0],
+                 _grad_bias(in_bias_sums, bi), *out_grads, ln1_gw.to(ln1_w.dtype), ln1_gb.to(ln1_b.dtype),
+                 ln2_gw.to(ln2_w.dtype), ln2_gb.to(ln2_b.dtype))
+        return grad_h, None, None, None, None, *(g if need else None for g, need in zip(grads, needs))
+
+
+def _weight_grads(grad_y: torch.Tensor, x: torch.Tensor, weights: tuple, bias: torch.Tensor | None,
+                  needs: tuple[bool, ...]) -> tuple:
+    """(each weight's gradient, then the bias's: None without a bias) of y = x W^T + b, as fastcls.ops.linear
+    computes them; all None where `needs` (the weights', then the bias's) asks for none."""
+    if not (any(needs[:len(weights)]) or (bias is not None and needs[-1])):
+        return (None,) * (len(weights) + 1)
+    stacked, sums = cpp.linear_weight_grad(grad_y, x, with_bias=bias is not None)
+    grads = tuple(part.to(w.dtype) for part, w in zip(stacked.split([w.shape[0] for w in weights]), weights))
+    return *grads, None if bias is None else _grad_bias(sums, bias)

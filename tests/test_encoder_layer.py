@@ -1,0 +1,144 @@
+"""The encoder layer as one autograd node (fastcls.ops.encoder_layer) against the same layer composed of the separate
+ops: the same loss and gradients bit for bit (the same kernels on the same inputs, the same dropout masks), with
+dropout on, fp32 or bf16 weights, LayerNorms that save their output or their sum, frozen parameters and inputs,
+and under activation checkpointing; and where it does not run."""
+import importlib
+
+import pytest
+import torch
+from tiny import encoded_rows
+from transformers import AutoConfig, AutoModel
+
+from fastcls.data import collate
+from fastcls.models import encoder as encoder_module
+from fastcls.models.classifier import EncoderClassifier
+from fastcls.ops import cpp
+from fastcls.ops.dropout import DropoutGenerator, use_generator
+from fastcls.ops.encoder_layer import encoder_layer_applies
+
+linear_module = importlib.import_module("fastcls.ops.linear")
+pytestmark = pytest.mark.skipif(not cpp.LINEAR_BUILT, reason="the avx512_bf16 kernels are not built or not run here")
+
+
+@pytest.fixture(autouse=True)
+def any_row_count(monkeypatch):
+    monkeypatch.setattr(linear_module, "MIN_ROWS", 1)
+
+
+def tiny_model(dropout=0.1, layers=3, bf16_weights=False, seed=0):
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model("bert", vocab_size=99, hidden_size=32, num_hidden_layers=layers,
+                                  num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+                                  pad_token_id=1, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    model = EncoderClassifier(AutoModel.from_config(config), num_labels=3, dropout=0.0, packed=True).train()
+    with torch.no_grad():  # weights off their initial values: nonzero biases and LayerNorm weights
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    if bf16_weights:
+        for module in model.modules():
+            if type(module) is torch.nn.Linear:
+                module.to(torch.bfloat16)
+    return model
+
+
+def batch(seed=3):
+    encoded = encoded_rows([7, 1, 12, 4, 9, 30], seed=seed)
+    return collate(encoded, [4, 2, 1, 0, 3, 5], packed=True, pad_token_id=1, labels=True)
+
+
+def step(model, fused, seed=11, checkpointing=False):
+    """The loss and gradients of one training step with the layer fused or composed, the dropout masks drawn from
+    a generator seeded alike; asserts which path ran."""
+    calls = []
+    real = encoder_module.encoder_layer
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(encoder_module, "encoder_layer", counted)
+        if not fused:
+            patch.setattr(encoder_module, "encoder_layer_applies", lambda *args: False)
+        if checkpointing:
+            model.body.enable_checkpointing()
+        model.zero_grad(set_to_none=True)
+        with use_generator(DropoutGenerator(seed)), torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = model(batch())
+            loss.backward()
+    layers = len(model.body.layers)
+    # the [CLS]-only last layer runs the separate ops; checkpointing runs each forward again in the backward
+    assert len(calls) == ((layers - 1) * (2 if checkpointing else 1) if fused else 0)
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_step(fused, composed, trained=None):
+    (loss, grads), (ref_loss, ref_grads) = fused, composed
+    assert torch.equal(loss, ref_loss)
+    assert grads.keys() == ref_grads.keys()
+    if trained is not None:
+        assert grads.keys() == trained
+    for name, grad in grads.items():
+        assert grad.dtype == ref_grads[name].dtype and torch.equal(grad, ref_grads[name]), name
+
+
+@pytest.mark.parametrize("bf16_weights", [False, True])
+def test_fused_layer_step_equals_the_separate_ops_bit_for_bit(bf16_weights):
+    model = tiny_model(bf16_weights=bf16_weights)
+    fused = step(model, True)
+    assert_same_step(fused, step(model, False))
+    assert any("layer.0.attention.self.query.bias" in name for name in fused[1])
+
+
+def test_layer_norm_saving_its_sum():
+    """A LayerNorm weight with a zero: its output cannot stand in for the normalised input, so the sum is saved."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.encoder.encoder.layer[0].attention.output.LayerNorm.weight[3] = 0.0
+        model.encoder.encoder.layer[1].output.LayerNorm.weight[5] = 0.0
+    assert_same_step(step(model, True), step(model, False))
+
+
+def test_frozen_parameters_and_input_without_gradient():
+    """Frozen embeddings (the first layer's input takes no gradient) and some frozen weights and biases."""
+    model = tiny_model()
+    frozen = ["embeddings", "layer.0.attention.self.key.weight", "layer.1.intermediate.dense.bias",
+              "layer.0.output.LayerNorm.weight", "layer.1.attention.self.value.bias"]
+    for name, p in model.named_parameters():
+        p.requires_grad_(not any(part in name for part in frozen))
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert_same_step(step(model, True), step(model, False), trained)
+
+
+def test_a_frozen_layer_under_trained_embeddings():
+    """A layer whose parameters all are frozen still passes the gradient down to trained embeddings."""
+    model = tiny_model()
+    for p in model.encoder.encoder.layer[0].parameters():
+        p.requires_grad_(False)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    fused = step(model, True)
+    assert_same_step(fused, step(model, False), trained)
+    assert "encoder.embeddings.word_embeddings.weight" in fused[1]
+
+
+def test_checkpointed_layers_equal_the_plain_step():
+    plain = step(tiny_model(), True)
+    assert_same_step(step(tiny_model(), True, checkpointing=True), plain)
+
+
+def test_where_it_does_not_run():
+    model = tiny_model()
+    part = model.body.layers[0]
+    linears = (part.query, part.key, part.value, part.attn_out, part.ffn_in, part.ffn_out)
+    norms = (part.attn_norm, part.out_norm)
+    h = torch.randn(10, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert encoder_layer_applies(h, linears, norms, 4, (0.1, 0.1, 0.1))
+        with torch.no_grad():  # evaluation composes the ops: no autograd node to save
+            assert not encoder_layer_applies(h, linears, norms, 4, (0.1, 0.1, 0.1))
+        assert not encoder_layer_applies(h, linears, norms, 4, (0.1, 1.0, 0.1))  # p = 1
+        assert not encoder_layer_applies(h, linears, norms, 3, (0.1, 0.1, 0.1))  # heads not dividing the width
+    assert not encoder_layer_applies(h, linears, norms, 4, (0.1, 0.1, 0.1))  # fp32 products: F.linear's
+    adapted = (*linears[:5], torch.nn.Sequential(part.ffn_out))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not encoder_layer_applies(h, adapted, norms, 4, (0.1, 0.1, 0.1))

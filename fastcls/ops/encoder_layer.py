@@ -54,7 +54,8 @@ def encoder_layer_applies(h: torch.Tensor, linears: tuple, norms: tuple, heads: 
     if not (linear_applies(h, [m.weight for m in (query, key, value, attn_out, ffn_in)])
             and weights_apply([ffn_out.weight], ffn_out.weight.shape[1])):
         return False
-    if traced(*[t for m in (*linears, *norms) for t in (m.weight, m.bias)]):
+    if traced(*[t for m in (*linears, *norms) for t in (m.weight, m.bias)]) or not all(
+            dispatch.takes("dropout_add_layer_norm", "cpp", m.weight.dtype, m.bias.dtype) for m in norms):
         return False
     return all(dispatch.backend_for(op, h.device, torch.bfloat16) == "cpp"
                for op in ("varlen_attention", "dropout_add_layer_norm", "bias_gelu"))
@@ -144,7 +145,7 @@ class _EncoderLayer(torch.autograd.Function):
         grad_f, in_bias_sums = cpp.bias_gelu_backward(grad_g, f, bi.to(torch.bfloat16))
         grad_h1b = cpp.linear_gemm(grad_f, ctx.packs[2].backward((wi,)), None, width)
         in_grads = _weight_grads(grad_f, h1b, (wi,), None, needs[8:9])
-        grad_h1 = grad_h1 + grad_h1b.to(h1_dtype)  # h1 feeds the product and the residual
+        grad_h1.add_(grad_h1b)  # h1 feeds the product and the residual (the bf16 gradient widened exactly)
 
         grad_a, grad_h, ln1_gw, ln1_gb = layer_norm_backward(
             grad_h1, saved1, saves1 == "output", ln1_w, ln1_b, mean1, rstd1, None, spec.attn_out_dropout, source1,
@@ -161,7 +162,7 @@ class _EncoderLayer(torch.autograd.Function):
                                                                  (*needs[0:6:2], any(needs[1:6:2])))
         bias_grads = qkv_bias_grad.split(width) if qkv_bias_grad is not None else (None,) * 3
         if ctx.needs_input_grad[0]:  # h feeds the product and the residual
-            grad_h = grad_h + cpp.linear_gemm(grad_qkv, ctx.packs[0].backward((wq, wk, wv)), None, width).to(h_dtype)
+            grad_h.add_(cpp.linear_gemm(grad_qkv, ctx.packs[0].backward((wq, wk, wv)), None, width))
         else:
             grad_h = None
         grads = (wq_grad, bias_grads[0], wk_grad, bias_grads[1], wv_grad, bias_grads[2], *o_grads, in_grads[0],

@@ -168,7 +168,7 @@ class _EncoderLayer(torch.autograd.Function):
         grads = (wq_grad, bias_grads[0], wk_grad, bias_grads[1], wv_grad, bias_grads[2], *o_grads, in_grads[0],
                  _grad_bias(in_bias_sums, bi), *out_grads, ln1_gw.to(ln1_w.dtype), ln1_gb.to(ln1_b.dtype),
                  ln2_gw.to(ln2_w.dtype), ln2_gb.to(ln2_b.dtype))
-        return grad_h, None, None, None, None, *(g if need else None for g, need in zip(grads, needs))
+        return grad_h, None, None, None, None, *(grad if need else None for grad, need in zip(grads, needs))
 
 
 def _weight_grads(grad_y: torch.Tensor, x: torch.Tensor, weights: tuple, bias: torch.Tensor | None,

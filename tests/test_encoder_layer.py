@@ -41,12 +41,12 @@ def tiny_model(dropout=0.1, layers=3, bf16_weights=False, seed=0):
     return model
 
 
-def batch(seed=3):
-    encoded = encoded_rows([7, 1, 12, 4, 9, 30], seed=seed)
+def batch(seed=3, lengths=(7, 1, 12, 4, 9, 30)):
+    encoded = encoded_rows(list(lengths), seed=seed)
     return collate(encoded, [4, 2, 1, 0, 3, 5], packed=True, pad_token_id=1, labels=True)
 
 
-def step(model, fused, seed=11, checkpointing=False):
+def step(model, fused, seed=11, checkpointing=False, lengths=(7, 1, 12, 4, 9, 30)):
     """The loss and gradients of one training step with the layer fused or composed, the dropout masks drawn from
     a generator seeded alike; asserts which path ran."""
     calls = []
@@ -64,7 +64,7 @@ def step(model, fused, seed=11, checkpointing=False):
             model.body.enable_checkpointing()
         model.zero_grad(set_to_none=True)
         with use_generator(DropoutGenerator(seed)), torch.autocast("cpu", dtype=torch.bfloat16):
-            loss, _ = model(batch())
+            loss, _ = model(batch(lengths=lengths))
             loss.backward()
     layers = len(model.body.layers)
     # the [CLS]-only last layer runs the separate ops; checkpointing runs each forward again in the backward
@@ -108,6 +108,16 @@ def test_frozen_parameters_and_input_without_gradient():
         p.requires_grad_(not any(part in name for part in frozen))
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert_same_step(step(model, True), step(model, False), trained)
+
+
+def test_biases_alone_trained():
+    """BitFit: every weight frozen, the biases trained (rows enough for several blocks of the column sums)."""
+    model = tiny_model()
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith("bias"))
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    lengths = (60, 33, 50, 7, 45, 61)
+    assert_same_step(step(model, True, lengths=lengths), step(model, False, lengths=lengths), trained)
 
 
 def test_a_frozen_layer_under_trained_embeddings():

@@ -175,8 +175,9 @@ def _weight_grads(grad_y: torch.Tensor, x: torch.Tensor, weights: tuple, bias: t
                   needs: tuple[bool, ...]) -> tuple:
     """(each weight's gradient, then the bias's: None without a bias) of y = x W^T + b, as fastcls.ops.linear
     computes them; all None where `needs` (the weights', then the bias's) asks for none."""
-    if not (any(needs[:len(weights)]) or (bias is not None and needs[-1])):
-        return (None,) * (len(weights) + 1)
+    if not any(needs[:len(weights)]):  # a bias alone (BitFit): its column sums as fastcls.ops.linear takes them
+        sums = grad_y.sum(0, dtype=torch.float32) if bias is not None and needs[-1] else None
+        return (None,) * len(weights) + (None if sums is None else _grad_bias(sums, bias),)
     stacked, sums = cpp.linear_weight_grad(grad_y, x, with_bias=bias is not None)
     grads = tuple(part.to(w.dtype) for part, w in zip(stacked.split([w.shape[0] for w in weights]), weights))
     return *grads, None if bias is None else _grad_bias(sums, bias)

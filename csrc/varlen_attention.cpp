@@ -130,20 +130,29 @@ template <int kSums, int kVectors>
 void sums_block(const float* w, int64_t w_step, int64_t w_stride, const float* rows, int64_t len, int64_t d,
                 float* out, int64_t out_stride) {
   const __mmask16 last = tail_mask(d - 16 * (kVectors - 1));
+  // the loops over the block unrolled in full, so that the accumulators live in registers (GCC otherwise keeps
+  // them on the stack, storing each one every iteration)
   __m512 acc[kSums][kVectors];
+#pragma GCC unroll 16
   for (int r = 0; r < kSums; ++r)
+#pragma GCC unroll 8
     for (int u = 0; u < kVectors; ++u) acc[r][u] = _mm512_setzero_ps();
   for (int64_t n = 0; n < len; ++n) {
     const float* row = rows + n * d;
     __m512 x[kVectors];
+#pragma GCC unroll 8
     for (int u = 0; u < kVectors - 1; ++u) x[u] = _mm512_loadu_ps(row + 16 * u);
     x[kVectors - 1] = _mm512_maskz_loadu_ps(last, row + 16 * (kVectors - 1));
+#pragma GCC unroll 16
     for (int r = 0; r < kSums; ++r) {
       const __m512 a = _mm512_set1_ps(w[r * w_step + n * w_stride]);
+#pragma GCC unroll 8
       for (int u = 0; u < kVectors; ++u) acc[r][u] = _mm512_fmadd_ps(a, x[u], acc[r][u]);
     }
   }
+#pragma GCC unroll 16
   for (int r = 0; r < kSums; ++r) {
+#pragma GCC unroll 8
     for (int u = 0; u < kVectors - 1; ++u) _mm512_storeu_ps(out + r * out_stride + 16 * u, acc[r][u]);
     _mm512_mask_storeu_ps(out + r * out_stride + 16 * (kVectors - 1), last, acc[r][kVectors - 1]);
   }
@@ -152,10 +161,14 @@ void sums_block(const float* w, int64_t w_step, int64_t w_stride, const float* r
 template <int kVectors>
 void sums_of(const float* w, int64_t w_step, int64_t w_stride, const float* rows, int64_t len, int64_t d, float* out,
              int64_t out_stride, int64_t count) {
-  constexpr int kSums = kVectors <= 4 ? 4 : 2;  // at most 16 accumulators
+  // at most 16 accumulators; each load of a row then serves kSums sums
+  constexpr int kSums = kVectors <= 2 ? 8 : kVectors <= 4 ? 4 : 2;
   int64_t r = 0;
   for (; r + kSums <= count; r += kSums)
     sums_block<kSums, kVectors>(w + r * w_step, w_step, w_stride, rows, len, d, out + r * out_stride, out_stride);
+  if constexpr (kSums > 4)
+    for (; r + 4 <= count; r += 4)
+      sums_block<4, kVectors>(w + r * w_step, w_step, w_stride, rows, len, d, out + r * out_stride, out_stride);
   for (; r < count; ++r)
     sums_block<1, kVectors>(w + r * w_step, w_step, w_stride, rows, len, d, out + r * out_stride, out_stride);
 }
@@ -217,7 +230,18 @@ void fill_multipliers(float* multipliers, int64_t first, int64_t n, const Varlen
   for (int64_t start = first / 4 * 4; start < first + n; start += kStep) {
     philox_bits(dropout.counter_offset + uint64_t(start) / 4, key, bits);
     const int64_t lo = std::max(start, first), hi = std::min(start + kStep, first + n);
-    for (int64_t e = lo; e < hi; ++e) multipliers[e - first] = bits[e - start] >= bound ? dropout.scale : 0.0f;
+    int64_t e = lo;
+#if defined(__AVX512F__)
+    // 16 keep decisions per compare: a row-head's mask is ~L^2 elements, drawn again in the backward
+    const __m512i threshold = _mm512_set1_epi32(int(bound));
+    const __m512 scale = _mm512_set1_ps(dropout.scale);
+    for (; e < hi; e += 16) {
+      const __mmask16 lanes = hi - e >= 16 ? __mmask16(0xffff) : tail_mask(hi - e);
+      const __mmask16 keep = _mm512_mask_cmpge_epu32_mask(lanes, _mm512_maskz_loadu_epi32(lanes, bits + (e - start)), threshold);
+      _mm512_mask_storeu_ps(multipliers + (e - first), lanes, _mm512_maskz_mov_ps(keep, scale));
+    }
+#endif
+    for (; e < hi; ++e) multipliers[e - first] = bits[e - start] >= bound ? dropout.scale : 0.0f;
   }
 }
 

@@ -237,7 +237,8 @@ void fill_multipliers(float* multipliers, int64_t first, int64_t n, const Varlen
     const __m512 scale = _mm512_set1_ps(dropout.scale);
     for (; e < hi; e += 16) {
       const __mmask16 lanes = hi - e >= 16 ? __mmask16(0xffff) : tail_mask(hi - e);
-      const __mmask16 keep = _mm512_mask_cmpge_epu32_mask(lanes, _mm512_maskz_loadu_epi32(lanes, bits + (e - start)), threshold);
+      const __m512i words = _mm512_maskz_loadu_epi32(lanes, bits + (e - start));
+      const __mmask16 keep = _mm512_mask_cmpge_epu32_mask(lanes, words, threshold);
       _mm512_mask_storeu_ps(multipliers + (e - first), lanes, _mm512_maskz_mov_ps(keep, scale));
     }
 #endif

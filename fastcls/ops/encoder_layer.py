@@ -28,7 +28,7 @@ from fastcls.ops.dropout_add_layer_norm import _backward as layer_norm_backward
 from fastcls.ops.dropout_add_layer_norm import _forward as layer_norm_forward
 from fastcls.ops.dropout_add_layer_norm import _out_dtype
 from fastcls.ops.layer_norm_recovery import output_stands_in
-from fastcls.ops.linear import _packs_of, linear_applies, weights_apply
+from fastcls.ops.linear import _packs_of, grad_bias_of, linear_applies, product_bias, weight_grads, weights_apply
 from fastcls.ops.library import traced
 
 
@@ -54,7 +54,8 @@ def encoder_layer_applies(h: torch.Tensor, linears: tuple, norms: tuple, heads: 
     if not (linear_applies(h, [m.weight for m in (query, key, value, attn_out, ffn_in)])
             and weights_apply([ffn_out.weight], ffn_out.weight.shape[1])):
         return False
-    if traced(*[t for m in (*linears, *norms) for t in (m.weight, m.bias)]) or not all(
+    # the Linear weights passed linear_applies' checks; their biases and the norms' parameters remain
+    if traced(*[m.bias for m in linears], *[t for m in norms for t in (m.weight, m.bias)]) or not all(
             dispatch.takes("dropout_add_layer_norm", "cpp", m.weight.dtype, m.bias.dtype) for m in norms):
         return False
     return all(dispatch.backend_for(op, h.device, torch.bfloat16) == "cpp"
@@ -67,14 +68,6 @@ def encoder_layer(h: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int, linea
     max_len long), where `encoder_layer_applies`; linears and norms as there."""
     params = [t for m in (*linears, *norms) for t in (m.weight, m.bias)]
     return _EncoderLayer.apply(h, cu_seqlens.to(torch.int64), max_len, spec, _out_dtype(h, h), *params)
-
-
-def _bias32(bias: torch.Tensor) -> torch.Tensor:
-    return bias.to(torch.bfloat16).float()  # the product's bias as autocast's linear rounds it
-
-
-def _grad_bias(sums: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    return sums.to(torch.bfloat16).to(bias.dtype)  # rounded to bf16 as autocast's bias gradient is
 
 
 def _source(h: torch.Tensor, numel: int, p: float) -> MaskSource:
@@ -98,21 +91,21 @@ class _EncoderLayer(torch.autograd.Function):
         hb = h.to(torch.bfloat16).contiguous()
         # the input gradient's packing where it is needed: for the first product, where h takes a gradient
         qkv_packed = packs[0].forward(qkv_weights, ctx.needs_input_grad[0])
-        qkv = cpp.linear_gemm(hb, qkv_packed, _bias32(torch.cat([bq, bk, bv])), 3 * width)
+        qkv = cpp.linear_gemm(hb, qkv_packed, product_bias(torch.cat([bq, bk, bv])), 3 * width)
         q, k, v = qkv.view(tokens, 3, spec.heads, head_dim).unbind(1)
         # each op draws its mask's counters in the separate ops' order and number: the same masks
         attn_source = _source(h, spec.heads * tokens * max_len, spec.attn_dropout)
         context, lse = cpp.varlen_attention_forward(q, k, v, cu, cu, head_dim ** -0.5, *attn_source.resolved(),
                                                     keep_threshold(spec.attn_dropout), kept_scale(spec.attn_dropout))
         context = context.view(tokens, width)
-        a = cpp.linear_gemm(context, packs[1].forward((wo,), backward), _bias32(bo), width)
+        a = cpp.linear_gemm(context, packs[1].forward((wo,), backward), product_bias(bo), width)
         source1, saves1 = _source(h, a.numel(), spec.attn_out_dropout), _norm_saves(ln1_w, ln1_b)
         h1, sum1, mean1, rstd1 = layer_norm_forward(a, h, ln1_w, ln1_b, spec.attn_eps, spec.attn_out_dropout,
                                                     source1, False, out_dtype, saves1 == "sum", "cpp")
         h1b = h1.to(torch.bfloat16).contiguous()
         f = cpp.linear_gemm(h1b, packs[2].forward((wi,), backward), None, wi.shape[0])
         g = cpp.bias_gelu_forward(f, bi.to(torch.bfloat16))
-        o = cpp.linear_gemm(g, packs[3].forward((wout,), backward), _bias32(bout), width)
+        o = cpp.linear_gemm(g, packs[3].forward((wout,), backward), product_bias(bout), width)
         source2, saves2 = _source(h, o.numel(), spec.out_dropout), _norm_saves(ln2_w, ln2_b)
         h2, sum2, mean2, rstd2 = layer_norm_forward(o, h1, ln2_w, ln2_b, spec.out_eps, spec.out_dropout, source2,
                                                     False, out_dtype, saves2 == "sum", "cpp")
@@ -141,43 +134,33 @@ class _EncoderLayer(torch.autograd.Function):
             grad_h2.contiguous(), saved2, saves2 == "output", ln2_w, ln2_b, mean2, rstd2, None, spec.out_dropout,
             source2, False, torch.bfloat16, h1_dtype, "cpp")
         grad_g = cpp.linear_gemm(grad_o, ctx.packs[3].backward((wout,)), None, g.shape[1])
-        out_grads = _weight_grads(grad_o, g, (wout,), bout, needs[10:12])
+        (wout_grad,), bout_grad = weight_grads(grad_o, g, (wout,), needs[10:11], bout.dtype if needs[11] else None)
         grad_f, in_bias_sums = cpp.bias_gelu_backward(grad_g, f, bi.to(torch.bfloat16))
         grad_h1b = cpp.linear_gemm(grad_f, ctx.packs[2].backward((wi,)), None, width)
-        in_grads = _weight_grads(grad_f, h1b, (wi,), None, needs[8:9])
+        (wi_grad,), _ = weight_grads(grad_f, h1b, (wi,), needs[8:9])
         grad_h1.add_(grad_h1b)  # h1 feeds the product and the residual (the bf16 gradient widened exactly)
 
         grad_a, grad_h, ln1_gw, ln1_gb = layer_norm_backward(
             grad_h1, saved1, saves1 == "output", ln1_w, ln1_b, mean1, rstd1, None, spec.attn_out_dropout, source1,
             False, torch.bfloat16, h_dtype, "cpp")
         grad_context = cpp.linear_gemm(grad_a, ctx.packs[1].backward((wo,)), None, width)
-        o_grads = _weight_grads(grad_a, context, (wo,), bo, needs[6:8])
+        (wo_grad,), bo_grad = weight_grads(grad_a, context, (wo,), needs[6:7], bo.dtype if needs[7] else None)
         q, k, v = qkv.view(tokens, 3, spec.heads, head_dim).unbind(1)
         grad_q, grad_k, grad_v = cpp.varlen_attention_backward(
             q, k, v, cu, cu, head_dim ** -0.5, *attn_source.resolved(), keep_threshold(spec.attn_dropout),
             kept_scale(spec.attn_dropout), grad_context.view(tokens, spec.heads, head_dim), lse)
         grad_qkv = torch.cat([t.view(tokens, width) for t in (grad_q, grad_k, grad_v)], dim=1)
-        qkv_bias = torch.cat([bq, bk, bv]) if any(needs[1:6:2]) else None
-        wq_grad, wk_grad, wv_grad, qkv_bias_grad = _weight_grads(grad_qkv, hb, (wq, wk, wv), qkv_bias,
-                                                                 (*needs[0:6:2], any(needs[1:6:2])))
+        # the stacked product's bias is the three biases concatenated (torch.cat's dtype), as the separate ops run it
+        qkv_bias_dtype = torch.promote_types(bq.dtype, torch.promote_types(bk.dtype, bv.dtype)) \
+            if any(needs[1:6:2]) else None
+        (wq_grad, wk_grad, wv_grad), qkv_bias_grad = weight_grads(grad_qkv, hb, (wq, wk, wv), needs[0:6:2],
+                                                                   qkv_bias_dtype)
         bias_grads = qkv_bias_grad.split(width) if qkv_bias_grad is not None else (None,) * 3
         if ctx.needs_input_grad[0]:  # h feeds the product and the residual
             grad_h.add_(cpp.linear_gemm(grad_qkv, ctx.packs[0].backward((wq, wk, wv)), None, width))
         else:
             grad_h = None
-        grads = (wq_grad, bias_grads[0], wk_grad, bias_grads[1], wv_grad, bias_grads[2], *o_grads, in_grads[0],
-                 _grad_bias(in_bias_sums, bi), *out_grads, ln1_gw.to(ln1_w.dtype), ln1_gb.to(ln1_b.dtype),
-                 ln2_gw.to(ln2_w.dtype), ln2_gb.to(ln2_b.dtype))
+        grads = (wq_grad, bias_grads[0], wk_grad, bias_grads[1], wv_grad, bias_grads[2], wo_grad, bo_grad, wi_grad,
+                 grad_bias_of(in_bias_sums, bi.dtype), wout_grad, bout_grad, ln1_gw.to(ln1_w.dtype),
+                 ln1_gb.to(ln1_b.dtype), ln2_gw.to(ln2_w.dtype), ln2_gb.to(ln2_b.dtype))
         return grad_h, None, None, None, None, *(grad if need else None for grad, need in zip(grads, needs))
-
-
-def _weight_grads(grad_y: torch.Tensor, x: torch.Tensor, weights: tuple, bias: torch.Tensor | None,
-                  needs: tuple[bool, ...]) -> tuple:
-    """(each weight's gradient, then the bias's: None without a bias) of y = x W^T + b, as fastcls.ops.linear
-    computes them; all None where `needs` (the weights', then the bias's) asks for none."""
-    if not any(needs[:len(weights)]):  # a bias alone (BitFit): its column sums as fastcls.ops.linear takes them
-        sums = grad_y.sum(0, dtype=torch.float32) if bias is not None and needs[-1] else None
-        return (None,) * len(weights) + (None if sums is None else _grad_bias(sums, bias),)
-    stacked, sums = cpp.linear_weight_grad(grad_y, x, with_bias=bias is not None)
-    grads = tuple(part.to(w.dtype) for part, w in zip(stacked.split([w.shape[0] for w in weights]), weights))
-    return *grads, None if bias is None else _grad_bias(sums, bias)

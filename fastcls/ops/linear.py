@@ -97,13 +97,37 @@ def _packs_of(weights: Sequence[torch.Tensor]) -> _Packs:
     return entry[1]
 
 
+def product_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The bias as the kernel adds it: rounded to bf16 as autocast's linear takes it, in fp32."""
+    return None if bias is None else bias.to(torch.bfloat16).float()
+
+
+def grad_bias_of(sums: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bias gradient from grad_y's fp32 column sums: rounded to bf16 as autocast's is, then to the bias's dtype."""
+    return sums.to(torch.bfloat16).to(dtype)
+
+
+def weight_grads(grad_y: torch.Tensor, x: torch.Tensor, weights: Sequence[torch.Tensor], needs: Sequence[bool],
+                 bias_dtype: torch.dtype | None = None) -> tuple[list, torch.Tensor | None]:
+    """(each weight's gradient, None where `needs` says not; the bias's, with a bias_dtype) of y = x W^T + b, from
+    contiguous bf16 grad_y and x. The bias's column sums come from the pass that interleaves grad_y for the
+    weights' product, or from a plain sum where no weight takes a gradient."""
+    if not any(needs):
+        sums = grad_y.sum(0, dtype=torch.float32) if bias_dtype is not None else None
+        grads = [None] * len(weights)
+    else:
+        stacked, sums = cpp.linear_weight_grad(grad_y, x, with_bias=bias_dtype is not None)
+        rows = stacked.split([w.shape[0] for w in weights])
+        grads = [g.to(w.dtype) if need else None for g, w, need in zip(rows, weights, needs)]
+    return grads, None if sums is None else grad_bias_of(sums, bias_dtype)
+
+
 class _LinearBf16(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, *weights: torch.Tensor) -> torch.Tensor:
         packs = _packs_of(weights)
-        bias32 = None if bias is None else bias.to(torch.bfloat16).float()
         packed = packs.forward(weights, with_backward=ctx.needs_input_grad[0])
-        y = cpp.linear_gemm(x, packed, bias32, sum(w.shape[0] for w in weights))
+        y = cpp.linear_gemm(x, packed, product_bias(bias), sum(w.shape[0] for w in weights))
         ctx.save_for_backward(x, *weights)
         ctx.packs, ctx.bias_dtype = packs, None if bias is None else bias.dtype
         return y
@@ -112,21 +136,12 @@ class _LinearBf16(torch.autograd.Function):
     def backward(ctx, grad_y: torch.Tensor):
         x, *weights = ctx.saved_tensors
         grad_y = grad_y.to(torch.bfloat16).contiguous()
-        grad_x = grad_bias = None
+        grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = cpp.linear_gemm(grad_y, ctx.packs.backward(weights), None, x.shape[1])
         bias_needed = ctx.bias_dtype is not None and ctx.needs_input_grad[1]
-        grad_weights = [None] * len(weights)
-        if any(ctx.needs_input_grad[2:]):
-            # the bias gradient's column sums come from the pass that interleaves grad_y for the weight's
-            stacked, sums = cpp.linear_weight_grad(grad_y, x, with_bias=bias_needed)
-            rows = stacked.split([w.shape[0] for w in weights])
-            grad_weights = [g.to(w.dtype) if needed else None
-                            for g, w, needed in zip(rows, weights, ctx.needs_input_grad[2:])]
-        else:
-            sums = grad_y.sum(0, dtype=torch.float32) if bias_needed else None
-        if bias_needed:  # rounded to bf16 as autocast's bias gradient is, then to the bias's dtype
-            grad_bias = sums.to(torch.bfloat16).to(ctx.bias_dtype)
+        grad_weights, grad_bias = weight_grads(grad_y, x, weights, ctx.needs_input_grad[2:],
+                                               ctx.bias_dtype if bias_needed else None)
         return grad_x, grad_bias, *grad_weights
 
 

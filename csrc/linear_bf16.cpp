@@ -85,17 +85,62 @@ inline __m512i row_pair16(const T* lo, const T* hi, int64_t c, __mmask16 mask) {
   return hi ? _mm512_or_si512(low, _mm512_slli_epi32(widened16(hi + c, mask), 16)) : low;
 }
 
+inline void store_pair16(uint32_t* out, int64_t pair_rows, int64_t rp, int64_t c, __m512i pair, bool whole,
+                         bool stream) {
+  uint32_t* dst = out + ((c / kLinearPanel) * pair_rows + rp) * kLinearPanel + c % kLinearPanel;
+  if (stream && whole)
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), pair);  // 64-byte aligned: torch's allocations are
+  else
+    _mm512_storeu_si512(dst, pair);  // whole 16 lanes: the columns past C are the panel's zero padding
+}
+
 template <typename T>
 void store_row_pair(const T* lo, const T* hi, int64_t C, int64_t pair_rows, int64_t rp, uint32_t* out, bool stream) {
-  for (int64_t c = 0; c < C; c += 16) {
-    const __mmask16 mask = lanes(C - c);
-    const __m512i pair = row_pair16(lo, hi, c, mask);
-    uint32_t* dst = out + ((c / kLinearPanel) * pair_rows + rp) * kLinearPanel + c % kLinearPanel;
-    if (stream && mask == 0xffff)
-      _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), pair);  // 64-byte aligned: torch's allocations are
-    else
-      _mm512_storeu_si512(dst, pair);  // whole 16 lanes: the columns past C are the panel's zero padding
+  if constexpr (std::is_same<T, uint16_t>::value) {
+    // 32 columns of both rows per pair of loads, interleaved by two word permutes
+    const __m512i first = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38,
+                                           6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i second = _mm512_add_epi16(first, _mm512_set1_epi16(16));
+    for (int64_t c = 0; c < C; c += 32) {
+      const __mmask32 mask = C - c >= 32 ? __mmask32(0xffffffff) : __mmask32((1u << (C - c)) - 1);
+      const __m512i low = _mm512_maskz_loadu_epi16(mask, lo + c);
+      const __m512i high = hi ? _mm512_maskz_loadu_epi16(mask, hi + c) : _mm512_setzero_si512();
+      store_pair16(out, pair_rows, rp, c, _mm512_permutex2var_epi16(low, first, high), C - c >= 16, stream);
+      if (c + 16 < C)
+        store_pair16(out, pair_rows, rp, c + 16, _mm512_permutex2var_epi16(low, second, high), C - c >= 32, stream);
+    }
+  } else {
+    for (int64_t c = 0; c < C; c += 16) {
+      const __mmask16 mask = lanes(C - c);
+      store_pair16(out, pair_rows, rp, c, row_pair16(lo, hi, c, mask), mask == 0xffff, stream);
+    }
   }
+}
+
+// In place: r[i] row i of a 16 x 16 block of 32-bit elements becomes its column i (in-lane unpacks, then a 4 x 4
+// transpose of 128-bit lanes).
+inline void transpose16x16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // lane L of r[4 i + c]: column 4 L + c, rows 4 i .. 4 i + 3
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i v0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44), v1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xee);
+    const __m512i v2 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44);
+    const __m512i v3 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xee);
+    t[c] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+    t[4 + c] = _mm512_shuffle_i32x4(v0, v2, 0xdd);
+    t[8 + c] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+    t[12 + c] = _mm512_shuffle_i32x4(v1, v3, 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
 }
 
 // Blocks of up to 16 rows within one panel: each pair kp of the block is one gather down its rows and one
@@ -124,8 +169,22 @@ void pack_wt(const T* w, int64_t rows, int64_t row_offset, int64_t K, uint16_t* 
     const __mmask16 mask = lanes(count);
     const T* base = w + r * K;
     uint32_t* dst = out + (g / kLinearPanel) * pairs * kLinearPanel + g % kLinearPanel;
-    for (int64_t kp = 0; kp < pairs; ++kp)
-      _mm512_mask_storeu_epi32(dst + kp * kLinearPanel, mask, row_pairs16(base, rows_idx, kp, mask));
+    if constexpr (std::is_same<T, uint16_t>::value) {
+      // bf16 rows are rows of pairs already: 16 x 16 pairs at a time, transposed in registers
+      const uint32_t* base32 = reinterpret_cast<const uint32_t*>(base);
+      for (int64_t kp = 0; kp < pairs; kp += 16) {
+        const __mmask16 along = lanes(pairs - kp);
+        __m512i block[16];
+        for (int i = 0; i < 16; ++i)
+          block[i] = i < count ? _mm512_maskz_loadu_epi32(along, base32 + i * pairs + kp) : _mm512_setzero_si512();
+        transpose16x16(block);
+        for (int j = 0; j < 16 && kp + j < pairs; ++j)
+          _mm512_mask_storeu_epi32(dst + (kp + j) * kLinearPanel, mask, block[j]);
+      }
+    } else {
+      for (int64_t kp = 0; kp < pairs; ++kp)
+        _mm512_mask_storeu_epi32(dst + kp * kLinearPanel, mask, row_pairs16(base, rows_idx, kp, mask));
+    }
     if (pairs_out)  // g and count are even (row_offset is, and so are 16 and 48)
       for (int64_t i = 0; i < count; i += 2)
         store_row_pair(base + i * K, i + 1 < count ? base + (i + 1) * K : nullptr, K, (R + 1) / 2, (g + i) / 2,

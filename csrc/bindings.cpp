@@ -190,15 +190,16 @@ void def_linear_packs(py::module_& m, const char* suffix,
 void def_linear(py::module_& m) {
   m.def("linear_bf16_gemm",
         [](std::uintptr_t a, int64_t row_stride, int64_t pair_stride, std::uintptr_t packed, std::uintptr_t bias,
-           std::uintptr_t c_bf16, std::uintptr_t c_f32, int64_t ldc, int64_t M, int64_t N, int64_t K,
-           int num_threads) {
+           std::uintptr_t c_bf16, std::uintptr_t c_f32, bool accumulate, int64_t ldc, int64_t M, int64_t N,
+           int64_t K, int num_threads) {
           py::gil_scoped_release release;
           fastcls::linear_bf16_gemm(as_ptr<const uint16_t>(a), row_stride, pair_stride, as_ptr<const uint16_t>(packed),
-                                    as_ptr<const float>(bias), as_ptr<uint16_t>(c_bf16), as_ptr<float>(c_f32), ldc, M,
-                                    N, K, num_threads);
+                                    as_ptr<const float>(bias), as_ptr<uint16_t>(c_bf16), as_ptr<float>(c_f32),
+                                    accumulate, ldc, M, N, K, num_threads);
         },
         py::arg("a"), py::arg("row_stride"), py::arg("pair_stride"), py::arg("packed"), py::arg("bias"),
-        py::arg("c_bf16"), py::arg("c_f32"), py::arg("ldc"), py::arg("M"), py::arg("N"), py::arg("K"),
+        py::arg("c_bf16"), py::arg("c_f32"), py::arg("accumulate"), py::arg("ldc"), py::arg("M"), py::arg("N"),
+        py::arg("K"),
         py::arg("num_threads"), "C[M, N] = A . packed B (+ fp32 bias), fp32 accumulation (linear_bf16.h).");
   def_linear_packs<uint16_t>(m, "bf16", fastcls::linear_pack_wt_bf16, fastcls::linear_pack_pairs_bf16);
   def_linear_packs<float>(m, "f32", fastcls::linear_pack_wt_f32, fastcls::linear_pack_pairs_f32);
@@ -373,19 +374,19 @@ void def_varlen_attention(py::module_& m) {
                  std::uintptr_t cu_q, std::uintptr_t cu_k, int64_t rows, int64_t heads, int64_t head_dim, float scale,
                  uint64_t seed, uint64_t counter_offset, uint64_t threshold, float drop_scale, std::uintptr_t grad_out,
                  std::uintptr_t lse, std::uintptr_t grad_q, std::uintptr_t grad_k, std::uintptr_t grad_v,
-                 int num_threads) {
+                 int64_t grad_token_stride, int num_threads) {
         const auto shape = shape_of(cu_q, cu_k, rows, heads, head_dim, strides);
         py::gil_scoped_release release;
         fastcls::varlen_attention_backward(as_ptr<const void>(q), as_ptr<const void>(k), as_ptr<const void>(v), dtype,
                                            shape, scale, {seed, counter_offset, threshold, drop_scale},
                                            as_ptr<const void>(grad_out), as_ptr<const float>(lse),
                                            as_ptr<void>(grad_q), as_ptr<void>(grad_k), as_ptr<void>(grad_v),
-                                           num_threads);
+                                           grad_token_stride, num_threads);
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("dtype"), py::arg("strides"), py::arg("cu_q"),
       py::arg("cu_k"), py::arg("rows"), py::arg("heads"), py::arg("head_dim"), py::arg("scale"), py::arg("seed"),
       py::arg("counter_offset"), py::arg("threshold"), py::arg("drop_scale"), py::arg("grad_out"), py::arg("lse"),
-      py::arg("grad_q"), py::arg("grad_k"), py::arg("grad_v"), py::arg("num_threads"),
+      py::arg("grad_q"), py::arg("grad_k"), py::arg("grad_v"), py::arg("grad_token_stride"), py::arg("num_threads"),
       "Gradients of varlen_attention_forward from the saved log-sum-exp, redrawing its mask (varlen_attention.h).");
 }
 

@@ -22,7 +22,7 @@ inline __mmask16 lanes(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask
 // C[0:R, 0:n_valid] of one panel = A(rows) . Bp(panel), over kp pairs of the reduction.
 template <int R>
 void tile(const int32_t* a, int64_t row_stride, int64_t pair_stride, const uint16_t* bp, int64_t pairs,
-          const float* bias, uint16_t* c_bf16, float* c_f32, int64_t ldc, int64_t n_valid) {
+          const float* bias, uint16_t* c_bf16, float* c_f32, bool accumulate, int64_t ldc, int64_t n_valid) {
   __m512 acc[R][3];
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < 3; ++j) acc[i][j] = _mm512_setzero_ps();
@@ -45,16 +45,21 @@ void tile(const int32_t* a, int64_t row_stride, int64_t pair_stride, const uint1
     const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + 16 * j) : _mm512_setzero_ps();
     for (int i = 0; i < R; ++i) {
       const __m512 value = _mm512_add_ps(acc[i][j], b);
-      if (c_bf16)
+      if (c_bf16) {
         store16(c_bf16 + i * ldc + 16 * j, value, mask);
-      else
+      } else if (accumulate) {  // the product rounded to bf16, then added in fp32: a bf16 product's add_
+        float* c = c_f32 + i * ldc + 16 * j;
+        const __m512 rounded = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_bits16(value)), 16));
+        store16(c, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, c), rounded), mask);
+      } else {
         store16(c_f32 + i * ldc + 16 * j, value, mask);
+      }
     }
   }
 }
 
 using Tile = void (*)(const int32_t*, int64_t, int64_t, const uint16_t*, int64_t, const float*, uint16_t*, float*,
-                      int64_t, int64_t);
+                      bool, int64_t, int64_t);
 constexpr Tile kTiles[kRows + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>, tile<7>, tile<8>};
 
 // 16 columns of a row as bf16 bits widened to 32-bit lanes (zeros past the mask)
@@ -208,8 +213,8 @@ void pack_pairs(const T* b, int64_t ld, int64_t rows, int64_t row_offset, int64_
 }  // namespace
 
 void linear_bf16_gemm(const uint16_t* a, int64_t row_stride, int64_t pair_stride, const uint16_t* packed,
-                      const float* bias, uint16_t* c_bf16, float* c_f32, int64_t ldc, int64_t M, int64_t N,
-                      int64_t K, int num_threads) {
+                      const float* bias, uint16_t* c_bf16, float* c_f32, bool accumulate, int64_t ldc, int64_t M,
+                      int64_t N, int64_t K, int num_threads) {
   const int64_t pairs = K / 2, panels = (N + kLinearPanel - 1) / kLinearPanel;
   const int32_t* a32 = reinterpret_cast<const int32_t*>(a);
   const int n_threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, panels)));
@@ -227,7 +232,7 @@ void linear_bf16_gemm(const uint16_t* a, int64_t row_stride, int64_t pair_stride
           const int64_t offset = m * ldc + n0;
           kTiles[std::min<int64_t>(kRows, m1 - m)](a32 + m * row_stride, row_stride, pair_stride, bp, pairs,
                                                     bias ? bias + n0 : nullptr, c_bf16 ? c_bf16 + offset : nullptr,
-                                                    c_f32 ? c_f32 + offset : nullptr, ldc, n_valid);
+                                                    c_f32 ? c_f32 + offset : nullptr, accumulate, ldc, n_valid);
         }
       }
     }

@@ -21,9 +21,11 @@ namespace fastcls {
 constexpr int64_t kLinearPanel = 48;
 
 // C[M, N] = A . Bp (+ bias[n], fp32, may be null), written as bf16 (c_bf16) or fp32 (c_f32): exactly one non-null.
+// With accumulate (c_f32 only), C rounded to bf16 is added to c_f32 instead: what adding a bf16 product to an
+// fp32 tensor gives, without the product's own tensor.
 void linear_bf16_gemm(const uint16_t* a, int64_t row_stride, int64_t pair_stride, const uint16_t* packed,
-                      const float* bias, uint16_t* c_bf16, float* c_f32, int64_t ldc, int64_t M, int64_t N,
-                      int64_t K, int num_threads);
+                      const float* bias, uint16_t* c_bf16, float* c_f32, bool accumulate, int64_t ldc, int64_t M,
+                      int64_t N, int64_t K, int num_threads);
 // Rows [row_offset, row_offset + rows) of a stacked weight W [N, K] (bf16 or fp32, rounded to nearest even) into
 // the forward's B = W^T: packed[p][kp][j][t] = W[48 p + j][2 kp + t]. packed holds ceil(N / 48) * 48 * K. With
 // pairs_out (else null), the same rows also go to the input gradient's pair-packed W, as linear_pack_pairs writes

@@ -315,14 +315,16 @@ void forward_row(const Element* q, const Element* k, const Element* v, const Var
 template <typename Element>
 void backward_row(const Element* q, const Element* k, const Element* v, const VarlenAttentionShape& s, float scale,
                   const VarlenAttentionDropout& dropout, const Layout& layout, int64_t r, Scratch& w,
-                  const Element* grad_out, const float* lse, Element* grad_q, Element* grad_k, Element* grad_v) {
+                  const Element* grad_out, const float* lse, Element* grad_q, Element* grad_k, Element* grad_v,
+                  int64_t gs) {
   const int64_t d = s.head_dim, heads = s.heads;
   const int64_t q0 = s.cu_q[r], lq = s.cu_q[r + 1] - q0, k0 = s.cu_k[r], lk = s.cu_k[r + 1] - k0;
   const int64_t cols = padded(lk);
   float* row_out = w.out.data();
   if (lk == 0) {  // a zero output, whatever the queries
     std::fill(row_out, row_out + d, 0.0f);
-    for (int64_t t = q0 * heads; t < (q0 + lq) * heads; ++t) store_row(row_out, grad_q + t * d, d);
+    for (int64_t i = q0; i < q0 + lq; ++i)
+      for (int64_t h = 0; h < heads; ++h) store_row(row_out, grad_q + i * gs + h * d, d);
     return;
   }
   pack_rows(q + q0 * s.q_token_stride, s.q_token_stride, s.q_head_stride, lq, heads, d, scale, w.q.data());
@@ -362,12 +364,12 @@ void backward_row(const Element* q, const Element* k, const Element* v, const Va
       }
     }
     weighted_sums(grad_scores, cols, 1, &w.k[h * lk * d], lk, d, row_out, d, lq);  // k carries the scale
-    for (int64_t i = 0; i < lq; ++i) store_row(row_out + i * d, grad_q + ((q0 + i) * heads + h) * d, d);
+    for (int64_t i = 0; i < lq; ++i) store_row(row_out + i * d, grad_q + (q0 + i) * gs + h * d, d);
     // dV = dropped^T dO and dK = dS^T (q * scale): sums over the queries, one per key
     weighted_sums(probs, 1, cols, grad_oh, lq, d, row_out, d, lk);
-    for (int64_t j = 0; j < lk; ++j) store_row(row_out + j * d, grad_v + ((k0 + j) * heads + h) * d, d);
+    for (int64_t j = 0; j < lk; ++j) store_row(row_out + j * d, grad_v + (k0 + j) * gs + h * d, d);
     weighted_sums(grad_scores, 1, cols, qh, lq, d, row_out, d, lk);
-    for (int64_t j = 0; j < lk; ++j) store_row(row_out + j * d, grad_k + ((k0 + j) * heads + h) * d, d);
+    for (int64_t j = 0; j < lk; ++j) store_row(row_out + j * d, grad_k + (k0 + j) * gs + h * d, d);
   }
 }
 
@@ -397,10 +399,11 @@ void forward(const Element* q, const Element* k, const Element* v, const VarlenA
 template <typename Element>
 void backward(const Element* q, const Element* k, const Element* v, const VarlenAttentionShape& s, float scale,
               const VarlenAttentionDropout& dropout, const Element* grad_out, const float* lse, Element* grad_q,
-              Element* grad_k, Element* grad_v, int num_threads) {
+              Element* grad_k, Element* grad_v, int64_t grad_token_stride, int num_threads) {
   const Layout layout(s);
+  const int64_t gs = grad_token_stride ? grad_token_stride : s.heads * s.head_dim;
   for_each_row(s, layout, true, dropout.threshold != 0, num_threads, [&](int64_t r, Scratch& w) {
-    backward_row(q, k, v, s, scale, dropout, layout, r, w, grad_out, lse, grad_q, grad_k, grad_v);
+    backward_row(q, k, v, s, scale, dropout, layout, r, w, grad_out, lse, grad_q, grad_k, grad_v, gs);
   });
 }
 
@@ -421,15 +424,15 @@ void varlen_attention_forward(const void* q, const void* k, const void* v, int d
 void varlen_attention_backward(const void* q, const void* k, const void* v, int dtype,
                                const VarlenAttentionShape& shape, float scale, const VarlenAttentionDropout& dropout,
                                const void* grad_out, const float* lse, void* grad_q, void* grad_k, void* grad_v,
-                               int num_threads) {
+                               int64_t grad_token_stride, int num_threads) {
   if (dtype == 0) {
     backward(static_cast<const float*>(q), static_cast<const float*>(k), static_cast<const float*>(v), shape, scale,
              dropout, static_cast<const float*>(grad_out), lse, static_cast<float*>(grad_q),
-             static_cast<float*>(grad_k), static_cast<float*>(grad_v), num_threads);
+             static_cast<float*>(grad_k), static_cast<float*>(grad_v), grad_token_stride, num_threads);
   } else {
     backward(static_cast<const uint16_t*>(q), static_cast<const uint16_t*>(k), static_cast<const uint16_t*>(v), shape,
              scale, dropout, static_cast<const uint16_t*>(grad_out), lse, static_cast<uint16_t*>(grad_q),
-             static_cast<uint16_t*>(grad_k), static_cast<uint16_t*>(grad_v), num_threads);
+             static_cast<uint16_t*>(grad_k), static_cast<uint16_t*>(grad_v), grad_token_stride, num_threads);
   }
 }
 

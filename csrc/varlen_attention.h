@@ -3,7 +3,8 @@
 // Row r's queries are tokens cu_q[r]:cu_q[r + 1] of q [Tq, H, D] and its keys and values tokens cu_k[r]:cu_k[r + 1]
 // of k and v [Tk, H, D]; each query attends to its own row's keys only: out = dropout(softmax(q k^T * scale)) v.
 // q, k and v are read through their token and head strides (element stride 1), so the views of a stacked
-// projection need no copy; out, grad_out and the gradients are contiguous [T, H, D]. lse [Tq, H] (fp32) is the
+// projection need no copy; out and grad_out are contiguous [T, H, D], and so are the gradients unless
+// grad_token_stride (0: H * D) sets their token stride (a stacked [T, 3, H, D] gradient: 3 H D). lse [Tq, H] (fp32) is the
 // log-sum-exp of each query's scaled scores: the backward recomputes the probabilities from it (no [L, L] tensor
 // is kept).
 //
@@ -39,6 +40,6 @@ void varlen_attention_forward(const void* q, const void* k, const void* v, int d
 void varlen_attention_backward(const void* q, const void* k, const void* v, int dtype,
                                const VarlenAttentionShape& shape, float scale, const VarlenAttentionDropout& dropout,
                                const void* grad_out, const float* lse, void* grad_q, void* grad_k, void* grad_v,
-                               int num_threads);
+                               int64_t grad_token_stride, int num_threads);
 
 }  // namespace fastcls

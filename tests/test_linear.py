@@ -68,6 +68,21 @@ def test_forward_and_gradients_match_fp64(rows, stack, width, with_bias, generat
 
 
 @needs_kernels
+@pytest.mark.parametrize("rows,n_cols,width", [(1, 384, 384), (9, 100, 62), (131, 50, 2)])
+def test_a_product_added_in_its_pass_is_the_add_of_the_bf16_product(rows, n_cols, width, generator):
+    """linear_gemm(add_to=c) gives c.add_(product) bit for bit: the product rounded to bf16, then added in fp32."""
+    a, w = bf16((rows, width), generator), bf16((n_cols, width), generator, 0.1)
+    packed, _ = cpp.linear_pack_wt([w])
+    c = torch.randn(rows, n_cols, generator=generator)
+    expected = c.clone().add_(cpp.linear_gemm(a, packed, None, n_cols))
+    got = c.clone()
+    assert cpp.linear_gemm(a, packed, None, n_cols, add_to=got) is got
+    assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="add_to"):
+        cpp.linear_gemm(a, packed, None, n_cols, add_to=c.bfloat16())
+
+
+@needs_kernels
 def test_leading_dimensions_and_stacks_equal_the_concatenated_weight(generator):
     weights = [bf16((384, 384), generator, 0.05) for _ in range(3)]
     bias = bf16(3 * 384, generator)

@@ -74,6 +74,27 @@ def test_kernel_matches_the_fp64_reference(dtype, head_dim, p, cls_only, generat
 
 
 @needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_stacked_gradients_are_the_separate_ones(dtype, generator):
+    """The backward writing q's, k's and v's gradients side by side into one [T, 3, H, D] tensor (what the fused
+    encoder layer's stacked product takes) gives each one's bits, an empty row's zeros included."""
+    from fastcls.ops import cpp
+
+    lengths = [*LENGTHS, 0, 3]
+    _, q, k, v = projections(lengths, 32, dtype, generator)
+    cu = cumulative(lengths).to(torch.int64)
+    seed = int(torch.randint(0, 2**62, (), generator=generator))
+    out, lse = cpp.varlen_attention_forward(q, k, v, cu, cu, 0.2, seed, 4, 2**31, 2.0)
+    grad_out = torch.randn(out.shape, generator=generator).to(dtype)
+    args = (q, k, v, cu, cu, 0.2, seed, 4, 2**31, 2.0, grad_out, lse)
+    separate = cpp.varlen_attention_backward(*args)
+    stacked = cpp.varlen_attention_backward(*args, stacked=True)
+    assert stacked.shape == (q.shape[0], 3, *q.shape[1:]) and stacked.is_contiguous()
+    for i, grad in enumerate(separate):
+        assert torch.equal(stacked[:, i], grad)
+
+
+@needs_cpp
 @pytest.mark.parametrize("through_generator", [False, True], ids=["seed", "generator"])
 def test_dropout_drops_exactly_the_masks_elements(through_generator):
     """Uniform probabilities (q = 0) and one-hot values put probability j of query i in out[i, h, j]: the zeros

@@ -217,18 +217,23 @@ def linear_pack_pairs(weights) -> torch.Tensor:
     return _pack_pairs(sources, sum(w.shape[0] for w in sources), sources[0].shape[1])
 
 
-def linear_gemm(a: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n_cols: int) -> torch.Tensor:
+def linear_gemm(a: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n_cols: int,
+                add_to: torch.Tensor | None = None) -> torch.Tensor:
     """a [M, K] (bf16, contiguous, K even) times the packed B [K, n_cols], plus an fp32 bias [n_cols] or None:
-    a new bf16 [M, n_cols]."""
+    a new bf16 [M, n_cols]; with add_to (fp32 [M, n_cols], contiguous), that product is added to add_to instead,
+    which is returned (the bits of add_to.add_(product))."""
     n_rows, width = a.shape
     _check(a, "a", LINEAR_DTYPES, (n_rows, width))
     if width % 2 or packed.numel() != _panels(n_cols) * LINEAR_PANEL * width:
         raise ValueError(f"packed holds {packed.numel()} elements, not a [{width}, {n_cols}] B (even width)")
     if bias is not None:
         _check(bias, "bias", (torch.float32,), (n_cols,))
-    out = torch.empty(n_rows, n_cols, dtype=torch.bfloat16)
-    dispatch.cpp_ext.linear_bf16_gemm(a.data_ptr(), width // 2, 1, packed.data_ptr(), _address(bias), out.data_ptr(),
-                                      0, n_cols, n_rows, n_cols, width, torch.get_num_threads())
+    if add_to is not None:
+        _check(add_to, "add_to", (torch.float32,), (n_rows, n_cols))
+    out = torch.empty(n_rows, n_cols, dtype=torch.bfloat16) if add_to is None else add_to
+    dispatch.cpp_ext.linear_bf16_gemm(a.data_ptr(), width // 2, 1, packed.data_ptr(), _address(bias),
+                                      _address(out if add_to is None else None), _address(add_to), add_to is not None,
+                                      n_cols, n_rows, n_cols, width, torch.get_num_threads())
     return out
 
 
@@ -248,7 +253,7 @@ def linear_weight_grad(grad_y: torch.Tensor, x: torch.Tensor,
     packed = _pack_pairs([x], n_rows, width)
     out = torch.empty(n_out, width, dtype=torch.bfloat16)
     dispatch.cpp_ext.linear_bf16_gemm(interleaved.data_ptr(), 1, n_out, packed.data_ptr(), 0, out.data_ptr(), 0,
-                                      width, n_out, width, 2 * pair_rows, torch.get_num_threads())
+                                      False, width, n_out, width, 2 * pair_rows, torch.get_num_threads())
     return out, col_sums
 
 
@@ -398,13 +403,20 @@ def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, seed, c
 
 
 def varlen_attention_backward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, seed, counter_offset, threshold,
-                              drop_scale, grad_out, lse) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_q, grad_k, grad_v), contiguous, from contiguous grad_out [Tq, H, D] (q's dtype) and the forward's lse."""
+                              drop_scale, grad_out, lse, stacked: bool = False):
+    """(grad_q, grad_k, grad_v), contiguous, from contiguous grad_out [Tq, H, D] (q's dtype) and the forward's lse;
+    stacked (q, k and v of one token count): one contiguous [T, 3, H, D] tensor of the three instead."""
     args = _varlen_attention_args(q, k, v, cu_seqlens_q, cu_seqlens_k)
     _check(grad_out, "grad_out", (q.dtype,), tuple(q.shape))
     _check(lse, "lse", (torch.float32,), tuple(q.shape[:2]))
-    grads = [torch.empty(t.shape, dtype=t.dtype) for t in (q, k, v)]
+    if stacked:
+        if not q.shape == k.shape == v.shape:
+            raise ValueError(f"stacked gradients need q, k and v of one shape, got {q.shape}, {k.shape}, {v.shape}")
+        out = torch.empty((q.shape[0], 3, *q.shape[1:]), dtype=q.dtype)
+        grads, token_stride = out.unbind(1), out.stride(0)
+    else:
+        grads, token_stride = [torch.empty(t.shape, dtype=t.dtype) for t in (q, k, v)], 0
     dispatch.cpp_ext.varlen_attention_backward(*args, scale, seed, counter_offset, threshold, drop_scale,
                                                grad_out.data_ptr(), lse.data_ptr(),
-                                               *(g.data_ptr() for g in grads), torch.get_num_threads())
-    return tuple(grads)
+                                               *(g.data_ptr() for g in grads), token_stride, torch.get_num_threads())
+    return out if stacked else tuple(grads)

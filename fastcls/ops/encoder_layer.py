@@ -79,6 +79,15 @@ def _norm_saves(weight: torch.Tensor, bias: torch.Tensor) -> str:
     return "output" if output_stands_in(weight, bias) else "sum"
 
 
+def _add_product(grad: torch.Tensor, grad_y: torch.Tensor, packed: torch.Tensor) -> None:
+    """grad += grad_y times the packed weight, the product rounded to bf16 as the separate op's output is: in the
+    product's own pass where grad is fp32 (autocast's residual stream)."""
+    if grad.dtype == torch.float32:
+        cpp.linear_gemm(grad_y, packed, None, grad.shape[1], add_to=grad)
+    else:
+        grad.add_(cpp.linear_gemm(grad_y, packed, None, grad.shape[1]))
+
+
 class _EncoderLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, cu, max_len, spec, out_dtype, wq, bq, wk, bk, wv, bv, wo, bo, wi, bi, wout, bout, ln1_w,
@@ -136,9 +145,9 @@ class _EncoderLayer(torch.autograd.Function):
         grad_g = cpp.linear_gemm(grad_o, ctx.packs[3].backward((wout,)), None, g.shape[1])
         (wout_grad,), bout_grad = weight_grads(grad_o, g, (wout,), needs[10:11], bout.dtype if needs[11] else None)
         grad_f, in_bias_sums = cpp.bias_gelu_backward(grad_g, f, bi.to(torch.bfloat16))
-        grad_h1b = cpp.linear_gemm(grad_f, ctx.packs[2].backward((wi,)), None, width)
+        # h1 feeds the product and the residual: the product's bf16 gradient is added to the residual's
+        _add_product(grad_h1, grad_f, ctx.packs[2].backward((wi,)))
         (wi_grad,), _ = weight_grads(grad_f, h1b, (wi,), needs[8:9])
-        grad_h1.add_(grad_h1b)  # h1 feeds the product and the residual (the bf16 gradient widened exactly)
 
         grad_a, grad_h, ln1_gw, ln1_gb = layer_norm_backward(
             grad_h1, saved1, saves1 == "output", ln1_w, ln1_b, mean1, rstd1, None, spec.attn_out_dropout, source1,
@@ -146,10 +155,10 @@ class _EncoderLayer(torch.autograd.Function):
         grad_context = cpp.linear_gemm(grad_a, ctx.packs[1].backward((wo,)), None, width)
         (wo_grad,), bo_grad = weight_grads(grad_a, context, (wo,), needs[6:7], bo.dtype if needs[7] else None)
         q, k, v = qkv.view(tokens, 3, spec.heads, head_dim).unbind(1)
-        grad_q, grad_k, grad_v = cpp.varlen_attention_backward(
+        grad_qkv = cpp.varlen_attention_backward(
             q, k, v, cu, cu, head_dim ** -0.5, *attn_source.resolved(), keep_threshold(spec.attn_dropout),
-            kept_scale(spec.attn_dropout), grad_context.view(tokens, spec.heads, head_dim), lse)
-        grad_qkv = torch.cat([t.view(tokens, width) for t in (grad_q, grad_k, grad_v)], dim=1)
+            kept_scale(spec.attn_dropout), grad_context.view(tokens, spec.heads, head_dim), lse,
+            stacked=True).view(tokens, 3 * width)
         # the stacked product's bias is the three biases concatenated (torch.cat's dtype), as the separate ops run it
         qkv_bias_dtype = torch.promote_types(bq.dtype, torch.promote_types(bk.dtype, bv.dtype)) \
             if any(needs[1:6:2]) else None
@@ -157,7 +166,7 @@ class _EncoderLayer(torch.autograd.Function):
                                                                    qkv_bias_dtype)
         bias_grads = qkv_bias_grad.split(width) if qkv_bias_grad is not None else (None,) * 3
         if ctx.needs_input_grad[0]:  # h feeds the product and the residual
-            grad_h.add_(cpp.linear_gemm(grad_qkv, ctx.packs[0].backward((wq, wk, wv)), None, width))
+            _add_product(grad_h, grad_qkv, ctx.packs[0].backward((wq, wk, wv)))
         else:
             grad_h = None
         grads = (wq_grad, bias_grads[0], wk_grad, bias_grads[1], wv_grad, bias_grads[2], wo_grad, bo_grad, wi_grad,

@@ -67,8 +67,8 @@ def step(model, fused, seed=11, checkpointing=False, lengths=(7, 1, 12, 4, 9, 30
             loss, _ = model(batch(lengths=lengths))
             loss.backward()
     layers = len(model.body.layers)
-    # the [CLS]-only last layer runs the separate ops; checkpointing runs each forward again in the backward
-    assert len(calls) == ((layers - 1) * (2 if checkpointing else 1) if fused else 0)
+    # every layer, the [CLS]-only last one included; checkpointing runs each forward again in the backward
+    assert len(calls) == (layers * (2 if checkpointing else 1) if fused else 0)
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 

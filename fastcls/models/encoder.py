@@ -117,13 +117,14 @@ def _add_norm(norm: nn.LayerNorm, x, residual, p: float, training: bool, kernels
 def run_layer(part: _Layer, h: torch.Tensor, batch: Batch, cls_only: bool, kernels: bool) -> torch.Tensor:
     """One encoder layer on tokens h [T, d]; with cls_only, only the [CLS] rows' output [rows, d]."""
     training = part.module.training
-    if kernels and not cls_only and part.exact_gelu and isinstance(batch, PackedBatch):
+    if kernels and part.exact_gelu and isinstance(batch, PackedBatch):
         linears = (part.query, part.key, part.value, part.attn_out, part.ffn_in, part.ffn_out)
         norms = (part.attn_norm, part.out_norm)
         dropouts = (part.attn_dropout, part.attn_out_dropout, part.out_dropout) if training else (0.0,) * 3
         if encoder_layer_applies(h, linears, norms, part.heads, dropouts):  # the whole layer as one autograd node
             spec = LayerSpec(part.heads, *dropouts, float(part.attn_norm.eps), float(part.out_norm.eps))
-            return encoder_layer(h, batch.cu_seqlens, batch.max_len, linears, norms, spec)
+            return encoder_layer(h, batch.cu_seqlens, batch.max_len, linears, norms, spec,
+                                 batch.cls_index if cls_only else None)
     query_input = h.index_select(0, batch.cls_index) if cls_only else h
     q, k, v = _projections(part, h, query_input, cls_only, kernels)
     p = part.attn_dropout if training else 0.0

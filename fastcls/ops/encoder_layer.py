@@ -18,6 +18,7 @@ output (or its pre-norm sum where the output cannot stand in for it; fastcls.ops
 attention, LayerNorm and bias-GELU CPU kernels, plain nn.Linear modules with biases, GELU's erf form, gradients
 on. Anywhere else the encoder composes the separate ops.
 """
+import functools
 from typing import NamedTuple
 
 import torch
@@ -63,11 +64,12 @@ def encoder_layer_applies(h: torch.Tensor, linears: tuple, norms: tuple, heads: 
 
 
 def encoder_layer(h: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int, linears: tuple, norms: tuple,
-                  spec: LayerSpec) -> torch.Tensor:
+                  spec: LayerSpec, cls_index: torch.Tensor | None = None) -> torch.Tensor:
     """The layer's output [T, d] for tokens h [T, d] of packed rows (int cu_seqlens [rows + 1], rows at most
-    max_len long), where `encoder_layer_applies`; linears and norms as there."""
+    max_len long), where `encoder_layer_applies`; linears and norms as there. With cls_index (each row's first
+    token, int64 [rows]), only those tokens' output [rows, d], their queries attending to every key of their row."""
     params = [t for m in (*linears, *norms) for t in (m.weight, m.bias)]
-    return _EncoderLayer.apply(h, cu_seqlens.to(torch.int64), max_len, spec, _out_dtype(h, h), *params)
+    return _EncoderLayer.apply(h, cu_seqlens.to(torch.int64), cls_index, max_len, spec, _out_dtype(h, h), *params)
 
 
 def _source(h: torch.Tensor, numel: int, p: float) -> MaskSource:
@@ -90,31 +92,40 @@ def _add_product(grad: torch.Tensor, grad_y: torch.Tensor, packed: torch.Tensor)
 
 class _EncoderLayer(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, cu, max_len, spec, out_dtype, wq, bq, wk, bk, wv, bv, wo, bo, wi, bi, wout, bout, ln1_w,
-                ln1_b, ln2_w, ln2_b):
+    def forward(ctx, h, cu, cls_index, max_len, spec, out_dtype, wq, bq, wk, bk, wv, bv, wo, bo, wi, bi, wout, bout,
+                ln1_w, ln1_b, ln2_w, ln2_b):
         tokens, width = h.shape
         head_dim = width // spec.heads
         backward = any(ctx.needs_input_grad)
-        qkv_weights = (wq, wk, wv)
-        packs = [_packs_of(w) for w in (qkv_weights, (wo,), (wi,), (wout,))]
+        packs = [_packs_of(w) for w in ((wq, wk, wv), (wq,), (wk, wv), (wo,), (wi,), (wout,))]
         hb = h.to(torch.bfloat16).contiguous()
-        # the input gradient's packing where it is needed: for the first product, where h takes a gradient
-        qkv_packed = packs[0].forward(qkv_weights, ctx.needs_input_grad[0])
-        qkv = cpp.linear_gemm(hb, qkv_packed, product_bias(torch.cat([bq, bk, bv])), 3 * width)
-        q, k, v = qkv.view(tokens, 3, spec.heads, head_dim).unbind(1)
+        # the input gradient's packing where it is needed: for the first products, where h takes a gradient
+        if cls_index is None:
+            qkv = cpp.linear_gemm(hb, packs[0].forward((wq, wk, wv), ctx.needs_input_grad[0]),
+                                  product_bias(torch.cat([bq, bk, bv])), 3 * width)
+            q, k, v = qkv.view(tokens, 3, spec.heads, head_dim).unbind(1)
+            residual, cu_q, saved_q = h, cu, (qkv,)
+        else:  # the queries, and all that follows attention, of the [CLS] rows alone
+            kv = cpp.linear_gemm(hb, packs[2].forward((wk, wv), ctx.needs_input_grad[0]),
+                                 product_bias(torch.cat([bk, bv])), 2 * width)
+            k, v = kv.view(tokens, 2, spec.heads, head_dim).unbind(1)
+            residual, query_in = h.index_select(0, cls_index), hb.index_select(0, cls_index)
+            q = cpp.linear_gemm(query_in, packs[1].forward((wq,), ctx.needs_input_grad[0]), product_bias(bq), width)
+            q, cu_q, saved_q = q.view(-1, spec.heads, head_dim), torch.arange(len(cls_index) + 1), (query_in, q, kv)
+        rows = q.shape[0]
         # each op draws its mask's counters in the separate ops' order and number: the same masks
-        attn_source = _source(h, spec.heads * tokens * max_len, spec.attn_dropout)
-        context, lse = cpp.varlen_attention_forward(q, k, v, cu, cu, head_dim ** -0.5, *attn_source.resolved(),
+        attn_source = _source(h, spec.heads * rows * max_len, spec.attn_dropout)
+        context, lse = cpp.varlen_attention_forward(q, k, v, cu_q, cu, head_dim ** -0.5, *attn_source.resolved(),
                                                     keep_threshold(spec.attn_dropout), kept_scale(spec.attn_dropout))
-        context = context.view(tokens, width)
-        a = cpp.linear_gemm(context, packs[1].forward((wo,), backward), product_bias(bo), width)
+        context = context.view(rows, width)
+        a = cpp.linear_gemm(context, packs[3].forward((wo,), backward), product_bias(bo), width)
         source1, saves1 = _source(h, a.numel(), spec.attn_out_dropout), _norm_saves(ln1_w, ln1_b)
-        h1, sum1, mean1, rstd1 = layer_norm_forward(a, h, ln1_w, ln1_b, spec.attn_eps, spec.attn_out_dropout,
+        h1, sum1, mean1, rstd1 = layer_norm_forward(a, residual, ln1_w, ln1_b, spec.attn_eps, spec.attn_out_dropout,
                                                     source1, False, out_dtype, saves1 == "sum", "cpp")
         h1b = h1.to(torch.bfloat16).contiguous()
-        f = cpp.linear_gemm(h1b, packs[2].forward((wi,), backward), None, wi.shape[0])
+        f = cpp.linear_gemm(h1b, packs[4].forward((wi,), backward), None, wi.shape[0])
         g = cpp.bias_gelu_forward(f, bi.to(torch.bfloat16))
-        o = cpp.linear_gemm(g, packs[3].forward((wout,), backward), product_bias(bout), width)
+        o = cpp.linear_gemm(g, packs[5].forward((wout,), backward), product_bias(bout), width)
         source2, saves2 = _source(h, o.numel(), spec.out_dropout), _norm_saves(ln2_w, ln2_b)
         h2, sum2, mean2, rstd2 = layer_norm_forward(o, h1, ln2_w, ln2_b, spec.out_eps, spec.out_dropout, source2,
                                                     False, out_dtype, saves2 == "sum", "cpp")
@@ -122,54 +133,77 @@ class _EncoderLayer(torch.autograd.Function):
         rng = next((s.rng for s in sources if s.rng is not None), None)
         # the generator's state is saved like a tensor input, so a backward after its end_step fails loudly
         # rather than redrawing other masks
-        ctx.save_for_backward(hb, qkv, lse, context, h1 if saves1 == "output" else sum1, mean1, rstd1, h1b, f, g,
-                              h2 if saves2 == "output" else sum2, mean2, rstd2, cu, rng, wq, bq, wk, bk, wv, bv, wo,
-                              bo, wi, bi, wout, bout, ln1_w, ln1_b, ln2_w, ln2_b)
+        ctx.save_for_backward(hb, lse, context, h1 if saves1 == "output" else sum1, mean1, rstd1, h1b, f, g,
+                              h2 if saves2 == "output" else sum2, mean2, rstd2, cu, cu_q, cls_index, rng, wq, bq, wk,
+                              bk, wv, bv, wo, bo, wi, bi, wout, bout, ln1_w, ln1_b, ln2_w, ln2_b, *saved_q)
         ctx.spec, ctx.saves, ctx.dtypes, ctx.packs = spec, (saves1, saves2), (h.dtype, h1.dtype), packs
         ctx.sources = tuple((s.seed, s.offset) for s in sources)
         return h2
 
     @staticmethod
     def backward(ctx, grad_h2):
-        (hb, qkv, lse, context, saved1, mean1, rstd1, h1b, f, g, saved2, mean2, rstd2, cu, rng, wq, bq, wk, bk, wv,
-         bv, wo, bo, wi, bi, wout, bout, ln1_w, ln1_b, ln2_w, ln2_b) = ctx.saved_tensors
-        spec, (saves1, saves2), (h_dtype, h1_dtype) = ctx.spec, ctx.saves, ctx.dtypes
+        (hb, lse, context, saved1, mean1, rstd1, h1b, f, g, saved2, mean2, rstd2, cu, cu_q, cls_index, rng, wq, bq,
+         wk, bk, wv, bv, wo, bo, wi, bi, wout, bout, ln1_w, ln1_b, ln2_w, ln2_b, *saved_q) = ctx.saved_tensors
+        spec, (saves1, saves2), (h_dtype, h1_dtype), packs = ctx.spec, ctx.saves, ctx.dtypes, ctx.packs
         attn_source, source1, source2 = (MaskSource(rng, seed, offset) for seed, offset in ctx.sources)
-        needs = ctx.needs_input_grad[5:]
+        needs = ctx.needs_input_grad[6:]
         tokens, width = hb.shape
-        head_dim = width // spec.heads
+        rows, head_dim = context.shape[0], width // spec.heads
 
         grad_o, grad_h1, ln2_gw, ln2_gb = layer_norm_backward(
             grad_h2.contiguous(), saved2, saves2 == "output", ln2_w, ln2_b, mean2, rstd2, None, spec.out_dropout,
             source2, False, torch.bfloat16, h1_dtype, "cpp")
-        grad_g = cpp.linear_gemm(grad_o, ctx.packs[3].backward((wout,)), None, g.shape[1])
+        grad_g = cpp.linear_gemm(grad_o, packs[5].backward((wout,)), None, g.shape[1])
         (wout_grad,), bout_grad = weight_grads(grad_o, g, (wout,), needs[10:11], bout.dtype if needs[11] else None)
         grad_f, in_bias_sums = cpp.bias_gelu_backward(grad_g, f, bi.to(torch.bfloat16))
         # h1 feeds the product and the residual: the product's bf16 gradient is added to the residual's
-        _add_product(grad_h1, grad_f, ctx.packs[2].backward((wi,)))
+        _add_product(grad_h1, grad_f, packs[4].backward((wi,)))
         (wi_grad,), _ = weight_grads(grad_f, h1b, (wi,), needs[8:9])
 
-        grad_a, grad_h, ln1_gw, ln1_gb = layer_norm_backward(
+        grad_a, grad_residual, ln1_gw, ln1_gb = layer_norm_backward(
             grad_h1, saved1, saves1 == "output", ln1_w, ln1_b, mean1, rstd1, None, spec.attn_out_dropout, source1,
             False, torch.bfloat16, h_dtype, "cpp")
-        grad_context = cpp.linear_gemm(grad_a, ctx.packs[1].backward((wo,)), None, width)
+        grad_context = cpp.linear_gemm(grad_a, packs[3].backward((wo,)), None, width)
         (wo_grad,), bo_grad = weight_grads(grad_a, context, (wo,), needs[6:7], bo.dtype if needs[7] else None)
-        q, k, v = qkv.view(tokens, 3, spec.heads, head_dim).unbind(1)
-        grad_qkv = cpp.varlen_attention_backward(
-            q, k, v, cu, cu, head_dim ** -0.5, *attn_source.resolved(), keep_threshold(spec.attn_dropout),
-            kept_scale(spec.attn_dropout), grad_context.view(tokens, spec.heads, head_dim), lse,
-            stacked=True).view(tokens, 3 * width)
-        # the stacked product's bias is the three biases concatenated (torch.cat's dtype), as the separate ops run it
-        qkv_bias_dtype = torch.promote_types(bq.dtype, torch.promote_types(bk.dtype, bv.dtype)) \
-            if any(needs[1:6:2]) else None
-        (wq_grad, wk_grad, wv_grad), qkv_bias_grad = weight_grads(grad_qkv, hb, (wq, wk, wv), needs[0:6:2],
-                                                                   qkv_bias_dtype)
-        bias_grads = qkv_bias_grad.split(width) if qkv_bias_grad is not None else (None,) * 3
-        if ctx.needs_input_grad[0]:  # h feeds the product and the residual
-            _add_product(grad_h, grad_qkv, ctx.packs[0].backward((wq, wk, wv)))
+        attention = (head_dim ** -0.5, *attn_source.resolved(), keep_threshold(spec.attn_dropout),
+                     kept_scale(spec.attn_dropout), grad_context.view(rows, spec.heads, head_dim), lse)
+        if cls_index is None:
+            (qkv,) = saved_q
+            q, k, v = qkv.view(tokens, 3, spec.heads, head_dim).unbind(1)
+            grad_qkv = cpp.varlen_attention_backward(q, k, v, cu, cu, *attention, stacked=True).view(tokens, 3 * width)
+            grads_qkv, bias_grads = _stack_grads(grad_qkv, hb, (wq, wk, wv), (bq, bk, bv), needs[0:6])
+            grad_h = grad_residual
+            if ctx.needs_input_grad[0]:  # h feeds the product and the residual
+                _add_product(grad_h, grad_qkv, packs[0].backward((wq, wk, wv)))
         else:
+            query_in, q, kv = saved_q
+            q, (k, v) = q.view(rows, spec.heads, head_dim), kv.view(tokens, 2, spec.heads, head_dim).unbind(1)
+            grad_q, grad_k, grad_v = cpp.varlen_attention_backward(q, k, v, cu_q, cu, *attention)
+            grad_q = grad_q.view(rows, width)
+            grad_kv = torch.cat([grad_k.view(tokens, width), grad_v.view(tokens, width)], dim=1)
+            (wq_grad,), (bq_grad,) = _stack_grads(grad_q, query_in, (wq,), (bq,), needs[0:2])
+            (wk_grad, wv_grad), (bk_grad, bv_grad) = _stack_grads(grad_kv, hb, (wk, wv), (bk, bv), needs[2:6])
+            grads_qkv, bias_grads = (wq_grad, wk_grad, wv_grad), (bq_grad, bk_grad, bv_grad)
             grad_h = None
-        grads = (wq_grad, bias_grads[0], wk_grad, bias_grads[1], wv_grad, bias_grads[2], wo_grad, bo_grad, wi_grad,
-                 grad_bias_of(in_bias_sums, bi.dtype), wout_grad, bout_grad, ln1_gw.to(ln1_w.dtype),
-                 ln1_gb.to(ln1_b.dtype), ln2_gw.to(ln2_w.dtype), ln2_gb.to(ln2_b.dtype))
-        return grad_h, None, None, None, None, *(grad if need else None for grad, need in zip(grads, needs))
+            if ctx.needs_input_grad[0]:
+                # the [CLS] rows' query input and residual, then every token's through the keys and values, summed
+                # as autograd sums the separate ops' gradients
+                _add_product(grad_residual, grad_q, packs[1].backward((wq,)))
+                grad_h = cpp.linear_gemm(grad_kv, packs[2].backward((wk, wv)), None, width).to(h_dtype)
+                grad_h.index_add_(0, cls_index, grad_residual)
+        if not ctx.needs_input_grad[0]:
+            grad_h = None
+        grads = (grads_qkv[0], bias_grads[0], grads_qkv[1], bias_grads[1], grads_qkv[2], bias_grads[2], wo_grad,
+                 bo_grad, wi_grad, grad_bias_of(in_bias_sums, bi.dtype), wout_grad, bout_grad,
+                 ln1_gw.to(ln1_w.dtype), ln1_gb.to(ln1_b.dtype), ln2_gw.to(ln2_w.dtype), ln2_gb.to(ln2_b.dtype))
+        return grad_h, None, None, None, None, None, *(grad if need else None for grad, need in zip(grads, needs))
+
+
+def _stack_grads(grad_y, x, weights, biases, needs):
+    """The gradients of weights stacked into one product and of their biases, concatenated as the separate op's
+    bias is (torch.cat's dtype); needs: (weight, bias) flags for each."""
+    bias_dtype = functools.reduce(torch.promote_types, [b.dtype for b in biases]) if any(needs[1::2]) else None
+    grads, bias_grad = weight_grads(grad_y, x, weights, needs[0::2], bias_dtype)
+    if bias_grad is None:
+        return grads, (None,) * len(weights)
+    return grads, bias_grad.split([w.shape[0] for w in weights])

@@ -14,6 +14,11 @@ gives the same bits either way (tests/test_encoder_layer.py). It saves what they
 product, q/k/v (the stacked product's output), the attention's log-sum-exp, GELU's input, and each LayerNorm's
 output (or its pre-norm sum where the output cannot stand in for it; fastcls.ops.layer_norm_recovery).
 
+With `cls_index` (the [CLS]-only last layer) the keys and values come from every token and the queries, the output
+product, the LayerNorms and the feed-forward block from the [CLS] tokens alone, as `run_layer`'s separate ops
+compute them; those ops run the [CLS] rows' products on oneDNN (fewer than fastcls.ops.linear.MIN_ROWS rows), the
+node on fastcls's kernels, so the two agree bit for bit where MIN_ROWS lets the separate ops take the kernels too.
+
 `encoder_layer_applies` says where it runs: bf16 products by fastcls's kernels (fastcls.ops.linear), the packed
 attention, LayerNorm and bias-GELU CPU kernels, plain nn.Linear modules with biases, GELU's erf form, gradients
 on. Anywhere else the encoder composes the separate ops.

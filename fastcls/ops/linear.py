@@ -36,7 +36,9 @@ dispatch.register_op("linear", cpp=cpp.LINEAR_DTYPES)
 
 # Fewer rows run F.linear: the packing of the weights (a pass over them each step) outweighs the product there,
 # and a row count this small is the [CLS]-only last layer's, the same every step, so oneDNN builds its primitive
-# once (benchmarks/bench_linear.py: at 32 rows fastcls takes 1.4x the time of torch's built primitive).
+# once (benchmarks/bench_linear.py: at 32 rows fastcls takes 1.4x the time of torch's built primitive). In training
+# that layer is one autograd node (fastcls.ops.encoder_layer), which runs its [CLS] rows on the kernels all the same:
+# there the node's saved overhead outweighs the packing.
 MIN_ROWS = 64
 _AUTOCAST_DTYPES = (torch.float32, torch.bfloat16)
 

@@ -68,6 +68,22 @@ def test_forward_and_gradients_match_fp64(rows, stack, width, with_bias, generat
 
 
 @needs_kernels
+@pytest.mark.parametrize("width", [2, 10, 30, 32, 34, 62, 66, 96, 390])
+def test_bf16_weights_pack_to_the_bytes_of_their_exact_fp32_copies(width, generator):
+    """bf16 weights pack by register transposes, fp32 ones by gathers (rounding to bf16): on fp32 copies that are
+    bf16 values already, both layouts of every stack must be the same bytes, whatever the row count, the width
+    (pairs past a multiple of 16) and the stack's offsets (blocks of rows cut by the panels)."""
+    for rows in (2, 6, 16, 18, 46, 48, 50, 94, 130, 384):
+        for stack in ([rows], [rows, 2, rows + 2]):
+            weights = [bf16((n, width), generator) for n in stack]
+            packs = cpp.linear_pack_wt(weights, with_pairs=True) + (cpp.linear_pack_pairs(weights),)
+            wide = [w.float() for w in weights]
+            expected = cpp.linear_pack_wt(wide, with_pairs=True) + (cpp.linear_pack_pairs(wide),)
+            for got, want in zip(packs, expected):
+                assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (rows, stack)
+
+
+@needs_kernels
 @pytest.mark.parametrize("rows,n_cols,width", [(1, 384, 384), (9, 100, 62), (131, 50, 2)])
 def test_a_product_added_in_its_pass_is_the_add_of_the_bf16_product(rows, n_cols, width, generator):
     """linear_gemm(add_to=c) gives c.add_(product) bit for bit: the product rounded to bf16, then added in fp32."""

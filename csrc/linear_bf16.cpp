@@ -148,9 +148,10 @@ inline void transpose16x16(__m512i r[16]) {
   for (int i = 0; i < 16; ++i) r[i] = t[i];
 }
 
-// Blocks of up to 16 rows within one panel: each pair kp of the block is one gather down its rows and one
-// 64-byte store into the panel (a transpose with whole-line writes). With `pairs_out`, the same rows, still in
-// cache, also go to the input gradient's pair-packed panels (R rows in all).
+// Blocks of up to 16 rows within one panel: each pair kp of the block is one 64-byte store into the panel (a
+// transpose with whole-line writes), its 16 rows' pairs taken from a 16 x 16 register transpose (bf16) or a gather
+// down the rows (fp32, rounded). With `pairs_out`, the same rows, still in cache, also go to the input gradient's
+// pair-packed panels (R rows in all).
 template <typename T>
 void pack_wt(const T* w, int64_t rows, int64_t row_offset, int64_t K, uint16_t* packed, uint16_t* pairs_out,
              int64_t R, int num_threads) {

@@ -4,9 +4,9 @@
 // of k and v [Tk, H, D]; each query attends to its own row's keys only: out = dropout(softmax(q k^T * scale)) v.
 // q, k and v are read through their token and head strides (element stride 1), so the views of a stacked
 // projection need no copy; out and grad_out are contiguous [T, H, D], and so are the gradients unless
-// grad_token_stride (0: H * D) sets their token stride (a stacked [T, 3, H, D] gradient: 3 H D). lse [Tq, H] (fp32) is the
-// log-sum-exp of each query's scaled scores: the backward recomputes the probabilities from it (no [L, L] tensor
-// is kept).
+// grad_token_stride (0: H * D) sets their token stride (a stacked [T, 3, H, D] gradient: 3 H D). lse [Tq, H]
+// (fp32) is the log-sum-exp of each query's scaled scores: the backward recomputes the probabilities from it (no
+// [L, L] tensor is kept).
 //
 // Dropout: the probability of (row r, head h, query i, key j) has the canonical index
 // H * sum_{r' < r} Lq_r' * Lk_r' + (h * Lq_r + i) * Lk_r + j, and is kept iff word index % 4 of Philox4x32-10 at

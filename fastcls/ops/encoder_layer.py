@@ -102,7 +102,9 @@ class _EncoderLayer(torch.autograd.Function):
         tokens, width = h.shape
         head_dim = width // spec.heads
         backward = any(ctx.needs_input_grad)
-        packs = [_packs_of(w) for w in ((wq, wk, wv), (wq,), (wk, wv), (wo,), (wi,), (wout,))]
+        # the first products' stacks: (q, k, v), or (q,) and (k, v) with cls_index; then the output and feed-forward
+        stacks = ((wq, wk, wv),) if cls_index is None else ((wq,), (wk, wv))
+        packs = [_packs_of(w) for w in (*stacks, (wo,), (wi,), (wout,))]
         hb = h.to(torch.bfloat16).contiguous()
         # the input gradient's packing where it is needed: for the first products, where h takes a gradient
         if cls_index is None:
@@ -111,11 +113,11 @@ class _EncoderLayer(torch.autograd.Function):
             q, k, v = qkv.view(tokens, 3, spec.heads, head_dim).unbind(1)
             residual, cu_q, saved_q = h, cu, (qkv,)
         else:  # the queries, and all that follows attention, of the [CLS] rows alone
-            kv = cpp.linear_gemm(hb, packs[2].forward((wk, wv), ctx.needs_input_grad[0]),
+            kv = cpp.linear_gemm(hb, packs[1].forward((wk, wv), ctx.needs_input_grad[0]),
                                  product_bias(torch.cat([bk, bv])), 2 * width)
             k, v = kv.view(tokens, 2, spec.heads, head_dim).unbind(1)
             residual, query_in = h.index_select(0, cls_index), hb.index_select(0, cls_index)
-            q = cpp.linear_gemm(query_in, packs[1].forward((wq,), ctx.needs_input_grad[0]), product_bias(bq), width)
+            q = cpp.linear_gemm(query_in, packs[0].forward((wq,), ctx.needs_input_grad[0]), product_bias(bq), width)
             q, cu_q, saved_q = q.view(-1, spec.heads, head_dim), torch.arange(len(cls_index) + 1), (query_in, q, kv)
         rows = q.shape[0]
         # each op draws its mask's counters in the separate ops' order and number: the same masks
@@ -123,14 +125,14 @@ class _EncoderLayer(torch.autograd.Function):
         context, lse = cpp.varlen_attention_forward(q, k, v, cu_q, cu, head_dim ** -0.5, *attn_source.resolved(),
                                                     keep_threshold(spec.attn_dropout), kept_scale(spec.attn_dropout))
         context = context.view(rows, width)
-        a = cpp.linear_gemm(context, packs[3].forward((wo,), backward), product_bias(bo), width)
+        a = cpp.linear_gemm(context, packs[-3].forward((wo,), backward), product_bias(bo), width)
         source1, saves1 = _source(h, a.numel(), spec.attn_out_dropout), _norm_saves(ln1_w, ln1_b)
         h1, sum1, mean1, rstd1 = layer_norm_forward(a, residual, ln1_w, ln1_b, spec.attn_eps, spec.attn_out_dropout,
                                                     source1, False, out_dtype, saves1 == "sum", "cpp")
         h1b = h1.to(torch.bfloat16).contiguous()
-        f = cpp.linear_gemm(h1b, packs[4].forward((wi,), backward), None, wi.shape[0])
+        f = cpp.linear_gemm(h1b, packs[-2].forward((wi,), backward), None, wi.shape[0])
         g = cpp.bias_gelu_forward(f, bi.to(torch.bfloat16))
-        o = cpp.linear_gemm(g, packs[5].forward((wout,), backward), product_bias(bout), width)
+        o = cpp.linear_gemm(g, packs[-1].forward((wout,), backward), product_bias(bout), width)
         source2, saves2 = _source(h, o.numel(), spec.out_dropout), _norm_saves(ln2_w, ln2_b)
         h2, sum2, mean2, rstd2 = layer_norm_forward(o, h1, ln2_w, ln2_b, spec.out_eps, spec.out_dropout, source2,
                                                     False, out_dtype, saves2 == "sum", "cpp")
@@ -158,17 +160,17 @@ class _EncoderLayer(torch.autograd.Function):
         grad_o, grad_h1, ln2_gw, ln2_gb = layer_norm_backward(
             grad_h2.contiguous(), saved2, saves2 == "output", ln2_w, ln2_b, mean2, rstd2, None, spec.out_dropout,
             source2, False, torch.bfloat16, h1_dtype, "cpp")
-        grad_g = cpp.linear_gemm(grad_o, packs[5].backward((wout,)), None, g.shape[1])
+        grad_g = cpp.linear_gemm(grad_o, packs[-1].backward((wout,)), None, g.shape[1])
         (wout_grad,), bout_grad = weight_grads(grad_o, g, (wout,), needs[10:11], bout.dtype if needs[11] else None)
         grad_f, in_bias_sums = cpp.bias_gelu_backward(grad_g, f, bi.to(torch.bfloat16))
         # h1 feeds the product and the residual: the product's bf16 gradient is added to the residual's
-        _add_product(grad_h1, grad_f, packs[4].backward((wi,)))
+        _add_product(grad_h1, grad_f, packs[-2].backward((wi,)))
         (wi_grad,), _ = weight_grads(grad_f, h1b, (wi,), needs[8:9])
 
         grad_a, grad_residual, ln1_gw, ln1_gb = layer_norm_backward(
             grad_h1, saved1, saves1 == "output", ln1_w, ln1_b, mean1, rstd1, None, spec.attn_out_dropout, source1,
             False, torch.bfloat16, h_dtype, "cpp")
-        grad_context = cpp.linear_gemm(grad_a, packs[3].backward((wo,)), None, width)
+        grad_context = cpp.linear_gemm(grad_a, packs[-3].backward((wo,)), None, width)
         (wo_grad,), bo_grad = weight_grads(grad_a, context, (wo,), needs[6:7], bo.dtype if needs[7] else None)
         attention = (head_dim ** -0.5, *attn_source.resolved(), keep_threshold(spec.attn_dropout),
                      kept_scale(spec.attn_dropout), grad_context.view(rows, spec.heads, head_dim), lse)
@@ -193,8 +195,8 @@ class _EncoderLayer(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 # the [CLS] rows' query input and residual, then every token's through the keys and values, summed
                 # as autograd sums the separate ops' gradients
-                _add_product(grad_residual, grad_q, packs[1].backward((wq,)))
-                grad_h = cpp.linear_gemm(grad_kv, packs[2].backward((wk, wv)), None, width).to(h_dtype)
+                _add_product(grad_residual, grad_q, packs[0].backward((wq,)))
+                grad_h = cpp.linear_gemm(grad_kv, packs[1].backward((wk, wv)), None, width).to(h_dtype)
                 grad_h.index_add_(0, cls_index, grad_residual)
         if not ctx.needs_input_grad[0]:
             grad_h = None

@@ -230,11 +230,11 @@ def linear_gemm(a: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
         _check(bias, "bias", (torch.float32,), (n_cols,))
     if add_to is not None:
         _check(add_to, "add_to", (torch.float32,), (n_rows, n_cols))
-    out = torch.empty(n_rows, n_cols, dtype=torch.bfloat16) if add_to is None else add_to
-    dispatch.cpp_ext.linear_bf16_gemm(a.data_ptr(), width // 2, 1, packed.data_ptr(), _address(bias),
-                                      _address(out if add_to is None else None), _address(add_to), add_to is not None,
-                                      n_cols, n_rows, n_cols, width, torch.get_num_threads())
-    return out
+    out = torch.empty(n_rows, n_cols, dtype=torch.bfloat16) if add_to is None else None
+    dispatch.cpp_ext.linear_bf16_gemm(a.data_ptr(), width // 2, 1, packed.data_ptr(), _address(bias), _address(out),
+                                      _address(add_to), add_to is not None, n_cols, n_rows, n_cols, width,
+                                      torch.get_num_threads())
+    return out if add_to is None else add_to
 
 
 def linear_weight_grad(grad_y: torch.Tensor, x: torch.Tensor,

@@ -179,8 +179,9 @@ class _EncoderLayer(torch.autograd.Function):
             q, k, v = qkv.view(tokens, 3, spec.heads, head_dim).unbind(1)
             grad_qkv = cpp.varlen_attention_backward(q, k, v, cu, cu, *attention, stacked=True).view(tokens, 3 * width)
             grads_qkv, bias_grads = _stack_grads(grad_qkv, hb, (wq, wk, wv), (bq, bk, bv), needs[0:6])
-            grad_h = grad_residual
+            grad_h = None
             if ctx.needs_input_grad[0]:  # h feeds the product and the residual
+                grad_h = grad_residual
                 _add_product(grad_h, grad_qkv, packs[0].backward((wq, wk, wv)))
         else:
             query_in, q, kv = saved_q
@@ -198,8 +199,6 @@ class _EncoderLayer(torch.autograd.Function):
                 _add_product(grad_residual, grad_q, packs[0].backward((wq,)))
                 grad_h = cpp.linear_gemm(grad_kv, packs[1].backward((wk, wv)), None, width).to(h_dtype)
                 grad_h.index_add_(0, cls_index, grad_residual)
-        if not ctx.needs_input_grad[0]:
-            grad_h = None
         grads = (grads_qkv[0], bias_grads[0], grads_qkv[1], bias_grads[1], grads_qkv[2], bias_grads[2], wo_grad,
                  bo_grad, wi_grad, grad_bias_of(in_bias_sums, bi.dtype), wout_grad, bout_grad,
                  ln1_gw.to(ln1_w.dtype), ln1_gb.to(ln1_b.dtype), ln2_gw.to(ln2_w.dtype), ln2_gb.to(ln2_b.dtype))

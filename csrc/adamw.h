@@ -57,7 +57,9 @@ void adamw_grad_sum_of_squares_bf16(const int64_t* table, int64_t n_tensors, con
 // zero gradient would not give exactly that (eps 0, a non-finite step size, grad_scale or clip_coef that turns a
 // zero into something else), every row takes the full update. The update walks each run of live rows, and of dead
 // ones, as one stream, and the threads share it by bytes moved (a dead row's decay moves 8 per element, a full
-// update 28); the sum keeps the dense sum's shares, which its bits depend on.
+// update 28); the sum keeps the dense sum's shares, which its bits depend on. The sum needs only the zero
+// gradients outside its mask, so its live table may be narrower than the update's (fastcls passes the rows that
+// the step's batch touched).
 void adamw_live_rows_f32(const int64_t* table, const int64_t* live_table, int64_t n_tensors,
                          const AdamWOptions& options, const float* lr, const float* grad_scale,
                          const float* found_inf, const float* clip_coef, int num_threads);

@@ -113,23 +113,33 @@ void def_dropout(py::module_& m, const char* suffix, DropoutKernel<Element> kern
 // Dropout + residual add + LayerNorm (or LayerNorm + dropout) forward and backward; see layer_norm.h.
 void def_layer_norm(py::module_& m) {
   m.def(
+      "layer_norm_output_recovers",
+      [](std::uintptr_t weight, std::uintptr_t bias, int dtype, int64_t n, float max_bias_over_weight) {
+        return fastcls::layer_norm_output_recovers(as_ptr<const void>(weight), as_ptr<const void>(bias), dtype, n,
+                                                   max_bias_over_weight);
+      },
+      py::arg("weight"), py::arg("bias"), py::arg("dtype"), py::arg("n"), py::arg("max_bias_over_weight"),
+      "Whether a LayerNorm's output can stand in for its pre-norm sum in the backward (layer_norm.h).");
+  m.def(
       "layer_norm_forward",
       [](std::uintptr_t x, int x_dtype, std::uintptr_t residual, int residual_dtype, std::uintptr_t weight,
-         std::uintptr_t bias, std::uintptr_t out, std::uintptr_t sum, int out_dtype, std::uintptr_t mean,
-         std::uintptr_t rstd, int64_t n_rows, int64_t n_cols, float eps, uint64_t seed, uint64_t counter_offset,
-         uint64_t threshold, float scale, bool dropout_after, int num_threads) {
+         std::uintptr_t bias, std::uintptr_t out, std::uintptr_t sum, int out_dtype, std::uintptr_t out_bf16,
+         std::uintptr_t mean, std::uintptr_t rstd, int64_t n_rows, int64_t n_cols, float eps, uint64_t seed,
+         uint64_t counter_offset, uint64_t threshold, float scale, bool dropout_after, int num_threads) {
         py::gil_scoped_release release;
         fastcls::layer_norm_forward(as_ptr<const void>(x), x_dtype, as_ptr<const void>(residual), residual_dtype,
                                     as_ptr<const float>(weight), as_ptr<const float>(bias), as_ptr<void>(out),
-                                    as_ptr<void>(sum), out_dtype, as_ptr<float>(mean), as_ptr<float>(rstd), n_rows,
-                                    n_cols, eps, seed, counter_offset, threshold, scale, dropout_after, num_threads);
+                                    as_ptr<void>(sum), out_dtype, as_ptr<void>(out_bf16), as_ptr<float>(mean),
+                                    as_ptr<float>(rstd), n_rows, n_cols, eps, seed, counter_offset, threshold, scale,
+                                    dropout_after, num_threads);
       },
       py::arg("x"), py::arg("x_dtype"), py::arg("residual"), py::arg("residual_dtype"), py::arg("weight"),
-      py::arg("bias"), py::arg("out"), py::arg("sum"), py::arg("out_dtype"), py::arg("mean"), py::arg("rstd"),
+      py::arg("bias"), py::arg("out"), py::arg("sum"), py::arg("out_dtype"), py::arg("out_bf16"), py::arg("mean"),
+      py::arg("rstd"),
       py::arg("n_rows"), py::arg("n_cols"), py::arg("eps"), py::arg("seed"), py::arg("counter_offset"),
       py::arg("threshold"), py::arg("scale"), py::arg("dropout_after"), py::arg("num_threads"),
       "out = LayerNorm(dropout(x) + residual) or dropout(LayerNorm(x)) over contiguous rows, with the per-row mean "
-      "and rstd (layer_norm.h); dtype codes 0 fp32, 1 bf16; a null address is 0.");
+      "and rstd (layer_norm.h), and out_bf16, out rounded to bf16; dtype codes 0 fp32, 1 bf16; a null address is 0.");
   m.def(
       "layer_norm_backward",
       [](std::uintptr_t grad_out, std::uintptr_t saved, int saved_dtype, bool saved_is_output, std::uintptr_t weight,

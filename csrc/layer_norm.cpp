@@ -139,8 +139,9 @@ void with_flag(bool flag, F&& f) {
 }
 
 template <typename X, typename R, typename O>
-void forward_rows(const X* x, const R* residual, const float* weight, const float* bias, O* out, O* sum, float* mean,
-                  float* rstd, int64_t row_begin, int64_t row_end, int64_t n_cols, float eps, const Dropout& drop) {
+void forward_rows(const X* x, const R* residual, const float* weight, const float* bias, O* out, O* sum,
+                  uint16_t* out_bf16, float* mean, float* rstd, int64_t row_begin, int64_t row_end, int64_t n_cols,
+                  float eps, const Dropout& drop) {
   const uint32_t bound = drop.bound;  // locals: a member read through a reference is reloaded every iteration
   const float scale = drop.scale;
   std::vector<float> summed(static_cast<size_t>(n_cols));
@@ -176,6 +177,11 @@ void forward_rows(const X* x, const R* residual, const float* weight, const floa
     } else {
 #pragma omp simd
       for (int64_t j = 0; j < n_cols; ++j) yr[j] = from_f32<O>((s[j] - row_mean) * row_rstd * weight[j] + bias[j]);
+    }
+    if (out_bf16 != nullptr) {
+      uint16_t* cr = out_bf16 + offset;
+#pragma omp simd
+      for (int64_t j = 0; j < n_cols; ++j) cr[j] = f32_to_bf16(to_f32(yr[j]));
     }
     mean[row] = row_mean;
     rstd[row] = row_rstd;
@@ -371,7 +377,7 @@ inline void for_rows(F&& f) {
 template <int kRows, bool kDropX, bool kDropY, bool kResidual, bool kSum, bool kStream, typename X, typename R,
           typename O>
 void forward_row_avx512(const X* xr, const R* rr, const float* weight, const float* bias, O* yr, O* sr,
-                        RowKeep* keep, float scale, float eps, float* s, int64_t n, int64_t ahead,
+                        uint16_t* cr, RowKeep* keep, float scale, float eps, float* s, int64_t n, int64_t ahead,
                         float* row_mean, float* row_rstd) {
   const __m512 scale_v = _mm512_set1_ps(scale);
   __m512 total[kRows];
@@ -418,6 +424,7 @@ void forward_row_avx512(const X* xr, const R* rr, const float* weight, const flo
       __m512 y = _mm512_fmadd_ps(xhat, w, b);
       if constexpr (kDropY) y = _mm512_maskz_mul_ps(keep[r].at(j), y, scale_v);
       step.template put<kStream>(yr + at, y);
+      if (cr != nullptr) step.template put<kStream>(cr + at, y);  // a branch, not a template flag: half the builds
     });
   });
 }
@@ -493,7 +500,7 @@ constexpr int kRowsAtOnce = ((sizeof(T) == 2) && ...) ? 2 : 1;
 
 template <typename X, typename R, typename O>
 void forward_rows_avx512(const X* x, const R* residual, const float* weight, const float* bias, O* out, O* sum,
-                         float* mean, float* rstd, int64_t row_begin, int64_t row_end, int64_t n_cols, float eps,
+                         uint16_t* out_bf16, float* mean, float* rstd, int64_t row_begin, int64_t row_end, int64_t n_cols, float eps,
                          const Dropout& drop, bool stream) {
   constexpr int kPair = kRowsAtOnce<X, R, O>;
   std::vector<float> summed(static_cast<size_t>(kPair * n_cols));
@@ -515,7 +522,7 @@ void forward_rows_avx512(const X* x, const R* residual, const float* weight, con
             forward_row_avx512<kRows, decltype(drop_x)::value, decltype(drop_y)::value,
                                decltype(has_residual)::value, decltype(has_sum)::value, decltype(streamed)::value>(
                 x + offset, has_residual ? residual + offset : nullptr, weight, bias, out + offset,
-                has_sum ? sum + offset : nullptr, keep.data(), drop.scale, eps, summed.data(), n_cols,
+                has_sum ? sum + offset : nullptr, out_bf16 != nullptr ? out_bf16 + offset : nullptr, keep.data(), drop.scale, eps, summed.data(), n_cols,
                 row + kRows * (kPrefetchRows + 1) <= row_end ? kRows * kPrefetchRows * n_cols : 0, mean + row, rstd + row);
           };
           int64_t row = row_begin;
@@ -614,8 +621,8 @@ bool streams(int64_t touched_bytes, std::initializer_list<std::pair<const void*,
 }  // namespace
 
 void layer_norm_forward(const void* x, int x_dtype, const void* residual, int residual_dtype, const float* weight,
-                        const float* bias, void* out, void* sum, int out_dtype, float* mean, float* rstd,
-                        int64_t n_rows, int64_t n_cols, float eps, uint64_t seed, uint64_t counter_offset,
+                        const float* bias, void* out, void* sum, int out_dtype, void* out_bf16, float* mean,
+                        float* rstd, int64_t n_rows, int64_t n_cols, float eps, uint64_t seed, uint64_t counter_offset,
                         uint64_t threshold, float scale, bool dropout_after, int num_threads) {
   const Dropout drop = make_dropout(seed, counter_offset, threshold, scale, dropout_after);
   const int n_tasks = threads_for(n_rows, n_cols, num_threads);
@@ -623,8 +630,9 @@ void layer_norm_forward(const void* x, int x_dtype, const void* residual, int re
   const int64_t out_row_bytes = n_cols * element_bytes(out_dtype);
   const int64_t residual_row_bytes = residual ? n_cols * element_bytes(residual_dtype) : 0;
   const int64_t touched =
-      n_rows * (n_cols * element_bytes(x_dtype) + residual_row_bytes + (sum ? 2 : 1) * out_row_bytes);
-  const bool stream = streams(touched, {{out, out_row_bytes}, {sum, out_row_bytes}});
+      n_rows * (n_cols * element_bytes(x_dtype) + residual_row_bytes + (sum ? 2 : 1) * out_row_bytes +
+                (out_bf16 ? 2 * n_cols : 0));
+  const bool stream = streams(touched, {{out, out_row_bytes}, {sum, out_row_bytes}, {out_bf16, 2 * n_cols}});
 #endif
   with_element(x_dtype, [&](auto x_element) {
     with_element(residual_dtype, [&](auto residual_element) {
@@ -636,11 +644,12 @@ void layer_norm_forward(const void* x, int x_dtype, const void* residual, int re
         for (int task = 0; task < n_tasks; ++task) {
 #if defined(FASTCLS_LAYER_NORM_AVX512)
           forward_rows_avx512(static_cast<const X*>(x), static_cast<const R*>(residual), weight, bias,
-                              static_cast<O*>(out), static_cast<O*>(sum), mean, rstd, task * n_rows / n_tasks,
+                              static_cast<O*>(out), static_cast<O*>(sum), static_cast<uint16_t*>(out_bf16), mean,
+                              rstd, task * n_rows / n_tasks,
                               (task + 1) * n_rows / n_tasks, n_cols, eps, drop, stream);
 #else
           forward_rows(static_cast<const X*>(x), static_cast<const R*>(residual), weight, bias, static_cast<O*>(out),
-                       static_cast<O*>(sum), mean, rstd, task * n_rows / n_tasks, (task + 1) * n_rows / n_tasks,
+                       static_cast<O*>(sum), static_cast<uint16_t*>(out_bf16), mean, rstd, task * n_rows / n_tasks, (task + 1) * n_rows / n_tasks,
                        n_cols, eps, drop);
 #endif
         }
@@ -691,6 +700,18 @@ void layer_norm_backward(const void* grad_out, const void* saved, int saved_dtyp
       });
     });
   });
+}
+
+bool layer_norm_output_recovers(const void* weight, const void* bias, int dtype, int64_t n,
+                                float max_bias_over_weight) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float w = std::fabs(dtype == 1 ? bf16_to_f32(static_cast<const uint16_t*>(weight)[j])
+                                         : static_cast<const float*>(weight)[j]);
+    const float b = std::fabs(dtype == 1 ? bf16_to_f32(static_cast<const uint16_t*>(bias)[j])
+                                         : static_cast<const float*>(bias)[j]);
+    if (!(w > 0.0f && b <= max_bias_over_weight * w && std::isfinite(w))) return false;
+  }
+  return true;
 }
 
 }  // namespace fastcls

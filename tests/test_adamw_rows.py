@@ -135,6 +135,22 @@ def test_dead_rows_are_neither_read_nor_written(two_threads):
     assert sorted(opt._live_rows.mask(table).nonzero().flatten().tolist()) == [3, 4]
 
 
+def test_the_norm_reads_this_steps_touched_rows_alone(two_threads):
+    """The clipping norm's pass reads the rows touched this step, not every live row: a live row untouched this step,
+    its gradient poisoned behind the optimizer's back, leaves the norm that of the touched rows."""
+    (table,) = params = make_params(torch.float32)[1:2]
+    opt = FusedAdamW(params, lr=0.1, max_grad_norm=1.0, backend="cpp")
+    backward_table(params, [3, 4, 700])
+    opt.step()
+    backward_table(params, [4, 9])
+    expected = table.grad.double().square().sum().sqrt().float()
+    table.grad[3] = float("nan")  # live: its moments are nonzero
+    table.grad[700, 5] = float("inf")
+    opt.step()
+    assert opt._live_rows.mask(table)[[3, 700]].all()
+    assert torch.allclose(opt.grad_norm, expected, rtol=1e-6, atol=0)
+
+
 def backward_table(params, ids):
     params[0].grad = None
     row_accumulated_embedding(torch.tensor(ids), params[0], PAD).sum().backward()
@@ -146,12 +162,12 @@ def test_a_tiny_training_ends_with_the_dense_steps_weights(tmp_path, monkeypatch
     encoder = make_tiny_encoder(tmp_path / "encoder")
     rows = [{"sentence": text, "label": label} for label, text in sst2_rows(24, seed=2)]
     sparse_steps = []
-    live_table = LiveRows.live_table
+    live_tables = LiveRows.live_tables
 
     def counted(self, params, entries, enabled):
-        table = live_table(self, params, entries, enabled)
-        sparse_steps.append(table is not None)
-        return table
+        tables = live_tables(self, params, entries, enabled)
+        sparse_steps.append(tables[0] is not None)
+        return tables
 
     def run(name):
         result = fastcls.train(model=str(encoder), train=rows, dev=rows, output=str(tmp_path / name), epochs=2,
@@ -159,7 +175,7 @@ def test_a_tiny_training_ends_with_the_dense_steps_weights(tmp_path, monkeypatch
                                seed=1, log_every=1)
         return {k: v.detach().clone() for k, v in result.model.state_dict().items()}
 
-    monkeypatch.setattr(LiveRows, "live_table", counted)
+    monkeypatch.setattr(LiveRows, "live_tables", counted)
     sparse = run("sparse")
     assert sum(sparse_steps) == 6  # 24 rows in batches of 8 for 2 epochs, the table's bucket row-sparse in each
     monkeypatch.setattr(FusedAdamW, "row_sparse", False)

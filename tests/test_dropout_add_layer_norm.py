@@ -133,6 +133,35 @@ def test_cpp_rows_worked_on_together_match_each_row_alone(dtype, p, dropout_afte
                 assert torch.equal(got[row:row + 1], want), f"row {row}: {what}"
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("dropout_after", [False, True], ids=["dropout-add-norm", "norm-dropout"])
+@pytest.mark.parametrize("keep_sum", [False, True], ids=["", "sum"])
+@pytest.mark.parametrize("n_rows", [9, (32 << 20) // (3 * 1024 * 4) + 3], ids=["rows", "streamed"])
+def test_cpp_bf16_copy_is_the_output_rounded(p, dropout_after, keep_sum, n_rows, generator):
+    # out_bf16: the fp32 output rounded to bf16 as torch rounds it, written by the same pass (streamed too), the
+    # output, sum and statistics unchanged by asking for it
+    if dispatch.cpp_ext is None:
+        pytest.skip("C++ kernels not built")
+    hidden = 50 if n_rows == 9 else 1024  # a tail step in each row; the streamed size's rows are whole lines
+    x, residual = (randn((n_rows, hidden), generator, "cpu", scale=3.0) for _ in range(2))
+    residual = None if dropout_after else residual
+    weight, bias = (t.detach() for t in layer_norm_params(hidden, generator, "cpu"))
+
+    def run(out_bf16):
+        out = torch.empty((n_rows, hidden))
+        summed = torch.empty((n_rows, hidden)) if keep_sum else None
+        mean, rstd = torch.empty(n_rows), torch.empty(n_rows)
+        cpp.layer_norm_forward(x, residual, weight, bias, out, summed, mean, rstd, 1e-12, 3, 8, keep_threshold(p),
+                               kept_scale(p), dropout_after, out_bf16)
+        return out, summed, mean, rstd
+
+    copy = torch.full((n_rows, hidden), float("nan"), dtype=torch.bfloat16)
+    with_copy, without = run(copy), run(None)
+    assert torch.equal(copy.view(torch.int16), with_copy[0].to(torch.bfloat16).view(torch.int16))
+    for got, want in zip(with_copy, without):
+        assert (got is None and want is None) or torch.equal(got, want)
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 def test_cpp_streamed_outputs_match_the_reference(dtype, generator):
     # Calls touching more than 32 MiB store their outputs non-temporally (csrc/layer_norm.cpp): a shape past that.
@@ -328,6 +357,28 @@ def test_columns_the_output_cannot_recover_fall_back_to_the_sum(backend, column,
         torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
     if name != "reference":
         assert out.untyped_storage().data_ptr() not in saved
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+def test_the_cpp_recovery_check_answers_as_torchs(dtype, generator):
+    """The CPU's check (C++) and the device's (torch ops) agree column by column: at the bias bound, past it, a
+    zero, infinite or NaN weight, a NaN bias."""
+    if dispatch.cpp_ext is None:
+        pytest.skip("C++ kernels not built")
+    from fastcls.ops.layer_norm_recovery import MAX_BIAS_OVER_WEIGHT, _recoverable, _recoverable_flag
+
+    for value in (None, 0.0, -0.0, float("inf"), float("nan"), "bound", "past", "nan bias"):
+        weight, bias = (t.detach() for t in layer_norm_params(20, generator, "cpu", dtype))
+        if value == "bound":
+            bias[5] = -MAX_BIAS_OVER_WEIGHT * weight[5].float()
+        elif value == "past":
+            bias[5] = MAX_BIAS_OVER_WEIGHT * weight[5].float() * 1.02
+        elif value == "nan bias":
+            bias[5] = float("nan")
+        elif value is not None:
+            weight[5] = value
+        assert _recoverable(weight, bias) == bool(_recoverable_flag(weight, bias)), value
+        assert _recoverable(weight, bias) == (value in (None, "bound")), value
 
 
 def test_return_sum_gives_the_pre_norm_sum(backend, generator):

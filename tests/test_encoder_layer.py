@@ -152,3 +152,21 @@ def test_where_it_does_not_run():
     adapted = (*linears[:5], torch.nn.Sequential(part.ffn_out))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not encoder_layer_applies(h, adapted, norms, 4, (0.1, 0.1, 0.1))
+
+
+def test_the_next_layer_reads_the_bf16_copy_while_the_output_is_unchanged(monkeypatch):
+    """A fused layer's LayerNorm writes its fp32 output's bf16 copy for the next layer's products: that copy is
+    the output rounded, and an in-place change to the output makes the next layer cast it afresh."""
+    from fastcls.ops.encoder_layer import _bf16_of
+
+    outputs, real = [], encoder_module.encoder_layer
+    monkeypatch.setattr(encoder_module, "encoder_layer", lambda *args: outputs.append(real(*args)) or outputs[-1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tiny_model(layers=2)(batch())
+    h = outputs[0]  # the first layer's, over every token (the last layer's holds the [CLS] rows alone)
+    assert h.dtype == torch.float32 and h._fastcls_bf16[0] == h._version
+    assert _bf16_of(h) is h._fastcls_bf16[1] and torch.equal(_bf16_of(h), h.detach().to(torch.bfloat16))
+    assert not hasattr(outputs[1], "_fastcls_bf16")
+    with torch.no_grad():
+        h.mul_(3.0)
+    assert _bf16_of(h) is not h._fastcls_bf16[1] and torch.equal(_bf16_of(h), h.detach().to(torch.bfloat16))

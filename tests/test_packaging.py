@@ -85,6 +85,8 @@ REFERENCE_TESTS = [
     "tests/test_dropout_add_layer_norm.py::test_layer_norm_dropout_matches_the_reference_mask",
     "tests/test_dropout_add_layer_norm.py::test_no_dropout_is_torch_unfused",
     "tests/test_dropout_add_layer_norm.py::test_cpp_streamed_outputs_match_the_reference",
+    "tests/test_dropout_add_layer_norm.py::test_cpp_bf16_copy_is_the_output_rounded",
+    "tests/test_dropout_add_layer_norm.py::test_the_cpp_recovery_check_answers_as_torchs",
 ]
 
 

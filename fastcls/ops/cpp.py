@@ -258,9 +258,10 @@ def linear_weight_grad(grad_y: torch.Tensor, x: torch.Tensor,
 
 
 def layer_norm_forward(x, residual, weight, bias, out, summed, mean, rstd, eps, seed, counter_offset, threshold,
-                       scale, dropout_after) -> None:
+                       scale, dropout_after, out_bf16=None) -> None:
     """Fill out [N, H] (and summed, unless None, and the per-row fp32 mean and rstd) from contiguous x [N, H] and
-    residual (or None); out and summed share one dtype."""
+    residual (or None); out and summed share one dtype. out_bf16 (a bf16 [N, H], or None) receives out rounded to
+    bf16, as out.to(torch.bfloat16) would be (csrc/layer_norm.h: but for fp32 subnormals)."""
     n_rows, n_cols = x.shape
     _check(x, "x", LAYER_NORM_DTYPES, (n_rows, n_cols))
     if residual is not None:
@@ -268,13 +269,16 @@ def layer_norm_forward(x, residual, weight, bias, out, summed, mean, rstd, eps, 
     _check(out, "out", LAYER_NORM_DTYPES, (n_rows, n_cols))
     if summed is not None:
         _check(summed, "summed", (out.dtype,), (n_rows, n_cols))
+    if out_bf16 is not None:
+        _check(out_bf16, "out_bf16", (torch.bfloat16,), (n_rows, n_cols))
     for name, tensor in (("mean", mean), ("rstd", rstd)):
         _check(tensor, name, (torch.float32,), (n_rows,))
     weight32, bias32 = _fp32_vector(weight, "weight", n_cols), _fp32_vector(bias, "bias", n_cols)
     dispatch.cpp_ext.layer_norm_forward(
         x.data_ptr(), _dtype_code(x), _address(residual), _dtype_code(residual), weight32.data_ptr(),
-        bias32.data_ptr(), out.data_ptr(), _address(summed), _dtype_code(out), mean.data_ptr(), rstd.data_ptr(),
-        n_rows, n_cols, eps, seed, counter_offset, threshold, scale, dropout_after, torch.get_num_threads())
+        bias32.data_ptr(), out.data_ptr(), _address(summed), _dtype_code(out), _address(out_bf16), mean.data_ptr(),
+        rstd.data_ptr(), n_rows, n_cols, eps, seed, counter_offset, threshold, scale, dropout_after,
+        torch.get_num_threads())
 
 
 def layer_norm_backward(grad_out, saved, saved_is_output, weight, bias, mean, rstd, grad_sum, grad_x,
@@ -305,6 +309,15 @@ def layer_norm_backward(grad_out, saved, saved_is_output, weight, bias, mean, rs
 def _dtype_code(tensor: torch.Tensor | None) -> int:
     """The layer_norm kernels' code for the tensor's dtype; 0 for an absent tensor."""
     return 0 if tensor is None else LAYER_NORM_DTYPES.index(tensor.dtype)
+
+
+def layer_norm_output_recovers(weight: torch.Tensor, bias: torch.Tensor, max_bias_over_weight: float) -> bool:
+    """Whether every column of contiguous CPU vectors weight and bias (one dtype of LAYER_NORM_DTYPES) has
+    weight != 0, |bias| <= max_bias_over_weight * |weight| in fp32 and a finite weight."""
+    _check(weight, "weight", LAYER_NORM_DTYPES, (weight.numel(),))
+    _check(bias, "bias", (weight.dtype,), (weight.numel(),))
+    return dispatch.cpp_ext.layer_norm_output_recovers(weight.data_ptr(), bias.data_ptr(), _dtype_code(weight),
+                                                       weight.numel(), max_bias_over_weight)
 
 
 def adamw(table: torch.Tensor, dtype_key, *, lr: float | torch.Tensor, beta1: float, beta2: float, eps: float,

@@ -174,10 +174,15 @@ def _kernels_run(backend, dropout_after, dtypes, p, n_rows) -> bool:
     return dispatch.takes(_OP_BY_ORDER[dropout_after], backend, *dtypes)
 
 
-def _forward(x2, res2, weight, bias, eps, p, source, dropout_after, out_dtype, keep_sum, backend):
+def _forward(x2, res2, weight, bias, eps, p, source, dropout_after, out_dtype, keep_sum, backend, out_bf16=None):
+    """(out, summed, mean, rstd); out_bf16, a bf16 tensor shaped as out, receives out rounded to bf16 (the C++
+    kernel writes it in its own pass)."""
     dtypes = (x2.dtype, None if res2 is None else res2.dtype, weight.dtype, bias.dtype, out_dtype)
     if not _kernels_run(backend, dropout_after, dtypes, p, len(x2)):
-        return _forward_math(x2, res2, weight, bias, eps, p, source, dropout_after, out_dtype, keep_sum)
+        results = _forward_math(x2, res2, weight, bias, eps, p, source, dropout_after, out_dtype, keep_sum)
+        if out_bf16 is not None:
+            out_bf16.copy_(results[0])
+        return results
     n_rows, n_cols = x2.shape
     out = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x2.device)
     summed = torch.empty_like(out) if keep_sum else None
@@ -185,12 +190,14 @@ def _forward(x2, res2, weight, bias, eps, p, source, dropout_after, out_dtype, k
     rstd = torch.empty_like(mean)
     if backend == "cpp":
         cpp.layer_norm_forward(x2, res2, weight, bias, out, summed, mean, rstd, eps, *source.resolved(),
-                               keep_threshold(p), kept_scale(p), dropout_after)
+                               keep_threshold(p), kept_scale(p), dropout_after, out_bf16)
     else:
         from fastcls.kernels.layer_norm import layer_norm_forward_triton
 
         layer_norm_forward_triton(x2, res2, weight, bias, out, summed, mean, rstd, eps, source.rng,
                                   source.seed % 2**64, source.offset, keep_threshold(p), kept_scale(p), dropout_after)
+        if out_bf16 is not None:
+            out_bf16.copy_(out)
     return out, summed, mean, rstd
 
 

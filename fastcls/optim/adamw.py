@@ -310,8 +310,8 @@ class FusedAdamW(torch.optim.Optimizer):
                     block = block_size(device, max(r[-1] for r in rows))
                 table = AddressTable(rows, device, block, table)
                 self._tables[key] = table
-        live_table = self._live_rows.live_table(params, entries, backend == "cpp" and self.row_sparse)
-        return Bucket(key, params, entries, backend, dtype_key, lr, hyper, grad_scale, found_inf, table, live_table)
+        live_tables = self._live_rows.live_tables(params, entries, backend == "cpp" and self.row_sparse)
+        return Bucket(key, params, entries, backend, dtype_key, lr, hyper, grad_scale, found_inf, table, *live_tables)
 
     def _grad_sum_of_squares(self, bucket: Bucket) -> torch.Tensor:
         """The sum of the bucket's squared unscaled gradients, a 0-dim fp64 tensor on its device."""
@@ -319,7 +319,7 @@ class FusedAdamW(torch.optim.Optimizer):
             return grad_sum_of_squares_reference([e.grad for e in bucket.entries], bucket.grad_scale)
         if bucket.backend == "cpp":
             return cpp.adamw_grad_sum_of_squares(bucket.table.table, bucket.dtype_key, bucket.grad_scale,
-                                                 bucket.live_table)
+                                                 bucket.grad_live_table)
         from fastcls.kernels.adamw import grad_sum_of_squares_triton
 
         table = bucket.table

@@ -116,6 +116,7 @@ class Bucket:
     found_inf: torch.Tensor | None
     table: AddressTable | None
     live_table: torch.Tensor | None = None  # the C++ kernels' row masks (fastcls.optim.row_sparse)
+    grad_live_table: torch.Tensor | None = None  # the gradient-norm pass's: the touched rows alone
 
     @property
     def device(self) -> torch.device:

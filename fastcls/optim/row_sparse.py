@@ -7,7 +7,8 @@ w ← w·(1 − lr·λ): m and v stay 0 and the update is step_size · 0 / (0·k
 touched rows `fastcls.ops.embedding.touched_rows` tracks (every other row's gradient is zero), the step keeps a mask
 of live rows, those with any nonzero bit in exp_avg or exp_avg_sq (−0.0 included) plus each step's touched ids,
 runs the full update on them and only the decay multiply on the rest (nothing at all when lr·λ is 0), and the
-gradient-norm pass for clipping reads the live rows only (csrc/adamw.h says why that sum has the same bits too).
+gradient-norm pass for clipping reads the step's touched rows only (csrc/adamw.h says why that sum has the same bits
+too).
 
 The mask is derived from the state when first needed and again whenever exp_avg or exp_avg_sq was replaced or
 written by torch since (a loaded state dict, the reference backend, a user's edit; the kernels' own writes move no
@@ -43,22 +44,29 @@ class LiveRows:
     def __init__(self):
         # param -> (mask, the moments it was derived from: weak references and version counters)
         self._masks: dict[torch.Tensor, tuple[torch.Tensor, tuple]] = {}
+        self._touched: dict[torch.Tensor, torch.Tensor] = {}  # param -> this step's touched rows (bool, a row each)
 
     def mask(self, param: torch.Tensor) -> torch.Tensor | None:
         """The parameter's current live-row mask (bool, a row each), None when it has none."""
         return self._masks[param][0] if param in self._masks else None
 
-    def live_table(self, params: list[torch.Tensor], entries: tuple[Entry, ...], enabled: bool) -> torch.Tensor | None:
-        """The C++ kernels' live table for a bucket (csrc/adamw.h), each step's touched ids added to the masks;
-        None when no parameter of the bucket is row-sparse this step. `enabled`: a C++ step with the switch on."""
+    def live_tables(self, params: list[torch.Tensor], entries: tuple[Entry, ...],
+                    enabled: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The C++ kernels' live table for a bucket's update (csrc/adamw.h), each step's touched ids added to the
+        masks, and one for its gradient-norm pass, whose masks hold this step's touched rows alone: every other row's
+        gradient is zero, so the sum has the same bits (adamw.h) from a few hundred rows rather than every row a run
+        has touched. Each None when no parameter of the bucket is row-sparse there. `enabled`: a C++ step with the
+        switch on."""
         rows = [self._row(param, entry) if enabled else self._drop(param) for param, entry in zip(params, entries)]
-        return torch.tensor(rows, dtype=torch.int64) if any(row != _DENSE_ROW for row in rows) else None
+        return tuple(torch.tensor(table, dtype=torch.int64) if any(row != _DENSE_ROW for row in table) else None
+                     for table in zip(*rows)) if rows else (None, None)
 
-    def _drop(self, param: torch.Tensor) -> tuple[int, int]:
+    def _drop(self, param: torch.Tensor) -> tuple[tuple[int, int], tuple[int, int]]:
         self._masks.pop(param, None)  # a dense step may make any row live: derive the mask again when next needed
-        return _DENSE_ROW
+        self._touched.pop(param, None)
+        return _DENSE_ROW, _DENSE_ROW
 
-    def _row(self, param: torch.Tensor, entry: Entry) -> tuple[int, int]:
+    def _row(self, param: torch.Tensor, entry: Entry) -> tuple[tuple[int, int], tuple[int, int]]:
         ids = touched_rows(param)
         tensors = (entry.param, entry.grad, entry.exp_avg, entry.exp_avg_sq, entry.master)
         if ids is None or param.dim() != 2 or param.numel() == 0 or entry.max_exp_avg_sq is not None \
@@ -72,6 +80,10 @@ class LiveRows:
             mask = nonzero_rows(entry.exp_avg) | nonzero_rows(entry.exp_avg_sq)
             self._masks[param] = (mask, marks)
         mask.index_fill_(0, ids, True)
+        # kept until the next step replaces it: the kernels read it by address
+        touched = self._touched[param] = torch.zeros_like(mask).index_fill_(0, ids, True)
+        touched_row = touched.data_ptr(), param.shape[1]
         if mask.sum() > DENSE_FRACTION * len(mask):
-            return _DENSE_ROW  # the mask is kept up to date all the same: it stays right for the steps to come
-        return mask.data_ptr(), param.shape[1]
+            # the mask is kept up to date all the same: it stays right for the steps to come
+            return _DENSE_ROW, touched_row
+        return (mask.data_ptr(), param.shape[1]), touched_row

@@ -21,6 +21,7 @@ namespace {
 constexpr int64_t kMinElementsPerThread = 16384;
 
 constexpr float kSqrtHalf = 0.70710678118654752f;
+constexpr int64_t kPairPanel = 48;  // kLinearPanel (linear_bf16.h), which only the AVX-512 BF16 build compiles
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;
 
 // erf(x) = x P(x^2) / Q(x^2) on [-4, 4] and +-1 beyond (where fp32's erf is +-1): the rational approximation of
@@ -118,37 +119,95 @@ void backward_row(const Element* grad_out, const Element* x, const float* bias, 
 }
 #endif
 
+// Rows r0 and r1 (r1 null: a row of zeros) of n columns, row pair rp of R rows, into `pairs` in the weight
+// gradient's layouts (linear_bf16.h): layout 1 interleaves the two rows ([rp][c][t], as
+// linear_interleave_row_pairs), layout 2 packs them into 48-column panels ([p][rp][j][t], as linear_pack_pairs).
+// The values are the rows' own bf16 bits (float rows rounded).
+template <typename Element>
+void put_row_pair(const Element* r0, const Element* r1, int64_t n, int64_t rp, int64_t R, uint16_t* pairs,
+                  int layout) {
+  const int64_t pair_rows = (R + 1) / 2;
+  const auto at = [&](int64_t c) {
+    return layout == 1 ? pairs + (rp * n + c) * 2 : pairs + ((c / kPairPanel * pair_rows + rp) * kPairPanel + c % kPairPanel) * 2;
+  };
+#if defined(FASTCLS_GELU_AVX512)
+  if constexpr (sizeof(Element) == 2) {
+    for (int64_t c = 0; c < n; c += 16) {  // 16 columns never cross a 48-column panel
+      const __mmask16 mask = lanes(n - c);
+      const __m512i low = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, r0 + c));
+      const __m512i high = r1 == nullptr ? _mm512_setzero_si512()
+                                         : _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, r1 + c));
+      _mm512_mask_storeu_epi32(at(c), mask, _mm512_or_si512(low, _mm512_slli_epi32(high, 16)));
+    }
+    return;
+  }
+#endif
+  for (int64_t c = 0; c < n; ++c) {
+    uint16_t* out = at(c);
+    out[0] = f32_to_bf16(to_f32(r0[c]));
+    out[1] = r1 == nullptr ? uint16_t(0) : f32_to_bf16(to_f32(r1[c]));
+  }
+}
+
+// After a pass over rows [lo, hi) of R has written them: the row pairs that lie whole inside, each once its second
+// row is done (still in the core's cache). The pairs cut by a task boundary, and an odd R's last row, are left to
+// put_boundary_pairs once every task is done.
+template <typename Element>
+void put_row_pairs_inside(const Element* rows, int64_t n, int64_t row, int64_t lo, int64_t R, uint16_t* pairs,
+                          int layout) {
+  if (pairs != nullptr && row % 2 == 1 && row - 1 >= lo) {
+    put_row_pair(rows + (row - 1) * n, rows + row * n, n, row / 2, R, pairs, layout);
+  }
+}
+
+template <typename Element>
+void put_boundary_pairs(const Element* rows, int64_t n, int64_t R, int n_tasks, uint16_t* pairs, int layout) {
+  if (pairs == nullptr) return;
+  for (int task = 1; task < n_tasks; ++task) {
+    const int64_t cut = task * R / n_tasks;
+    if (cut % 2 == 1 && cut < R) put_row_pair(rows + (cut - 1) * n, rows + cut * n, n, cut / 2, R, pairs, layout);
+  }
+  if (R % 2 == 1) put_row_pair(rows + (R - 1) * n, static_cast<const Element*>(nullptr), n, R / 2, R, pairs, layout);
+}
+
 int threads_for(int64_t n_rows, int64_t n_cols, int num_threads) {
   return int(std::max<int64_t>(1, std::min<int64_t>({int64_t(num_threads), n_rows * n_cols / kMinElementsPerThread,
                                                      n_rows})));
 }
 
 template <typename Element>
-void bias_gelu_forward(const Element* x, const float* bias, Element* out, int64_t n_rows, int64_t n_cols,
-                       int num_threads) {
+void bias_gelu_forward(const Element* x, const float* bias, Element* out, uint16_t* pairs, int pairs_layout,
+                       int64_t n_rows, int64_t n_cols, int num_threads) {
   const int n_tasks = threads_for(n_rows, n_cols, num_threads);
 #pragma omp parallel for num_threads(n_tasks) schedule(static) if (n_tasks > 1)
   for (int task = 0; task < n_tasks; ++task) {
-    for (int64_t row = task * n_rows / n_tasks; row < (task + 1) * n_rows / n_tasks; ++row) {
+    const int64_t lo = task * n_rows / n_tasks;
+    for (int64_t row = lo; row < (task + 1) * n_rows / n_tasks; ++row) {
       forward_row(x + row * n_cols, bias, out + row * n_cols, n_cols);
+      put_row_pairs_inside(out, n_cols, row, lo, n_rows, pairs, pairs_layout);
     }
   }
+  put_boundary_pairs(out, n_cols, n_rows, n_tasks, pairs, pairs_layout);
 }
 
 // Each thread sums its rows' bias gradient into its own fp32 row; the rows are then added in thread order.
 template <typename Element>
 void bias_gelu_backward(const Element* grad_out, const Element* x, const float* bias, Element* grad_x,
-                        float* grad_bias, int64_t n_rows, int64_t n_cols, int num_threads) {
+                        float* grad_bias, uint16_t* pairs, int pairs_layout, int64_t n_rows, int64_t n_cols,
+                        int num_threads) {
   const int n_tasks = threads_for(n_rows, n_cols, num_threads);
   std::vector<float> partial(size_t(n_tasks * n_cols), 0.0f);
 #pragma omp parallel for num_threads(n_tasks) schedule(static) if (n_tasks > 1)
   for (int task = 0; task < n_tasks; ++task) {
     float* sums = partial.data() + task * n_cols;
-    for (int64_t row = task * n_rows / n_tasks; row < (task + 1) * n_rows / n_tasks; ++row) {
+    const int64_t lo = task * n_rows / n_tasks;
+    for (int64_t row = lo; row < (task + 1) * n_rows / n_tasks; ++row) {
       const int64_t at = row * n_cols;
       backward_row(grad_out + at, x + at, bias, grad_x + at, sums, n_cols);
+      put_row_pairs_inside(grad_x, n_cols, row, lo, n_rows, pairs, pairs_layout);
     }
   }
+  put_boundary_pairs(grad_x, n_cols, n_rows, n_tasks, pairs, pairs_layout);
   if (grad_bias == nullptr) return;
   std::fill(grad_bias, grad_bias + n_cols, 0.0f);
   for (int task = 0; task < n_tasks; ++task) {
@@ -158,24 +217,26 @@ void bias_gelu_backward(const Element* grad_out, const Element* x, const float* 
 
 }  // namespace
 
-void bias_gelu_forward_f32(const float* x, const float* bias, float* out, int64_t n_rows, int64_t n_cols,
-                           int num_threads) {
-  bias_gelu_forward(x, bias, out, n_rows, n_cols, num_threads);
+void bias_gelu_forward_f32(const float* x, const float* bias, float* out, uint16_t* pairs, int pairs_layout,
+                           int64_t n_rows, int64_t n_cols, int num_threads) {
+  bias_gelu_forward(x, bias, out, pairs, pairs_layout, n_rows, n_cols, num_threads);
 }
 
-void bias_gelu_forward_bf16(const uint16_t* x, const float* bias, uint16_t* out, int64_t n_rows, int64_t n_cols,
-                            int num_threads) {
-  bias_gelu_forward(x, bias, out, n_rows, n_cols, num_threads);
+void bias_gelu_forward_bf16(const uint16_t* x, const float* bias, uint16_t* out, uint16_t* pairs, int pairs_layout,
+                            int64_t n_rows, int64_t n_cols, int num_threads) {
+  bias_gelu_forward(x, bias, out, pairs, pairs_layout, n_rows, n_cols, num_threads);
 }
 
 void bias_gelu_backward_f32(const float* grad_out, const float* x, const float* bias, float* grad_x,
-                            float* grad_bias, int64_t n_rows, int64_t n_cols, int num_threads) {
-  bias_gelu_backward(grad_out, x, bias, grad_x, grad_bias, n_rows, n_cols, num_threads);
+                            float* grad_bias, uint16_t* pairs, int pairs_layout, int64_t n_rows, int64_t n_cols,
+                            int num_threads) {
+  bias_gelu_backward(grad_out, x, bias, grad_x, grad_bias, pairs, pairs_layout, n_rows, n_cols, num_threads);
 }
 
 void bias_gelu_backward_bf16(const uint16_t* grad_out, const uint16_t* x, const float* bias, uint16_t* grad_x,
-                             float* grad_bias, int64_t n_rows, int64_t n_cols, int num_threads) {
-  bias_gelu_backward(grad_out, x, bias, grad_x, grad_bias, n_rows, n_cols, num_threads);
+                             float* grad_bias, uint16_t* pairs, int pairs_layout, int64_t n_rows, int64_t n_cols,
+                             int num_threads) {
+  bias_gelu_backward(grad_out, x, bias, grad_x, grad_bias, pairs, pairs_layout, n_rows, n_cols, num_threads);
 }
 
 }  // namespace fastcls

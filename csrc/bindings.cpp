@@ -167,7 +167,7 @@ void def_layer_norm(py::module_& m) {
 }
 
 template <typename Element>
-using BiasGeluForwardKernel = void (*)(const Element*, const float*, Element*, int64_t, int64_t, int);
+using BiasGeluForwardKernel = void (*)(const Element*, const float*, Element*, uint16_t*, int, int64_t, int64_t, int);
 #if defined(__AVX512BF16__)
 // The Linear layer's bf16 products and their packings (linear_bf16.h): this variant only, so that
 // fastcls/ops/linear.py finds `linear_bf16_gemm` exactly where the kernels run.
@@ -226,8 +226,8 @@ void def_linear(py::module_& m) {
 #endif
 
 template <typename Element>
-using BiasGeluBackwardKernel = void (*)(const Element*, const Element*, const float*, Element*, float*, int64_t,
-                                        int64_t, int);
+using BiasGeluBackwardKernel = void (*)(const Element*, const Element*, const float*, Element*, float*, uint16_t*,
+                                        int, int64_t, int64_t, int);
 
 // GELU(x + bias) over contiguous rows and its gradients; bias and grad_bias may be 0 (see bias_gelu.h).
 template <typename Element>
@@ -235,24 +235,27 @@ void def_bias_gelu(py::module_& m, const char* suffix, BiasGeluForwardKernel<Ele
                    BiasGeluBackwardKernel<Element> backward) {
   m.def(
       (std::string("bias_gelu_forward_") + suffix).c_str(),
-      [forward](std::uintptr_t x, std::uintptr_t bias, std::uintptr_t out, int64_t n_rows, int64_t n_cols,
-                int num_threads) {
+      [forward](std::uintptr_t x, std::uintptr_t bias, std::uintptr_t out, std::uintptr_t pairs, int pairs_layout,
+                int64_t n_rows, int64_t n_cols, int num_threads) {
         py::gil_scoped_release release;
-        forward(as_ptr<const Element>(x), as_ptr<const float>(bias), as_ptr<Element>(out), n_rows, n_cols,
-                num_threads);
+        forward(as_ptr<const Element>(x), as_ptr<const float>(bias), as_ptr<Element>(out), as_ptr<uint16_t>(pairs),
+                pairs_layout, n_rows, n_cols, num_threads);
       },
-      py::arg("x"), py::arg("bias"), py::arg("out"), py::arg("n_rows"), py::arg("n_cols"), py::arg("num_threads"),
+      py::arg("x"), py::arg("bias"), py::arg("out"), py::arg("pairs"), py::arg("pairs_layout"), py::arg("n_rows"),
+      py::arg("n_cols"), py::arg("num_threads"),
       "out = gelu(x + bias), erf form, fp32 arithmetic (see bias_gelu.h).");
   m.def(
       (std::string("bias_gelu_backward_") + suffix).c_str(),
       [backward](std::uintptr_t grad_out, std::uintptr_t x, std::uintptr_t bias, std::uintptr_t grad_x,
-                 std::uintptr_t grad_bias, int64_t n_rows, int64_t n_cols, int num_threads) {
+                 std::uintptr_t grad_bias, std::uintptr_t pairs, int pairs_layout, int64_t n_rows, int64_t n_cols,
+                 int num_threads) {
         py::gil_scoped_release release;
         backward(as_ptr<const Element>(grad_out), as_ptr<const Element>(x), as_ptr<const float>(bias),
-                 as_ptr<Element>(grad_x), as_ptr<float>(grad_bias), n_rows, n_cols, num_threads);
+                 as_ptr<Element>(grad_x), as_ptr<float>(grad_bias), as_ptr<uint16_t>(pairs), pairs_layout, n_rows,
+                 n_cols, num_threads);
       },
-      py::arg("grad_out"), py::arg("x"), py::arg("bias"), py::arg("grad_x"), py::arg("grad_bias"), py::arg("n_rows"),
-      py::arg("n_cols"), py::arg("num_threads"),
+      py::arg("grad_out"), py::arg("x"), py::arg("bias"), py::arg("grad_x"), py::arg("grad_bias"), py::arg("pairs"),
+      py::arg("pairs_layout"), py::arg("n_rows"), py::arg("n_cols"), py::arg("num_threads"),
       "grad_x = grad_out * gelu'(x + bias) and grad_bias (fp32) = its column sums (see bias_gelu.h).");
 }
 

@@ -113,3 +113,50 @@ def test_feed_forward_block_matches_transformers(family, generator):
     theirs_grads = torch.autograd.grad(theirs, [h, part.ffn_in.weight, part.ffn_in.bias], grad)
     for a, b in zip(ours_grads, theirs_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def in_pair_layout(t, layout):
+    """t [R, C] as bf16 in a weight gradient's layout: rows paired (ROW_PAIRS, [R/2][C][2]) or pair-packed 48-column
+    panels (PAIR_PANELS, [C/48][R/2][48][2]); the odd row and the columns past C zero."""
+    from fastcls.ops import cpp
+
+    rows, cols = t.shape
+    t = F.pad(t.to(torch.bfloat16).view(torch.int16), (0, 0, 0, rows % 2))
+    if layout == cpp.ROW_PAIRS:
+        return t.view(-1, 2, cols).transpose(1, 2).flatten()
+    panels = -(-cols // cpp.LINEAR_PANEL)
+    t = F.pad(t, (0, panels * cpp.LINEAR_PANEL - cols)).view(-1, 2, panels, cpp.LINEAR_PANEL)
+    return t.permute(2, 0, 3, 1).flatten()
+
+
+@needs_cpp
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("layout", ["row pairs", "pair panels"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(35, 1539), (1, 50), (6, 3000)], ids=str)
+def test_cpp_kernels_write_the_weight_gradients_layouts(shape, dtype, layout, threads, generator):
+    # pairs: the output (the forward's) and grad_x (the backward's) in bf16 in either layout of the weight gradient,
+    # from row pairs inside a thread's rows and pairs cut by threads alike; nothing else changes
+    from fastcls.ops import cpp
+
+    code = cpp.ROW_PAIRS if layout == "row pairs" else cpp.PAIR_PANELS
+    x, grad_out = ((3 * torch.randn(shape, generator=generator)).to(dtype) for _ in range(2))
+    bias = torch.randn(shape[1], generator=generator)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for paired in (False, True):
+            pairs = cpp.pairs_empty(*shape, code) if paired else None
+            if pairs is not None:
+                pairs.view(torch.int16)[in_pair_layout(torch.ones(shape), code) != 0] = -1  # poison what is written
+            y = cpp.bias_gelu_forward(x, bias, pairs, code)
+            if paired:
+                assert torch.equal(y, plain_y) and torch.equal(pairs.view(torch.int16), in_pair_layout(y, code))
+            grad_pairs = cpp.pairs_empty(*shape, code) if paired else None
+            grad_x, grad_bias = cpp.bias_gelu_backward(grad_out, x, bias, grad_pairs, code)
+            if paired:
+                assert torch.equal(grad_x, plain_grad_x) and torch.equal(grad_bias, plain_grad_bias)
+                assert torch.equal(grad_pairs.view(torch.int16), in_pair_layout(grad_x, code))
+            plain_y, plain_grad_x, plain_grad_bias = y, grad_x, grad_bias
+    finally:
+        torch.set_num_threads(before)

@@ -87,6 +87,7 @@ REFERENCE_TESTS = [
     "tests/test_dropout_add_layer_norm.py::test_cpp_streamed_outputs_match_the_reference",
     "tests/test_dropout_add_layer_norm.py::test_cpp_bf16_copy_is_the_output_rounded",
     "tests/test_dropout_add_layer_norm.py::test_the_cpp_recovery_check_answers_as_torchs",
+    "tests/test_bias_gelu.py::test_cpp_kernels_write_the_weight_gradients_layouts",
 ]
 
 

@@ -133,20 +133,53 @@ def dropout(x: torch.Tensor, seed: int, counter_offset: int, threshold: int, sca
     return out
 
 
-def bias_gelu_forward(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """A new tensor gelu(x + bias) from contiguous x [N, H] and bias [H] (any float dtype) or None."""
+# bias_gelu's `pairs` layouts (csrc/bias_gelu.h): what linear_interleave_row_pairs and linear_pack_pairs write
+ROW_PAIRS, PAIR_PANELS = 1, 2
+
+
+def pairs_empty(n_rows: int, n_cols: int, layout: int) -> torch.Tensor:
+    """An uninitialized bf16 buffer for an [n_rows, n_cols] tensor in a weight gradient's layout: ROW_PAIRS
+    (linear_interleave_row_pairs's) or PAIR_PANELS (linear_pack_pairs's, the last panel's columns past n_cols
+    zeroed as there)."""
+    pair_rows = -(-n_rows // 2)
+    if layout == ROW_PAIRS:
+        return torch.empty(pair_rows * 2 * n_cols, dtype=torch.bfloat16)
+    packed = torch.empty(_panels(n_cols) * LINEAR_PANEL * 2 * pair_rows, dtype=torch.bfloat16)
+    if n_cols % LINEAR_PANEL:
+        packed.view(-1, pair_rows, LINEAR_PANEL, 2)[-1, :, n_cols % LINEAR_PANEL:].zero_()
+    return packed
+
+
+def _pairs_args(pairs: torch.Tensor | None, layout: int, n_rows: int, n_cols: int) -> tuple[int, int]:
+    if pairs is None:
+        return 0, 0
+    if layout not in (ROW_PAIRS, PAIR_PANELS):
+        raise ValueError(f"pairs_layout must be ROW_PAIRS or PAIR_PANELS, got {layout}")
+    _check(pairs, "pairs", (torch.bfloat16,), None)
+    expected = -(-n_rows // 2) * 2 * (n_cols if layout == ROW_PAIRS else _panels(n_cols) * LINEAR_PANEL)
+    if pairs.numel() != expected:
+        raise ValueError(f"pairs holds {pairs.numel()} elements, not the {expected} of its layout")
+    return pairs.data_ptr(), layout
+
+
+def bias_gelu_forward(x: torch.Tensor, bias: torch.Tensor | None, pairs: torch.Tensor | None = None,
+                      pairs_layout: int = 0) -> torch.Tensor:
+    """A new tensor gelu(x + bias) from contiguous x [N, H] and bias [H] (any float dtype) or None; with pairs (from
+    pairs_empty), the output in bf16 goes there too in pairs_layout."""
     n_rows, n_cols = x.shape
     _check(x, "x", BIAS_GELU_DTYPES, (n_rows, n_cols))
     bias32 = None if bias is None else _fp32_vector(bias, "bias", n_cols)
     out = torch.empty_like(x)
     kernel = getattr(dispatch.cpp_ext, f"bias_gelu_forward_{_SUFFIXES[x.dtype]}")
-    kernel(x.data_ptr(), _address(bias32), out.data_ptr(), n_rows, n_cols, torch.get_num_threads())
+    kernel(x.data_ptr(), _address(bias32), out.data_ptr(), *_pairs_args(pairs, pairs_layout, n_rows, n_cols), n_rows,
+           n_cols, torch.get_num_threads())
     return out
 
 
-def bias_gelu_backward(grad_out: torch.Tensor, x: torch.Tensor,
-                       bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_x [N, H] in x's dtype, the fp32 column sums of grad_x [H]) of bias_gelu_forward; contiguous tensors."""
+def bias_gelu_backward(grad_out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,
+                       pairs: torch.Tensor | None = None, pairs_layout: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x [N, H] in x's dtype, the fp32 column sums of grad_x [H]) of bias_gelu_forward; contiguous tensors.
+    With pairs (from pairs_empty), grad_x in bf16 goes there too in pairs_layout."""
     n_rows, n_cols = x.shape
     _check(x, "x", BIAS_GELU_DTYPES, (n_rows, n_cols))
     _check(grad_out, "grad_out", (x.dtype,), (n_rows, n_cols))
@@ -154,8 +187,8 @@ def bias_gelu_backward(grad_out: torch.Tensor, x: torch.Tensor,
     grad_x = torch.empty_like(x)
     grad_bias = torch.empty(n_cols, dtype=torch.float32)
     kernel = getattr(dispatch.cpp_ext, f"bias_gelu_backward_{_SUFFIXES[x.dtype]}")
-    kernel(grad_out.data_ptr(), x.data_ptr(), _address(bias32), grad_x.data_ptr(), grad_bias.data_ptr(), n_rows,
-           n_cols, torch.get_num_threads())
+    kernel(grad_out.data_ptr(), x.data_ptr(), _address(bias32), grad_x.data_ptr(), grad_bias.data_ptr(),
+           *_pairs_args(pairs, pairs_layout, n_rows, n_cols), n_rows, n_cols, torch.get_num_threads())
     return grad_x, grad_bias
 
 
@@ -237,20 +270,29 @@ def linear_gemm(a: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
     return out if add_to is None else add_to
 
 
-def linear_weight_grad(grad_y: torch.Tensor, x: torch.Tensor,
-                       with_bias: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def linear_weight_grad(grad_y: torch.Tensor, x: torch.Tensor, with_bias: bool = False,
+                       grad_y_pairs: torch.Tensor | None = None,
+                       x_pairs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(grad_y^T x [N, K] bf16, and with_bias grad_y's fp32 column sums [N]) from contiguous bf16 grad_y [M, N] and
-    x [M, K] (any M; pairs of rows padded)."""
+    x [M, K] (any M; pairs of rows padded). grad_y_pairs (without with_bias) and x_pairs: those tensors already in
+    the product's layouts (ROW_PAIRS and PAIR_PANELS, as bias_gelu writes them), for which grad_y or x stands only
+    for its shape."""
     n_rows, n_out = grad_y.shape
     width = x.shape[1]
-    _check(grad_y, "grad_y", LINEAR_DTYPES, (n_rows, n_out))
-    _check(x, "x", LINEAR_DTYPES, (n_rows, width))
+    _check(grad_y, "grad_y", LINEAR_DTYPES, (n_rows, n_out), contiguous=grad_y_pairs is None)
+    _check(x, "x", LINEAR_DTYPES, (n_rows, width), contiguous=x_pairs is None)
     pair_rows = -(-n_rows // 2)
-    interleaved = torch.empty(pair_rows * 2 * n_out, dtype=torch.bfloat16)
-    col_sums = torch.empty(n_out, dtype=torch.float32) if with_bias else None
-    dispatch.cpp_ext.linear_interleave_row_pairs(grad_y.data_ptr(), n_out, n_rows, n_out, interleaved.data_ptr(),
-                                                 _address(col_sums), torch.get_num_threads())
-    packed = _pack_pairs([x], n_rows, width)
+    interleaved, col_sums = grad_y_pairs, None
+    if grad_y_pairs is None:
+        interleaved = torch.empty(pair_rows * 2 * n_out, dtype=torch.bfloat16)
+        col_sums = torch.empty(n_out, dtype=torch.float32) if with_bias else None
+        dispatch.cpp_ext.linear_interleave_row_pairs(grad_y.data_ptr(), n_out, n_rows, n_out, interleaved.data_ptr(),
+                                                     _address(col_sums), torch.get_num_threads())
+    elif with_bias or interleaved.numel() != pair_rows * 2 * n_out:
+        raise ValueError("grad_y_pairs must hold grad_y's row pairs, and comes without with_bias")
+    packed = _pack_pairs([x], n_rows, width) if x_pairs is None else x_pairs
+    if packed.numel() != _panels(width) * LINEAR_PANEL * 2 * pair_rows:
+        raise ValueError(f"x_pairs holds {packed.numel()} elements, not x's pair-packed panels")
     out = torch.empty(n_out, width, dtype=torch.bfloat16)
     dispatch.cpp_ext.linear_bf16_gemm(interleaved.data_ptr(), 1, n_out, packed.data_ptr(), 0, out.data_ptr(), 0,
                                       False, width, n_out, width, 2 * pair_rows, torch.get_num_threads())

@@ -146,7 +146,9 @@ class _EncoderLayer(torch.autograd.Function):
                                                     source1, False, out_dtype, saves1 == "sum", "cpp", h1b)
         h1b = h1 if h1b is None else h1b
         f = cpp.linear_gemm(h1b, packs[-2].forward((wi,), backward), None, wi.shape[0])
-        g = cpp.bias_gelu_forward(f, bi.to(torch.bfloat16))
+        # wout's weight gradient reads g pair-packed: the GELU's pass writes that layout, saved in place of g
+        g_pairs = cpp.pairs_empty(*f.shape, cpp.PAIR_PANELS) if ctx.needs_input_grad[16] else None
+        g = cpp.bias_gelu_forward(f, bi.to(torch.bfloat16), g_pairs, cpp.PAIR_PANELS)
         o = cpp.linear_gemm(g, packs[-1].forward((wout,), backward), product_bias(bout), width)
         source2, saves2 = _source(h, o.numel(), spec.out_dropout), _norm_saves(ln2_w, ln2_b)
         # the next layer's products read h2 in bf16: a copy from the same pass (not for the [CLS] rows, which end
@@ -160,7 +162,8 @@ class _EncoderLayer(torch.autograd.Function):
         rng = next((s.rng for s in sources if s.rng is not None), None)
         # the generator's state is saved like a tensor input, so a backward after its end_step fails loudly
         # rather than redrawing other masks
-        ctx.save_for_backward(hb, lse, context, h1 if saves1 == "output" else sum1, mean1, rstd1, h1b, f, g,
+        ctx.save_for_backward(hb, lse, context, h1 if saves1 == "output" else sum1, mean1, rstd1, h1b, f,
+                              g if g_pairs is None else g_pairs,
                               h2 if saves2 == "output" else sum2, mean2, rstd2, cu, cu_q, cls_index, rng, wq, bq, wk,
                               bk, wv, bv, wo, bo, wi, bi, wout, bout, ln1_w, ln1_b, ln2_w, ln2_b, *saved_q)
         ctx.spec, ctx.saves, ctx.dtypes, ctx.packs = spec, (saves1, saves2), (h.dtype, h1.dtype), packs
@@ -169,7 +172,7 @@ class _EncoderLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_h2):
-        (hb, lse, context, saved1, mean1, rstd1, h1b, f, g, saved2, mean2, rstd2, cu, cu_q, cls_index, rng, wq, bq,
+        (hb, lse, context, saved1, mean1, rstd1, h1b, f, g_or_pairs, saved2, mean2, rstd2, cu, cu_q, cls_index, rng, wq, bq,
          wk, bk, wv, bv, wo, bo, wi, bi, wout, bout, ln1_w, ln1_b, ln2_w, ln2_b, *saved_q) = ctx.saved_tensors
         spec, (saves1, saves2), (h_dtype, h1_dtype), packs = ctx.spec, ctx.saves, ctx.dtypes, ctx.packs
         attn_source, source1, source2 = (MaskSource(rng, seed, offset) for seed, offset in ctx.sources)
@@ -180,12 +183,17 @@ class _EncoderLayer(torch.autograd.Function):
         grad_o, grad_h1, ln2_gw, ln2_gb = layer_norm_backward(
             grad_h2.contiguous(), saved2, saves2 == "output", ln2_w, ln2_b, mean2, rstd2, None, spec.out_dropout,
             source2, False, torch.bfloat16, h1_dtype, "cpp")
-        grad_g = cpp.linear_gemm(grad_o, packs[-1].backward((wout,)), None, g.shape[1])
-        (wout_grad,), bout_grad = weight_grads(grad_o, g, (wout,), needs[10:11], bout.dtype if needs[11] else None)
-        grad_f, in_bias_sums = cpp.bias_gelu_backward(grad_g, f, bi.to(torch.bfloat16))
+        grad_g = cpp.linear_gemm(grad_o, packs[-1].backward((wout,)), None, f.shape[1])
+        # g pair-packed where wout takes a gradient (f, of g's shape, stands in for g), else g itself
+        (wout_grad,), bout_grad = weight_grads(grad_o, f if needs[10] else g_or_pairs, (wout,), needs[10:11],
+                                               bout.dtype if needs[11] else None,
+                                               x_pairs=g_or_pairs if needs[10] else None)
+        # wi's weight gradient reads grad_f's rows interleaved in pairs: from the GELU backward's own pass
+        grad_f_pairs = cpp.pairs_empty(*f.shape, cpp.ROW_PAIRS) if needs[8] else None
+        grad_f, in_bias_sums = cpp.bias_gelu_backward(grad_g, f, bi.to(torch.bfloat16), grad_f_pairs, cpp.ROW_PAIRS)
         # h1 feeds the product and the residual: the product's bf16 gradient is added to the residual's
         _add_product(grad_h1, grad_f, packs[-2].backward((wi,)))
-        (wi_grad,), _ = weight_grads(grad_f, h1b, (wi,), needs[8:9])
+        (wi_grad,), _ = weight_grads(grad_f, h1b, (wi,), needs[8:9], grad_y_pairs=grad_f_pairs)
 
         grad_a, grad_residual, ln1_gw, ln1_gb = layer_norm_backward(
             grad_h1, saved1, saves1 == "output", ln1_w, ln1_b, mean1, rstd1, None, spec.attn_out_dropout, source1,

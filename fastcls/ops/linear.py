@@ -110,15 +110,17 @@ def grad_bias_of(sums: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def weight_grads(grad_y: torch.Tensor, x: torch.Tensor, weights: Sequence[torch.Tensor], needs: Sequence[bool],
-                 bias_dtype: torch.dtype | None = None) -> tuple[list, torch.Tensor | None]:
+                 bias_dtype: torch.dtype | None = None, grad_y_pairs: torch.Tensor | None = None,
+                 x_pairs: torch.Tensor | None = None) -> tuple[list, torch.Tensor | None]:
     """(each weight's gradient, None where `needs` says not; the bias's, with a bias_dtype) of y = x W^T + b, from
-    contiguous bf16 grad_y and x. The bias's column sums come from the pass that interleaves grad_y for the
-    weights' product, or from a plain sum where no weight takes a gradient."""
+    contiguous bf16 grad_y and x (or their layouts for the product, as cpp.linear_weight_grad takes them). The
+    bias's column sums come from the pass that interleaves grad_y for the weights' product, or from a plain sum
+    where no weight takes a gradient."""
     if not any(needs):
         sums = grad_y.sum(0, dtype=torch.float32) if bias_dtype is not None else None
         grads = [None] * len(weights)
     else:
-        stacked, sums = cpp.linear_weight_grad(grad_y, x, with_bias=bias_dtype is not None)
+        stacked, sums = cpp.linear_weight_grad(grad_y, x, bias_dtype is not None, grad_y_pairs, x_pairs)
         rows = stacked.split([w.shape[0] for w in weights])
         grads = [g.to(w.dtype) if need else None for g, w, need in zip(rows, weights, needs)]
     return grads, None if sums is None else grad_bias_of(sums, bias_dtype)

@@ -39,6 +39,10 @@ ADAMW_LIVE_TABLE_WIDTH = 2  # kAdamWLiveTableWidth: a tensor's row mask address 
 
 def _check(tensor: torch.Tensor, name: str, dtypes, shape: tuple[int, ...] | None, *,
            contiguous: bool = True) -> None:
+    # the passing case in one expression: it runs before every kernel call
+    if tensor.is_cpu and tensor.dtype in dtypes and (shape is None or tensor.shape == shape) and (
+            not contiguous or tensor.is_contiguous()):
+        return
     if tensor.device.type != "cpu":
         raise ValueError(f"{name} must be a CPU tensor for the C++ kernels, got one on {tensor.device}")
     if tensor.dtype not in dtypes:
@@ -55,6 +59,8 @@ def _address(tensor: torch.Tensor | None) -> int:
 
 def _fp32_vector(tensor: torch.Tensor, name: str, length: int) -> torch.Tensor:
     """tensor as the contiguous fp32 vector the kernels read; the caller keeps it alive through the call."""
+    if tensor.dtype == torch.float32 and tensor.is_cpu and tensor.shape == (length,) and tensor.is_contiguous():
+        return tensor  # as it is (the kernels read it through its address): a LayerNorm's own parameters
     if tensor.device.type != "cpu" or tuple(tensor.shape) != (length,):
         raise ValueError(f"{name} must be a CPU tensor of shape ({length},), got {tuple(tensor.shape)} on "
                          f"{tensor.device}")
@@ -343,8 +349,9 @@ def layer_norm_backward(grad_out, saved, saved_is_output, weight, bias, mean, rs
     dispatch.cpp_ext.layer_norm_backward(
         grad_out.data_ptr(), saved.data_ptr(), _dtype_code(saved), saved_is_output, weight32.data_ptr(),
         bias32.data_ptr(), mean.data_ptr(), rstd.data_ptr(), _address(grad_sum), grad_x.data_ptr(),
-        _dtype_code(grad_x), _address(grad_residual), _dtype_code(grad_residual), partials[0].data_ptr(),
-        partials[1].data_ptr(), n_rows, n_cols, seed, counter_offset, threshold, scale, dropout_after, n_threads)
+        _dtype_code(grad_x), _address(grad_residual), _dtype_code(grad_residual), partials.data_ptr(),
+        partials.data_ptr() + n_threads * n_cols * 4, n_rows, n_cols, seed, counter_offset, threshold, scale,
+        dropout_after, n_threads)
     return partials
 
 
@@ -468,10 +475,12 @@ def varlen_attention_backward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, seed, 
         if not q.shape == k.shape == v.shape:
             raise ValueError(f"stacked gradients need q, k and v of one shape, got {q.shape}, {k.shape}, {v.shape}")
         out = torch.empty((q.shape[0], 3, *q.shape[1:]), dtype=q.dtype)
-        grads, token_stride = out.unbind(1), out.stride(0)
+        step = q.shape[1] * q.shape[2] * q.element_size()  # from q's gradient to k's, k's to v's, in a token
+        addresses, token_stride = [out.data_ptr() + i * step for i in range(3)], out.stride(0)
     else:
         grads, token_stride = [torch.empty(t.shape, dtype=t.dtype) for t in (q, k, v)], 0
+        addresses = [g.data_ptr() for g in grads]
     dispatch.cpp_ext.varlen_attention_backward(*args, scale, seed, counter_offset, threshold, drop_scale,
-                                               grad_out.data_ptr(), lse.data_ptr(),
-                                               *(g.data_ptr() for g in grads), token_stride, torch.get_num_threads())
+                                               grad_out.data_ptr(), lse.data_ptr(), *addresses, token_stride,
+                                               torch.get_num_threads())
     return out if stacked else tuple(grads)

@@ -41,6 +41,8 @@ except ImportError as err:
 
 # op -> backend -> the dtype keys its kernels take, in registration order
 _KERNEL_DTYPES: dict[str, dict[str, tuple[Hashable, ...]]] = {}
+# takes()'s answers: asked before every kernel call, with a handful of distinct arguments
+_TAKES: dict[tuple, bool] = {}
 
 
 def triton_usable(device: torch.device) -> bool:
@@ -56,6 +58,7 @@ def register_op(op: str, **dtypes_by_backend: Iterable[Hashable]) -> None:
     if unknown:
         raise ValueError(f"{op}: kernel backends are 'triton' and 'cpp', got {sorted(unknown)}")
     _KERNEL_DTYPES[op] = {backend: tuple(dict.fromkeys(keys)) for backend, keys in dtypes_by_backend.items()}
+    _TAKES.clear()
 
 
 def kernel_dtypes(op: str) -> dict[str, tuple[Hashable, ...]]:
@@ -92,8 +95,13 @@ def _device_backend(device: torch.device, backend: str | None, stacklevel: int) 
 def takes(op: str, backend: str, *dtypes: Hashable | None) -> bool:
     """Whether `backend` has kernels for `op` that take every one of `dtypes` (None stands for an absent tensor);
     never true of the reference, which has no kernels."""
-    kernel_dtypes = _KERNEL_DTYPES[op].get(backend)
-    return kernel_dtypes is not None and all(dtype is None or dtype in kernel_dtypes for dtype in dtypes)
+    key = (op, backend, dtypes)
+    answer = _TAKES.get(key)
+    if answer is None:
+        kernel_dtypes = _KERNEL_DTYPES[op].get(backend)
+        answer = _TAKES[key] = kernel_dtypes is not None and all(
+            dtype is None or dtype in kernel_dtypes for dtype in dtypes)
+    return answer
 
 
 def backend_for(op: str, device: torch.device, *dtypes: Hashable | None, backend: str | None = None) -> str:

@@ -148,7 +148,7 @@ class _EncoderLayer(torch.autograd.Function):
         f = cpp.linear_gemm(h1b, packs[-2].forward((wi,), backward), None, wi.shape[0])
         # wout's weight gradient reads g pair-packed: the GELU's pass writes that layout, saved in place of g
         g_pairs = cpp.pairs_empty(*f.shape, cpp.PAIR_PANELS) if ctx.needs_input_grad[16] else None
-        g = cpp.bias_gelu_forward(f, bi.to(torch.bfloat16), g_pairs, cpp.PAIR_PANELS)
+        g = cpp.bias_gelu_forward(f, product_bias(bi), g_pairs, cpp.PAIR_PANELS)
         o = cpp.linear_gemm(g, packs[-1].forward((wout,), backward), product_bias(bout), width)
         source2, saves2 = _source(h, o.numel(), spec.out_dropout), _norm_saves(ln2_w, ln2_b)
         # the next layer's products read h2 in bf16: a copy from the same pass (not for the [CLS] rows, which end
@@ -190,7 +190,7 @@ class _EncoderLayer(torch.autograd.Function):
                                                x_pairs=g_or_pairs if needs[10] else None)
         # wi's weight gradient reads grad_f's rows interleaved in pairs: from the GELU backward's own pass
         grad_f_pairs = cpp.pairs_empty(*f.shape, cpp.ROW_PAIRS) if needs[8] else None
-        grad_f, in_bias_sums = cpp.bias_gelu_backward(grad_g, f, bi.to(torch.bfloat16), grad_f_pairs, cpp.ROW_PAIRS)
+        grad_f, in_bias_sums = cpp.bias_gelu_backward(grad_g, f, product_bias(bi), grad_f_pairs, cpp.ROW_PAIRS)
         # h1 feeds the product and the residual: the product's bf16 gradient is added to the residual's
         _add_product(grad_h1, grad_f, packs[-2].backward((wi,)))
         (wi_grad,), _ = weight_grads(grad_f, h1b, (wi,), needs[8:9], grad_y_pairs=grad_f_pairs)

@@ -22,12 +22,12 @@ Runs where the avx512_bf16 kernels were built and the CPU has them, for bf16 ten
 eager mode only (torch.compile traces and tensor subclasses see F.linear), with an even reduction length; anywhere
 else `linear` is F.linear on the stacked weights.
 """
+import functools
 import weakref
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.weak import WeakIdKeyDictionary
 
 from fastcls.ops import cpp, dispatch
 from fastcls.ops.library import traced
@@ -85,18 +85,26 @@ class _Packs:
         return self.backward_packed
 
 
-# the first weight of a stack -> {the stack's ids: its packs}; entries go with their weights
-_PACKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# the ids of a stack's weights -> (weak references to them, the stack's packs); an entry goes when any of its
+# weights dies. A plain dict: a WeakIdKeyDictionary lookup builds a weak reference each time, and this runs for
+# every product of every step.
+_PACKS: dict[tuple[int, ...], tuple[list, _Packs]] = {}
 
 
 def _packs_of(weights: Sequence[torch.Tensor]) -> _Packs:
-    stacks = _PACKS.setdefault(weights[0], {})
-    key = tuple(id(w) for w in weights)
-    entry = stacks.get(key)
-    # the stack's other weights by reference: a new tensor at a dead one's id never inherits its packs
+    key = tuple(map(id, weights))
+    entry = _PACKS.get(key)
+    # the weights by reference: a new tensor at a dead one's id never inherits its packs
     if entry is None or any(ref() is not w for ref, w in zip(entry[0], weights)):
-        entry = stacks[key] = ([weakref.ref(w) for w in weights], _Packs())
+        forget = functools.partial(_forget_packs, key)
+        entry = _PACKS[key] = ([weakref.ref(w, forget) for w in weights], _Packs())
     return entry[1]
+
+
+def _forget_packs(key: tuple[int, ...], dead: weakref.ref) -> None:
+    entry = _PACKS.get(key)
+    if entry is not None and any(ref is dead for ref in entry[0]):  # not a newer entry at the same ids
+        del _PACKS[key]
 
 
 def product_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -121,8 +129,9 @@ def weight_grads(grad_y: torch.Tensor, x: torch.Tensor, weights: Sequence[torch.
         grads = [None] * len(weights)
     else:
         stacked, sums = cpp.linear_weight_grad(grad_y, x, bias_dtype is not None, grad_y_pairs, x_pairs)
-        rows = stacked.split([w.shape[0] for w in weights])
-        grads = [g.to(w.dtype) if need else None for g, w, need in zip(rows, weights, needs)]
+        rows = stacked.split([w.shape[0] for w in weights]) if len(weights) > 1 else (stacked,)
+        grads = [(g if g.dtype == w.dtype else g.to(w.dtype)) if need else None
+                 for g, w, need in zip(rows, weights, needs)]
     return grads, None if sums is None else grad_bias_of(sums, bias_dtype)
 
 

@@ -202,9 +202,11 @@ def _linear_sources(weights) -> list[torch.Tensor]:
     """The weights as contiguous 2-D bf16 or fp32 tensors of one width and even row counts (others cast to fp32)."""
     out = []
     for w in weights:
-        if w.device.type != "cpu" or w.dim() != 2 or w.shape[1] != weights[0].shape[1] or w.shape[0] % 2:
+        if not w.is_cpu or w.dim() != 2 or w.shape[1] != weights[0].shape[1] or w.shape[0] % 2:
             raise ValueError(f"weights must be CPU [N_i, K] tensors of one K and even N_i, got {tuple(w.shape)}")
-        out.append(w.detach().to(w.dtype if w.dtype in _LINEAR_SOURCES else torch.float32).contiguous())
+        # as they are where they already are (the kernels read them through their addresses): every step's case
+        out.append(w if w.dtype in _LINEAR_SOURCES and w.is_contiguous() else w.detach().to(
+            w.dtype if w.dtype in _LINEAR_SOURCES else torch.float32).contiguous())
     return out
 
 

@@ -128,7 +128,8 @@ void put_row_pair(const Element* r0, const Element* r1, int64_t n, int64_t rp, i
                   int layout) {
   const int64_t pair_rows = (R + 1) / 2;
   const auto at = [&](int64_t c) {
-    return layout == 1 ? pairs + (rp * n + c) * 2 : pairs + ((c / kPairPanel * pair_rows + rp) * kPairPanel + c % kPairPanel) * 2;
+    return layout == 1 ? pairs + (rp * n + c) * 2
+                       : pairs + ((c / kPairPanel * pair_rows + rp) * kPairPanel + c % kPairPanel) * 2;
   };
 #if defined(FASTCLS_GELU_AVX512)
   if constexpr (sizeof(Element) == 2) {

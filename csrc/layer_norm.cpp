@@ -500,8 +500,8 @@ constexpr int kRowsAtOnce = ((sizeof(T) == 2) && ...) ? 2 : 1;
 
 template <typename X, typename R, typename O>
 void forward_rows_avx512(const X* x, const R* residual, const float* weight, const float* bias, O* out, O* sum,
-                         uint16_t* out_bf16, float* mean, float* rstd, int64_t row_begin, int64_t row_end, int64_t n_cols, float eps,
-                         const Dropout& drop, bool stream) {
+                         uint16_t* out_bf16, float* mean, float* rstd, int64_t row_begin, int64_t row_end,
+                         int64_t n_cols, float eps, const Dropout& drop, bool stream) {
   constexpr int kPair = kRowsAtOnce<X, R, O>;
   std::vector<float> summed(static_cast<size_t>(kPair * n_cols));
   std::vector<RowKeep> keep(kPair, RowKeep(n_cols));
@@ -522,7 +522,8 @@ void forward_rows_avx512(const X* x, const R* residual, const float* weight, con
             forward_row_avx512<kRows, decltype(drop_x)::value, decltype(drop_y)::value,
                                decltype(has_residual)::value, decltype(has_sum)::value, decltype(streamed)::value>(
                 x + offset, has_residual ? residual + offset : nullptr, weight, bias, out + offset,
-                has_sum ? sum + offset : nullptr, out_bf16 != nullptr ? out_bf16 + offset : nullptr, keep.data(), drop.scale, eps, summed.data(), n_cols,
+                has_sum ? sum + offset : nullptr, out_bf16 != nullptr ? out_bf16 + offset : nullptr, keep.data(),
+                drop.scale, eps, summed.data(), n_cols,
                 row + kRows * (kPrefetchRows + 1) <= row_end ? kRows * kPrefetchRows * n_cols : 0, mean + row, rstd + row);
           };
           int64_t row = row_begin;
@@ -649,8 +650,8 @@ void layer_norm_forward(const void* x, int x_dtype, const void* residual, int re
                               (task + 1) * n_rows / n_tasks, n_cols, eps, drop, stream);
 #else
           forward_rows(static_cast<const X*>(x), static_cast<const R*>(residual), weight, bias, static_cast<O*>(out),
-                       static_cast<O*>(sum), static_cast<uint16_t*>(out_bf16), mean, rstd, task * n_rows / n_tasks, (task + 1) * n_rows / n_tasks,
-                       n_cols, eps, drop);
+                       static_cast<O*>(sum), static_cast<uint16_t*>(out_bf16), mean, rstd, task * n_rows / n_tasks,
+                       (task + 1) * n_rows / n_tasks, n_cols, eps, drop);
 #endif
         }
       });

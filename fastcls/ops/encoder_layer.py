@@ -172,8 +172,8 @@ class _EncoderLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_h2):
-        (hb, lse, context, saved1, mean1, rstd1, h1b, f, g_or_pairs, saved2, mean2, rstd2, cu, cu_q, cls_index, rng, wq, bq,
-         wk, bk, wv, bv, wo, bo, wi, bi, wout, bout, ln1_w, ln1_b, ln2_w, ln2_b, *saved_q) = ctx.saved_tensors
+        (hb, lse, context, saved1, mean1, rstd1, h1b, f, g_or_pairs, saved2, mean2, rstd2, cu, cu_q, cls_index, rng,
+         wq, bq, wk, bk, wv, bv, wo, bo, wi, bi, wout, bout, ln1_w, ln1_b, ln2_w, ln2_b, *saved_q) = ctx.saved_tensors
         spec, (saves1, saves2), (h_dtype, h1_dtype), packs = ctx.spec, ctx.saves, ctx.dtypes, ctx.packs
         attn_source, source1, source2 = (MaskSource(rng, seed, offset) for seed, offset in ctx.sources)
         needs = ctx.needs_input_grad[6:]

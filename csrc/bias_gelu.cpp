@@ -2,6 +2,7 @@
 
 #include "bf16.h"
 #include "lanes16.h"
+#include "linear_bf16.h"
 #include "softmax.h"
 
 #include <algorithm>
@@ -21,7 +22,6 @@ namespace {
 constexpr int64_t kMinElementsPerThread = 16384;
 
 constexpr float kSqrtHalf = 0.70710678118654752f;
-constexpr int64_t kPairPanel = 48;  // kLinearPanel (linear_bf16.h), which only the AVX-512 BF16 build compiles
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;
 
 // erf(x) = x P(x^2) / Q(x^2) on [-4, 4] and +-1 beyond (where fp32's erf is +-1): the rational approximation of
@@ -129,7 +129,7 @@ void put_row_pair(const Element* r0, const Element* r1, int64_t n, int64_t rp, i
   const int64_t pair_rows = (R + 1) / 2;
   const auto at = [&](int64_t c) {
     return layout == 1 ? pairs + (rp * n + c) * 2
-                       : pairs + ((c / kPairPanel * pair_rows + rp) * kPairPanel + c % kPairPanel) * 2;
+                       : pairs + ((c / kLinearPanel * pair_rows + rp) * kLinearPanel + c % kLinearPanel) * 2;
   };
 #if defined(FASTCLS_GELU_AVX512)
   if constexpr (sizeof(Element) == 2) {
@@ -166,7 +166,7 @@ void put_boundary_pairs(const Element* rows, int64_t n, int64_t R, int n_tasks, 
   if (pairs == nullptr) return;
   for (int task = 1; task < n_tasks; ++task) {
     const int64_t cut = task * R / n_tasks;
-    if (cut % 2 == 1 && cut < R) put_row_pair(rows + (cut - 1) * n, rows + cut * n, n, cut / 2, R, pairs, layout);
+    if (cut % 2 == 1) put_row_pair(rows + (cut - 1) * n, rows + cut * n, n, cut / 2, R, pairs, layout);
   }
   if (R % 2 == 1) put_row_pair(rows + (R - 1) * n, static_cast<const Element*>(nullptr), n, R / 2, R, pairs, layout);
 }

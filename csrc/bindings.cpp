@@ -1,16 +1,20 @@
 // The pybind11 module of one CPU variant, fastcls._C_<variant> (setup.py compiles it once per variant, naming it
-// by FASTCLS_MODULE; fastcls/ops/cpu_variant.py picks the one to import). Tensors cross as raw addresses
-// (Python's tensor.data_ptr()), so the extension needs no torch headers; the Python op modules own shapes, dtypes,
-// contiguity and allocation.
+// by FASTCLS_MODULE; fastcls/ops/cpu_variant.py picks the one to import). Tensors cross as raw addresses (Python's
+// tensor.data_ptr()), so the extension needs no torch headers; the Python op modules own shapes, dtypes,
+// contiguity and allocation. Over 400 lines: it binds every kernel entry point, each with its arguments' names.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
+#include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "adamw.h"
 #include "bias_gelu.h"
 #include "cross_entropy.h"
 #include "dropout.h"
+#include "encoder_layer.h"
 #include "layer_norm.h"
 #include "linear_bf16.h"
 #include "multi_task_cross_entropy.h"
@@ -222,6 +226,94 @@ void def_linear(py::module_& m) {
         },
         py::arg("in"), py::arg("ld"), py::arg("R"), py::arg("C"), py::arg("out"), py::arg("col_sums"),
         py::arg("num_threads"), "out[rp][c][t] = in[2 rp + t][c], zeros past R; col_sums: in's (linear_bf16.h).");
+}
+
+// The encoder layer's forward and backward (encoder_layer.h). Their sizes, addresses and flags come as one list,
+// in the order of `fields` in fastcls.ops.cpp.encoder_layer_forward and _backward; the dropouts as (seed, counter
+// offset, threshold) each, their scales after the attention's scale (and the forward's epsilons).
+void def_encoder_layer(py::module_& m) {
+  m.def("encoder_layer_backward_workspace", &fastcls::encoder_layer_backward_workspace, py::arg("tokens"),
+        py::arg("width"), py::arg("ffn"), py::arg("num_threads"),
+        "Scratch bytes encoder_layer_backward needs (encoder_layer.h).");
+  m.def("encoder_layer_forward_workspace", &fastcls::encoder_layer_forward_workspace, py::arg("tokens"),
+        py::arg("width"), py::arg("ffn"), "Scratch bytes encoder_layer_forward needs (encoder_layer.h).");
+  m.def(
+      "encoder_layer_forward",
+      [](const std::vector<std::uintptr_t>& fields, const std::vector<uint64_t>& dropouts,
+         const std::vector<float>& scalars, int num_threads) {
+        constexpr size_t kFields = 41;
+        if (fields.size() != kFields || dropouts.size() != 9 || scalars.size() != 6)
+          throw std::invalid_argument("encoder_layer_forward: 41 fields, 9 dropout words and 6 scalars");
+        size_t i = 0;
+        const auto next = [&]() { return fields[i++]; };
+        fastcls::EncoderLayerForward a{};
+        a.tokens = int64_t(next()), a.width = int64_t(next()), a.ffn = int64_t(next()), a.rows = int64_t(next());
+        a.heads = int64_t(next());
+        a.h = as_ptr<const float>(next()), a.hb = as_ptr<const uint16_t>(next()), a.cu = as_ptr<const int64_t>(next());
+        a.qkv_packed = as_ptr<const uint16_t>(next()), a.attn_out_packed = as_ptr<const uint16_t>(next());
+        a.ffn_in_packed = as_ptr<const uint16_t>(next()), a.ffn_out_packed = as_ptr<const uint16_t>(next());
+        a.query_bias = as_ptr<const void>(next()), a.key_bias = as_ptr<const void>(next());
+        a.value_bias = as_ptr<const void>(next()), a.attn_out_bias = as_ptr<const void>(next());
+        a.ffn_in_bias = as_ptr<const void>(next()), a.ffn_out_bias = as_ptr<const void>(next());
+        a.ln1_weight = as_ptr<const void>(next()), a.ln1_bias = as_ptr<const void>(next());
+        a.ln2_weight = as_ptr<const void>(next()), a.ln2_bias = as_ptr<const void>(next());
+        a.bias_dtype = int(next()), a.norm_dtype = int(next());
+        a.qkv = as_ptr<uint16_t>(next()), a.context = as_ptr<uint16_t>(next()), a.f = as_ptr<uint16_t>(next());
+        a.g_pairs = as_ptr<uint16_t>(next()), a.h1b = as_ptr<uint16_t>(next()), a.h2b = as_ptr<uint16_t>(next());
+        a.lse = as_ptr<float>(next()), a.h1 = as_ptr<float>(next()), a.sum1 = as_ptr<float>(next());
+        a.mean1 = as_ptr<float>(next()), a.rstd1 = as_ptr<float>(next()), a.h2 = as_ptr<float>(next());
+        a.sum2 = as_ptr<float>(next()), a.mean2 = as_ptr<float>(next()), a.rstd2 = as_ptr<float>(next());
+        a.workspace = as_ptr<void>(next()), a.workspace_bytes = int64_t(next());
+        a.attn_scale = scalars[0], a.ln1_eps = scalars[1], a.ln2_eps = scalars[2];
+        a.attn_dropout = {dropouts[0], dropouts[1], dropouts[2], scalars[3]};
+        a.ln1_dropout = {dropouts[3], dropouts[4], dropouts[5], scalars[4]};
+        a.ln2_dropout = {dropouts[6], dropouts[7], dropouts[8], scalars[5]};
+        if (i != kFields) throw std::logic_error("encoder_layer_forward: field count");
+        py::gil_scoped_release release;
+        fastcls::encoder_layer_forward(a, num_threads);
+      },
+      py::arg("fields"), py::arg("dropouts"), py::arg("scalars"), py::arg("num_threads"),
+      "The encoder layer's forward in one call (encoder_layer.h).");
+  m.def(
+      "encoder_layer_backward",
+      [](const std::vector<std::uintptr_t>& fields, const std::vector<uint64_t>& dropouts,
+         const std::vector<float>& scales, int num_threads) {
+        constexpr size_t kFields = 42;
+        if (fields.size() != kFields || dropouts.size() != 9 || scales.size() != 4)
+          throw std::invalid_argument("encoder_layer_backward: 42 fields, 9 dropout words and 4 scales");
+        size_t i = 0;
+        const auto next = [&]() { return fields[i++]; };
+        fastcls::EncoderLayerBackward a{};
+        a.tokens = int64_t(next()), a.width = int64_t(next()), a.ffn = int64_t(next()), a.rows = int64_t(next());
+        a.heads = int64_t(next());
+        a.hb = as_ptr<const uint16_t>(next()), a.qkv = as_ptr<const uint16_t>(next());
+        a.context = as_ptr<const uint16_t>(next()), a.h1b = as_ptr<const uint16_t>(next());
+        a.f = as_ptr<const uint16_t>(next()), a.g_pairs = as_ptr<const uint16_t>(next());
+        a.lse = as_ptr<const float>(next()), a.saved1 = as_ptr<const float>(next());
+        a.mean1 = as_ptr<const float>(next()), a.rstd1 = as_ptr<const float>(next());
+        a.saved2 = as_ptr<const float>(next()), a.mean2 = as_ptr<const float>(next());
+        a.rstd2 = as_ptr<const float>(next()), a.cu = as_ptr<const int64_t>(next());
+        a.saved1_is_output = next() != 0, a.saved2_is_output = next() != 0;
+        a.qkv_packed = as_ptr<const uint16_t>(next()), a.attn_out_packed = as_ptr<const uint16_t>(next());
+        a.ffn_in_packed = as_ptr<const uint16_t>(next()), a.ffn_out_packed = as_ptr<const uint16_t>(next());
+        a.ffn_in_bias = as_ptr<const void>(next()), a.ln1_weight = as_ptr<const void>(next());
+        a.ln1_bias = as_ptr<const void>(next()), a.ln2_weight = as_ptr<const void>(next());
+        a.ln2_bias = as_ptr<const void>(next()), a.bias_dtype = int(next()), a.norm_dtype = int(next());
+        a.grad_h2 = as_ptr<const float>(next()), a.grad_h = as_ptr<float>(next());
+        a.qkv_grad = as_ptr<uint16_t>(next()), a.attn_out_grad = as_ptr<uint16_t>(next());
+        a.ffn_in_grad = as_ptr<uint16_t>(next()), a.ffn_out_grad = as_ptr<uint16_t>(next());
+        a.bias_grads = as_ptr<void>(next()), a.norm_grads = as_ptr<void>(next());
+        a.workspace = as_ptr<void>(next()), a.workspace_bytes = int64_t(next());
+        a.attn_dropout = {dropouts[0], dropouts[1], dropouts[2], scales[1]};
+        a.ln1_dropout = {dropouts[3], dropouts[4], dropouts[5], scales[2]};
+        a.ln2_dropout = {dropouts[6], dropouts[7], dropouts[8], scales[3]};
+        a.attn_scale = scales[0];
+        if (i != kFields) throw std::logic_error("encoder_layer_backward: field count");
+        py::gil_scoped_release release;
+        fastcls::encoder_layer_backward(a, num_threads);
+      },
+      py::arg("fields"), py::arg("dropouts"), py::arg("scales"), py::arg("num_threads"),
+      "The encoder layer's backward in one call (encoder_layer.h).");
 }
 #endif
 
@@ -439,5 +531,6 @@ PYBIND11_MODULE(FASTCLS_MODULE, m) {
   def_bias_gelu<uint16_t>(m, "bf16", fastcls::bias_gelu_forward_bf16, fastcls::bias_gelu_backward_bf16);
 #if defined(__AVX512BF16__)
   def_linear(m);
+  def_encoder_layer(m);
 #endif
 }

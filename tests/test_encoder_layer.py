@@ -90,6 +90,32 @@ def test_fused_layer_step_equals_the_separate_ops_bit_for_bit(bf16_weights):
     assert any("layer.0.attention.self.query.bias" in name for name in fused[1])
 
 
+@pytest.mark.skipif(not cpp.ENCODER_LAYER_BUILT, reason="the one-call layer is built with the avx512_bf16 kernels")
+@pytest.mark.parametrize("variant", ["bf16 weights", "fp32 weights", "sums saved", "epsilons apart"])
+def test_one_call_equals_the_kernels_called_one_by_one(variant, monkeypatch):
+    """A training step's layer forward and backward as one C++ call each (csrc/encoder_layer.h) against the node
+    calling the same kernels one by one: the same bits, with dropout, odd token counts, widths off the products'
+    48-column panels, LayerNorms saving their output or their sum, and the two LayerNorms' epsilons apart."""
+    model = tiny_model(bf16_weights=variant == "bf16 weights")
+    with torch.no_grad():
+        for i, layer in enumerate(model.encoder.encoder.layer):
+            if variant == "sums saved":
+                layer.attention.output.LayerNorm.weight[i + 1] = 0.0
+                layer.output.LayerNorm.weight[i + 3] = 0.0
+            if variant == "epsilons apart":
+                layer.attention.output.LayerNorm.eps, layer.output.LayerNorm.eps = 1e-3, 1e-6
+    calls = {"forward": 0, "backward": 0}
+    for name in calls:
+        real = getattr(cpp, f"encoder_layer_{name}")
+        monkeypatch.setattr(cpp, f"encoder_layer_{name}",
+                            lambda *args, name=name, real=real: calls.__setitem__(name, calls[name] + 1) or real(*args))
+    one_call = step(model, True)  # 63 tokens: an odd count, thread shares uneven
+    assert calls == {"forward": 2, "backward": 2}  # every layer but the [CLS]-only last one
+    monkeypatch.setattr(cpp, "ENCODER_LAYER_BUILT", False)
+    assert_same_step(one_call, step(model, True))
+    assert calls == {"forward": 2, "backward": 2}
+
+
 def test_layer_norm_saving_its_sum():
     """A LayerNorm weight with a zero: its output cannot stand in for the normalised input, so the sum is saved."""
     model = tiny_model()
@@ -170,3 +196,26 @@ def test_the_next_layer_reads_the_bf16_copy_while_the_output_is_unchanged(monkey
     with torch.no_grad():
         h.mul_(3.0)
     assert _bf16_of(h) is not h._fastcls_bf16[1] and torch.equal(_bf16_of(h), h.detach().to(torch.bfloat16))
+
+
+@pytest.mark.skipif(not cpp.ENCODER_LAYER_BUILT, reason="the one-call layer is built with the avx512_bf16 kernels")
+def test_one_call_checks_what_it_is_handed():
+    """The one-call forward runs on tensors of the shapes and dtypes it takes and refuses others before any kernel
+    reads them: a wrong dtype, a pack of another weight's size, biases of mixed dtypes."""
+    torch.manual_seed(0)
+    width, ffn, tokens = 32, 64, 5
+    h = torch.randn(tokens, width)
+    packed = [cpp.linear_pack_wt([torch.randn(n, k).bfloat16()])[0]
+              for n, k in ((3 * width, width), (width, width), (ffn, width), (width, ffn))]
+    biases = [torch.randn(n).bfloat16() for n in (width, width, width, width, ffn, width)]
+    norms = [torch.randn(width) for _ in range(4)]
+    cu = torch.tensor([0, 2, 5])
+    rest = (4, 0.35, (1e-12, 1e-12), [(0, 0, 0, 1.0)] * 3, (False, True))
+    outputs = cpp.encoder_layer_forward(h, h.bfloat16(), cu, packed, biases, norms, *rest)
+    assert outputs[4] is None and outputs[11] is not None and torch.isfinite(outputs[10]).all()
+    with pytest.raises(ValueError, match="bf16"):
+        cpp.encoder_layer_forward(h, h, cu, packed, biases, norms, *rest)
+    with pytest.raises(ValueError, match="elements"):
+        cpp.encoder_layer_forward(h, h.bfloat16(), cu, [packed[1], *packed[1:]], biases, norms, *rest)
+    with pytest.raises(ValueError, match="bf16"):
+        cpp.encoder_layer_forward(h, h.bfloat16(), cu, packed, [*biases[:5], biases[5].float()], norms, *rest)

@@ -7,6 +7,8 @@ checks what the kernel assumes of them, and passes their addresses with torch's 
 the arguments of its Triton twin in `fastcls.kernels` and allocates what that one allocates, so an op calls
 either the same way. The dtype tables below are what the ops register as their cpp kernels' dtypes.
 """
+import threading
+
 import torch
 
 from fastcls.ops import dispatch
@@ -486,3 +488,122 @@ def varlen_attention_backward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, seed, 
                                                grad_out.data_ptr(), lse.data_ptr(), *addresses, token_stride,
                                                torch.get_num_threads())
     return out if stacked else tuple(grads)
+
+
+
+ENCODER_LAYER_BUILT = hasattr(dispatch.cpp_ext, "encoder_layer_backward")
+# each thread's scratch for the encoder layer's calls, grown to the largest batch's and kept: a fresh block of
+# another size every call (token counts change batch to batch) fragmented the heap that keep_freed_host_memory keeps
+_scratch = threading.local()
+
+
+def _encoder_layer_scratch(nbytes: int) -> torch.Tensor:
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < nbytes:
+        buffer = _scratch.buffer = torch.empty(nbytes, dtype=torch.uint8)
+        if buffer.data_ptr() % 64:
+            raise ValueError("the encoder layer's scratch must start 64-byte aligned")
+    return buffer
+_SMALL_DTYPES = (torch.float32, torch.bfloat16)  # csrc/encoder_layer.h's bias_dtype and norm_dtype codes
+
+
+def encoder_layer_backward(grad_h2: torch.Tensor, saved: dict, packed: tuple, ffn_in_bias: torch.Tensor,
+                           norms: tuple, heads: int, attn_scale: float,
+                           dropouts: tuple) -> tuple[torch.Tensor, list, torch.Tensor, torch.Tensor]:
+    """The encoder layer's backward in one call (csrc/encoder_layer.h) for an fp32 residual stream: (grad_h fp32
+    [T, d]; the bf16 weight gradients of the stacked product [3d, d], the attention output [d, d] and the
+    feed-forward products [F, d] and [d, F]; the biases' gradients in ffn_in_bias's dtype, one after the other: the
+    stacked bias's [3d], the attention output's and the feed-forward biases' [d], [F], [d]; the LayerNorms' in
+    theirs: LN1's weight and bias, LN2's, [d] each).
+
+    saved: the forward's bf16 hb, qkv, context, h1b ([T, d], or [T, 3d]), f [T, F] and g_pairs (PAIR_PANELS), fp32
+    lse [T, heads], saved1, saved2 [T, d] and mean1, rstd1, mean2, rstd2 [T], int64 cu [rows + 1], and the booleans
+    saved1_is_output, saved2_is_output. packed: the input gradients' packed weights (linear_pack_pairs) of the
+    stacked, attention output and feed-forward products. ffn_in_bias: the GELU's bias [F]; norms: the LayerNorms'
+    weights and biases [d] (LN1's, then LN2's) of one dtype; fp32 or bf16 each. dropouts: (seed, counter_offset,
+    threshold, scale) of the attention's, LN1's and LN2's dropouts."""
+    hb, f = saved["hb"], saved["f"]
+    tokens, width = hb.shape
+    ffn = f.shape[1]
+    rows = saved["cu"].numel() - 1
+    pair_rows = -(-tokens // 2)
+    bf16, fp32, bias_dtype, norm_dtype = torch.bfloat16, torch.float32, ffn_in_bias.dtype, norms[0].dtype
+    expected = ((grad_h2, fp32, tokens * width), (hb, bf16, tokens * width), (saved["qkv"], bf16, tokens * 3 * width),
+                (saved["context"], bf16, tokens * width), (saved["h1b"], bf16, tokens * width),
+                (f, bf16, tokens * ffn), (saved["g_pairs"], bf16, _panels(ffn) * LINEAR_PANEL * 2 * pair_rows),
+                (saved["lse"], fp32, tokens * heads), (saved["saved1"], fp32, tokens * width),
+                (saved["saved2"], fp32, tokens * width), (saved["cu"], torch.int64, rows + 1),
+                *((saved[name], fp32, tokens) for name in ("mean1", "rstd1", "mean2", "rstd2")),
+                *((p, bf16, _panels(width) * LINEAR_PANEL * n) for p, n in zip(packed, (3 * width, width, ffn))),
+                (packed[3], bf16, _panels(ffn) * LINEAR_PANEL * width),
+                (ffn_in_bias, bias_dtype, ffn), *((t, norm_dtype, width) for t in norms))
+    for tensor, dtype, numel in expected:
+        if not (tensor.dtype == dtype and tensor.is_cpu and tensor.numel() == numel and tensor.is_contiguous()):
+            raise ValueError(f"encoder_layer_backward: a contiguous {dispatch.dtype_name(dtype)} CPU tensor of "
+                             f"{numel} elements expected, got {tensor.dtype} of {tensor.numel()} on {tensor.device}")
+    if bias_dtype not in _SMALL_DTYPES or norm_dtype not in _SMALL_DTYPES or width % heads:
+        raise ValueError(f"encoder_layer_backward: fp32 or bf16 biases and norms and whole heads, got {bias_dtype}, "
+                         f"{norm_dtype} and {heads} heads of width {width}")
+    grad_h = torch.empty(tokens, width, dtype=fp32)
+    grads = [torch.empty(n, k, dtype=bf16) for n, k in ((3 * width, width), (width, width), (ffn, width), (width, ffn))]
+    bias_grads = torch.empty(5 * width + ffn, dtype=bias_dtype)
+    norm_grads = torch.empty(4 * width, dtype=norm_dtype)
+    threads = torch.get_num_threads()
+    workspace = _encoder_layer_scratch(dispatch.cpp_ext.encoder_layer_backward_workspace(tokens, width, ffn, threads))
+    fields = [tokens, width, ffn, rows, heads,
+              *(saved[name].data_ptr() for name in ("hb", "qkv", "context", "h1b", "f", "g_pairs", "lse", "saved1",
+                                                    "mean1", "rstd1", "saved2", "mean2", "rstd2", "cu")),
+              int(saved["saved1_is_output"]), int(saved["saved2_is_output"]), *(p.data_ptr() for p in packed),
+              ffn_in_bias.data_ptr(), *(t.data_ptr() for t in norms), _SMALL_DTYPES.index(bias_dtype),
+              _SMALL_DTYPES.index(norm_dtype), grad_h2.data_ptr(), grad_h.data_ptr(), *(g.data_ptr() for g in grads),
+              bias_grads.data_ptr(), norm_grads.data_ptr(), workspace.data_ptr(), workspace.numel()]
+    words = [int(word) for seed, offset, threshold, _ in dropouts for word in (seed, offset, threshold)]
+    dispatch.cpp_ext.encoder_layer_backward(fields, words, [attn_scale, *(d[3] for d in dropouts)], threads)
+    return grad_h, grads, bias_grads, norm_grads
+
+
+def encoder_layer_forward(h: torch.Tensor, hb: torch.Tensor, cu: torch.Tensor, packed: tuple, biases: tuple,
+                          norms: tuple, heads: int, attn_scale: float, eps: tuple, dropouts: tuple,
+                          keep_sums: tuple) -> tuple:
+    """The encoder layer's forward in one call (csrc/encoder_layer.h) for an fp32 residual stream h [T, d] (hb: its
+    bf16 copy; int64 cu [rows + 1]): (qkv [T, 3d], context [T, d], lse [T, heads], h1, sum1, mean1, rstd1, h1b, f
+    [T, F], g_pairs (PAIR_PANELS), h2, sum2, mean2, rstd2, h2b), sum1 and sum2 None unless keep_sums says so.
+
+    packed: the forward's packed weights (linear_pack_wt) of the stacked, attention output and feed-forward
+    products. biases: the query's, key's, value's, attention output's, feed-forward in's and out's, of one dtype;
+    norms: LN1's weight and bias, LN2's, of one dtype (fp32 or bf16 each). eps: the LayerNorms'; dropouts: (seed,
+    counter_offset, threshold, scale) of the attention's, LN1's and LN2's dropouts."""
+    tokens, width = h.shape
+    ffn = biases[4].shape[0]
+    rows = cu.numel() - 1
+    bf16, fp32, bias_dtype, norm_dtype = torch.bfloat16, torch.float32, biases[0].dtype, norms[0].dtype
+    expected = ((h, fp32, tokens * width), (hb, bf16, tokens * width), (cu, torch.int64, rows + 1),
+                *((p, bf16, _panels(n) * LINEAR_PANEL * k) for p, n, k in
+                  zip(packed, (3 * width, width, ffn, width), (width, width, width, ffn))),
+                *((b, bias_dtype, n) for b, n in zip(biases, (width, width, width, width, ffn, width))),
+                *((t, norm_dtype, width) for t in norms))
+    for tensor, dtype, numel in expected:
+        if not (tensor.dtype == dtype and tensor.is_cpu and tensor.numel() == numel and tensor.is_contiguous()):
+            raise ValueError(f"encoder_layer_forward: a contiguous {dispatch.dtype_name(dtype)} CPU tensor of "
+                             f"{numel} elements expected, got {tensor.dtype} of {tensor.numel()} on {tensor.device}")
+    if bias_dtype not in _SMALL_DTYPES or norm_dtype not in _SMALL_DTYPES or width % heads or width % 2:
+        raise ValueError(f"encoder_layer_forward: fp32 or bf16 biases and norms, whole heads and an even width, got "
+                         f"{bias_dtype}, {norm_dtype} and {heads} heads of width {width}")
+    qkv = torch.empty(tokens, 3 * width, dtype=bf16)
+    context, h1b, h2b = (torch.empty(tokens, width, dtype=bf16) for _ in range(3))
+    f = torch.empty(tokens, ffn, dtype=bf16)
+    g_pairs = pairs_empty(tokens, ffn, PAIR_PANELS)
+    lse = torch.empty(tokens, heads, dtype=fp32)
+    h1, h2 = torch.empty(tokens, width, dtype=fp32), torch.empty(tokens, width, dtype=fp32)
+    sum1, sum2 = (torch.empty(tokens, width, dtype=fp32) if keep else None for keep in keep_sums)
+    mean1, rstd1, mean2, rstd2 = torch.empty(4, tokens, dtype=fp32).unbind()
+    workspace = _encoder_layer_scratch(dispatch.cpp_ext.encoder_layer_forward_workspace(tokens, width, ffn))
+    fields = [tokens, width, ffn, rows, heads, h.data_ptr(), hb.data_ptr(), cu.data_ptr(),
+              *(t.data_ptr() for t in (*packed, *biases, *norms)), _SMALL_DTYPES.index(bias_dtype),
+              _SMALL_DTYPES.index(norm_dtype),
+              *(_address(t) for t in (qkv, context, f, g_pairs, h1b, h2b, lse, h1, sum1, mean1, rstd1, h2, sum2, mean2,
+                                      rstd2, workspace)), workspace.numel()]
+    words = [int(word) for seed, offset, threshold, _ in dropouts for word in (seed, offset, threshold)]
+    dispatch.cpp_ext.encoder_layer_forward(fields, words, [attn_scale, *eps, *(d[3] for d in dropouts)],
+                                           torch.get_num_threads())
+    return qkv, context, lse, h1, sum1, mean1, rstd1, h1b, f, g_pairs, h2, sum2, mean2, rstd2, h2b

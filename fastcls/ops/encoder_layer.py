@@ -19,6 +19,12 @@ product, the LayerNorms and the feed-forward block from the [CLS] tokens alone, 
 compute them; those ops run the [CLS] rows' products on oneDNN (fewer than fastcls.ops.linear.MIN_ROWS rows), the
 node on fastcls's kernels, so the two agree bit for bit where MIN_ROWS lets the separate ops take the kernels too.
 
+In a training step's case (every parameter and the input take gradients, the residual stream fp32, the biases of
+one dtype and the LayerNorms' of one, fp32 or bf16) the forward and the backward each call the kernels from one C++
+function (csrc/encoder_layer.h), with the same arguments in the same order: on two cores the Python around some
+twenty kernel calls a layer cost ~0.5 ms a forward and ~0.75 ms a backward, after each kernel has swept the caches
+it runs on. Python still draws the masks, packs the weights and allocates what is saved or returned.
+
 `encoder_layer_applies` says where it runs: bf16 products by fastcls's kernels (fastcls.ops.linear), the packed
 attention, LayerNorm and bias-GELU CPU kernels, plain nn.Linear modules with biases, GELU's erf form, gradients
 on. Anywhere else the encoder composes the separate ops.
@@ -109,69 +115,130 @@ def _add_product(grad: torch.Tensor, grad_y: torch.Tensor, packed: torch.Tensor)
         grad.add_(cpp.linear_gemm(grad_y, packed, None, grad.shape[1]))
 
 
+def _forward_in_one_call(ctx, h, hb, cu, cls_index, max_len, spec, out_dtype, packs, params):
+    """A training step's forward (every parameter and the input take gradients, an fp32 residual stream): the
+    kernels of _forward_by_ops in one C++ call (csrc/encoder_layer.h), the masks drawn in the same order first."""
+    wq, bq, wk, bk, wv, bv, wo, bo, wi, bi, wout, bout, ln1_w, ln1_b, ln2_w, ln2_b = params
+    tokens, width = h.shape
+    probabilities = (spec.attn_dropout, spec.attn_out_dropout, spec.out_dropout)
+    sources = [_source(h, numel, p) for numel, p in zip((spec.heads * tokens * max_len, h.numel(), h.numel()),
+                                                          probabilities)]
+    saves = _norm_saves(ln1_w, ln1_b), _norm_saves(ln2_w, ln2_b)
+    packed = [stack.forward(weights, True) for stack, weights in zip(packs, ((wq, wk, wv), (wo,), (wi,), (wout,)))]
+    dropouts = [(*source.resolved(), keep_threshold(p), kept_scale(p)) for source, p in zip(sources, probabilities)]
+    qkv, context, lse, h1, sum1, mean1, rstd1, h1b, f, g_pairs, h2, sum2, mean2, rstd2, h2b = cpp.encoder_layer_forward(
+        h, hb, cu, packed, (bq, bk, bv, bo, bi, bout), (ln1_w, ln1_b, ln2_w, ln2_b), spec.heads,
+        (width // spec.heads) ** -0.5, (spec.attn_eps, spec.out_eps), dropouts, (saves[0] == "sum", saves[1] == "sum"))
+    h2._fastcls_bf16 = (h2._version, h2b)
+    return sources, saves, cu, (qkv,), context, lse, h1, sum1, mean1, rstd1, h1b, f, g_pairs, h2, sum2, mean2, rstd2
+
+
+def _forward_by_ops(ctx, h, hb, cu, cls_index, max_len, spec, out_dtype, packs, params):
+    """The forward's kernels called one by one: the [CLS]-only layer's, and any case _forward_in_one_call leaves."""
+    wq, bq, wk, bk, wv, bv, wo, bo, wi, bi, wout, bout, ln1_w, ln1_b, ln2_w, ln2_b = params
+    tokens, width = h.shape
+    head_dim = width // spec.heads
+    backward = any(ctx.needs_input_grad)
+    # the input gradient's packing where it is needed: for the first products, where h takes a gradient
+    if cls_index is None:
+        qkv = cpp.linear_gemm(hb, packs[0].forward((wq, wk, wv), ctx.needs_input_grad[0]),
+                              product_bias(torch.cat([bq, bk, bv])), 3 * width)
+        q, k, v = qkv.view(tokens, 3, spec.heads, head_dim).unbind(1)
+        residual, cu_q, saved_q = h, cu, (qkv,)
+    else:  # the queries, and all that follows attention, of the [CLS] rows alone
+        kv = cpp.linear_gemm(hb, packs[1].forward((wk, wv), ctx.needs_input_grad[0]),
+                             product_bias(torch.cat([bk, bv])), 2 * width)
+        k, v = kv.view(tokens, 2, spec.heads, head_dim).unbind(1)
+        residual, query_in = h.index_select(0, cls_index), hb.index_select(0, cls_index)
+        q = cpp.linear_gemm(query_in, packs[0].forward((wq,), ctx.needs_input_grad[0]), product_bias(bq), width)
+        q, cu_q, saved_q = q.view(-1, spec.heads, head_dim), torch.arange(len(cls_index) + 1), (query_in, q, kv)
+    rows = q.shape[0]
+    # each op draws its mask's counters in the separate ops' order and number: the same masks
+    attn_source = _source(h, spec.heads * rows * max_len, spec.attn_dropout)
+    context, lse = cpp.varlen_attention_forward(q, k, v, cu_q, cu, head_dim ** -0.5, *attn_source.resolved(),
+                                                keep_threshold(spec.attn_dropout), kept_scale(spec.attn_dropout))
+    context = context.view(rows, width)
+    a = cpp.linear_gemm(context, packs[-3].forward((wo,), backward), product_bias(bo), width)
+    source1, saves1 = _source(h, a.numel(), spec.attn_out_dropout), _norm_saves(ln1_w, ln1_b)
+    h1b = _bf16_copy(a, out_dtype)
+    h1, sum1, mean1, rstd1 = layer_norm_forward(a, residual, ln1_w, ln1_b, spec.attn_eps, spec.attn_out_dropout,
+                                                source1, False, out_dtype, saves1 == "sum", "cpp", h1b)
+    h1b = h1 if h1b is None else h1b
+    f = cpp.linear_gemm(h1b, packs[-2].forward((wi,), backward), None, wi.shape[0])
+    # wout's weight gradient reads g pair-packed: the GELU's pass writes that layout, saved in place of g
+    g_pairs = cpp.pairs_empty(*f.shape, cpp.PAIR_PANELS) if ctx.needs_input_grad[16] else None
+    g = cpp.bias_gelu_forward(f, product_bias(bi), g_pairs, cpp.PAIR_PANELS)
+    o = cpp.linear_gemm(g, packs[-1].forward((wout,), backward), product_bias(bout), width)
+    source2, saves2 = _source(h, o.numel(), spec.out_dropout), _norm_saves(ln2_w, ln2_b)
+    # the next layer's products read h2 in bf16: a copy from the same pass (not for the [CLS] rows, which end
+    # the encoder)
+    h2b = _bf16_copy(o, out_dtype) if cls_index is None else None
+    h2, sum2, mean2, rstd2 = layer_norm_forward(o, h1, ln2_w, ln2_b, spec.out_eps, spec.out_dropout, source2,
+                                                False, out_dtype, saves2 == "sum", "cpp", h2b)
+    if h2b is not None:
+        h2._fastcls_bf16 = (h2._version, h2b)
+    return ((attn_source, source1, source2), (saves1, saves2), cu_q, saved_q, context, lse, h1, sum1, mean1, rstd1,
+            h1b, f, g if g_pairs is None else g_pairs, h2, sum2, mean2, rstd2)
+
+
+def _backward_in_one_call(ctx, grad_h2: torch.Tensor) -> tuple:
+    """The backward of _forward_in_one_call's layer in one C++ call (csrc/encoder_layer.h), for an fp32 gradient."""
+    (hb, lse, context, saved1, mean1, rstd1, h1b, f, g_pairs, saved2, mean2, rstd2, cu, _, _, rng, wq, bq, wk, bk, wv,
+     bv, wo, bo, wi, bi, wout, bout, ln1_w, ln1_b, ln2_w, ln2_b, qkv) = ctx.saved_tensors
+    spec, (saves1, saves2), packs = ctx.spec, ctx.saves, ctx.packs
+    saved = dict(hb=hb, qkv=qkv, context=context, h1b=h1b, f=f, g_pairs=g_pairs, lse=lse, saved1=saved1, mean1=mean1,
+                 rstd1=rstd1, saved2=saved2, mean2=mean2, rstd2=rstd2, cu=cu, saved1_is_output=saves1 == "output",
+                 saved2_is_output=saves2 == "output")
+    packed = [stack.backward(weights) for stack, weights in zip(packs, ((wq, wk, wv), (wo,), (wi,), (wout,)))]
+    probabilities = (spec.attn_dropout, spec.attn_out_dropout, spec.out_dropout)
+    dropouts = [(*MaskSource(rng, seed, offset).resolved(), keep_threshold(p), kept_scale(p))
+                for (seed, offset), p in zip(ctx.sources, probabilities)]
+    width, ffn = wq.shape[1], wi.shape[0]
+    grad_h, (qkv_grad, wo_grad, wi_grad, wout_grad), bias_grads, norm_grads = cpp.encoder_layer_backward(
+        grad_h2.contiguous(), saved, packed, bi, (ln1_w, ln1_b, ln2_w, ln2_b), spec.heads,
+        (width // spec.heads) ** -0.5, dropouts)
+    bq_grad, bk_grad, bv_grad, bo_grad, bi_grad, bout_grad = bias_grads.split([width, width, width, width, ffn, width])
+    # the weights' gradients in their dtypes, as weight_grads gives them
+    wq_grad, wk_grad, wv_grad, wo_grad, wi_grad, wout_grad = (
+        g if g.dtype == w.dtype else g.to(w.dtype)
+        for g, w in zip((*qkv_grad.split([width, width, width]), wo_grad, wi_grad, wout_grad),
+                        (wq, wk, wv, wo, wi, wout)))
+    return (grad_h, None, None, None, None, None, wq_grad, bq_grad, wk_grad, bk_grad, wv_grad, bv_grad, wo_grad,
+            bo_grad, wi_grad, bi_grad, wout_grad, bout_grad, *norm_grads.split(width))
+
+
 class _EncoderLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, cu, cls_index, max_len, spec, out_dtype, wq, bq, wk, bk, wv, bv, wo, bo, wi, bi, wout, bout,
                 ln1_w, ln1_b, ln2_w, ln2_b):
-        tokens, width = h.shape
-        head_dim = width // spec.heads
-        backward = any(ctx.needs_input_grad)
+        width = h.shape[1]
         # the first products' stacks: (q, k, v), or (q,) and (k, v) with cls_index; then the output and feed-forward
         stacks = ((wq, wk, wv),) if cls_index is None else ((wq,), (wk, wv))
         packs = [_packs_of(w) for w in (*stacks, (wo,), (wi,), (wout,))]
         hb = _bf16_of(h)
-        # the input gradient's packing where it is needed: for the first products, where h takes a gradient
-        if cls_index is None:
-            qkv = cpp.linear_gemm(hb, packs[0].forward((wq, wk, wv), ctx.needs_input_grad[0]),
-                                  product_bias(torch.cat([bq, bk, bv])), 3 * width)
-            q, k, v = qkv.view(tokens, 3, spec.heads, head_dim).unbind(1)
-            residual, cu_q, saved_q = h, cu, (qkv,)
-        else:  # the queries, and all that follows attention, of the [CLS] rows alone
-            kv = cpp.linear_gemm(hb, packs[1].forward((wk, wv), ctx.needs_input_grad[0]),
-                                 product_bias(torch.cat([bk, bv])), 2 * width)
-            k, v = kv.view(tokens, 2, spec.heads, head_dim).unbind(1)
-            residual, query_in = h.index_select(0, cls_index), hb.index_select(0, cls_index)
-            q = cpp.linear_gemm(query_in, packs[0].forward((wq,), ctx.needs_input_grad[0]), product_bias(bq), width)
-            q, cu_q, saved_q = q.view(-1, spec.heads, head_dim), torch.arange(len(cls_index) + 1), (query_in, q, kv)
-        rows = q.shape[0]
-        # each op draws its mask's counters in the separate ops' order and number: the same masks
-        attn_source = _source(h, spec.heads * rows * max_len, spec.attn_dropout)
-        context, lse = cpp.varlen_attention_forward(q, k, v, cu_q, cu, head_dim ** -0.5, *attn_source.resolved(),
-                                                    keep_threshold(spec.attn_dropout), kept_scale(spec.attn_dropout))
-        context = context.view(rows, width)
-        a = cpp.linear_gemm(context, packs[-3].forward((wo,), backward), product_bias(bo), width)
-        source1, saves1 = _source(h, a.numel(), spec.attn_out_dropout), _norm_saves(ln1_w, ln1_b)
-        h1b = _bf16_copy(a, out_dtype)
-        h1, sum1, mean1, rstd1 = layer_norm_forward(a, residual, ln1_w, ln1_b, spec.attn_eps, spec.attn_out_dropout,
-                                                    source1, False, out_dtype, saves1 == "sum", "cpp", h1b)
-        h1b = h1 if h1b is None else h1b
-        f = cpp.linear_gemm(h1b, packs[-2].forward((wi,), backward), None, wi.shape[0])
-        # wout's weight gradient reads g pair-packed: the GELU's pass writes that layout, saved in place of g
-        g_pairs = cpp.pairs_empty(*f.shape, cpp.PAIR_PANELS) if ctx.needs_input_grad[16] else None
-        g = cpp.bias_gelu_forward(f, product_bias(bi), g_pairs, cpp.PAIR_PANELS)
-        o = cpp.linear_gemm(g, packs[-1].forward((wout,), backward), product_bias(bout), width)
-        source2, saves2 = _source(h, o.numel(), spec.out_dropout), _norm_saves(ln2_w, ln2_b)
-        # the next layer's products read h2 in bf16: a copy from the same pass (not for the [CLS] rows, which end
-        # the encoder)
-        h2b = _bf16_copy(o, out_dtype) if cls_index is None else None
-        h2, sum2, mean2, rstd2 = layer_norm_forward(o, h1, ln2_w, ln2_b, spec.out_eps, spec.out_dropout, source2,
-                                                    False, out_dtype, saves2 == "sum", "cpp", h2b)
-        if h2b is not None:
-            h2._fastcls_bf16 = (h2._version, h2b)
-        sources = (attn_source, source1, source2)
+        params = (wq, bq, wk, bk, wv, bv, wo, bo, wi, bi, wout, bout, ln1_w, ln1_b, ln2_w, ln2_b)
+        one_call = (cpp.ENCODER_LAYER_BUILT and cls_index is None and all(ctx.needs_input_grad[6:])
+                    and ctx.needs_input_grad[0] and h.dtype == out_dtype == torch.float32
+                    and _one_dtype(bq, bk, bv, bo, bi, bout) and _one_dtype(ln1_w, ln1_b, ln2_w, ln2_b)
+                    and wq.shape[0] == wk.shape[0] == wv.shape[0] == width)
+        forward = _forward_in_one_call if one_call else _forward_by_ops
+        (sources, (saves1, saves2), cu_q, saved_q, context, lse, h1, sum1, mean1, rstd1, h1b, f, g_saved, h2, sum2,
+         mean2, rstd2) = forward(ctx, h, hb, cu, cls_index, max_len, spec, out_dtype, packs, params)
         rng = next((s.rng for s in sources if s.rng is not None), None)
         # the generator's state is saved like a tensor input, so a backward after its end_step fails loudly
         # rather than redrawing other masks
-        ctx.save_for_backward(hb, lse, context, h1 if saves1 == "output" else sum1, mean1, rstd1, h1b, f,
-                              g if g_pairs is None else g_pairs,
+        ctx.save_for_backward(hb, lse, context, h1 if saves1 == "output" else sum1, mean1, rstd1, h1b, f, g_saved,
                               h2 if saves2 == "output" else sum2, mean2, rstd2, cu, cu_q, cls_index, rng, wq, bq, wk,
                               bk, wv, bv, wo, bo, wi, bi, wout, bout, ln1_w, ln1_b, ln2_w, ln2_b, *saved_q)
         ctx.spec, ctx.saves, ctx.dtypes, ctx.packs = spec, (saves1, saves2), (h.dtype, h1.dtype), packs
         ctx.sources = tuple((s.seed, s.offset) for s in sources)
+        ctx.one_call = one_call
         return h2
 
     @staticmethod
     def backward(ctx, grad_h2):
+        if ctx.one_call and grad_h2.dtype == torch.float32:
+            return _backward_in_one_call(ctx, grad_h2)
         (hb, lse, context, saved1, mean1, rstd1, h1b, f, g_or_pairs, saved2, mean2, rstd2, cu, cu_q, cls_index, rng,
          wq, bq, wk, bk, wv, bv, wo, bo, wi, bi, wout, bout, ln1_w, ln1_b, ln2_w, ln2_b, *saved_q) = ctx.saved_tensors
         spec, (saves1, saves2), (h_dtype, h1_dtype), packs = ctx.spec, ctx.saves, ctx.dtypes, ctx.packs
@@ -179,7 +246,6 @@ class _EncoderLayer(torch.autograd.Function):
         needs = ctx.needs_input_grad[6:]
         tokens, width = hb.shape
         rows, head_dim = context.shape[0], width // spec.heads
-
         grad_o, grad_h1, ln2_gw, ln2_gb = layer_norm_backward(
             grad_h2.contiguous(), saved2, saves2 == "output", ln2_w, ln2_b, mean2, rstd2, None, spec.out_dropout,
             source2, False, torch.bfloat16, h1_dtype, "cpp")
@@ -231,6 +297,11 @@ class _EncoderLayer(torch.autograd.Function):
                  bo_grad, wi_grad, grad_bias_of(in_bias_sums, bi.dtype), wout_grad, bout_grad,
                  ln1_gw.to(ln1_w.dtype), ln1_gb.to(ln1_b.dtype), ln2_gw.to(ln2_w.dtype), ln2_gb.to(ln2_b.dtype))
         return grad_h, None, None, None, None, None, *(grad if need else None for grad, need in zip(grads, needs))
+
+
+def _one_dtype(*tensors: torch.Tensor) -> bool:
+    """Whether the tensors share one dtype, fp32 or bf16: what cpp.encoder_layer_backward takes of biases and norms."""
+    return tensors[0].dtype in (torch.float32, torch.bfloat16) and all(t.dtype == tensors[0].dtype for t in tensors)
 
 
 def _stack_grads(grad_y, x, weights, biases, needs):

@@ -233,24 +233,27 @@ void def_linear(py::module_& m) {
 // offset, threshold) each, their scales after the attention's scale (and the forward's epsilons).
 void def_encoder_layer(py::module_& m) {
   m.def("encoder_layer_backward_workspace", &fastcls::encoder_layer_backward_workspace, py::arg("tokens"),
-        py::arg("width"), py::arg("ffn"), py::arg("num_threads"),
+        py::arg("rows"), py::arg("width"), py::arg("ffn"), py::arg("cls_only"), py::arg("num_threads"),
         "Scratch bytes encoder_layer_backward needs (encoder_layer.h).");
   m.def("encoder_layer_forward_workspace", &fastcls::encoder_layer_forward_workspace, py::arg("tokens"),
-        py::arg("width"), py::arg("ffn"), "Scratch bytes encoder_layer_forward needs (encoder_layer.h).");
+        py::arg("rows"), py::arg("width"), py::arg("ffn"), py::arg("cls_only"),
+        "Scratch bytes encoder_layer_forward needs (encoder_layer.h).");
   m.def(
       "encoder_layer_forward",
       [](const std::vector<std::uintptr_t>& fields, const std::vector<uint64_t>& dropouts,
          const std::vector<float>& scalars, int num_threads) {
-        constexpr size_t kFields = 41;
+        constexpr size_t kFields = 45;
         if (fields.size() != kFields || dropouts.size() != 9 || scalars.size() != 6)
-          throw std::invalid_argument("encoder_layer_forward: 41 fields, 9 dropout words and 6 scalars");
+          throw std::invalid_argument("encoder_layer_forward: 45 fields, 9 dropout words and 6 scalars");
         size_t i = 0;
         const auto next = [&]() { return fields[i++]; };
         fastcls::EncoderLayerForward a{};
         a.tokens = int64_t(next()), a.width = int64_t(next()), a.ffn = int64_t(next()), a.rows = int64_t(next());
         a.heads = int64_t(next());
         a.h = as_ptr<const float>(next()), a.hb = as_ptr<const uint16_t>(next()), a.cu = as_ptr<const int64_t>(next());
-        a.qkv_packed = as_ptr<const uint16_t>(next()), a.attn_out_packed = as_ptr<const uint16_t>(next());
+        a.cls_index = as_ptr<const int64_t>(next());
+        a.qkv_packed = as_ptr<const uint16_t>(next()), a.kv_packed = as_ptr<const uint16_t>(next());
+        a.attn_out_packed = as_ptr<const uint16_t>(next());
         a.ffn_in_packed = as_ptr<const uint16_t>(next()), a.ffn_out_packed = as_ptr<const uint16_t>(next());
         a.query_bias = as_ptr<const void>(next()), a.key_bias = as_ptr<const void>(next());
         a.value_bias = as_ptr<const void>(next()), a.attn_out_bias = as_ptr<const void>(next());
@@ -258,7 +261,8 @@ void def_encoder_layer(py::module_& m) {
         a.ln1_weight = as_ptr<const void>(next()), a.ln1_bias = as_ptr<const void>(next());
         a.ln2_weight = as_ptr<const void>(next()), a.ln2_bias = as_ptr<const void>(next());
         a.bias_dtype = int(next()), a.norm_dtype = int(next());
-        a.qkv = as_ptr<uint16_t>(next()), a.context = as_ptr<uint16_t>(next()), a.f = as_ptr<uint16_t>(next());
+        a.qkv = as_ptr<uint16_t>(next()), a.q = as_ptr<uint16_t>(next()), a.query_in = as_ptr<uint16_t>(next());
+        a.context = as_ptr<uint16_t>(next()), a.f = as_ptr<uint16_t>(next());
         a.g_pairs = as_ptr<uint16_t>(next()), a.h1b = as_ptr<uint16_t>(next()), a.h2b = as_ptr<uint16_t>(next());
         a.lse = as_ptr<float>(next()), a.h1 = as_ptr<float>(next()), a.sum1 = as_ptr<float>(next());
         a.mean1 = as_ptr<float>(next()), a.rstd1 = as_ptr<float>(next()), a.h2 = as_ptr<float>(next());
@@ -278,23 +282,26 @@ void def_encoder_layer(py::module_& m) {
       "encoder_layer_backward",
       [](const std::vector<std::uintptr_t>& fields, const std::vector<uint64_t>& dropouts,
          const std::vector<float>& scales, int num_threads) {
-        constexpr size_t kFields = 42;
+        constexpr size_t kFields = 46;
         if (fields.size() != kFields || dropouts.size() != 9 || scales.size() != 4)
-          throw std::invalid_argument("encoder_layer_backward: 42 fields, 9 dropout words and 4 scales");
+          throw std::invalid_argument("encoder_layer_backward: 46 fields, 9 dropout words and 4 scales");
         size_t i = 0;
         const auto next = [&]() { return fields[i++]; };
         fastcls::EncoderLayerBackward a{};
         a.tokens = int64_t(next()), a.width = int64_t(next()), a.ffn = int64_t(next()), a.rows = int64_t(next());
         a.heads = int64_t(next());
         a.hb = as_ptr<const uint16_t>(next()), a.qkv = as_ptr<const uint16_t>(next());
+        a.q = as_ptr<const uint16_t>(next()), a.query_in = as_ptr<const uint16_t>(next());
         a.context = as_ptr<const uint16_t>(next()), a.h1b = as_ptr<const uint16_t>(next());
         a.f = as_ptr<const uint16_t>(next()), a.g_pairs = as_ptr<const uint16_t>(next());
         a.lse = as_ptr<const float>(next()), a.saved1 = as_ptr<const float>(next());
         a.mean1 = as_ptr<const float>(next()), a.rstd1 = as_ptr<const float>(next());
         a.saved2 = as_ptr<const float>(next()), a.mean2 = as_ptr<const float>(next());
         a.rstd2 = as_ptr<const float>(next()), a.cu = as_ptr<const int64_t>(next());
+        a.cls_index = as_ptr<const int64_t>(next());
         a.saved1_is_output = next() != 0, a.saved2_is_output = next() != 0;
-        a.qkv_packed = as_ptr<const uint16_t>(next()), a.attn_out_packed = as_ptr<const uint16_t>(next());
+        a.qkv_packed = as_ptr<const uint16_t>(next()), a.kv_packed = as_ptr<const uint16_t>(next());
+        a.attn_out_packed = as_ptr<const uint16_t>(next());
         a.ffn_in_packed = as_ptr<const uint16_t>(next()), a.ffn_out_packed = as_ptr<const uint16_t>(next());
         a.ffn_in_bias = as_ptr<const void>(next()), a.ln1_weight = as_ptr<const void>(next());
         a.ln1_bias = as_ptr<const void>(next()), a.ln2_weight = as_ptr<const void>(next());

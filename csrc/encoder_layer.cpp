@@ -52,32 +52,51 @@ struct Scratch {
   // fp32: the GELU's bias (rounded to bf16 as the product's bias is), the LayerNorms' parameters, and the
   // biases' and LayerNorms' gradients (bias_grads' order, then norm_grads') before their rounding
   float *ffn_in_bias, *norms, *sums;
+  // with cls_index: the [CLS] rows' residual gradient, q's, k's and v's gradients (grad_qkv holds k's and v's side
+  // by side, grad_qkv_pairs their row pairs), q's row pairs, the queries' input pair-packed, the keys' and values'
+  // product's bf16 input gradient, and a query a row
+  float* grad_residual;
+  uint16_t *grad_q, *grad_k, *grad_v, *grad_q_pairs, *query_packed, *grad_h_bf16;
+  int64_t* cu_q;
 };
 
-Scratch carve(Carver& carver, int64_t tokens, int64_t d, int64_t ffn, int num_threads) {
-  const int64_t rows2 = 2 * pair_rows(tokens);
-  Scratch s;
-  s.grad_h1 = carver.take<float>(tokens * d);
+// Q: the query tokens (T, or the rows with cls_index)
+Scratch carve(Carver& carver, int64_t tokens, int64_t Q, int64_t d, int64_t ffn, int64_t rows, bool cls_only,
+              int num_threads) {
+  const int64_t rows2 = 2 * pair_rows(Q);
+  Scratch s{};
+  s.grad_h1 = carver.take<float>(Q * d);
   s.partials = carver.take<float>(2 * int64_t(num_threads) * d);
   s.ffn_in_bias = carver.take<float>(ffn);
   s.norms = carver.take<float>(4 * d);
   s.sums = carver.take<float>(small_count(d, ffn));
+  if (cls_only) s.grad_residual = carver.take<float>(Q * d);
   // the feed-forward block's, then (over them) the attention block's: LN1's backward starts the second phase
   const int64_t phase = carver.mark();
-  s.grad_o = carver.take<uint16_t>(tokens * d);
+  s.grad_o = carver.take<uint16_t>(Q * d);
   s.grad_o_pairs = carver.take<uint16_t>(rows2 * d);
-  s.grad_g = carver.take<uint16_t>(tokens * ffn);
-  s.grad_f = carver.take<uint16_t>(tokens * ffn);
+  s.grad_g = carver.take<uint16_t>(Q * ffn);
+  s.grad_f = carver.take<uint16_t>(Q * ffn);
   s.grad_f_pairs = carver.take<uint16_t>(rows2 * ffn);
   s.h1b_packed = carver.take<uint16_t>(rows2 * panel_columns(d));
   carver.rewind(phase);
-  s.grad_a = carver.take<uint16_t>(tokens * d);
+  const int64_t token_rows2 = 2 * pair_rows(tokens);
+  s.grad_a = carver.take<uint16_t>(Q * d);
   s.grad_a_pairs = carver.take<uint16_t>(rows2 * d);
   s.context_packed = carver.take<uint16_t>(rows2 * panel_columns(d));
-  s.grad_context = carver.take<uint16_t>(tokens * d);
+  s.grad_context = carver.take<uint16_t>(Q * d);
   s.grad_qkv = carver.take<uint16_t>(tokens * 3 * d);
-  s.grad_qkv_pairs = carver.take<uint16_t>(rows2 * 3 * d);
-  s.hb_packed = carver.take<uint16_t>(rows2 * panel_columns(d));
+  s.grad_qkv_pairs = carver.take<uint16_t>(token_rows2 * 3 * d);
+  s.hb_packed = carver.take<uint16_t>(token_rows2 * panel_columns(d));
+  if (cls_only) {
+    s.grad_q = carver.take<uint16_t>(Q * d);
+    s.grad_k = carver.take<uint16_t>(tokens * d);
+    s.grad_v = carver.take<uint16_t>(tokens * d);
+    s.grad_q_pairs = carver.take<uint16_t>(rows2 * d);
+    s.query_packed = carver.take<uint16_t>(rows2 * panel_columns(d));
+    s.grad_h_bf16 = carver.take<uint16_t>(tokens * d);
+    s.cu_q = carver.take<int64_t>(rows + 1);
+  }
   return s;
 }
 
@@ -159,32 +178,49 @@ void layer_norm_grads(const float* grad_out, const float* saved, bool saved_is_o
 struct ForwardScratch {
   uint16_t *a, *g, *o;
   float *biases, *norms;  // fp32: the biases rounded to bf16 (q, k, v, attention output, feed-forward), the norms
+  float* residual;        // with cls_index: the [CLS] rows of h
+  int64_t* cu_q;          // with cls_index: 0, 1, ..., rows (a query a row)
 };
 
-ForwardScratch carve_forward(Carver& carver, int64_t tokens, int64_t d, int64_t ffn) {
+// Q: the query tokens (T, or the rows with cls_index)
+ForwardScratch carve_forward(Carver& carver, int64_t Q, int64_t d, int64_t ffn, int64_t rows, bool cls_only) {
   ForwardScratch s;
-  s.a = carver.take<uint16_t>(tokens * d);
-  s.g = carver.take<uint16_t>(tokens * ffn);
-  s.o = carver.take<uint16_t>(tokens * d);
+  s.a = carver.take<uint16_t>(Q * d);
+  s.g = carver.take<uint16_t>(Q * ffn);
+  s.o = carver.take<uint16_t>(Q * d);
   s.biases = carver.take<float>(6 * d + ffn);
   s.norms = carver.take<float>(4 * d);
+  s.residual = cls_only ? carver.take<float>(rows * d) : nullptr;
+  s.cu_q = cls_only ? carver.take<int64_t>(rows + 1) : nullptr;
   return s;
+}
+
+void queries_per_row(int64_t* cu_q, int64_t rows) {
+  for (int64_t r = 0; r <= rows; ++r) cu_q[r] = r;
+}
+
+// rows[r] = table[index[r]], rows of width d
+template <typename T>
+void gather_rows(const T* table, const int64_t* index, int64_t rows, int64_t d, T* out) {
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(out + r * d, table + index[r] * d, d * sizeof(T));
 }
 
 }  // namespace
 
-int64_t encoder_layer_forward_workspace(int64_t tokens, int64_t width, int64_t ffn) {
+int64_t encoder_layer_forward_workspace(int64_t tokens, int64_t rows, int64_t width, int64_t ffn, bool cls_only) {
   Carver carver(nullptr);
-  carve_forward(carver, tokens, width, ffn);
+  carve_forward(carver, cls_only ? rows : tokens, width, ffn, rows, cls_only);
   return carver.used();
 }
 
 void encoder_layer_forward(const EncoderLayerForward& a, int num_threads) {
   const int64_t T = a.tokens, d = a.width, F = a.ffn, head_dim = a.width / a.heads;
-  if (a.workspace_bytes < encoder_layer_forward_workspace(T, d, F))
+  const bool cls_only = a.cls_index != nullptr;
+  const int64_t Q = cls_only ? a.rows : T;
+  if (a.workspace_bytes < encoder_layer_forward_workspace(T, a.rows, d, F, cls_only))
     throw std::invalid_argument("encoder_layer_forward: workspace too small");
   Carver carver(static_cast<char*>(a.workspace));
-  const ForwardScratch s = carve_forward(carver, T, d, F);
+  const ForwardScratch s = carve_forward(carver, Q, d, F, a.rows, cls_only);
   // the products' biases as fastcls.ops.linear.product_bias gives them: rounded to bf16, in fp32
   const void* biases[6] = {a.query_bias, a.key_bias, a.value_bias, a.attn_out_bias, a.ffn_in_bias, a.ffn_out_bias};
   const int64_t sizes[6] = {d, d, d, d, F, d};
@@ -198,42 +234,60 @@ void encoder_layer_forward(const EncoderLayerForward& a, int num_threads) {
   const void* norms[4] = {a.ln1_weight, a.ln1_bias, a.ln2_weight, a.ln2_bias};
   for (int i = 0; i < 4; ++i) widen(norms[i], a.norm_dtype, false, s.norms + i * d, d);
 
-  // the stacked query/key/value product (its biases side by side), attention over its strided q, k and v
-  const int64_t stride = 3 * d;
-  product(a.hb, a.qkv_packed, a.qkv, nullptr, T, stride, d, num_threads, bias32[0]);
-  const VarlenAttentionShape shape{a.cu, a.cu, a.rows, a.heads, head_dim, stride, head_dim, stride, head_dim, stride,
-                                   head_dim};
   const VarlenAttentionDropout dropout{a.attn_dropout.seed, a.attn_dropout.counter_offset, a.attn_dropout.threshold,
                                        a.attn_dropout.scale};
-  varlen_attention_forward(a.qkv, a.qkv + d, a.qkv + 2 * d, kBf16, shape, a.attn_scale, dropout, a.context, a.lse,
-                           num_threads);
+  const float* residual = a.h;
+  if (!cls_only) {
+    // the stacked query/key/value product (its biases side by side), attention over its strided q, k and v
+    const int64_t stride = 3 * d;
+    product(a.hb, a.qkv_packed, a.qkv, nullptr, T, stride, d, num_threads, bias32[0]);
+    const VarlenAttentionShape shape{a.cu, a.cu, a.rows, a.heads, head_dim, stride, head_dim, stride, head_dim,
+                                     stride, head_dim};
+    varlen_attention_forward(a.qkv, a.qkv + d, a.qkv + 2 * d, kBf16, shape, a.attn_scale, dropout, a.context, a.lse,
+                             num_threads);
+  } else {
+    // every token's keys and values (a.qkv holds them, [T, 2d]); the [CLS] rows' queries, one a row
+    product(a.hb, a.kv_packed, a.qkv, nullptr, T, 2 * d, d, num_threads, bias32[1]);
+    gather_rows(a.hb, a.cls_index, Q, d, a.query_in);
+    gather_rows(a.h, a.cls_index, Q, d, s.residual);
+    product(a.query_in, a.qkv_packed, a.q, nullptr, Q, d, d, num_threads, bias32[0]);
+    queries_per_row(s.cu_q, a.rows);
+    const VarlenAttentionShape shape{s.cu_q, a.cu, a.rows, a.heads, head_dim, d, head_dim, 2 * d, head_dim, 2 * d,
+                                     head_dim};
+    varlen_attention_forward(a.q, a.qkv, a.qkv + d, kBf16, shape, a.attn_scale, dropout, a.context, a.lse,
+                             num_threads);
+    residual = s.residual;
+  }
   // the output product, then dropout + residual + LN1, which writes the bf16 copy the next product reads
-  product(a.context, a.attn_out_packed, s.a, nullptr, T, d, d, num_threads, bias32[3]);
-  layer_norm_forward(s.a, kBf16, a.h, kF32, s.norms, s.norms + d, a.h1, a.sum1, kF32, a.h1b, a.mean1, a.rstd1, T, d,
-                     a.ln1_eps, a.ln1_dropout.seed, a.ln1_dropout.counter_offset, a.ln1_dropout.threshold,
+  product(a.context, a.attn_out_packed, s.a, nullptr, Q, d, d, num_threads, bias32[3]);
+  layer_norm_forward(s.a, kBf16, residual, kF32, s.norms, s.norms + d, a.h1, a.sum1, kF32, a.h1b, a.mean1, a.rstd1, Q,
+                     d, a.ln1_eps, a.ln1_dropout.seed, a.ln1_dropout.counter_offset, a.ln1_dropout.threshold,
                      a.ln1_dropout.scale, false, num_threads);
   // the feed-forward block: GELU writing its output pair-packed too (the second product's weight gradient reads it)
-  product(a.h1b, a.ffn_in_packed, a.f, nullptr, T, F, d, num_threads);
-  zero_panel_tail(a.g_pairs, T, F);
-  bias_gelu_forward_bf16(a.f, bias32[4], s.g, a.g_pairs, kPairPanels, T, F, num_threads);
-  product(s.g, a.ffn_out_packed, s.o, nullptr, T, d, F, num_threads, bias32[5]);
+  product(a.h1b, a.ffn_in_packed, a.f, nullptr, Q, F, d, num_threads);
+  zero_panel_tail(a.g_pairs, Q, F);
+  bias_gelu_forward_bf16(a.f, bias32[4], s.g, a.g_pairs, kPairPanels, Q, F, num_threads);
+  product(s.g, a.ffn_out_packed, s.o, nullptr, Q, d, F, num_threads, bias32[5]);
   layer_norm_forward(s.o, kBf16, a.h1, kF32, s.norms + 2 * d, s.norms + 3 * d, a.h2, a.sum2, kF32, a.h2b, a.mean2,
-                     a.rstd2, T, d, a.ln2_eps, a.ln2_dropout.seed, a.ln2_dropout.counter_offset,
+                     a.rstd2, Q, d, a.ln2_eps, a.ln2_dropout.seed, a.ln2_dropout.counter_offset,
                      a.ln2_dropout.threshold, a.ln2_dropout.scale, false, num_threads);
 }
 
-int64_t encoder_layer_backward_workspace(int64_t tokens, int64_t width, int64_t ffn, int num_threads) {
+int64_t encoder_layer_backward_workspace(int64_t tokens, int64_t rows, int64_t width, int64_t ffn, bool cls_only,
+                                         int num_threads) {
   Carver carver(nullptr);
-  carve(carver, tokens, width, ffn, num_threads);
+  carve(carver, tokens, cls_only ? rows : tokens, width, ffn, rows, cls_only, num_threads);
   return carver.used();
 }
 
 void encoder_layer_backward(const EncoderLayerBackward& a, int num_threads) {
   const int64_t T = a.tokens, d = a.width, F = a.ffn, head_dim = a.width / a.heads;
-  if (a.workspace_bytes < encoder_layer_backward_workspace(T, d, F, num_threads))
+  const bool cls_only = a.cls_index != nullptr;
+  const int64_t Q = cls_only ? a.rows : T;
+  if (a.workspace_bytes < encoder_layer_backward_workspace(T, a.rows, d, F, cls_only, num_threads))
     throw std::invalid_argument("encoder_layer_backward: workspace too small");
   Carver carver(static_cast<char*>(a.workspace));
-  const Scratch s = carve(carver, T, d, F, num_threads);
+  const Scratch s = carve(carver, T, Q, d, F, a.rows, cls_only, num_threads);
 
   widen(a.ffn_in_bias, a.bias_dtype, true, s.ffn_in_bias, F);
   const void* norms[4] = {a.ln1_weight, a.ln1_bias, a.ln2_weight, a.ln2_bias};
@@ -245,35 +299,63 @@ void encoder_layer_backward(const EncoderLayerBackward& a, int num_threads) {
 
   // LN2, then the second feed-forward product: its input gradient and its weight's (g pair-packed, saved so)
   layer_norm_grads(a.grad_h2, a.saved2, a.saved2_is_output, ln2_weight, ln2_bias, a.mean2, a.rstd2, s.grad_o,
-                   s.grad_h1, s.partials, norm_grads + 2 * d, norm_grads + 3 * d, T, d, a.ln2_dropout, num_threads);
-  product(s.grad_o, a.ffn_out_packed, s.grad_g, nullptr, T, F, d, num_threads);
-  weight_and_bias_grad(s.grad_o, s.grad_o_pairs, a.g_pairs, a.ffn_out_grad, ffn_out_bias_sums, T, d, F, num_threads);
+                   s.grad_h1, s.partials, norm_grads + 2 * d, norm_grads + 3 * d, Q, d, a.ln2_dropout, num_threads);
+  product(s.grad_o, a.ffn_out_packed, s.grad_g, nullptr, Q, F, d, num_threads);
+  weight_and_bias_grad(s.grad_o, s.grad_o_pairs, a.g_pairs, a.ffn_out_grad, ffn_out_bias_sums, Q, d, F, num_threads);
   // the GELU (its output's row pairs for the first product's weight gradient), then that product
-  bias_gelu_backward_bf16(s.grad_g, a.f, s.ffn_in_bias, s.grad_f, ffn_in_bias_sums, s.grad_f_pairs, kRowPairs, T, F,
+  bias_gelu_backward_bf16(s.grad_g, a.f, s.ffn_in_bias, s.grad_f, ffn_in_bias_sums, s.grad_f_pairs, kRowPairs, Q, F,
                           num_threads);
-  product(s.grad_f, a.ffn_in_packed, nullptr, s.grad_h1, T, d, F, num_threads);
-  pack_pairs(a.h1b, T, d, s.h1b_packed, num_threads);
-  weight_grad(s.grad_f_pairs, s.h1b_packed, a.ffn_in_grad, T, F, d, num_threads);
-  // LN1 (its residual's gradient is the input's), then the attention's output product
+  product(s.grad_f, a.ffn_in_packed, nullptr, s.grad_h1, Q, d, F, num_threads);
+  pack_pairs(a.h1b, Q, d, s.h1b_packed, num_threads);
+  weight_grad(s.grad_f_pairs, s.h1b_packed, a.ffn_in_grad, Q, F, d, num_threads);
+  // LN1 (its residual's gradient is the input's, or the [CLS] rows'), then the attention's output product
+  float* grad_residual = cls_only ? s.grad_residual : a.grad_h;
   layer_norm_grads(s.grad_h1, a.saved1, a.saved1_is_output, ln1_weight, ln1_bias, a.mean1, a.rstd1, s.grad_a,
-                   a.grad_h, s.partials, norm_grads, norm_grads + d, T, d, a.ln1_dropout, num_threads);
-  product(s.grad_a, a.attn_out_packed, s.grad_context, nullptr, T, d, d, num_threads);
-  pack_pairs(a.context, T, d, s.context_packed, num_threads);
-  weight_and_bias_grad(s.grad_a, s.grad_a_pairs, s.context_packed, a.attn_out_grad, attn_out_bias_sums, T, d, d,
+                   grad_residual, s.partials, norm_grads, norm_grads + d, Q, d, a.ln1_dropout, num_threads);
+  product(s.grad_a, a.attn_out_packed, s.grad_context, nullptr, Q, d, d, num_threads);
+  pack_pairs(a.context, Q, d, s.context_packed, num_threads);
+  weight_and_bias_grad(s.grad_a, s.grad_a_pairs, s.context_packed, a.attn_out_grad, attn_out_bias_sums, Q, d, d,
                        num_threads);
-  // attention, into q's, k's and v's gradients stacked per token as the stacked product's output is
-  const int64_t stride = 3 * d;
-  const VarlenAttentionShape shape{a.cu, a.cu, a.rows, a.heads, head_dim, stride, head_dim, stride, head_dim, stride,
-                                   head_dim};
   const VarlenAttentionDropout dropout{a.attn_dropout.seed, a.attn_dropout.counter_offset, a.attn_dropout.threshold,
                                        a.attn_dropout.scale};
-  varlen_attention_backward(a.qkv, a.qkv + d, a.qkv + 2 * d, kBf16, shape, a.attn_scale, dropout, s.grad_context,
-                            a.lse, s.grad_qkv, s.grad_qkv + d, s.grad_qkv + 2 * d, stride, num_threads);
-  // the stacked product's weight gradient, then its input gradient added to the residual's
-  pack_pairs(a.hb, T, d, s.hb_packed, num_threads);
-  weight_and_bias_grad(s.grad_qkv, s.grad_qkv_pairs, s.hb_packed, a.qkv_grad, qkv_bias_sums, T, stride, d,
-                       num_threads);
-  product(s.grad_qkv, a.qkv_packed, nullptr, a.grad_h, T, d, stride, num_threads);
+  if (!cls_only) {
+    // attention, into q's, k's and v's gradients stacked per token as the stacked product's output is
+    const int64_t stride = 3 * d;
+    const VarlenAttentionShape shape{a.cu, a.cu, a.rows, a.heads, head_dim, stride, head_dim, stride, head_dim,
+                                     stride, head_dim};
+    varlen_attention_backward(a.qkv, a.qkv + d, a.qkv + 2 * d, kBf16, shape, a.attn_scale, dropout, s.grad_context,
+                              a.lse, s.grad_qkv, s.grad_qkv + d, s.grad_qkv + 2 * d, stride, num_threads);
+    // the stacked product's weight gradient, then its input gradient added to the residual's
+    pack_pairs(a.hb, T, d, s.hb_packed, num_threads);
+    weight_and_bias_grad(s.grad_qkv, s.grad_qkv_pairs, s.hb_packed, a.qkv_grad, qkv_bias_sums, T, stride, d,
+                         num_threads);
+    product(s.grad_qkv, a.qkv_packed, nullptr, a.grad_h, T, d, stride, num_threads);
+  } else {
+    // attention from the [CLS] rows' queries (a.q) to every token's keys and values (a.qkv: [T, 2d])
+    queries_per_row(s.cu_q, a.rows);
+    const VarlenAttentionShape shape{s.cu_q, a.cu, a.rows, a.heads, head_dim, d, head_dim, 2 * d, head_dim, 2 * d,
+                                     head_dim};
+    varlen_attention_backward(a.q, a.qkv, a.qkv + d, kBf16, shape, a.attn_scale, dropout, s.grad_context, a.lse,
+                              s.grad_q, s.grad_k, s.grad_v, 0, num_threads);
+    uint16_t* grad_kv = s.grad_qkv;  // k's and v's gradients side by side, as the keys' and values' product's
+    for (int64_t t = 0; t < T; ++t) {
+      std::memcpy(grad_kv + t * 2 * d, s.grad_k + t * d, d * sizeof(uint16_t));
+      std::memcpy(grad_kv + t * 2 * d + d, s.grad_v + t * d, d * sizeof(uint16_t));
+    }
+    // the query's weight gradient (the first d rows of qkv_grad), then the keys' and values'
+    pack_pairs(a.query_in, Q, d, s.query_packed, num_threads);
+    weight_and_bias_grad(s.grad_q, s.grad_q_pairs, s.query_packed, a.qkv_grad, qkv_bias_sums, Q, d, d, num_threads);
+    pack_pairs(a.hb, T, d, s.hb_packed, num_threads);
+    weight_and_bias_grad(grad_kv, s.grad_qkv_pairs, s.hb_packed, a.qkv_grad + d * d, qkv_bias_sums + d, T, 2 * d, d,
+                         num_threads);
+    // the input's gradient: every token's through the keys and values (rounded to bf16 as that product's output
+    // is), the [CLS] rows' through their queries and residual added (torch's index_add_)
+    product(s.grad_q, a.qkv_packed, nullptr, s.grad_residual, Q, d, d, num_threads);
+    product(grad_kv, a.kv_packed, s.grad_h_bf16, nullptr, T, d, 2 * d, num_threads);
+    for (int64_t i = 0; i < T * d; ++i) a.grad_h[i] = bf16_to_f32(s.grad_h_bf16[i]);
+    for (int64_t r = 0; r < Q; ++r)
+      for (int64_t c = 0; c < d; ++c) a.grad_h[a.cls_index[r] * d + c] += s.grad_residual[r * d + c];
+  }
 
   // the biases' gradients rounded to bf16 first (fastcls.ops.linear.grad_bias_of), then the LayerNorms'
   const int64_t biases = 5 * d + F;

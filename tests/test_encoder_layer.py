@@ -110,10 +110,10 @@ def test_one_call_equals_the_kernels_called_one_by_one(variant, monkeypatch):
         monkeypatch.setattr(cpp, f"encoder_layer_{name}",
                             lambda *args, name=name, real=real: calls.__setitem__(name, calls[name] + 1) or real(*args))
     one_call = step(model, True)  # 63 tokens: an odd count, thread shares uneven
-    assert calls == {"forward": 2, "backward": 2}  # every layer but the [CLS]-only last one
+    assert calls == {"forward": 3, "backward": 3}  # every layer, the [CLS]-only last one included
     monkeypatch.setattr(cpp, "ENCODER_LAYER_BUILT", False)
     assert_same_step(one_call, step(model, True))
-    assert calls == {"forward": 2, "backward": 2}
+    assert calls == {"forward": 3, "backward": 3}
 
 
 def test_layer_norm_saving_its_sum():
@@ -211,11 +211,14 @@ def test_one_call_checks_what_it_is_handed():
     norms = [torch.randn(width) for _ in range(4)]
     cu = torch.tensor([0, 2, 5])
     rest = (4, 0.35, (1e-12, 1e-12), [(0, 0, 0, 1.0)] * 3, (False, True))
-    outputs = cpp.encoder_layer_forward(h, h.bfloat16(), cu, packed, biases, norms, *rest)
-    assert outputs[4] is None and outputs[11] is not None and torch.isfinite(outputs[10]).all()
+    outputs = cpp.encoder_layer_forward(h, h.bfloat16(), cu, None, packed, biases, norms, *rest)
+    assert outputs[6] is None and outputs[13] is not None and torch.isfinite(outputs[12]).all()
     with pytest.raises(ValueError, match="bf16"):
-        cpp.encoder_layer_forward(h, h, cu, packed, biases, norms, *rest)
+        cpp.encoder_layer_forward(h, h, cu, None, packed, biases, norms, *rest)
     with pytest.raises(ValueError, match="elements"):
-        cpp.encoder_layer_forward(h, h.bfloat16(), cu, [packed[1], *packed[1:]], biases, norms, *rest)
+        cpp.encoder_layer_forward(h, h.bfloat16(), cu, None, [packed[1], *packed[1:]], biases, norms, *rest)
     with pytest.raises(ValueError, match="bf16"):
-        cpp.encoder_layer_forward(h, h.bfloat16(), cu, packed, [*biases[:5], biases[5].float()], norms, *rest)
+        cpp.encoder_layer_forward(h, h.bfloat16(), cu, None, packed, [*biases[:5], biases[5].float()], norms, *rest)
+    with pytest.raises(ValueError, match="cls_index"):  # a row index past the tokens: never read
+        kv_packs = [packed[1], cpp.linear_pack_wt([torch.randn(2 * width, width).bfloat16()])[0], *packed[1:]]
+        cpp.encoder_layer_forward(h, h.bfloat16(), cu, torch.tensor([0, 5]), kv_packs, biases, norms, *rest)

@@ -507,40 +507,80 @@ def _encoder_layer_scratch(nbytes: int) -> torch.Tensor:
 _SMALL_DTYPES = (torch.float32, torch.bfloat16)  # csrc/encoder_layer.h's bias_dtype and norm_dtype codes
 
 
+def _checked(call: str, expected) -> None:
+    """Each (tensor, dtype, numel) a CPU tensor of that dtype and element count, contiguous."""
+    for tensor, dtype, numel in expected:
+        if not (tensor.dtype == dtype and tensor.is_cpu and tensor.numel() == numel and tensor.is_contiguous()):
+            raise ValueError(f"{call}: a contiguous {dispatch.dtype_name(dtype)} CPU tensor of {numel} elements "
+                             f"expected, got {tensor.dtype} of {tensor.numel()} on {tensor.device}")
+
+
+def _checked_cls_index(call: str, cls_index: torch.Tensor | None, rows: int, tokens: int) -> None:
+    """cls_index (or None): int64 [rows] within the tokens, since the kernel reads rows at these indices."""
+    if cls_index is None:
+        return
+    _checked(call, ((cls_index, torch.int64, rows),))
+    low, high = cls_index.aminmax() if rows else (0, 0)
+    if rows and (int(low) < 0 or int(high) >= tokens):
+        raise ValueError(f"{call}: cls_index must lie in [0, {tokens}), got [{int(low)}, {int(high)}]")
+
+
+def _packs_expected(packed: tuple, width: int, ffn: int, cls_only: bool, forward: bool) -> list:
+    """(pack, dtype, numel) of the layer's packed weights: the forward's (linear_pack_wt) or the input gradients'
+    (linear_pack_pairs) of the stacked product (with cls_only: the query's, then the keys' and values'), the
+    attention output's and the feed-forward products' ([N, K] weights)."""
+    shapes = [(width, width), (2 * width, width)] if cls_only else [(3 * width, width)]
+    shapes += [(width, width), (ffn, width), (width, ffn)]
+    if len(packed) != len(shapes):
+        raise ValueError(f"{len(shapes)} packed weights expected, got {len(packed)}")
+    return [(p, torch.bfloat16, (_panels(n) * LINEAR_PANEL * k if forward else _panels(k) * LINEAR_PANEL * n))
+            for p, (n, k) in zip(packed, shapes)]
+
+
+def _pack_fields(packed: tuple, cls_only: bool) -> list[int]:
+    """The packs' addresses as the calls take them: the stacked product's (the query's), the keys' and values' (0
+    without cls_index), then the rest."""
+    return [packed[0].data_ptr(), packed[1].data_ptr() if cls_only else 0,
+            *(p.data_ptr() for p in packed[2 if cls_only else 1:])]
+
+
 def encoder_layer_backward(grad_h2: torch.Tensor, saved: dict, packed: tuple, ffn_in_bias: torch.Tensor,
                            norms: tuple, heads: int, attn_scale: float,
                            dropouts: tuple) -> tuple[torch.Tensor, list, torch.Tensor, torch.Tensor]:
     """The encoder layer's backward in one call (csrc/encoder_layer.h) for an fp32 residual stream: (grad_h fp32
-    [T, d]; the bf16 weight gradients of the stacked product [3d, d], the attention output [d, d] and the
-    feed-forward products [F, d] and [d, F]; the biases' gradients in ffn_in_bias's dtype, one after the other: the
-    stacked bias's [3d], the attention output's and the feed-forward biases' [d], [F], [d]; the LayerNorms' in
-    theirs: LN1's weight and bias, LN2's, [d] each).
+    [T, d]; the bf16 weight gradients of the query, key and value products [3d, d], the attention output [d, d] and
+    the feed-forward products [F, d] and [d, F]; the biases' gradients in ffn_in_bias's dtype, one after the other:
+    the query's, key's and value's [3d], the attention output's and the feed-forward biases' [d], [F], [d]; the
+    LayerNorms' in theirs: LN1's weight and bias, LN2's, [d] each).
 
-    saved: the forward's bf16 hb, qkv, context, h1b ([T, d], or [T, 3d]), f [T, F] and g_pairs (PAIR_PANELS), fp32
-    lse [T, heads], saved1, saved2 [T, d] and mean1, rstd1, mean2, rstd2 [T], int64 cu [rows + 1], and the booleans
-    saved1_is_output, saved2_is_output. packed: the input gradients' packed weights (linear_pack_pairs) of the
-    stacked, attention output and feed-forward products. ffn_in_bias: the GELU's bias [F]; norms: the LayerNorms'
+    saved: the forward's bf16 hb [T, d] and qkv [T, 3d], or with cls_index (int64 [rows], or None) kv [T, 2d] and q
+    and query_in [Q, d]; bf16 context, h1b [Q, d], f [Q, F] and g_pairs (PAIR_PANELS); fp32 lse [Q, heads], saved1,
+    saved2 [Q, d] and mean1, rstd1, mean2, rstd2 [Q]; int64 cu [rows + 1]; the booleans saved1_is_output and
+    saved2_is_output (Q: T, or the rows with cls_index). packed: the input gradients' packed weights
+    (linear_pack_pairs) of the stacked product (with cls_index: the query's, then the keys' and values'), the
+    attention output's and the feed-forward products'. ffn_in_bias: the GELU's bias [F]; norms: the LayerNorms'
     weights and biases [d] (LN1's, then LN2's) of one dtype; fp32 or bf16 each. dropouts: (seed, counter_offset,
     threshold, scale) of the attention's, LN1's and LN2's dropouts."""
-    hb, f = saved["hb"], saved["f"]
+    hb, f, cls_index = saved["hb"], saved["f"], saved["cls_index"]
     tokens, width = hb.shape
     ffn = f.shape[1]
     rows = saved["cu"].numel() - 1
-    pair_rows = -(-tokens // 2)
+    cls_only = cls_index is not None
+    queries = rows if cls_only else tokens
+    pair_rows = -(-queries // 2)
     bf16, fp32, bias_dtype, norm_dtype = torch.bfloat16, torch.float32, ffn_in_bias.dtype, norms[0].dtype
-    expected = ((grad_h2, fp32, tokens * width), (hb, bf16, tokens * width), (saved["qkv"], bf16, tokens * 3 * width),
-                (saved["context"], bf16, tokens * width), (saved["h1b"], bf16, tokens * width),
-                (f, bf16, tokens * ffn), (saved["g_pairs"], bf16, _panels(ffn) * LINEAR_PANEL * 2 * pair_rows),
-                (saved["lse"], fp32, tokens * heads), (saved["saved1"], fp32, tokens * width),
-                (saved["saved2"], fp32, tokens * width), (saved["cu"], torch.int64, rows + 1),
-                *((saved[name], fp32, tokens) for name in ("mean1", "rstd1", "mean2", "rstd2")),
-                *((p, bf16, _panels(width) * LINEAR_PANEL * n) for p, n in zip(packed, (3 * width, width, ffn))),
-                (packed[3], bf16, _panels(ffn) * LINEAR_PANEL * width),
-                (ffn_in_bias, bias_dtype, ffn), *((t, norm_dtype, width) for t in norms))
-    for tensor, dtype, numel in expected:
-        if not (tensor.dtype == dtype and tensor.is_cpu and tensor.numel() == numel and tensor.is_contiguous()):
-            raise ValueError(f"encoder_layer_backward: a contiguous {dispatch.dtype_name(dtype)} CPU tensor of "
-                             f"{numel} elements expected, got {tensor.dtype} of {tensor.numel()} on {tensor.device}")
+    q_in = (((saved["q"], bf16, queries * width), (saved["query_in"], bf16, queries * width)) if cls_only else ())
+    _checked("encoder_layer_backward", (
+        (grad_h2, fp32, queries * width), (hb, bf16, tokens * width),
+        (saved["qkv"], bf16, tokens * (2 if cls_only else 3) * width), *q_in,
+        (saved["context"], bf16, queries * width), (saved["h1b"], bf16, queries * width), (f, bf16, queries * ffn),
+        (saved["g_pairs"], bf16, _panels(ffn) * LINEAR_PANEL * 2 * pair_rows), (saved["lse"], fp32, queries * heads),
+        (saved["saved1"], fp32, queries * width), (saved["saved2"], fp32, queries * width),
+        (saved["cu"], torch.int64, rows + 1),
+        *((saved[name], fp32, queries) for name in ("mean1", "rstd1", "mean2", "rstd2")),
+        *_packs_expected(packed, width, ffn, cls_only, forward=False),
+        (ffn_in_bias, bias_dtype, ffn), *((t, norm_dtype, width) for t in norms)))
+    _checked_cls_index("encoder_layer_backward", cls_index, rows, tokens)
     if bias_dtype not in _SMALL_DTYPES or norm_dtype not in _SMALL_DTYPES or width % heads:
         raise ValueError(f"encoder_layer_backward: fp32 or bf16 biases and norms and whole heads, got {bias_dtype}, "
                          f"{norm_dtype} and {heads} heads of width {width}")
@@ -549,11 +589,13 @@ def encoder_layer_backward(grad_h2: torch.Tensor, saved: dict, packed: tuple, ff
     bias_grads = torch.empty(5 * width + ffn, dtype=bias_dtype)
     norm_grads = torch.empty(4 * width, dtype=norm_dtype)
     threads = torch.get_num_threads()
-    workspace = _encoder_layer_scratch(dispatch.cpp_ext.encoder_layer_backward_workspace(tokens, width, ffn, threads))
-    fields = [tokens, width, ffn, rows, heads,
-              *(saved[name].data_ptr() for name in ("hb", "qkv", "context", "h1b", "f", "g_pairs", "lse", "saved1",
-                                                    "mean1", "rstd1", "saved2", "mean2", "rstd2", "cu")),
-              int(saved["saved1_is_output"]), int(saved["saved2_is_output"]), *(p.data_ptr() for p in packed),
+    workspace = _encoder_layer_scratch(dispatch.cpp_ext.encoder_layer_backward_workspace(tokens, rows, width, ffn,
+                                                                                        cls_only, threads))
+    fields = [tokens, width, ffn, rows, heads, hb.data_ptr(), saved["qkv"].data_ptr(),
+              *(saved[name].data_ptr() if cls_only else 0 for name in ("q", "query_in")),
+              *(saved[name].data_ptr() for name in ("context", "h1b", "f", "g_pairs", "lse", "saved1", "mean1", "rstd1",
+                                                    "saved2", "mean2", "rstd2", "cu")), _address(cls_index),
+              int(saved["saved1_is_output"]), int(saved["saved2_is_output"]), *_pack_fields(packed, cls_only),
               ffn_in_bias.data_ptr(), *(t.data_ptr() for t in norms), _SMALL_DTYPES.index(bias_dtype),
               _SMALL_DTYPES.index(norm_dtype), grad_h2.data_ptr(), grad_h.data_ptr(), *(g.data_ptr() for g in grads),
               bias_grads.data_ptr(), norm_grads.data_ptr(), workspace.data_ptr(), workspace.numel()]
@@ -562,48 +604,53 @@ def encoder_layer_backward(grad_h2: torch.Tensor, saved: dict, packed: tuple, ff
     return grad_h, grads, bias_grads, norm_grads
 
 
-def encoder_layer_forward(h: torch.Tensor, hb: torch.Tensor, cu: torch.Tensor, packed: tuple, biases: tuple,
-                          norms: tuple, heads: int, attn_scale: float, eps: tuple, dropouts: tuple,
-                          keep_sums: tuple) -> tuple:
+def encoder_layer_forward(h: torch.Tensor, hb: torch.Tensor, cu: torch.Tensor, cls_index: torch.Tensor | None,
+                          packed: tuple, biases: tuple, norms: tuple, heads: int, attn_scale: float, eps: tuple,
+                          dropouts: tuple, keep_sums: tuple) -> tuple:
     """The encoder layer's forward in one call (csrc/encoder_layer.h) for an fp32 residual stream h [T, d] (hb: its
-    bf16 copy; int64 cu [rows + 1]): (qkv [T, 3d], context [T, d], lse [T, heads], h1, sum1, mean1, rstd1, h1b, f
-    [T, F], g_pairs (PAIR_PANELS), h2, sum2, mean2, rstd2, h2b), sum1 and sum2 None unless keep_sums says so.
+    bf16 copy; int64 cu [rows + 1]; cls_index, int64 [rows], or None): (qkv [T, 3d] (with cls_index kv [T, 2d]),
+    q, query_in (with cls_index: [rows, d], else None), context [Q, d], lse [Q, heads], h1, sum1, mean1, rstd1,
+    h1b, f [Q, F], g_pairs (PAIR_PANELS), h2, sum2, mean2, rstd2, h2b (None with cls_index)), sum1 and sum2 None
+    unless keep_sums says so; Q: T, or the rows with cls_index.
 
-    packed: the forward's packed weights (linear_pack_wt) of the stacked, attention output and feed-forward
-    products. biases: the query's, key's, value's, attention output's, feed-forward in's and out's, of one dtype;
-    norms: LN1's weight and bias, LN2's, of one dtype (fp32 or bf16 each). eps: the LayerNorms'; dropouts: (seed,
-    counter_offset, threshold, scale) of the attention's, LN1's and LN2's dropouts."""
+    packed: the forward's packed weights (linear_pack_wt) of the stacked product (with cls_index: the query's, then
+    the keys' and values'), the attention output's and the feed-forward products'. biases: the query's, key's,
+    value's, attention output's, feed-forward in's and out's, of one dtype; norms: LN1's weight and bias, LN2's, of
+    one dtype (fp32 or bf16 each). eps: the LayerNorms'; dropouts: (seed, counter_offset, threshold, scale) of the
+    attention's, LN1's and LN2's dropouts."""
     tokens, width = h.shape
     ffn = biases[4].shape[0]
     rows = cu.numel() - 1
+    cls_only = cls_index is not None
+    queries = rows if cls_only else tokens
     bf16, fp32, bias_dtype, norm_dtype = torch.bfloat16, torch.float32, biases[0].dtype, norms[0].dtype
-    expected = ((h, fp32, tokens * width), (hb, bf16, tokens * width), (cu, torch.int64, rows + 1),
-                *((p, bf16, _panels(n) * LINEAR_PANEL * k) for p, n, k in
-                  zip(packed, (3 * width, width, ffn, width), (width, width, width, ffn))),
-                *((b, bias_dtype, n) for b, n in zip(biases, (width, width, width, width, ffn, width))),
-                *((t, norm_dtype, width) for t in norms))
-    for tensor, dtype, numel in expected:
-        if not (tensor.dtype == dtype and tensor.is_cpu and tensor.numel() == numel and tensor.is_contiguous()):
-            raise ValueError(f"encoder_layer_forward: a contiguous {dispatch.dtype_name(dtype)} CPU tensor of "
-                             f"{numel} elements expected, got {tensor.dtype} of {tensor.numel()} on {tensor.device}")
+    _checked("encoder_layer_forward", (
+        (h, fp32, tokens * width), (hb, bf16, tokens * width), (cu, torch.int64, rows + 1),
+        *_packs_expected(packed, width, ffn, cls_only, forward=True),
+        *((b, bias_dtype, n) for b, n in zip(biases, (width, width, width, width, ffn, width))),
+        *((t, norm_dtype, width) for t in norms)))
+    _checked_cls_index("encoder_layer_forward", cls_index, rows, tokens)
     if bias_dtype not in _SMALL_DTYPES or norm_dtype not in _SMALL_DTYPES or width % heads or width % 2:
         raise ValueError(f"encoder_layer_forward: fp32 or bf16 biases and norms, whole heads and an even width, got "
                          f"{bias_dtype}, {norm_dtype} and {heads} heads of width {width}")
-    qkv = torch.empty(tokens, 3 * width, dtype=bf16)
-    context, h1b, h2b = (torch.empty(tokens, width, dtype=bf16) for _ in range(3))
-    f = torch.empty(tokens, ffn, dtype=bf16)
-    g_pairs = pairs_empty(tokens, ffn, PAIR_PANELS)
-    lse = torch.empty(tokens, heads, dtype=fp32)
-    h1, h2 = torch.empty(tokens, width, dtype=fp32), torch.empty(tokens, width, dtype=fp32)
-    sum1, sum2 = (torch.empty(tokens, width, dtype=fp32) if keep else None for keep in keep_sums)
-    mean1, rstd1, mean2, rstd2 = torch.empty(4, tokens, dtype=fp32).unbind()
-    workspace = _encoder_layer_scratch(dispatch.cpp_ext.encoder_layer_forward_workspace(tokens, width, ffn))
-    fields = [tokens, width, ffn, rows, heads, h.data_ptr(), hb.data_ptr(), cu.data_ptr(),
-              *(t.data_ptr() for t in (*packed, *biases, *norms)), _SMALL_DTYPES.index(bias_dtype),
-              _SMALL_DTYPES.index(norm_dtype),
-              *(_address(t) for t in (qkv, context, f, g_pairs, h1b, h2b, lse, h1, sum1, mean1, rstd1, h2, sum2, mean2,
-                                      rstd2, workspace)), workspace.numel()]
+    qkv = torch.empty(tokens, (2 if cls_only else 3) * width, dtype=bf16)
+    q, query_in = (torch.empty(queries, width, dtype=bf16) for _ in range(2)) if cls_only else (None, None)
+    context, h1b = torch.empty(queries, width, dtype=bf16), torch.empty(queries, width, dtype=bf16)
+    h2b = None if cls_only else torch.empty(queries, width, dtype=bf16)
+    f = torch.empty(queries, ffn, dtype=bf16)
+    g_pairs = pairs_empty(queries, ffn, PAIR_PANELS)
+    lse = torch.empty(queries, heads, dtype=fp32)
+    h1, h2 = torch.empty(queries, width, dtype=fp32), torch.empty(queries, width, dtype=fp32)
+    sum1, sum2 = (torch.empty(queries, width, dtype=fp32) if keep else None for keep in keep_sums)
+    mean1, rstd1, mean2, rstd2 = torch.empty(4, queries, dtype=fp32).unbind()
+    workspace = _encoder_layer_scratch(dispatch.cpp_ext.encoder_layer_forward_workspace(tokens, rows, width, ffn,
+                                                                                       cls_only))
+    fields = [tokens, width, ffn, rows, heads, h.data_ptr(), hb.data_ptr(), cu.data_ptr(), _address(cls_index),
+              *_pack_fields(packed, cls_only), *(t.data_ptr() for t in (*biases, *norms)),
+              _SMALL_DTYPES.index(bias_dtype), _SMALL_DTYPES.index(norm_dtype),
+              *(_address(t) for t in (qkv, q, query_in, context, f, g_pairs, h1b, h2b, lse, h1, sum1, mean1, rstd1, h2,
+                                      sum2, mean2, rstd2, workspace)), workspace.numel()]
     words = [int(word) for seed, offset, threshold, _ in dropouts for word in (seed, offset, threshold)]
     dispatch.cpp_ext.encoder_layer_forward(fields, words, [attn_scale, *eps, *(d[3] for d in dropouts)],
                                            torch.get_num_threads())
-    return qkv, context, lse, h1, sum1, mean1, rstd1, h1b, f, g_pairs, h2, sum2, mean2, rstd2, h2b
+    return qkv, q, query_in, context, lse, h1, sum1, mean1, rstd1, h1b, f, g_pairs, h2, sum2, mean2, rstd2, h2b

@@ -20,10 +20,11 @@ compute them; those ops run the [CLS] rows' products on oneDNN (fewer than fastc
 node on fastcls's kernels, so the two agree bit for bit where MIN_ROWS lets the separate ops take the kernels too.
 
 In a training step's case (every parameter and the input take gradients, the residual stream fp32, the biases of
-one dtype and the LayerNorms' of one, fp32 or bf16) the forward and the backward each call the kernels from one C++
-function (csrc/encoder_layer.h), with the same arguments in the same order: on two cores the Python around some
-twenty kernel calls a layer cost ~0.5 ms a forward and ~0.75 ms a backward, after each kernel has swept the caches
-it runs on. Python still draws the masks, packs the weights and allocates what is saved or returned.
+one dtype and the LayerNorms' of one, fp32 or bf16), the [CLS]-only layer's too, the forward and the backward each
+call the kernels from one C++ function (csrc/encoder_layer.h), with the same arguments in the same order: on two
+cores the Python around some twenty kernel calls a layer cost ~0.5 ms a forward and ~0.75 ms a backward, after each
+kernel has swept the caches it runs on. Python still draws the masks, packs the weights and allocates what is saved
+or returned.
 
 `encoder_layer_applies` says where it runs: bf16 products by fastcls's kernels (fastcls.ops.linear), the packed
 attention, LayerNorm and bias-GELU CPU kernels, plain nn.Linear modules with biases, GELU's erf form, gradients
@@ -120,17 +121,24 @@ def _forward_in_one_call(ctx, h, hb, cu, cls_index, max_len, spec, out_dtype, pa
     kernels of _forward_by_ops in one C++ call (csrc/encoder_layer.h), the masks drawn in the same order first."""
     wq, bq, wk, bk, wv, bv, wo, bo, wi, bi, wout, bout, ln1_w, ln1_b, ln2_w, ln2_b = params
     tokens, width = h.shape
+    queries = tokens if cls_index is None else len(cls_index)
     probabilities = (spec.attn_dropout, spec.attn_out_dropout, spec.out_dropout)
-    sources = [_source(h, numel, p) for numel, p in zip((spec.heads * tokens * max_len, h.numel(), h.numel()),
-                                                          probabilities)]
+    numels = (spec.heads * queries * max_len, queries * width, queries * width)
+    sources = [_source(h, numel, p) for numel, p in zip(numels, probabilities)]
     saves = _norm_saves(ln1_w, ln1_b), _norm_saves(ln2_w, ln2_b)
-    packed = [stack.forward(weights, True) for stack, weights in zip(packs, ((wq, wk, wv), (wo,), (wi,), (wout,)))]
+    stacks = ((wq, wk, wv),) if cls_index is None else ((wq,), (wk, wv))
+    packed = [pack.forward(weights, True) for pack, weights in zip(packs, (*stacks, (wo,), (wi,), (wout,)))]
     dropouts = [(*source.resolved(), keep_threshold(p), kept_scale(p)) for source, p in zip(sources, probabilities)]
-    qkv, context, lse, h1, sum1, mean1, rstd1, h1b, f, g_pairs, h2, sum2, mean2, rstd2, h2b = cpp.encoder_layer_forward(
-        h, hb, cu, packed, (bq, bk, bv, bo, bi, bout), (ln1_w, ln1_b, ln2_w, ln2_b), spec.heads,
-        (width // spec.heads) ** -0.5, (spec.attn_eps, spec.out_eps), dropouts, (saves[0] == "sum", saves[1] == "sum"))
-    h2._fastcls_bf16 = (h2._version, h2b)
-    return sources, saves, cu, (qkv,), context, lse, h1, sum1, mean1, rstd1, h1b, f, g_pairs, h2, sum2, mean2, rstd2
+    qkv, q, query_in, context, lse, h1, sum1, mean1, rstd1, h1b, f, g_pairs, h2, sum2, mean2, rstd2, h2b = \
+        cpp.encoder_layer_forward(h, hb, cu, cls_index, packed, (bq, bk, bv, bo, bi, bout),
+                                  (ln1_w, ln1_b, ln2_w, ln2_b), spec.heads, (width // spec.heads) ** -0.5,
+                                  (spec.attn_eps, spec.out_eps), dropouts, (saves[0] == "sum", saves[1] == "sum"))
+    if cls_index is None:
+        h2._fastcls_bf16 = (h2._version, h2b)
+        cu_q, saved_q = cu, (qkv,)
+    else:  # as _forward_by_ops saves them: the queries' input, the queries, the keys and values
+        cu_q, saved_q = torch.arange(queries + 1), (query_in, q, qkv)
+    return sources, saves, cu_q, saved_q, context, lse, h1, sum1, mean1, rstd1, h1b, f, g_pairs, h2, sum2, mean2, rstd2
 
 
 def _forward_by_ops(ctx, h, hb, cu, cls_index, max_len, spec, out_dtype, packs, params):
@@ -183,13 +191,15 @@ def _forward_by_ops(ctx, h, hb, cu, cls_index, max_len, spec, out_dtype, packs, 
 
 def _backward_in_one_call(ctx, grad_h2: torch.Tensor) -> tuple:
     """The backward of _forward_in_one_call's layer in one C++ call (csrc/encoder_layer.h), for an fp32 gradient."""
-    (hb, lse, context, saved1, mean1, rstd1, h1b, f, g_pairs, saved2, mean2, rstd2, cu, _, _, rng, wq, bq, wk, bk, wv,
-     bv, wo, bo, wi, bi, wout, bout, ln1_w, ln1_b, ln2_w, ln2_b, qkv) = ctx.saved_tensors
+    (hb, lse, context, saved1, mean1, rstd1, h1b, f, g_pairs, saved2, mean2, rstd2, cu, _, cls_index, rng, wq, bq, wk,
+     bk, wv, bv, wo, bo, wi, bi, wout, bout, ln1_w, ln1_b, ln2_w, ln2_b, *saved_q) = ctx.saved_tensors
     spec, (saves1, saves2), packs = ctx.spec, ctx.saves, ctx.packs
-    saved = dict(hb=hb, qkv=qkv, context=context, h1b=h1b, f=f, g_pairs=g_pairs, lse=lse, saved1=saved1, mean1=mean1,
-                 rstd1=rstd1, saved2=saved2, mean2=mean2, rstd2=rstd2, cu=cu, saved1_is_output=saves1 == "output",
-                 saved2_is_output=saves2 == "output")
-    packed = [stack.backward(weights) for stack, weights in zip(packs, ((wq, wk, wv), (wo,), (wi,), (wout,)))]
+    query_in, q, qkv = saved_q if cls_index is not None else (None, None, *saved_q)
+    saved = dict(hb=hb, qkv=qkv, q=q, query_in=query_in, cls_index=cls_index, context=context, h1b=h1b, f=f,
+                 g_pairs=g_pairs, lse=lse, saved1=saved1, mean1=mean1, rstd1=rstd1, saved2=saved2, mean2=mean2,
+                 rstd2=rstd2, cu=cu, saved1_is_output=saves1 == "output", saved2_is_output=saves2 == "output")
+    stacks = ((wq, wk, wv),) if cls_index is None else ((wq,), (wk, wv))
+    packed = [pack.backward(weights) for pack, weights in zip(packs, (*stacks, (wo,), (wi,), (wout,)))]
     probabilities = (spec.attn_dropout, spec.attn_out_dropout, spec.out_dropout)
     dropouts = [(*MaskSource(rng, seed, offset).resolved(), keep_threshold(p), kept_scale(p))
                 for (seed, offset), p in zip(ctx.sources, probabilities)]
@@ -217,7 +227,7 @@ class _EncoderLayer(torch.autograd.Function):
         packs = [_packs_of(w) for w in (*stacks, (wo,), (wi,), (wout,))]
         hb = _bf16_of(h)
         params = (wq, bq, wk, bk, wv, bv, wo, bo, wi, bi, wout, bout, ln1_w, ln1_b, ln2_w, ln2_b)
-        one_call = (cpp.ENCODER_LAYER_BUILT and cls_index is None and all(ctx.needs_input_grad[6:])
+        one_call = (cpp.ENCODER_LAYER_BUILT and all(ctx.needs_input_grad[6:])
                     and ctx.needs_input_grad[0] and h.dtype == out_dtype == torch.float32
                     and _one_dtype(bq, bk, bv, bo, bi, bout) and _one_dtype(ln1_w, ln1_b, ln2_w, ln2_b)
                     and wq.shape[0] == wk.shape[0] == wv.shape[0] == width)

@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <array>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -228,9 +229,43 @@ void def_linear(py::module_& m) {
         py::arg("num_threads"), "out[rp][c][t] = in[2 rp + t][c], zeros past R; col_sums: in's (linear_bf16.h).");
 }
 
-// The encoder layer's forward and backward (encoder_layer.h). Their sizes, addresses and flags come as one list,
-// in the order of `fields` in fastcls.ops.cpp.encoder_layer_forward and _backward; the dropouts as (seed, counter
-// offset, threshold) each, their scales after the attention's scale (and the forward's epsilons).
+// The encoder layer's calls take their sizes, addresses and flags as one list, in the order of `fields` in
+// fastcls.ops.cpp.encoder_layer_forward and _backward: read in that order, the count checked first and last.
+class LayerFields {
+ public:
+  LayerFields(const std::vector<std::uintptr_t>& values, size_t count, const char* call)
+      : values_(values), call_(call) {
+    if (values.size() != count)
+      throw std::invalid_argument(std::string(call) + ": " + std::to_string(count) + " fields, got " +
+                                  std::to_string(values.size()));
+  }
+  int64_t size() { return int64_t(values_[at_++]); }
+  template <typename T>
+  T* ptr() {
+    return as_ptr<T>(values_[at_++]);
+  }
+  void done() const {
+    if (at_ != values_.size()) throw std::logic_error(std::string(call_) + ": field count");
+  }
+
+ private:
+  const std::vector<std::uintptr_t>& values_;
+  const char* call_;
+  size_t at_ = 0;
+};
+
+// The attention's, LN1's and LN2's dropouts from their (seed, counter offset, threshold) words and their scales,
+// scales[first] onwards.
+std::array<fastcls::EncoderLayerDropout, 3> layer_dropouts(const std::vector<uint64_t>& words,
+                                                           const std::vector<float>& scales, size_t first,
+                                                           const char* call) {
+  if (words.size() != 9 || scales.size() != first + 3)
+    throw std::invalid_argument(std::string(call) + ": 9 dropout words and " + std::to_string(first + 3) + " scalars");
+  std::array<fastcls::EncoderLayerDropout, 3> dropouts;
+  for (size_t i = 0; i < 3; ++i) dropouts[i] = {words[3 * i], words[3 * i + 1], words[3 * i + 2], scales[first + i]};
+  return dropouts;
+}
+
 void def_encoder_layer(py::module_& m) {
   m.def("encoder_layer_backward_workspace", &fastcls::encoder_layer_backward_workspace, py::arg("tokens"),
         py::arg("rows"), py::arg("width"), py::arg("ffn"), py::arg("cls_only"), py::arg("num_threads"),
@@ -242,85 +277,72 @@ void def_encoder_layer(py::module_& m) {
       "encoder_layer_forward",
       [](const std::vector<std::uintptr_t>& fields, const std::vector<uint64_t>& dropouts,
          const std::vector<float>& scalars, int num_threads) {
-        constexpr size_t kFields = 45;
-        if (fields.size() != kFields || dropouts.size() != 9 || scalars.size() != 6)
-          throw std::invalid_argument("encoder_layer_forward: 45 fields, 9 dropout words and 6 scalars");
-        size_t i = 0;
-        const auto next = [&]() { return fields[i++]; };
+        LayerFields f(fields, 45, "encoder_layer_forward");
         fastcls::EncoderLayerForward a{};
-        a.tokens = int64_t(next()), a.width = int64_t(next()), a.ffn = int64_t(next()), a.rows = int64_t(next());
-        a.heads = int64_t(next());
-        a.h = as_ptr<const float>(next()), a.hb = as_ptr<const uint16_t>(next()), a.cu = as_ptr<const int64_t>(next());
-        a.cls_index = as_ptr<const int64_t>(next());
-        a.qkv_packed = as_ptr<const uint16_t>(next()), a.kv_packed = as_ptr<const uint16_t>(next());
-        a.attn_out_packed = as_ptr<const uint16_t>(next());
-        a.ffn_in_packed = as_ptr<const uint16_t>(next()), a.ffn_out_packed = as_ptr<const uint16_t>(next());
-        a.query_bias = as_ptr<const void>(next()), a.key_bias = as_ptr<const void>(next());
-        a.value_bias = as_ptr<const void>(next()), a.attn_out_bias = as_ptr<const void>(next());
-        a.ffn_in_bias = as_ptr<const void>(next()), a.ffn_out_bias = as_ptr<const void>(next());
-        a.ln1_weight = as_ptr<const void>(next()), a.ln1_bias = as_ptr<const void>(next());
-        a.ln2_weight = as_ptr<const void>(next()), a.ln2_bias = as_ptr<const void>(next());
-        a.bias_dtype = int(next()), a.norm_dtype = int(next());
-        a.qkv = as_ptr<uint16_t>(next()), a.q = as_ptr<uint16_t>(next()), a.query_in = as_ptr<uint16_t>(next());
-        a.context = as_ptr<uint16_t>(next()), a.f = as_ptr<uint16_t>(next());
-        a.g_pairs = as_ptr<uint16_t>(next()), a.h1b = as_ptr<uint16_t>(next()), a.h2b = as_ptr<uint16_t>(next());
-        a.lse = as_ptr<float>(next()), a.h1 = as_ptr<float>(next()), a.sum1 = as_ptr<float>(next());
-        a.mean1 = as_ptr<float>(next()), a.rstd1 = as_ptr<float>(next()), a.h2 = as_ptr<float>(next());
-        a.sum2 = as_ptr<float>(next()), a.mean2 = as_ptr<float>(next()), a.rstd2 = as_ptr<float>(next());
-        a.workspace = as_ptr<void>(next()), a.workspace_bytes = int64_t(next());
+        a.tokens = f.size(), a.width = f.size(), a.ffn = f.size(), a.rows = f.size(), a.heads = f.size();
+        a.h = f.ptr<const float>(), a.hb = f.ptr<const uint16_t>();
+        a.cu = f.ptr<const int64_t>(), a.cls_index = f.ptr<const int64_t>();
+        a.qkv_packed = f.ptr<const uint16_t>(), a.kv_packed = f.ptr<const uint16_t>();
+        a.attn_out_packed = f.ptr<const uint16_t>(), a.ffn_in_packed = f.ptr<const uint16_t>();
+        a.ffn_out_packed = f.ptr<const uint16_t>();
+        a.query_bias = f.ptr<const void>(), a.key_bias = f.ptr<const void>(), a.value_bias = f.ptr<const void>();
+        a.attn_out_bias = f.ptr<const void>(), a.ffn_in_bias = f.ptr<const void>();
+        a.ffn_out_bias = f.ptr<const void>();
+        a.ln1_weight = f.ptr<const void>(), a.ln1_bias = f.ptr<const void>();
+        a.ln2_weight = f.ptr<const void>(), a.ln2_bias = f.ptr<const void>();
+        a.bias_dtype = int(f.size()), a.norm_dtype = int(f.size());
+        a.qkv = f.ptr<uint16_t>(), a.q = f.ptr<uint16_t>(), a.query_in = f.ptr<uint16_t>();
+        a.context = f.ptr<uint16_t>(), a.f = f.ptr<uint16_t>(), a.g_pairs = f.ptr<uint16_t>();
+        a.h1b = f.ptr<uint16_t>(), a.h2b = f.ptr<uint16_t>();
+        a.lse = f.ptr<float>(), a.h1 = f.ptr<float>(), a.sum1 = f.ptr<float>(), a.mean1 = f.ptr<float>();
+        a.rstd1 = f.ptr<float>(), a.h2 = f.ptr<float>(), a.sum2 = f.ptr<float>(), a.mean2 = f.ptr<float>();
+        a.rstd2 = f.ptr<float>();
+        a.workspace = f.ptr<void>(), a.workspace_bytes = f.size();
+        f.done();
+        const auto drops = layer_dropouts(dropouts, scalars, 3, "encoder_layer_forward");
         a.attn_scale = scalars[0], a.ln1_eps = scalars[1], a.ln2_eps = scalars[2];
-        a.attn_dropout = {dropouts[0], dropouts[1], dropouts[2], scalars[3]};
-        a.ln1_dropout = {dropouts[3], dropouts[4], dropouts[5], scalars[4]};
-        a.ln2_dropout = {dropouts[6], dropouts[7], dropouts[8], scalars[5]};
-        if (i != kFields) throw std::logic_error("encoder_layer_forward: field count");
+        a.attn_dropout = drops[0], a.ln1_dropout = drops[1], a.ln2_dropout = drops[2];
         py::gil_scoped_release release;
         fastcls::encoder_layer_forward(a, num_threads);
       },
       py::arg("fields"), py::arg("dropouts"), py::arg("scalars"), py::arg("num_threads"),
-      "The encoder layer's forward in one call (encoder_layer.h).");
+      "The encoder layer's forward in one call (encoder_layer.h); scalars: the attention's scale, the LayerNorms' "
+      "epsilons, the dropouts' scales.");
   m.def(
       "encoder_layer_backward",
       [](const std::vector<std::uintptr_t>& fields, const std::vector<uint64_t>& dropouts,
          const std::vector<float>& scales, int num_threads) {
-        constexpr size_t kFields = 46;
-        if (fields.size() != kFields || dropouts.size() != 9 || scales.size() != 4)
-          throw std::invalid_argument("encoder_layer_backward: 46 fields, 9 dropout words and 4 scales");
-        size_t i = 0;
-        const auto next = [&]() { return fields[i++]; };
+        LayerFields f(fields, 46, "encoder_layer_backward");
         fastcls::EncoderLayerBackward a{};
-        a.tokens = int64_t(next()), a.width = int64_t(next()), a.ffn = int64_t(next()), a.rows = int64_t(next());
-        a.heads = int64_t(next());
-        a.hb = as_ptr<const uint16_t>(next()), a.qkv = as_ptr<const uint16_t>(next());
-        a.q = as_ptr<const uint16_t>(next()), a.query_in = as_ptr<const uint16_t>(next());
-        a.context = as_ptr<const uint16_t>(next()), a.h1b = as_ptr<const uint16_t>(next());
-        a.f = as_ptr<const uint16_t>(next()), a.g_pairs = as_ptr<const uint16_t>(next());
-        a.lse = as_ptr<const float>(next()), a.saved1 = as_ptr<const float>(next());
-        a.mean1 = as_ptr<const float>(next()), a.rstd1 = as_ptr<const float>(next());
-        a.saved2 = as_ptr<const float>(next()), a.mean2 = as_ptr<const float>(next());
-        a.rstd2 = as_ptr<const float>(next()), a.cu = as_ptr<const int64_t>(next());
-        a.cls_index = as_ptr<const int64_t>(next());
-        a.saved1_is_output = next() != 0, a.saved2_is_output = next() != 0;
-        a.qkv_packed = as_ptr<const uint16_t>(next()), a.kv_packed = as_ptr<const uint16_t>(next());
-        a.attn_out_packed = as_ptr<const uint16_t>(next());
-        a.ffn_in_packed = as_ptr<const uint16_t>(next()), a.ffn_out_packed = as_ptr<const uint16_t>(next());
-        a.ffn_in_bias = as_ptr<const void>(next()), a.ln1_weight = as_ptr<const void>(next());
-        a.ln1_bias = as_ptr<const void>(next()), a.ln2_weight = as_ptr<const void>(next());
-        a.ln2_bias = as_ptr<const void>(next()), a.bias_dtype = int(next()), a.norm_dtype = int(next());
-        a.grad_h2 = as_ptr<const float>(next()), a.grad_h = as_ptr<float>(next());
-        a.qkv_grad = as_ptr<uint16_t>(next()), a.attn_out_grad = as_ptr<uint16_t>(next());
-        a.ffn_in_grad = as_ptr<uint16_t>(next()), a.ffn_out_grad = as_ptr<uint16_t>(next());
-        a.bias_grads = as_ptr<void>(next()), a.norm_grads = as_ptr<void>(next());
-        a.workspace = as_ptr<void>(next()), a.workspace_bytes = int64_t(next());
-        a.attn_dropout = {dropouts[0], dropouts[1], dropouts[2], scales[1]};
-        a.ln1_dropout = {dropouts[3], dropouts[4], dropouts[5], scales[2]};
-        a.ln2_dropout = {dropouts[6], dropouts[7], dropouts[8], scales[3]};
+        a.tokens = f.size(), a.width = f.size(), a.ffn = f.size(), a.rows = f.size(), a.heads = f.size();
+        a.hb = f.ptr<const uint16_t>(), a.qkv = f.ptr<const uint16_t>(), a.q = f.ptr<const uint16_t>();
+        a.query_in = f.ptr<const uint16_t>(), a.context = f.ptr<const uint16_t>(), a.h1b = f.ptr<const uint16_t>();
+        a.f = f.ptr<const uint16_t>(), a.g_pairs = f.ptr<const uint16_t>();
+        a.lse = f.ptr<const float>(), a.saved1 = f.ptr<const float>(), a.mean1 = f.ptr<const float>();
+        a.rstd1 = f.ptr<const float>(), a.saved2 = f.ptr<const float>(), a.mean2 = f.ptr<const float>();
+        a.rstd2 = f.ptr<const float>();
+        a.cu = f.ptr<const int64_t>(), a.cls_index = f.ptr<const int64_t>();
+        a.saved1_is_output = f.size() != 0, a.saved2_is_output = f.size() != 0;
+        a.qkv_packed = f.ptr<const uint16_t>(), a.kv_packed = f.ptr<const uint16_t>();
+        a.attn_out_packed = f.ptr<const uint16_t>(), a.ffn_in_packed = f.ptr<const uint16_t>();
+        a.ffn_out_packed = f.ptr<const uint16_t>();
+        a.ffn_in_bias = f.ptr<const void>(), a.ln1_weight = f.ptr<const void>(), a.ln1_bias = f.ptr<const void>();
+        a.ln2_weight = f.ptr<const void>(), a.ln2_bias = f.ptr<const void>();
+        a.bias_dtype = int(f.size()), a.norm_dtype = int(f.size());
+        a.grad_h2 = f.ptr<const float>(), a.grad_h = f.ptr<float>();
+        a.qkv_grad = f.ptr<uint16_t>(), a.attn_out_grad = f.ptr<uint16_t>(), a.ffn_in_grad = f.ptr<uint16_t>();
+        a.ffn_out_grad = f.ptr<uint16_t>();
+        a.bias_grads = f.ptr<void>(), a.norm_grads = f.ptr<void>();
+        a.workspace = f.ptr<void>(), a.workspace_bytes = f.size();
+        f.done();
+        const auto drops = layer_dropouts(dropouts, scales, 1, "encoder_layer_backward");
         a.attn_scale = scales[0];
-        if (i != kFields) throw std::logic_error("encoder_layer_backward: field count");
+        a.attn_dropout = drops[0], a.ln1_dropout = drops[1], a.ln2_dropout = drops[2];
         py::gil_scoped_release release;
         fastcls::encoder_layer_backward(a, num_threads);
       },
       py::arg("fields"), py::arg("dropouts"), py::arg("scales"), py::arg("num_threads"),
-      "The encoder layer's backward in one call (encoder_layer.h).");
+      "The encoder layer's backward in one call (encoder_layer.h); scales: the attention's, then the dropouts'.");
 }
 #endif
 

@@ -124,20 +124,15 @@ void product(const uint16_t* a, const uint16_t* packed, uint16_t* c, float* c_ad
   linear_bf16_gemm(a, K / 2, 1, packed, bias, c, c_add, c_add != nullptr, N, M, N, K, num_threads);
 }
 
-// The columns past C of a pair-packed [T, C]'s last panel, which the packing never writes: zeros, as
-// cpp.pairs_empty and cpp._pack_pairs leave them.
-void zero_panel_tail(uint16_t* packed, int64_t tokens, int64_t columns) {
+// x [T, C] pair-packed for a weight gradient, the last panel's columns past C (which the packing never writes)
+// zeroed: cpp._pack_pairs's.
+void pack_pairs(const uint16_t* x, int64_t tokens, int64_t columns, uint16_t* packed, int num_threads) {
+  linear_pack_pairs_bf16(x, columns, tokens, 0, tokens, columns, packed, num_threads);
   const int64_t tail = columns % kLinearPanel, rows = pair_rows(tokens);
   if (tail == 0) return;
   uint16_t* last = packed + (panel_columns(columns) / kLinearPanel - 1) * rows * kLinearPanel * 2;
   for (int64_t r = 0; r < rows; ++r)
     std::memset(last + (r * kLinearPanel + tail) * 2, 0, (kLinearPanel - tail) * 2 * sizeof(uint16_t));
-}
-
-// x [T, C] pair-packed for a weight gradient: cpp._pack_pairs's.
-void pack_pairs(const uint16_t* x, int64_t tokens, int64_t columns, uint16_t* packed, int num_threads) {
-  linear_pack_pairs_bf16(x, columns, tokens, 0, tokens, columns, packed, num_threads);
-  zero_panel_tail(packed, tokens, columns);
 }
 
 // dW [N, C] = grad_y^T x from grad_y's row pairs [T/2, N, 2] and x pair-packed: cpp.linear_weight_grad's product.
@@ -265,7 +260,6 @@ void encoder_layer_forward(const EncoderLayerForward& a, int num_threads) {
                      a.ln1_dropout.scale, false, num_threads);
   // the feed-forward block: GELU writing its output pair-packed too (the second product's weight gradient reads it)
   product(a.h1b, a.ffn_in_packed, a.f, nullptr, Q, F, d, num_threads);
-  zero_panel_tail(a.g_pairs, Q, F);
   bias_gelu_forward_bf16(a.f, bias32[4], s.g, a.g_pairs, kPairPanels, Q, F, num_threads);
   product(s.g, a.ffn_out_packed, s.o, nullptr, Q, d, F, num_threads, bias32[5]);
   layer_norm_forward(s.o, kBf16, a.h1, kF32, s.norms + 2 * d, s.norms + 3 * d, a.h2, a.sum2, kF32, a.h2b, a.mean2,

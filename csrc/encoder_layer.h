@@ -36,9 +36,10 @@ struct EncoderLayerForward {
   float attn_scale, ln1_eps, ln2_eps;
   EncoderLayerDropout attn_dropout, ln1_dropout, ln2_dropout;
   // outputs: bf16 qkv [T, 3d] (with cls_index: the keys and values [T, 2d], and the queries' input query_in and
-  // the queries q [Q, d]), context [Q, d], f [Q, F], g_pairs (g pair-packed, its last panel's columns past F
-  // zeroed); fp32 lse [Q, heads]; fp32 h1 and h2 [Q, d], their pre-norm sums sum1 and sum2 (each null: not kept),
-  // means and rstds [Q], and their bf16 copies h1b and h2b [Q, d] (h2b null: not written)
+  // the queries q [Q, d]), context [Q, d], f [Q, F], g_pairs (g pair-packed; from cpp.pairs_empty, its last
+  // panel's columns past F zeroed already); fp32 lse [Q, heads]; fp32 h1 and h2 [Q, d], their pre-norm sums sum1
+  // and sum2 (each null: not kept), means and rstds [Q], and their bf16 copies h1b and h2b [Q, d] (h2b null: not
+  // written)
   uint16_t *qkv, *q, *query_in, *context, *f, *g_pairs, *h1b, *h2b;
   float *lse, *h1, *sum1, *mean1, *rstd1, *h2, *sum2, *mean2, *rstd2;
   // scratch of at least encoder_layer_forward_workspace bytes, 64-byte aligned

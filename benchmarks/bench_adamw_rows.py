@@ -1,4 +1,5 @@
-"""FusedAdamW's row-sparse C++ step (fastcls.optim.row_sparse) against its dense step on the CPU, over MiniLM's
+"""FusedAdamW's row-sparse C++ step (fastcls.optim.row_sparse), and that step deferring the rows a batch did not touch
+(fastcls.optim.deferred_rows), against its dense step on the CPU, over MiniLM's
 parameter set (22.7M fp32, two groups as bench_adamw.py, clipping to MAX_GRAD_NORM as the training loop does)
 with the word-embedding table's rows live that one epoch of the bundled SST-2 rows (4,000, the bundled tokenizer)
 touches, and with 10 to 100% of its 30522 rows live at random.
@@ -6,12 +7,14 @@ touches, and with 10 to 100% of its 30522 rows live at random.
     python benchmarks/bench_adamw_rows.py [--fractions 0.1,0.25,0.5,1] [--forced 0.35,0.5] [--steps N]
                                           [--repeats N] [--json F]
 
-Per set of live rows: the two optimizers step identical copies of the parameters; a first, untimed step touches
+Per set of live rows: the three optimizers step identical copies of the parameters; a first, untimed step touches
 every live row (through `fastcls.ops.embedding.row_accumulated_embedding`, which tracks them), then every timed
-step touches a batch's ids among them (32 SST-2 rows' tokens, or BATCH_IDS random live rows). Both end with the
-same bits (checked). `forced` rows run the row-sparse kernel above DENSE_FRACTION too (the dense kernel takes
+step touches a batch's ids among them (32 SST-2 rows' tokens, or BATCH_IDS random live rows): the lookup that
+reads them (where the deferred step brings them up to date) and the step are timed together. All three end with
+the same bits (checked, once the deferred rows are brought up to date: `sync ms`, which a run pays at each
+evaluation and save). `forced` rows run the row-sparse kernel above DENSE_FRACTION too (the dense kernel takes
 over there by default): what picks that threshold. Times are medians over --repeats rounds, each timing --steps
-steps of each optimizer in turn; the speedup is the median of the rounds' ratios (dense / row-sparse).
+steps of each optimizer in turn; a speedup is the median of the rounds' ratios (dense / the other).
 """
 import argparse
 import json
@@ -38,13 +41,15 @@ def touch(table: torch.Tensor, ids: torch.Tensor) -> None:
 
 
 def bench_live_rows(label: str, live: torch.Tensor, batches: list[torch.Tensor], forced: bool, args) -> dict:
-    """Dense against row-sparse steps once `live` rows are live, each timed step touching one of `batches`."""
+    """Dense against row-sparse and deferred steps once `live` rows are live, each timed step touching one of
+    `batches`."""
     shapes = parameter_shapes("minilm")
     contenders = {}
-    for contender in ("dense", "row_sparse"):
+    for contender in ("dense", "row_sparse", "deferred"):
         params = make_parameters(shapes, torch.device("cpu"), torch.float32, torch.Generator().manual_seed(0))
-        optimizer = FusedAdamW(groups(params), lr=1e-4, max_grad_norm=MAX_GRAD_NORM)
-        optimizer.row_sparse = contender == "row_sparse"
+        optimizer = FusedAdamW(groups(params), lr=1e-4, max_grad_norm=MAX_GRAD_NORM,
+                               defer_untouched_rows=contender == "deferred")
+        optimizer.row_sparse = contender != "dense"
         contenders[contender] = (params, optimizer)
     table = contenders["dense"][0][0]
     assert table.shape == (VOCAB, 384)
@@ -57,21 +62,25 @@ def bench_live_rows(label: str, live: torch.Tensor, batches: list[torch.Tensor],
         times = {name: [] for name in contenders}
         for _ in range(args.repeats):
             for name, (params, optimizer) in contenders.items():
-                elapsed = 0.0
+                start = time.perf_counter()
                 for ids in batches:
                     touch(params[0], ids)
-                    start = time.perf_counter()
                     optimizer.step()
-                    elapsed += time.perf_counter() - start
-                times[name].append(elapsed / len(batches))
+                times[name].append((time.perf_counter() - start) / len(batches))
     finally:
         row_sparse.DENSE_FRACTION = saved_threshold
-    (dense_params, _), (sparse_params, _) = contenders.values()
-    assert all(torch.equal(p, q) for p, q in zip(dense_params, sparse_params)), "the two steps differ"
-    ratios = [d / s for d, s in zip(times["dense"], times["row_sparse"])]
-    return {"live": label, "live_fraction": len(live) / len(table), "forced": forced,
-            "dense_ms": statistics.median(times["dense"]) * 1e3,
-            "row_sparse_ms": statistics.median(times["row_sparse"]) * 1e3, "speedup": statistics.median(ratios)}
+    start = time.perf_counter()
+    contenders["deferred"][1].sync_deferred_rows()
+    sync_ms = (time.perf_counter() - start) * 1e3
+    dense_params = contenders["dense"][0]
+    for name in ("row_sparse", "deferred"):
+        assert all(torch.equal(p, q) for p, q in zip(dense_params, contenders[name][0])), f"{name} differs"
+    row = {"live": label, "live_fraction": len(live) / len(table), "forced": forced, "sync_ms": sync_ms}
+    for name in contenders:
+        row[f"{name}_ms"] = statistics.median(times[name]) * 1e3
+    for name in ("row_sparse", "deferred"):
+        row[f"{name}_speedup"] = statistics.median([d / t for d, t in zip(times["dense"], times[name])])
+    return row
 
 
 def random_rows(fraction: float, steps: int, generator) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -116,8 +125,9 @@ def main():
         row = bench_live_rows(name, live, batches, forced, args)
         results["steps"].append(row)
         print(f"{name:<12} live {row['live_fraction']:>5.1%}{' forced' if forced else '       '}  dense "
-              f"{row['dense_ms']:6.2f} ms  row-sparse {row['row_sparse_ms']:6.2f} ms  speedup {row['speedup']:.2f}x",
-              flush=True)
+              f"{row['dense_ms']:6.2f} ms  row-sparse {row['row_sparse_ms']:6.2f} ms "
+              f"({row['row_sparse_speedup']:.2f}x)  deferred {row['deferred_ms']:6.2f} ms "
+              f"({row['deferred_speedup']:.2f}x, sync {row['sync_ms']:.1f} ms)", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

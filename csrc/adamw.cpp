@@ -1,43 +1,21 @@
 #include "adamw.h"
 
-#include "bf16.h"
-#include "lanes16.h"
+#include "adamw_deferred_rows.h"
+#include "adamw_update.h"
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
-#define FASTCLS_ADAMW_AVX512 1
-#endif
-
 namespace fastcls {
 namespace {
+
+using namespace adamw_detail;
 
 // The elements of all tensors form one range that is cut evenly between threads (a cut may fall inside a
 // tensor), so a table of one huge embedding and many small vectors still balances. A thread gets at least this
 // many elements: below that, waking it costs more than it saves.
 constexpr int64_t kMinElementsPerThread = 32768;
-
-template <typename Param>
-struct Row {
-  Param* param;
-  Param* grad;
-  float* exp_avg;
-  float* exp_avg_sq;
-  float* max_exp_avg_sq;
-  float* master;
-  float* step;
-  int64_t numel;
-};
-
-template <typename Param>
-Row<Param> read_row(const int64_t* row) {
-  return {reinterpret_cast<Param*>(row[0]),  reinterpret_cast<Param*>(row[1]), reinterpret_cast<float*>(row[2]),
-          reinterpret_cast<float*>(row[3]),  reinterpret_cast<float*>(row[4]), reinterpret_cast<float*>(row[5]),
-          reinterpret_cast<float*>(row[6]), row[7]};
-}
 
 // A tensor's row mask (live_table's row: the mask's address, 0 for a dense tensor, and the row width).
 struct LiveRows {
@@ -54,91 +32,7 @@ std::vector<LiveRows> read_live_table(const int64_t* live_table, int64_t n_tenso
   return masks;
 }
 
-// What every element of the call shares, in fp32.
-struct Constants {
-  float decay;  // 1 - lr * weight_decay
-  float one_minus_beta1;
-  float beta2;
-  float one_minus_beta2;
-  float eps;
-  float grad_scale;
-  float clip_coef;  // 1 without clipping: multiplying by it changes no gradient
-  bool maximize;
-};
-
-// What every element of one tensor shares: the bias corrections of its step, folded into two factors.
-struct StepConstants {
-  float step_size;                  // lr / (1 - beta1^t)
-  float inv_bias_correction2_sqrt;  // 1 / sqrt(1 - beta2^t)
-};
-
-template <bool kScaled, bool kAmsgrad, typename Param>
-void update_scalar(const Row<Param>& r, int64_t i, const Constants& c, const StepConstants& s) {
-  float grad = to_f32(r.grad[i]);
-  if (kScaled) {
-    grad /= c.grad_scale;
-    r.grad[i] = from_f32<Param>(grad);
-  }
-  grad *= c.clip_coef;
-  if (c.maximize) grad = -grad;
-  float weight = r.master != nullptr ? r.master[i] : to_f32(r.param[i]);
-  weight *= c.decay;
-  float exp_avg = r.exp_avg[i];
-  exp_avg += c.one_minus_beta1 * (grad - exp_avg);
-  float exp_avg_sq = r.exp_avg_sq[i] * c.beta2 + c.one_minus_beta2 * grad * grad;
-  float second_moment = exp_avg_sq;
-  if (kAmsgrad) {
-    second_moment = std::max(r.max_exp_avg_sq[i], exp_avg_sq);
-    r.max_exp_avg_sq[i] = second_moment;
-  }
-  const float denom = std::sqrt(second_moment) * s.inv_bias_correction2_sqrt + c.eps;
-  weight -= s.step_size * (exp_avg / denom);
-  r.exp_avg[i] = exp_avg;
-  r.exp_avg_sq[i] = exp_avg_sq;
-  if (r.master != nullptr) r.master[i] = weight;
-  r.param[i] = from_f32<Param>(weight);
-}
-
 #if defined(FASTCLS_ADAMW_AVX512)
-template <bool kScaled, bool kAmsgrad, typename Param>
-inline void update16(const Row<Param>& r, int64_t i, __mmask16 mask, const Constants& c, const StepConstants& s) {
-  __m512 grad = load16(r.grad + i, mask);
-  if (kScaled) {
-    grad = _mm512_div_ps(grad, _mm512_set1_ps(c.grad_scale));
-    store16(r.grad + i, grad, mask);
-  }
-  grad = _mm512_mul_ps(grad, _mm512_set1_ps(c.clip_coef));
-  if (c.maximize) grad = _mm512_sub_ps(_mm512_setzero_ps(), grad);
-  __m512 weight = r.master != nullptr ? load16(r.master + i, mask) : load16(r.param + i, mask);
-  weight = _mm512_mul_ps(weight, _mm512_set1_ps(c.decay));
-  __m512 exp_avg = load16(r.exp_avg + i, mask);
-  exp_avg = _mm512_fmadd_ps(_mm512_set1_ps(c.one_minus_beta1), _mm512_sub_ps(grad, exp_avg), exp_avg);
-  __m512 exp_avg_sq = load16(r.exp_avg_sq + i, mask);
-  exp_avg_sq = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(c.one_minus_beta2), grad), grad,
-                               _mm512_mul_ps(exp_avg_sq, _mm512_set1_ps(c.beta2)));
-  __m512 second_moment = exp_avg_sq;
-  if (kAmsgrad) {
-    second_moment = _mm512_max_ps(load16(r.max_exp_avg_sq + i, mask), exp_avg_sq);
-    store16(r.max_exp_avg_sq + i, second_moment, mask);
-  }
-  const __m512 denom = _mm512_fmadd_ps(_mm512_sqrt_ps(second_moment), _mm512_set1_ps(s.inv_bias_correction2_sqrt),
-                                       _mm512_set1_ps(c.eps));
-  weight = _mm512_fnmadd_ps(_mm512_set1_ps(s.step_size), _mm512_div_ps(exp_avg, denom), weight);
-  store16(r.exp_avg + i, exp_avg, mask);
-  store16(r.exp_avg_sq + i, exp_avg_sq, mask);
-  if (r.master != nullptr) store16(r.master + i, weight, mask);
-  store16(r.param + i, weight, mask);
-}
-
-// A dead row's whole update (see adamw.h): the weight times decay, rounded into a bf16 parameter from its master.
-template <typename Param>
-inline void decay16(const Row<Param>& r, int64_t i, __mmask16 mask, float decay) {
-  __m512 weight = r.master != nullptr ? load16(r.master + i, mask) : load16(r.param + i, mask);
-  weight = _mm512_mul_ps(weight, _mm512_set1_ps(decay));
-  if (r.master != nullptr) store16(r.master + i, weight, mask);
-  store16(r.param + i, weight, mask);
-}
-
 // Adds the squares of 16 gradient elements, widened to fp64 where they are exact, to two 8-lane sums.
 template <typename Param>
 inline void add_squares16(const Param* grad, __mmask16 mask, __m512d& low, __m512d& high) {
@@ -165,22 +59,6 @@ double sum_of_squares(const Param* grad, int64_t begin, int64_t end) {
     sum += g * g;
   }
   return sum;
-#endif
-}
-
-template <typename Param>
-void decay_range(const Row<Param>& row, int64_t begin, int64_t end, float decay) {
-  const Row<Param> r = row;
-  int64_t i = begin;
-#if defined(FASTCLS_ADAMW_AVX512)
-  for (; i + 16 <= end; i += 16) decay16(r, i, __mmask16(0xFFFF), decay);
-  if (i < end) decay16(r, i, __mmask16((1u << (end - i)) - 1), decay);
-#else
-  for (; i < end; ++i) {
-    const float weight = (r.master != nullptr ? r.master[i] : to_f32(r.param[i])) * decay;
-    if (r.master != nullptr) r.master[i] = weight;
-    r.param[i] = from_f32<Param>(weight);
-  }
 #endif
 }
 
@@ -212,22 +90,6 @@ double sum_of_squares_live(const Param* grad, int64_t begin, int64_t end, const 
     }
   }
   return sum;
-#endif
-}
-
-template <bool kScaled, bool kAmsgrad, typename Param>
-void update_range(const Row<Param>& row, int64_t begin, int64_t end, const Constants& constants,
-                  const StepConstants& step_constants) {
-  // copies the stores cannot alias, so the loop keeps pointers and constants in registers instead of reloading
-  const Row<Param> r = row;
-  const Constants c = constants;
-  const StepConstants s = step_constants;
-  int64_t i = begin;
-#if defined(FASTCLS_ADAMW_AVX512)
-  for (; i + 16 <= end; i += 16) update16<kScaled, kAmsgrad>(r, i, __mmask16(0xFFFF), c, s);
-  if (i < end) update16<kScaled, kAmsgrad>(r, i, __mmask16((1u << (end - i)) - 1), c, s);
-#else
-  for (; i < end; ++i) update_scalar<kScaled, kAmsgrad>(r, i, c, s);
 #endif
 }
 
@@ -381,10 +243,35 @@ void adamw(const int64_t* table, const int64_t* live_table, int64_t n_tensors, c
                     clip_coef != nullptr ? *clip_coef : 1.0f, o.maximize};
   const bool scaled = grad_scale != nullptr;
   const std::vector<LiveRows> masks = read_live_table(exact_dead_rows ? live_table : nullptr, n_tensors);
-  if (scaled && o.amsgrad) update_all<true, true>(rows, first, c, step_constants, masks, num_threads);
-  else if (scaled) update_all<true, false>(rows, first, c, step_constants, masks, num_threads);
-  else if (o.amsgrad) update_all<false, true>(rows, first, c, step_constants, masks, num_threads);
-  else update_all<false, false>(rows, first, c, step_constants, masks, num_threads);
+  // deferred tensors (adamw.h) step apart: the others keep the whole-table passes and their thread shares
+  std::vector<Row<Param>> whole;
+  std::vector<StepConstants> whole_constants;
+  std::vector<LiveRows> whole_masks;
+  std::vector<int64_t> whole_first{0}, deferred;
+  for (int64_t t = 0; t < n_tensors; ++t) {
+    if (live_table != nullptr && read_deferred(live_table + t * kAdamWLiveTableWidth).synced != nullptr) {
+      deferred.push_back(t);
+      continue;
+    }
+    whole.push_back(rows[t]);
+    whole_constants.push_back(step_constants[t]);
+    whole_masks.push_back(masks[t]);
+    whole_first.push_back(whole_first.back() + rows[t].numel);
+  }
+  if (o.amsgrad && !deferred.empty()) throw std::invalid_argument("adamw: deferred rows need amsgrad off");
+  if (scaled && o.amsgrad) update_all<true, true>(whole, whole_first, c, whole_constants, whole_masks, num_threads);
+  else if (scaled) update_all<true, false>(whole, whole_first, c, whole_constants, whole_masks, num_threads);
+  else if (o.amsgrad) update_all<false, true>(whole, whole_first, c, whole_constants, whole_masks, num_threads);
+  else update_all<false, false>(whole, whole_first, c, whole_constants, whole_masks, num_threads);
+  // an untouched row's gradient stays the zero it was where grad_scale is positive and finite; else (where the
+  // step would write a NaN or an infinity there) every row takes this step
+  const bool every_row = scaled && !(*grad_scale > 0.0f && std::isfinite(*grad_scale));
+  for (const int64_t t : deferred) {
+    const DeferredRows d = read_deferred(live_table + t * kAdamWLiveTableWidth);
+    const int64_t step = int64_t(steps[t]);
+    if (scaled) step_deferred<true>(rows[t], d, c, step_constants[t], step, every_row, num_threads);
+    else step_deferred<false>(rows[t], d, c, step_constants[t], step, every_row, num_threads);
+  }
   for (int64_t t = 0; t < n_tensors; ++t) *rows[t].step = steps[t];
 }
 
@@ -431,6 +318,16 @@ void adamw_live_rows_grad_sum_of_squares_f32(const int64_t* table, const int64_t
 void adamw_live_rows_grad_sum_of_squares_bf16(const int64_t* table, const int64_t* live_table, int64_t n_tensors,
                                               const float* grad_scale, double* out, int num_threads) {
   grad_sum_of_squares<uint16_t>(table, live_table, n_tensors, grad_scale, out, num_threads);
+}
+
+int64_t adamw_catch_up_rows_f32(const int64_t* table_row, const int64_t* live_row, bool write_param,
+                                int num_threads) {
+  return catch_up(read_row<float>(table_row), read_deferred(live_row), write_param, num_threads);
+}
+
+int64_t adamw_catch_up_rows_bf16_master(const int64_t* table_row, const int64_t* live_row, bool write_param,
+                                        int num_threads) {
+  return catch_up(read_row<uint16_t>(table_row), read_deferred(live_row), write_param, num_threads);
 }
 
 }  // namespace fastcls

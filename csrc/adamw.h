@@ -16,7 +16,8 @@
 namespace fastcls {
 
 constexpr int kAdamWTableWidth = 8;
-constexpr int kAdamWLiveTableWidth = 2;
+constexpr int kAdamWLiveTableWidth = 7;
+constexpr int kAdamWHistoryWidth = 8;
 
 struct AdamWOptions {
   double lr;
@@ -50,7 +51,8 @@ void adamw_grad_sum_of_squares_bf16(const int64_t* table, int64_t n_tensors, con
 
 // The same steps and sums, bitwise, for tables whose 2-D tensors (an embedding table) are mostly rows that no
 // step has touched. Row t of `live_table` (int64, kAdamWLiveTableWidth columns) gives tensor t's row mask: the
-// address of one bool per row (0: a dense tensor, all rows live) and the row width in elements (the tensors of a
+// address of one bool per row (0: a dense tensor, all rows live) and the row width in elements (then columns 2-6
+// as below, zero where the tensor is not deferred) (the tensors of a
 // masked row are row-major). A row outside the mask must have a zero gradient and zero moments: its update is then
 // the weight times 1 - lr * weight_decay (a master's rounded into the parameter; nothing when that is 1), which
 // is all that is done to it, and the sum of squares reads only the vectors that hold part of a live row. Where a
@@ -60,6 +62,18 @@ void adamw_grad_sum_of_squares_bf16(const int64_t* table, int64_t n_tensors, con
 // update 28); the sum keeps the dense sum's shares, which its bits depend on. The sum needs only the zero
 // gradients outside its mask, so its live table may be narrower than the update's (fastcls passes the rows that
 // the step's batch touched).
+//
+// Deferred rows. Where live_table's column 2 is nonzero, tensor t (an embedding table, amsgrad off) is deferred:
+// the step touches only the rows its gradient may hold, and every other row skips it, to be brought up to date
+// when next read by replaying the steps it skipped. Columns: 2, the address of an int32 per row, the step count
+// the row is up to date at; 3 and 4, the address and row count of the history, kAdamWHistoryWidth fp32 per step
+// count s (row s: the constants of step s, what it did to an element whose gradient is zero); 5 and 6, the
+// address and count of the int64 ids of the rows the step touches (repeats allowed, each row taken once). A step
+// records itself in row t of the history (t: the tensor's step count after it; the history must have that row),
+// brings each touched row up to step t - 1 and updates it, then marks it up to date at t; its mask column is not
+// read. The replay uses the step's arithmetic (adamw_update.h), so a deferred row, once brought up to date, holds
+// the bits the step over the whole table would have given it. Where grad_scale is not positive and finite every
+// row takes the step (its zero gradient would not stay zero).
 void adamw_live_rows_f32(const int64_t* table, const int64_t* live_table, int64_t n_tensors,
                          const AdamWOptions& options, const float* lr, const float* grad_scale,
                          const float* found_inf, const float* clip_coef, int num_threads);
@@ -70,5 +84,14 @@ void adamw_live_rows_grad_sum_of_squares_f32(const int64_t* table, const int64_t
                                              const float* grad_scale, double* out, int num_threads);
 void adamw_live_rows_grad_sum_of_squares_bf16(const int64_t* table, const int64_t* live_table, int64_t n_tensors,
                                               const float* grad_scale, double* out, int num_threads);
+
+// Brings the rows of one deferred tensor (live_table's ids; every row where the ids' address is 0) up to date at
+// its step count by replaying the steps they skipped; without write_param, all but the parameter itself (which
+// torch wrote after those steps). table_row and live_row: its rows of the two tables. Returns 0, or -1 (nothing
+// done) where an id lies outside the table.
+int64_t adamw_catch_up_rows_f32(const int64_t* table_row, const int64_t* live_row, bool write_param,
+                                int num_threads);
+int64_t adamw_catch_up_rows_bf16_master(const int64_t* table_row, const int64_t* live_row, bool write_param,
+                                        int num_threads);
 
 }  // namespace fastcls

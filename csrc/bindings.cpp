@@ -454,6 +454,20 @@ void def_grad_sum_of_squares_live_rows(py::module_& m, const char* name, GradSum
       py::arg("num_threads"), "adamw_grad_sum_of_squares reading only the live rows of masked tensors (adamw.h).");
 }
 
+using AdamWCatchUpKernel = int64_t (*)(const int64_t*, const int64_t*, bool, int);
+
+void def_adamw_catch_up_rows(py::module_& m, const char* name, AdamWCatchUpKernel kernel) {
+  m.def(
+      name,
+      [kernel](std::uintptr_t table_row, std::uintptr_t live_row, bool write_param, int num_threads) {
+        py::gil_scoped_release release;
+        return kernel(as_ptr<const int64_t>(table_row), as_ptr<const int64_t>(live_row), write_param, num_threads);
+      },
+      py::arg("table_row"), py::arg("live_row"), py::arg("write_param"), py::arg("num_threads"),
+      "Brings a deferred tensor's rows up to date by replaying the steps they skipped (the parameter itself only "
+      "with write_param); -1 where an id is outside the table (adamw.h).");
+}
+
 // Whether the CPU, and the OS (which must save the wider registers), runs the instructions of a variant.
 // __builtin_cpu_supports asks both; GCC 12 names the x86-64 levels, older compilers get their features.
 bool cpu_supports(const std::string& variant) {
@@ -545,6 +559,8 @@ PYBIND11_MODULE(FASTCLS_MODULE, m) {
                                     fastcls::adamw_live_rows_grad_sum_of_squares_f32);
   def_grad_sum_of_squares_live_rows(m, "adamw_live_rows_grad_sum_of_squares_bf16",
                                     fastcls::adamw_live_rows_grad_sum_of_squares_bf16);
+  def_adamw_catch_up_rows(m, "adamw_catch_up_rows_f32", fastcls::adamw_catch_up_rows_f32);
+  def_adamw_catch_up_rows(m, "adamw_catch_up_rows_bf16_master", fastcls::adamw_catch_up_rows_bf16_master);
   def_cross_entropy_target_summary(m);
   def_cross_entropy_rows<float>(m, "f32", fastcls::cross_entropy_rows_f32);
   def_cross_entropy_rows<uint16_t>(m, "bf16", fastcls::cross_entropy_rows_bf16);

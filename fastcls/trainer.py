@@ -42,6 +42,7 @@ from fastcls.models.classifier import EncoderClassifier, choose_packed
 from fastcls.models.loading import head_dropout, load_tokenizer, own_aligned_storage
 from fastcls.models.reinit import reinit_top_layers
 from fastcls.ops.dropout import DropoutGenerator, draw_seed, use_generator
+from fastcls.optim import FusedAdamW
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,12 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
                                                         master_weights=bf16, max_grad_norm=cfg.max_grad_norm),
                                 sharded=cfg.fsdp, factory=optimizer_factory)
     weights = bf16_weights.Bf16Weights(model, optimizer) if bf16 else None
+    if isinstance(optimizer, FusedAdamW):
+        # untouched embedding rows skip steps until read (fastcls.optim.deferred_rows): the loop brings them up to
+        # date before it evaluates or saves, when a callback reads the model or optimizer from the state, and at
+        # its end
+        optimizer.defer_untouched_rows = True
+    sync_rows = optimizer.sync_deferred_rows if isinstance(optimizer, FusedAdamW) else lambda: None
     # every rank cuts the same global batches and runs its share of each (fastcls.components.distributed)
     batches = data.batches(cfg, ddp.world_size)
     steps_per_epoch = math.ceil(len(batches) / cfg.grad_accum)
@@ -221,7 +228,7 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
                  f"{cfg.max_length}")
     if data.augmentation is not None:
         logger.write(data.augmentation.describe())
-    state = TrainState(model, optimizer, total_steps, run.out)
+    state = TrainState(model, optimizer, total_steps, run.out, before_read=sync_rows)
     stopping = EarlyStopping(cfg.metric, cfg.patience, cfg.metric_task)
     training = Training(model, optimizer, scheduler, scaler, generator, state, stopping, step.loss_sum,
                         data_digest(train_set))
@@ -276,6 +283,7 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
                     for callback in callbacks:
                         callback.on_log(state, record)
                 if dev_set is not None and (state.step % eval_every == 0 or state.step == total_steps):
+                    sync_rows()  # training's work (the steps the rows skipped), before the evaluation reads them
                     train_seconds += time.perf_counter() - tick
                     record = {"kind": "eval", "step": state.step, "epoch": round(state.step / steps_per_epoch, 4),
                               "train_loss": _finite_loss(loss.since_evaluation(), state.step, run, logger),
@@ -303,6 +311,7 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
                 # --save-every, or SIGINT/SIGTERM; on CUDA the ranks agree on a signal at logging steps only, which
                 # read the device anyway
                 if resumer.due(state.step, device.type == "cpu" or state.step % cfg.log_every == 0):
+                    sync_rows()
                     saving = time.perf_counter()
                     loop = Loop(i + 1, samples, tokens, padded_tokens, rank_tokens, train_seconds + saving - tick,
                                 epoch_start, epoch_seconds, loss.state_dict())
@@ -317,6 +326,7 @@ def _train(cfg, device, ddp, encoder, tokenizer, optimizer_factory, scheduler_fa
             _synchronize(device)  # once an epoch, so that the epoch's time is the device's
             epoch_seconds.append(train_seconds + time.perf_counter() - tick - epoch_start)
             state.epoch += 1
+    sync_rows()
     logger.close()
     if dev_set is None or stopping.best is None:  # no dev set, or a callback stopped before any evaluation
         train_seconds += time.perf_counter() - tick

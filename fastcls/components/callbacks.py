@@ -3,16 +3,23 @@
 Each hook gets the loop's `TrainState`; setting `state.should_stop = True` ends training after the current step
 (the HF Trainer's `control.should_training_stop`, Lightning's `trainer.should_stop`).
 """
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 
+def _nothing() -> None:
+    pass
+
+
 @dataclass
 class TrainState:
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
+    """`model` and `optimizer` are brought up to date whenever read from the state: FusedAdamW may leave untouched
+    embedding rows behind between steps (fastcls.optim.deferred_rows); `before_read` does that."""
+    _model: torch.nn.Module
+    _optimizer: torch.optim.Optimizer
     total_steps: int
     output: Path
     step: int = 0  # optimizer steps done
@@ -21,6 +28,17 @@ class TrainState:
     best: dict | None = None  # the best evaluation so far
     should_stop: bool = False
     log: list[dict] = field(default_factory=list)  # every eval record so far
+    before_read: Callable[[], None] = field(default=_nothing, repr=False, compare=False)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        self.before_read()
+        return self._model
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        self.before_read()
+        return self._optimizer
 
 
 class Callback:

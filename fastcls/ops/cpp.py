@@ -36,7 +36,9 @@ ADAMW_LIVE_ROWS_GRAD_SUM_OF_SQUARES_KERNELS = {
     torch.float32: "adamw_live_rows_grad_sum_of_squares_f32",
     (torch.bfloat16, "master"): "adamw_live_rows_grad_sum_of_squares_bf16"}
 ADAMW_TABLE_WIDTH = 8  # kAdamWTableWidth in csrc/adamw.h
-ADAMW_LIVE_TABLE_WIDTH = 2  # kAdamWLiveTableWidth: a tensor's row mask address (0: dense) and row width
+# kAdamWLiveTableWidth: a tensor's row mask address (0: dense) and row width, then its deferred rows' columns
+ADAMW_LIVE_TABLE_WIDTH = 7
+ADAMW_HISTORY_WIDTH = 8  # kAdamWHistoryWidth: the fp32 record of one step, for deferred rows
 
 
 def _check(tensor: torch.Tensor, name: str, dtypes, shape: tuple[int, ...] | None, *,
@@ -400,6 +402,20 @@ def adamw(table: torch.Tensor, dtype_key, *, lr: float | torch.Tensor, beta1: fl
     else:
         getattr(dispatch.cpp_ext, ADAMW_LIVE_ROWS_KERNELS[dtype_key])(
             table.data_ptr(), live_table.data_ptr(), table.shape[0], *options)
+
+
+ADAMW_CATCH_UP_KERNELS = {torch.float32: "adamw_catch_up_rows_f32",
+                          (torch.bfloat16, "master"): "adamw_catch_up_rows_bf16_master"}
+
+
+def adamw_catch_up_rows(dtype_key, table_row: torch.Tensor, live_row: torch.Tensor, write_param: bool = True) -> bool:
+    """Bring a deferred tensor's rows up to date (csrc/adamw.h): its table row (int64, ADAMW_TABLE_WIDTH) and live
+    row (int64, ADAMW_LIVE_TABLE_WIDTH, the ids or every row); without write_param, all but the parameter. False,
+    nothing done, where an id is outside the table."""
+    _check(table_row, "table_row", (torch.int64,), (ADAMW_TABLE_WIDTH,))
+    _check(live_row, "live_row", (torch.int64,), (ADAMW_LIVE_TABLE_WIDTH,))
+    kernel = getattr(dispatch.cpp_ext, ADAMW_CATCH_UP_KERNELS[dtype_key])
+    return kernel(table_row.data_ptr(), live_row.data_ptr(), write_param, torch.get_num_threads()) == 0
 
 
 def _check_scalars(**tensors: torch.Tensor | None) -> None:

@@ -17,6 +17,9 @@ import torch.nn.functional as F
 
 # On the weight: [its gradient buffer, the ids added since the buffer was last zeroed (None: too many, zero it all)]
 _BUFFER = "_fastcls_row_grad"
+# On the weight, while FusedAdamW defers its untouched rows: the table that catches them up
+# (fastcls.optim.deferred_rows)
+DEFERRED_TABLE = "_fastcls_deferred"
 
 
 class _RowAccumulatedEmbedding(torch.autograd.Function):
@@ -55,7 +58,11 @@ class _RowAccumulatedEmbedding(torch.autograd.Function):
 
 
 def row_accumulated_embedding(ids: torch.Tensor, weight: torch.Tensor, padding_idx: int | None = None):
-    """F.embedding(ids, weight, padding_idx), with the weight's gradient written into `weight.grad` as above."""
+    """F.embedding(ids, weight, padding_idx), with the weight's gradient written into `weight.grad` as above; the
+    rows it reads brought up to date first where an optimizer defers them (fastcls.optim.deferred_rows)."""
+    deferred = getattr(weight, DEFERRED_TABLE, None)
+    if deferred is not None:
+        deferred.catch_up(ids.reshape(-1))
     if not weight.requires_grad or not torch.is_grad_enabled():
         return F.embedding(ids, weight, padding_idx)
     return _RowAccumulatedEmbedding.apply(ids, weight, padding_idx)

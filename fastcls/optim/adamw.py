@@ -31,7 +31,8 @@ is copied to the device every step, which a capture cannot hold).
 
 Backends (registered below with `fastcls.ops.dispatch`, keyed by parameter dtype and master weights): triton
 for CUDA (fp32, bf16 and fp16 parameters, with or without master weights); cpp for the CPU (fp32, and bf16 with
-master weights; embedding tables row-sparse: fastcls.optim.row_sparse); the reference (PyTorch ops, the same
+master weights; embedding tables row-sparse: fastcls.optim.row_sparse, and with `defer_untouched_rows` their
+untouched rows deferred until read: fastcls.optim.deferred_rows); the reference (PyTorch ops, the same
 math in fp32, sync-free) for everything else, and for gradients whose dtype is not the parameter's.
 
 Mixed precision: `_step_supports_amp_scaling` is set, so `torch.amp.GradScaler.step` hands the optimizer
@@ -67,6 +68,7 @@ import torch
 from fastcls.ops import cpp, dispatch
 from fastcls.optim.adamw_table import (
     AddressTable, Bucket, Entry, StagingBuffers, dense_strides, is_dense, to_device)
+from fastcls.optim.deferred_rows import DeferredRows
 from fastcls.optim.reference import adamw_reference, grad_sum_of_squares_reference
 from fastcls.optim.row_sparse import LiveRows
 
@@ -92,9 +94,11 @@ class FusedAdamW(torch.optim.Optimizer):
     `master_weights` keeps fp32 master copies and moments for bf16/fp16 parameters; `max_grad_norm` (> 0) clips
     the gradients' total norm as clip_grad_norm_ would, inside the step (module doc; the norm in `grad_norm`);
     `backend` forces "triton", "cpp" or "reference" (default: `fastcls.ops.dispatch.backend_for` per device and
-    dtype). lr may be a float or a one-element tensor (fp32 or fp64, best on the parameters' device), and may
-    differ per group; schedulers write `group["lr"]` as usual, and `DeviceLRSchedule` writes into a tensor lr on
-    the device.
+    dtype); `defer_untouched_rows` (default False; fastcls's trainer turns it on) lets an embedding table's rows
+    that a step's batch did not touch skip the step until they are read (fastcls.optim.deferred_rows: read
+    through fastcls's embedding op, `sync_deferred_rows()`, or `state_dict()`, to the dense step's bits). lr may
+    be a float or a one-element tensor (fp32 or fp64, best on the parameters' device), and may differ per group;
+    schedulers write `group["lr"]` as usual, and `DeviceLRSchedule` writes into a tensor lr on the device.
     """
     row_sparse = True  # False: the dense step for embedding tables too (fastcls.optim.row_sparse)
 
@@ -102,6 +106,7 @@ class FusedAdamW(torch.optim.Optimizer):
         self, params, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
         weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False, bias_correction: bool = True,
         master_weights: bool = False, max_grad_norm: float = 0.0, backend: str | None = None,
+        defer_untouched_rows: bool = False,
     ):
         if _scalar(lr, "lr") < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
@@ -136,6 +141,8 @@ class FusedAdamW(torch.optim.Optimizer):
         # param -> the (amsgrad, master, device) its state was last conformed to (see _conform_state)
         self._conformed: dict[torch.Tensor, tuple] = {}
         self._live_rows = LiveRows()
+        self.defer_untouched_rows = defer_untouched_rows
+        self._deferred_rows = DeferredRows()
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -150,7 +157,8 @@ class FusedAdamW(torch.optim.Optimizer):
         self.__dict__.setdefault("_staging", StagingBuffers())
         self.__dict__.setdefault("_tensor_floats", {})
         self.__dict__.setdefault("_master_marks", {})
-        self.__dict__.update(_conformed={}, _live_rows=LiveRows())
+        self.__dict__.setdefault("defer_untouched_rows", False)
+        self.__dict__.update(_conformed={}, _live_rows=LiveRows(), _deferred_rows=DeferredRows())
 
     def _master_mode(self, group: dict, param: torch.Tensor) -> bool:
         return bool(group["master_weights"]) and param.dtype in _LOW_PRECISION
@@ -216,6 +224,7 @@ class FusedAdamW(torch.optim.Optimizer):
         grad = param.grad
         master_param = state[MASTER_KEY] if master else None
         if master:
+            self._deferred_rows.reconcile(param)  # a write to the parameter seen before its master adopts it
             self._refresh_master(param, master_param)
         entry = Entry(param, grad, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
                       master_param, state["step"])
@@ -269,6 +278,8 @@ class FusedAdamW(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        if not self.defer_untouched_rows:
+            self._deferred_rows.clear()  # switched off since: every row up to date, none deferred
         buckets = [self._prepare((index, *key), group, params, grad_scale, found_inf)
                    for index, group in enumerate(self.param_groups) for key, params in self._buckets(group).items()]
         # every bucket's gradients are measured before any update unscales them
@@ -310,7 +321,9 @@ class FusedAdamW(torch.optim.Optimizer):
                     block = block_size(device, max(r[-1] for r in rows))
                 table = AddressTable(rows, device, block, table)
                 self._tables[key] = table
-        live_tables = self._live_rows.live_tables(params, entries, backend == "cpp" and self.row_sparse)
+        live_tables = self._live_rows.live_tables(params, entries, backend == "cpp" and self.row_sparse,
+                                                  self._deferred_rows if self.defer_untouched_rows else None,
+                                                  dtype_key)
         return Bucket(key, params, entries, backend, dtype_key, lr, hyper, grad_scale, found_inf, table, *live_tables)
 
     def _grad_sum_of_squares(self, bucket: Bucket) -> torch.Tensor:
@@ -354,6 +367,7 @@ class FusedAdamW(torch.optim.Optimizer):
             # Kernel stores bypass autograd's version counters: bump them as an in-place torch update would, so
             # a backward that saved a parameter fails loudly and caches keyed on versions see the new values.
             torch.autograd.graph.increment_version(bucket.params)
+            self._deferred_rows.written(bucket.params)
         for entry in entries:
             original_param, original_grad = entry.staged
             if original_param is not None:
@@ -377,10 +391,20 @@ class FusedAdamW(torch.optim.Optimizer):
             **hyper,
         )
 
+    def sync_deferred_rows(self) -> None:
+        """Bring every row that `defer_untouched_rows` left behind up to date (fastcls.optim.deferred_rows)."""
+        self._deferred_rows.sync()
+
+    def state_dict(self) -> dict:
+        """torch.optim.Optimizer.state_dict, every deferred row brought up to date first."""
+        self._deferred_rows.sync()
+        return super().state_dict()
+
     def load_state_dict(self, state_dict: dict) -> None:
         """torch.optim.Optimizer.load_state_dict, keeping the fp32 moments and master copies of master-weights
         parameters in fp32 (the base class rounds floating state to the parameter's dtype) and moving `step`
         beside its parameter."""
+        self._deferred_rows.clear()  # the rows as the steps so far left them, before the state is replaced
         saved_fp32 = {
             index: {key: value for key, value in saved.items()
                     if key != "step" and isinstance(value, torch.Tensor) and value.dtype == torch.float32}

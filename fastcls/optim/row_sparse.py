@@ -28,9 +28,10 @@ import torch
 
 from fastcls.ops.embedding import touched_rows
 from fastcls.optim.adamw_table import Entry
+from fastcls.optim.deferred_rows import DeferredRows
 
 DENSE_FRACTION = 0.4
-_DENSE_ROW = (0, 1)  # a live_table row that leaves its tensor to the dense update
+_DENSE_ROW = (0, 1, 0, 0, 0, 0, 0)  # a live_table row that leaves its tensor to the dense update
 
 
 def nonzero_rows(moment: torch.Tensor) -> torch.Tensor:
@@ -50,29 +51,40 @@ class LiveRows:
         """The parameter's current live-row mask (bool, a row each), None when it has none."""
         return self._masks[param][0] if param in self._masks else None
 
-    def live_tables(self, params: list[torch.Tensor], entries: tuple[Entry, ...],
-                    enabled: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def live_tables(self, params: list[torch.Tensor], entries: tuple[Entry, ...], enabled: bool,
+                    deferred: DeferredRows | None = None,
+                    dtype_key=None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The C++ kernels' live table for a bucket's update (csrc/adamw.h), each step's touched ids added to the
         masks, and one for its gradient-norm pass, whose masks hold this step's touched rows alone: every other row's
         gradient is zero, so the sum has the same bits (adamw.h) from a few hundred rows rather than every row a run
         has touched. Each None when no parameter of the bucket is row-sparse there. `enabled`: a C++ step with the
-        switch on."""
-        rows = [self._row(param, entry) if enabled else self._drop(param) for param, entry in zip(params, entries)]
+        switch on. `deferred`: where the optimizer defers untouched rows (fastcls.optim.deferred_rows), the
+        row-sparse tables' update rows defer theirs (dtype_key: the bucket's kernel key)."""
+        rows = [self._row(param, entry, deferred, dtype_key) if enabled else self._drop(param, deferred)
+                for param, entry in zip(params, entries)]
         return tuple(torch.tensor(table, dtype=torch.int64) if any(row != _DENSE_ROW for row in table) else None
                      for table in zip(*rows)) if rows else (None, None)
 
-    def _drop(self, param: torch.Tensor) -> tuple[tuple[int, int], tuple[int, int]]:
+    def _drop(self, param: torch.Tensor, deferred: DeferredRows | None) -> tuple[tuple, tuple]:
+        if deferred is not None:
+            deferred.drop(param)  # its rows up to date before a step that updates them all
         self._masks.pop(param, None)  # a dense step may make any row live: derive the mask again when next needed
         self._touched.pop(param, None)
         return _DENSE_ROW, _DENSE_ROW
 
-    def _row(self, param: torch.Tensor, entry: Entry) -> tuple[tuple[int, int], tuple[int, int]]:
+    def _row(self, param: torch.Tensor, entry: Entry, deferred: DeferredRows | None, dtype_key) -> tuple[tuple, tuple]:
         ids = touched_rows(param)
         tensors = (entry.param, entry.grad, entry.exp_avg, entry.exp_avg_sq, entry.master)
         if ids is None or param.dim() != 2 or param.numel() == 0 or entry.max_exp_avg_sq is not None \
                 or entry.exp_avg.dtype != torch.float32 \
                 or not all(t is None or t.is_contiguous() for t in tensors):
-            return self._drop(param)
+            return self._drop(param, deferred)
+        if deferred is not None:
+            # no mask to keep: the step touches these rows alone (the mask is derived afresh if deferral stops)
+            self._masks.pop(param, None)
+            touched = self._touched[param] = torch.zeros(param.shape[0], dtype=torch.bool).index_fill_(0, ids, True)
+            return (tuple(deferred.live_row(param, entry, dtype_key, ids)),
+                    (touched.data_ptr(), param.shape[1], 0, 0, 0, 0, 0))
         moments = (entry.exp_avg, entry.exp_avg_sq)
         marks = tuple((weakref.ref(m), m._version) for m in moments)
         mask, seen = self._masks.get(param, (None, None))
@@ -82,8 +94,8 @@ class LiveRows:
         mask.index_fill_(0, ids, True)
         # kept until the next step replaces it: the kernels read it by address
         touched = self._touched[param] = torch.zeros_like(mask).index_fill_(0, ids, True)
-        touched_row = touched.data_ptr(), param.shape[1]
+        touched_row = (touched.data_ptr(), param.shape[1], 0, 0, 0, 0, 0)
         if mask.sum() > DENSE_FRACTION * len(mask):
             # the mask is kept up to date all the same: it stays right for the steps to come
             return _DENSE_ROW, touched_row
-        return (mask.data_ptr(), param.shape[1]), touched_row
+        return (mask.data_ptr(), param.shape[1], 0, 0, 0, 0, 0), touched_row

@@ -16,7 +16,7 @@
 namespace fastcls {
 
 constexpr int kAdamWTableWidth = 8;
-constexpr int kAdamWLiveTableWidth = 7;
+constexpr int kAdamWLiveTableWidth = 8;
 constexpr int kAdamWHistoryWidth = 8;
 
 struct AdamWOptions {
@@ -51,7 +51,7 @@ void adamw_grad_sum_of_squares_bf16(const int64_t* table, int64_t n_tensors, con
 
 // The same steps and sums, bitwise, for tables whose 2-D tensors (an embedding table) are mostly rows that no
 // step has touched. Row t of `live_table` (int64, kAdamWLiveTableWidth columns) gives tensor t's row mask: the
-// address of one bool per row (0: a dense tensor, all rows live) and the row width in elements (then columns 2-6
+// address of one bool per row (0: a dense tensor, all rows live) and the row width in elements (then columns 2-7
 // as below, zero where the tensor is not deferred) (the tensors of a
 // masked row are row-major). A row outside the mask must have a zero gradient and zero moments: its update is then
 // the weight times 1 - lr * weight_decay (a master's rounded into the parameter; nothing when that is 1), which
@@ -66,10 +66,11 @@ void adamw_grad_sum_of_squares_bf16(const int64_t* table, int64_t n_tensors, con
 // Deferred rows. Where live_table's column 2 is nonzero, tensor t (an embedding table, amsgrad off) is deferred:
 // the step touches only the rows its gradient may hold, and every other row skips it, to be brought up to date
 // when next read by replaying the steps it skipped. Columns: 2, the address of an int32 per row, the step count
-// the row is up to date at; 3 and 4, the address and row count of the history, kAdamWHistoryWidth fp32 per step
-// count s (row s: the constants of step s, what it did to an element whose gradient is zero); 5 and 6, the
-// address and count of the int64 ids of the rows the step touches (repeats allowed, each row taken once). A step
-// records itself in row t of the history (t: the tensor's step count after it; the history must have that row),
+// the row is up to date at; 3 and 4, the address and row count of the history, kAdamWHistoryWidth fp32 per step,
+// its row s - f holding step s's constants (what it did to an element whose gradient is zero), f in column 7 (no
+// row is up to date before step f: the history starts there); 5 and 6, the address and count of the int64 ids of
+// the rows the step touches (repeats allowed, each row taken once). A step records itself in the history at t
+// (the tensor's step count after it; the history must have that row),
 // brings each touched row up to step t - 1 and updates it, then marks it up to date at t; its mask column is not
 // read. The replay uses the step's arithmetic (adamw_update.h), so a deferred row, once brought up to date, holds
 // the bits the step over the whole table would have given it. Where grad_scale is not positive and finite every

@@ -17,23 +17,29 @@ namespace adamw_detail {
 // A deferred tensor (the live table's columns 2-6, adamw.h).
 struct DeferredRows {
   int32_t* synced;     // per row: the step count it is up to date at; null: the tensor is not deferred
-  float* history;      // kAdamWHistoryWidth floats per step count
+  float* history;      // kAdamWHistoryWidth floats per step count, from step history_first on
   int64_t history_rows;
   const int64_t* ids;  // the rows a call brings up to date (repeats allowed); null: every row
   int64_t n_ids;
   int64_t width;       // elements per row
+  int64_t history_first;
+
+  // Step s's record.
+  float* record(int64_t s) const { return history + (s - history_first) * kAdamWHistoryWidth; }
 };
 
 inline DeferredRows read_deferred(const int64_t* live_row) {
   return {reinterpret_cast<int32_t*>(live_row[2]), reinterpret_cast<float*>(live_row[3]), live_row[4],
-          reinterpret_cast<const int64_t*>(live_row[5]), live_row[6], live_row[1]};
+          reinterpret_cast<const int64_t*>(live_row[5]), live_row[6], live_row[1], live_row[7]};
 }
 
 // Step s's record: what its update did to an element whose stored gradient is zero.
 inline void record_step(const DeferredRows& d, int64_t step, const Constants& c, const StepConstants& s,
                         float zero_gradient) {
-  if (step >= d.history_rows) throw std::invalid_argument("adamw: the deferred rows' history is too short");
-  float* h = d.history + step * kAdamWHistoryWidth;
+  if (step < d.history_first || step - d.history_first >= d.history_rows) {
+    throw std::invalid_argument("adamw: the deferred rows' history has no row for this step");
+  }
+  float* h = d.record(step);
   const float record[kAdamWHistoryWidth] = {c.decay, c.one_minus_beta1, c.beta2, c.one_minus_beta2,
                                        c.eps,   s.step_size,       s.inv_bias_correction2_sqrt, zero_gradient};
   std::copy(record, record + kAdamWHistoryWidth, h);
@@ -52,7 +58,7 @@ inline bool keeps_moments_zero(const float* h) {
 // the steps between, four vectors at a time in registers. Without write_param the parameter keeps what it holds
 // (torch wrote it after those steps); a master and the moments take them all the same.
 template <typename Param>
-void replay(const Row<Param>& r, int64_t begin, int64_t end, const float* history, int64_t from, int64_t to,
+void replay(const Row<Param>& r, int64_t begin, int64_t end, const DeferredRows& d, int64_t from, int64_t to,
             bool write_param = true) {
   if (from >= to) return;
 #if defined(FASTCLS_ADAMW_AVX512)
@@ -71,7 +77,7 @@ void replay(const Row<Param>& r, int64_t begin, int64_t end, const float* histor
     }
     bool zero_moments = _mm512_test_epi32_mask(bits, bits) == 0;  // every bit: a −0 takes the full update
     for (int64_t s = from + 1; s <= to; ++s) {
-      const float* h = history + s * kAdamWHistoryWidth;
+      const float* h = d.record(s);
       if (zero_moments && keeps_moments_zero(h)) {
         for (int k = 0; k < kVectors; ++k) w[k] = _mm512_mul_ps(w[k], _mm512_set1_ps(h[0]));
         continue;
@@ -95,7 +101,7 @@ void replay(const Row<Param>& r, int64_t begin, int64_t end, const float* histor
     float w = r.master != nullptr ? r.master[i] : to_f32(r.param[i]), m = r.exp_avg[i], v = r.exp_avg_sq[i];
     float unused = 0.0f;
     for (int64_t s = from + 1; s <= to; ++s) {
-      const float* h = history + s * kAdamWHistoryWidth;
+      const float* h = d.record(s);
       adamw_math<false>(h[7], w, m, v, unused, recorded_constants(h), recorded_step(h));
     }
     if (r.master != nullptr) r.master[i] = w;
@@ -114,12 +120,17 @@ inline int64_t rows_to_visit(const DeferredRows& d, int64_t n_rows, int64_t now,
     for (int64_t x = 0; x < n_rows; ++x) {
       if (d.synced[x] < now) rows.push_back(x);
     }
-    return 0;
+  } else {
+    rows.assign(d.ids, d.ids + d.n_ids);
+    std::sort(rows.begin(), rows.end());
+    rows.erase(std::unique(rows.begin(), rows.end()), rows.end());
+    if (!rows.empty() && (rows.front() < 0 || rows.back() >= n_rows)) return -1;
   }
-  rows.assign(d.ids, d.ids + d.n_ids);
-  std::sort(rows.begin(), rows.end());
-  rows.erase(std::unique(rows.begin(), rows.end()), rows.end());
-  return rows.empty() || (rows.front() >= 0 && rows.back() < n_rows) ? 0 : -1;
+  // the steps a row skipped must be on record (the history starts where every row was last up to date)
+  for (const int64_t x : rows) {
+    if (d.synced[x] < d.history_first) throw std::invalid_argument("adamw: a deferred row's steps are off the record");
+  }
+  return 0;
 }
 
 // Runs visit(row) for each row, the threads taking rows as they come (a row's replay may be long or empty).
@@ -139,7 +150,7 @@ int64_t catch_up(const Row<Param>& r, const DeferredRows& d, bool write_param, i
   std::vector<int64_t> rows;
   if (rows_to_visit(d, n_rows, now, rows) < 0) return -1;
   for_each_row(rows, d.width, num_threads, [&](int64_t x) {
-    replay(r, x * d.width, (x + 1) * d.width, d.history, d.synced[x], now, write_param);
+    replay(r, x * d.width, (x + 1) * d.width, d, d.synced[x], now, write_param);
     d.synced[x] = int32_t(now);
   });
   return 0;
@@ -157,7 +168,7 @@ void step_deferred(const Row<Param>& r, DeferredRows d, const Constants& c, cons
     throw std::invalid_argument("adamw: a deferred tensor's touched row is outside it");
   }
   for_each_row(rows, d.width, num_threads, [&](int64_t x) {
-    replay(r, x * d.width, (x + 1) * d.width, d.history, d.synced[x], step - 1);
+    replay(r, x * d.width, (x + 1) * d.width, d, d.synced[x], step - 1);
     update_range<kScaled, false>(r, x * d.width, (x + 1) * d.width, c, s);
     d.synced[x] = int32_t(step);
   });

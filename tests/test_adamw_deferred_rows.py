@@ -67,6 +67,8 @@ def test_deferred_rows_reach_the_dense_steps_bits(two_threads, dtype, options): 
         if ids == "sync":
             ours.sync_deferred_rows()
             assert_same(ours, dense, ours_params, dense_params)
+            # every row up to date: the history restarts at this step, and the steps to come stay exact
+            assert ours._deferred_rows._tables[table].first == int(ours.state[table]["step"])
             continue
         if ids == "reload":  # a resumed run: the state dict holds every row up to date
             ours_state, dense_state = copy.deepcopy(ours.state_dict()), copy.deepcopy(dense.state_dict())

@@ -37,7 +37,7 @@ ADAMW_LIVE_ROWS_GRAD_SUM_OF_SQUARES_KERNELS = {
     (torch.bfloat16, "master"): "adamw_live_rows_grad_sum_of_squares_bf16"}
 ADAMW_TABLE_WIDTH = 8  # kAdamWTableWidth in csrc/adamw.h
 # kAdamWLiveTableWidth: a tensor's row mask address (0: dense) and row width, then its deferred rows' columns
-ADAMW_LIVE_TABLE_WIDTH = 7
+ADAMW_LIVE_TABLE_WIDTH = 8
 ADAMW_HISTORY_WIDTH = 8  # kAdamWHistoryWidth: the fp32 record of one step, for deferred rows
 
 

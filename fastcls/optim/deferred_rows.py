@@ -38,7 +38,9 @@ class DeferredTable:
         self.width = param.shape[1]
         step = int(entry.step)
         self.synced = torch.full((param.shape[0],), step, dtype=torch.int32)
-        self.history = torch.zeros((max(64, 2 * step + 2), cpp.ADAMW_HISTORY_WIDTH), dtype=torch.float32)
+        # the records of steps first, first + 1, ...: none is needed before the step every row was last up to date
+        self.first = step
+        self.history = torch.zeros((64, cpp.ADAMW_HISTORY_WIDTH), dtype=torch.float32)
         self.ids = None  # the touched ids of the step under way (the kernel reads them by address)
         self._adopt(entry)
 
@@ -77,13 +79,15 @@ class DeferredTable:
         """The kernels' live-table row (csrc/adamw.h) for touched `ids` (None: every row)."""
         self.ids = None if ids is None else ids.contiguous()
         return [0, self.width, self.synced.data_ptr(), self.history.data_ptr(), self.history.shape[0],
-                0 if self.ids is None else self.ids.data_ptr(), 0 if self.ids is None else self.ids.numel()]
+                0 if self.ids is None else self.ids.data_ptr(), 0 if self.ids is None else self.ids.numel(),
+                self.first]
 
     def reserve(self, step: int) -> None:
         """Room in the history for step count `step`."""
-        if step >= self.history.shape[0]:
-            grown = torch.zeros((2 * step + 2, cpp.ADAMW_HISTORY_WIDTH), dtype=torch.float32)
-            grown[:self.history.shape[0]] = self.history
+        kept = self.history.shape[0]
+        if step - self.first >= kept:
+            grown = torch.zeros((2 * (step - self.first) + 2, cpp.ADAMW_HISTORY_WIDTH), dtype=torch.float32)
+            grown[:kept] = self.history
             self.history = grown
 
     def catch_up(self, ids: torch.Tensor | None = None) -> bool:
@@ -100,6 +104,10 @@ class DeferredTable:
         self.ids = None
         if not ok:
             raise IndexError(f"an embedding id lies outside the table's {self.param.shape[0]} rows")
+        if ids is None:  # every row up to date: the records so far are needed no more (a long run's stay small)
+            step = int(self.tensors[-1])
+            self.history = self.history[step - self.first:].clone()
+            self.first = step
 
 
 class DeferredRows:

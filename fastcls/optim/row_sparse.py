@@ -31,7 +31,7 @@ from fastcls.optim.adamw_table import Entry
 from fastcls.optim.deferred_rows import DeferredRows
 
 DENSE_FRACTION = 0.4
-_DENSE_ROW = (0, 1, 0, 0, 0, 0, 0)  # a live_table row that leaves its tensor to the dense update
+_DENSE_ROW = (0, 1, 0, 0, 0, 0, 0, 0)  # a live_table row that leaves its tensor to the dense update
 
 
 def nonzero_rows(moment: torch.Tensor) -> torch.Tensor:
@@ -84,7 +84,7 @@ class LiveRows:
             self._masks.pop(param, None)
             touched = self._touched[param] = torch.zeros(param.shape[0], dtype=torch.bool).index_fill_(0, ids, True)
             return (tuple(deferred.live_row(param, entry, dtype_key, ids)),
-                    (touched.data_ptr(), param.shape[1], 0, 0, 0, 0, 0))
+                    (touched.data_ptr(), param.shape[1], 0, 0, 0, 0, 0, 0))
         moments = (entry.exp_avg, entry.exp_avg_sq)
         marks = tuple((weakref.ref(m), m._version) for m in moments)
         mask, seen = self._masks.get(param, (None, None))
@@ -94,8 +94,8 @@ class LiveRows:
         mask.index_fill_(0, ids, True)
         # kept until the next step replaces it: the kernels read it by address
         touched = self._touched[param] = torch.zeros_like(mask).index_fill_(0, ids, True)
-        touched_row = (touched.data_ptr(), param.shape[1], 0, 0, 0, 0, 0)
+        touched_row = (touched.data_ptr(), param.shape[1], 0, 0, 0, 0, 0, 0)
         if mask.sum() > DENSE_FRACTION * len(mask):
             # the mask is kept up to date all the same: it stays right for the steps to come
             return _DENSE_ROW, touched_row
-        return (mask.data_ptr(), param.shape[1], 0, 0, 0, 0, 0), touched_row
+        return (mask.data_ptr(), param.shape[1], 0, 0, 0, 0, 0, 0), touched_row

@@ -56,7 +56,7 @@ def test_deferred_rows_reach_the_dense_steps_bits(two_threads, dtype, options): 
     for number, ids in enumerate(STEP_IDS):
         if ids == "lookup":  # the rows a lookup reads are brought up to date, the others left behind
             steps = int(ours.state[table]["step"])  # a skipped step counts none
-            lookup = torch.tensor([1999, 300, 1234, 1234, PAD])
+            lookup = torch.tensor([1999, 300, 1234, 1234, PAD], dtype=torch.int32)  # read as int64 all the same
             behind = ours._deferred_rows._tables[table].synced
             assert behind[1999] < steps and behind[1234] == steps
             with torch.no_grad():

@@ -4,7 +4,7 @@ Each hook gets the loop's `TrainState`; setting `state.should_stop = True` ends 
 (the HF Trainer's `control.should_training_stop`, Lightning's `trainer.should_stop`).
 """
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,10 +16,11 @@ def _nothing() -> None:
 
 @dataclass
 class TrainState:
-    """`model` and `optimizer` are brought up to date whenever read from the state: FusedAdamW may leave untouched
-    embedding rows behind between steps (fastcls.optim.deferred_rows); `before_read` does that."""
-    _model: torch.nn.Module
-    _optimizer: torch.optim.Optimizer
+    """The loop's state as callbacks see it. `model` and `optimizer` are brought up to date whenever read from the
+    state: FusedAdamW may leave untouched embedding rows behind between steps (fastcls.optim.deferred_rows), and
+    `before_read` catches them up."""
+    model: InitVar[torch.nn.Module]
+    optimizer: InitVar[torch.optim.Optimizer]
     total_steps: int
     output: Path
     step: int = 0  # optimizer steps done
@@ -30,15 +31,20 @@ class TrainState:
     log: list[dict] = field(default_factory=list)  # every eval record so far
     before_read: Callable[[], None] = field(default=_nothing, repr=False, compare=False)
 
-    @property
-    def model(self) -> torch.nn.Module:
-        self.before_read()
-        return self._model
+    def __post_init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self._model, self._optimizer = model, optimizer
 
-    @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        self.before_read()
-        return self._optimizer
+
+def _read(name: str) -> property:
+    def read(state: TrainState):
+        state.before_read()
+        return getattr(state, name)
+    return property(read)
+
+
+# set after the class is made: a property in its body would become the init arguments' default
+TrainState.model = _read("_model")
+TrainState.optimizer = _read("_optimizer")
 
 
 class Callback:

@@ -77,7 +77,7 @@ class DeferredTable:
 
     def live_row(self, ids: torch.Tensor | None) -> list[int]:
         """The kernels' live-table row (csrc/adamw.h) for touched `ids` (None: every row)."""
-        self.ids = None if ids is None else ids.contiguous()
+        self.ids = None if ids is None else ids.to(torch.int64).contiguous()  # the kernels read int64
         return [0, self.width, self.synced.data_ptr(), self.history.data_ptr(), self.history.shape[0],
                 0 if self.ids is None else self.ids.data_ptr(), 0 if self.ids is None else self.ids.numel(),
                 self.first]
@@ -115,11 +115,9 @@ class DeferredRows:
 
     def __init__(self):
         self._tables: dict[torch.Tensor, DeferredTable] = {}
-        # the rows caught up, and the parameters left alone, when the optimizer goes
-        weakref.finalize(self, _drop_all, self._tables)
-
-    def __contains__(self, param: torch.Tensor) -> bool:
-        return param in self._tables
+        # the rows caught up, and the parameters left alone, when the optimizer goes (not at exit: nothing reads
+        # them after it)
+        weakref.finalize(self, _drop_all, self._tables).atexit = False
 
     def live_row(self, param: torch.Tensor, entry: Entry, dtype_key, ids: torch.Tensor) -> list[int]:
         """A step's live-table row for param, deferring its untouched rows from now on."""

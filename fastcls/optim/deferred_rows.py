@@ -46,7 +46,7 @@ class DeferredTable:
 
     def _adopt(self, entry: Entry) -> None:
         """Take entry's tensors as the ones this table's rows are kept in, as they are now."""
-        self.tensors = (entry.param, entry.exp_avg, entry.exp_avg_sq, entry.master, entry.step)
+        self.tensors = _kept_tensors(entry)
         self.marks = tuple(None if t is None else t._version for t in self.tensors)
         row = entry.row()
         row[1] = 0  # the catch-up reads no gradient
@@ -54,8 +54,7 @@ class DeferredTable:
 
     def holds(self, entry: Entry) -> bool:
         """Whether a step's tensors are the ones this table keeps its rows in (a loaded state replaces them)."""
-        return all(a is b for a, b in zip(
-            self.tensors, (entry.param, entry.exp_avg, entry.exp_avg_sq, entry.master, entry.step)))
+        return all(a is b for a, b in zip(self.tensors, _kept_tensors(entry)))
 
     def reconcile(self) -> bool:
         """After torch wrote the tensors since the optimizer did: where only the parameter moved (a model's
@@ -150,8 +149,7 @@ class DeferredRows:
         if table is not None:
             if catch_up:
                 table.catch_up()
-            if getattr(param, DEFERRED_TABLE, None) is table:
-                delattr(param, DEFERRED_TABLE)
+            _forget(param, table)
 
     def sync(self) -> None:
         """Every deferred row up to date (the deferral goes on at the next step)."""
@@ -166,6 +164,16 @@ class DeferredRows:
 def _drop_all(tables: dict) -> None:
     for param, table in tables.items():
         table.catch_up()
-        if getattr(param, DEFERRED_TABLE, None) is table:
-            delattr(param, DEFERRED_TABLE)
+        _forget(param, table)
     tables.clear()
+
+
+def _forget(param: torch.Tensor, table: DeferredTable) -> None:
+    """The embedding op stops catching param's rows up (unless a newer table took its place)."""
+    if getattr(param, DEFERRED_TABLE, None) is table:
+        delattr(param, DEFERRED_TABLE)
+
+
+def _kept_tensors(entry: Entry) -> tuple:
+    """The tensors a deferred table's rows live in."""
+    return entry.param, entry.exp_avg, entry.exp_avg_sq, entry.master, entry.step

@@ -57,6 +57,7 @@ def step(model, fused, seed=11, checkpointing=False, lengths=(7, 1, 12, 4, 9, 30
         return real(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(encoder_module, "ENCODER_STACK", False)  # layer by layer (tests/test_encoder_stack.py: as one)
         patch.setattr(encoder_module, "encoder_layer", counted)
         if not fused:
             patch.setattr(encoder_module, "encoder_layer_applies", lambda *args: False)
@@ -108,7 +109,8 @@ def test_one_call_equals_the_kernels_called_one_by_one(variant, monkeypatch):
     for name in calls:
         real = getattr(cpp, f"encoder_layer_{name}")
         monkeypatch.setattr(cpp, f"encoder_layer_{name}",
-                            lambda *args, name=name, real=real: calls.__setitem__(name, calls[name] + 1) or real(*args))
+                            lambda *args, name=name, real=real, **kwargs:
+                            calls.__setitem__(name, calls[name] + 1) or real(*args, **kwargs))
     one_call = step(model, True)  # 63 tokens: an odd count, thread shares uneven
     assert calls == {"forward": 3, "backward": 3}  # every layer, the [CLS]-only last one included
     monkeypatch.setattr(cpp, "ENCODER_LAYER_BUILT", False)
@@ -186,6 +188,7 @@ def test_the_next_layer_reads_the_bf16_copy_while_the_output_is_unchanged(monkey
     from fastcls.ops.encoder_layer import _bf16_of
 
     outputs, real = [], encoder_module.encoder_layer
+    monkeypatch.setattr(encoder_module, "ENCODER_STACK", False)
     monkeypatch.setattr(encoder_module, "encoder_layer", lambda *args: outputs.append(real(*args)) or outputs[-1])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         tiny_model(layers=2)(batch())

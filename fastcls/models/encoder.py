@@ -40,6 +40,7 @@ from fastcls.ops.dropout import recomputed_alike
 from fastcls.ops.bias_gelu import bias_gelu, bias_gelu_applies
 from fastcls.ops.embedding import row_accumulated_embedding
 from fastcls.ops.encoder_layer import LayerSpec, encoder_layer, encoder_layer_applies
+from fastcls.ops.encoder_stack import encoder_stack, encoder_stack_applies
 from fastcls.ops.linear import linear, new_forward_pass
 from fastcls.ops.varlen_attention import varlen_attention
 
@@ -114,16 +115,44 @@ def _add_norm(norm: nn.LayerNorm, x, residual, p: float, training: bool, kernels
     return F.layer_norm(F.dropout(x, p, training) + residual, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
+# Whether the trainable layers of a training step run as one autograd node where fastcls.ops.encoder_stack applies
+# (the same bits as layer by layer, less Python between the kernels); the tests compare both
+ENCODER_STACK = True
+
+
+def _layer_args(part: _Layer) -> tuple:
+    """A layer's (linears, norms, dropout probabilities) as fastcls.ops.encoder_layer takes them."""
+    linears = (part.query, part.key, part.value, part.attn_out, part.ffn_in, part.ffn_out)
+    dropouts = ((part.attn_dropout, part.attn_out_dropout, part.out_dropout) if part.module.training
+                else (0.0,) * 3)
+    return linears, (part.attn_norm, part.out_norm), dropouts
+
+
+def _spec(part: _Layer, dropouts: tuple) -> LayerSpec:
+    return LayerSpec(part.heads, *dropouts, float(part.attn_norm.eps), float(part.out_norm.eps))
+
+
+def run_layers(parts: list[_Layer], h: torch.Tensor, batch: Batch, cls_last: bool, kernels: bool) -> torch.Tensor | None:
+    """The layers on tokens h [T, d] as one node (fastcls.ops.encoder_stack), with cls_last the last one's [CLS]
+    rows alone; None where that does not apply."""
+    if not (ENCODER_STACK and kernels and len(parts) > 1 and isinstance(batch, PackedBatch)
+            and all(part.exact_gelu for part in parts)):
+        return None
+    args = [_layer_args(part) for part in parts]
+    if not encoder_stack_applies(h, [(linears, norms, part.heads, dropouts)
+                                     for part, (linears, norms, dropouts) in zip(parts, args)]):
+        return None
+    layers = [(linears, norms, _spec(part, dropouts)) for part, (linears, norms, dropouts) in zip(parts, args)]
+    return encoder_stack(h, batch.cu_seqlens, batch.max_len, layers, batch.cls_index if cls_last else None)
+
+
 def run_layer(part: _Layer, h: torch.Tensor, batch: Batch, cls_only: bool, kernels: bool) -> torch.Tensor:
     """One encoder layer on tokens h [T, d]; with cls_only, only the [CLS] rows' output [rows, d]."""
     training = part.module.training
     if kernels and part.exact_gelu and isinstance(batch, PackedBatch):
-        linears = (part.query, part.key, part.value, part.attn_out, part.ffn_in, part.ffn_out)
-        norms = (part.attn_norm, part.out_norm)
-        dropouts = (part.attn_dropout, part.attn_out_dropout, part.out_dropout) if training else (0.0,) * 3
+        linears, norms, dropouts = _layer_args(part)
         if encoder_layer_applies(h, linears, norms, part.heads, dropouts):  # the whole layer as one autograd node
-            spec = LayerSpec(part.heads, *dropouts, float(part.attn_norm.eps), float(part.out_norm.eps))
-            return encoder_layer(h, batch.cu_seqlens, batch.max_len, linears, norms, spec,
+            return encoder_layer(h, batch.cu_seqlens, batch.max_len, linears, norms, _spec(part, dropouts),
                                  batch.cls_index if cls_only else None)
     query_input = h.index_select(0, batch.cls_index) if cls_only else h
     q, k, v = _projections(part, h, query_input, cls_only, kernels)
@@ -295,13 +324,17 @@ class LayerwiseEncoder:
         h = self._prefix(batch)
         checkpointing = self.checkpointing and torch.is_grad_enabled()
         last_cls_only = self.pooling == "cls" and self.task_layers is None
-        for index in range(self.frozen_layers, n):
+        stacked = None
+        if not checkpointing and not self.layers_as_modules and self.task_layers is None:
+            stacked = run_layers(self.layers[self.frozen_layers:], h, batch, last_cls_only, self.kernels)
+        for index in range(self.frozen_layers, n if stacked is None else self.frozen_layers):
             cls_only = last_cls_only and index == n - 1
             if checkpointing:
                 h = checkpoint(recomputed_alike(self.layer), index, h, batch, cls_only, use_reentrant=False,
                                context_fn=attn.recompute_in_the_same_context)
             else:
                 h = self.layer(index, h, batch, cls_only)
+        h = h if stacked is None else stacked
         if self.task_layers is not None:
             return self.task_layers(h, batch, kernels=self.kernels, checkpointing=checkpointing, pooling=self.pooling)
         if last_cls_only and self.frozen_layers < n:

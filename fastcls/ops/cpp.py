@@ -513,7 +513,7 @@ ENCODER_LAYER_BUILT = hasattr(dispatch.cpp_ext, "encoder_layer_backward")
 _scratch = threading.local()
 
 
-def _encoder_layer_scratch(nbytes: int) -> torch.Tensor:
+def encoder_layer_scratch(nbytes: int) -> torch.Tensor:
     buffer = getattr(_scratch, "buffer", None)
     if buffer is None or buffer.numel() < nbytes:
         buffer = _scratch.buffer = torch.empty(nbytes, dtype=torch.uint8)
@@ -561,8 +561,8 @@ def _pack_fields(packed: tuple, cls_only: bool) -> list[int]:
 
 
 def encoder_layer_backward(grad_h2: torch.Tensor, saved: dict, packed: tuple, ffn_in_bias: torch.Tensor,
-                           norms: tuple, heads: int, attn_scale: float,
-                           dropouts: tuple) -> tuple[torch.Tensor, list, torch.Tensor, torch.Tensor]:
+                           norms: tuple, heads: int, attn_scale: float, dropouts: tuple, run: bool = True,
+                           workspace: torch.Tensor | None = None) -> tuple:
     """The encoder layer's backward in one call (csrc/encoder_layer.h) for an fp32 residual stream: (grad_h fp32
     [T, d]; the bf16 weight gradients of the query, key and value products [3d, d], the attention output [d, d] and
     the feed-forward products [F, d] and [d, F]; the biases' gradients in ffn_in_bias's dtype, one after the other:
@@ -576,7 +576,11 @@ def encoder_layer_backward(grad_h2: torch.Tensor, saved: dict, packed: tuple, ff
     (linear_pack_pairs) of the stacked product (with cls_index: the query's, then the keys' and values'), the
     attention output's and the feed-forward products'. ffn_in_bias: the GELU's bias [F]; norms: the LayerNorms'
     weights and biases [d] (LN1's, then LN2's) of one dtype; fp32 or bf16 each. dropouts: (seed, counter_offset,
-    threshold, scale) of the attention's, LN1's and LN2's dropouts."""
+    threshold, scale) of the attention's, LN1's and LN2's dropouts.
+
+    With run=False the kernel is not called: (the outputs as above, the call's arguments for run_encoder_layer), so
+    that a stack of layers allocates and checks everything before its kernels run; workspace: the scratch to hand
+    the call (encoder_layer_workspace's size at least), else the thread's own."""
     hb, f, cls_index = saved["hb"], saved["f"], saved["cls_index"]
     tokens, width = hb.shape
     ffn = f.shape[1]
@@ -605,8 +609,8 @@ def encoder_layer_backward(grad_h2: torch.Tensor, saved: dict, packed: tuple, ff
     bias_grads = torch.empty(5 * width + ffn, dtype=bias_dtype)
     norm_grads = torch.empty(4 * width, dtype=norm_dtype)
     threads = torch.get_num_threads()
-    workspace = _encoder_layer_scratch(dispatch.cpp_ext.encoder_layer_backward_workspace(tokens, rows, width, ffn,
-                                                                                        cls_only, threads))
+    if workspace is None:
+        workspace = encoder_layer_scratch(encoder_layer_workspace("backward", tokens, rows, width, ffn, cls_only))
     fields = [tokens, width, ffn, rows, heads, hb.data_ptr(), saved["qkv"].data_ptr(),
               *(saved[name].data_ptr() if cls_only else 0 for name in ("q", "query_in")),
               *(saved[name].data_ptr() for name in ("context", "h1b", "f", "g_pairs", "lse", "saved1", "mean1", "rstd1",
@@ -616,13 +620,35 @@ def encoder_layer_backward(grad_h2: torch.Tensor, saved: dict, packed: tuple, ff
               _SMALL_DTYPES.index(norm_dtype), grad_h2.data_ptr(), grad_h.data_ptr(), *(g.data_ptr() for g in grads),
               bias_grads.data_ptr(), norm_grads.data_ptr(), workspace.data_ptr(), workspace.numel()]
     words = [int(word) for seed, offset, threshold, _ in dropouts for word in (seed, offset, threshold)]
-    dispatch.cpp_ext.encoder_layer_backward(fields, words, [attn_scale, *(d[3] for d in dropouts)], threads)
-    return grad_h, grads, bias_grads, norm_grads
+    outputs = grad_h, grads, bias_grads, norm_grads
+    # the call holds every tensor whose address it carries, so that they outlive it
+    call = ("backward", (fields, words, [attn_scale, *(d[3] for d in dropouts)], threads),
+            (grad_h2, saved, packed, ffn_in_bias, norms, outputs, workspace))
+    if not run:
+        return outputs, call
+    run_encoder_layer(call)
+    return outputs
+
+
+def encoder_layer_workspace(direction: str, tokens: int, rows: int, width: int, ffn: int, cls_only: bool) -> int:
+    """The scratch bytes of a layer's forward or backward call."""
+    if direction == "forward":
+        return dispatch.cpp_ext.encoder_layer_forward_workspace(tokens, rows, width, ffn, cls_only)
+    return dispatch.cpp_ext.encoder_layer_backward_workspace(tokens, rows, width, ffn, cls_only,
+                                                            torch.get_num_threads())
+
+
+def run_encoder_layer(call: tuple) -> None:
+    """The kernel of a call that encoder_layer_forward or _backward returned with run=False (direction, arguments,
+    and the tensors at the addresses they carry, held until the call is dropped)."""
+    direction, args, _ = call
+    getattr(dispatch.cpp_ext, f"encoder_layer_{direction}")(*args)
 
 
 def encoder_layer_forward(h: torch.Tensor, hb: torch.Tensor, cu: torch.Tensor, cls_index: torch.Tensor | None,
                           packed: tuple, biases: tuple, norms: tuple, heads: int, attn_scale: float, eps: tuple,
-                          dropouts: tuple, keep_sums: tuple) -> tuple:
+                          dropouts: tuple, keep_sums: tuple, run: bool = True,
+                          workspace: torch.Tensor | None = None) -> tuple:
     """The encoder layer's forward in one call (csrc/encoder_layer.h) for an fp32 residual stream h [T, d] (hb: its
     bf16 copy; int64 cu [rows + 1]; cls_index, int64 [rows], or None): (qkv [T, 3d] (with cls_index kv [T, 2d]),
     q, query_in (with cls_index: [rows, d], else None), context [Q, d], lse [Q, heads], h1, sum1, mean1, rstd1,
@@ -633,7 +659,7 @@ def encoder_layer_forward(h: torch.Tensor, hb: torch.Tensor, cu: torch.Tensor, c
     the keys' and values'), the attention output's and the feed-forward products'. biases: the query's, key's,
     value's, attention output's, feed-forward in's and out's, of one dtype; norms: LN1's weight and bias, LN2's, of
     one dtype (fp32 or bf16 each). eps: the LayerNorms'; dropouts: (seed, counter_offset, threshold, scale) of the
-    attention's, LN1's and LN2's dropouts."""
+    attention's, LN1's and LN2's dropouts. run and workspace: as encoder_layer_backward's."""
     tokens, width = h.shape
     ffn = biases[4].shape[0]
     rows = cu.numel() - 1
@@ -659,14 +685,18 @@ def encoder_layer_forward(h: torch.Tensor, hb: torch.Tensor, cu: torch.Tensor, c
     h1, h2 = torch.empty(queries, width, dtype=fp32), torch.empty(queries, width, dtype=fp32)
     sum1, sum2 = (torch.empty(queries, width, dtype=fp32) if keep else None for keep in keep_sums)
     mean1, rstd1, mean2, rstd2 = torch.empty(4, queries, dtype=fp32).unbind()
-    workspace = _encoder_layer_scratch(dispatch.cpp_ext.encoder_layer_forward_workspace(tokens, rows, width, ffn,
-                                                                                       cls_only))
+    if workspace is None:
+        workspace = encoder_layer_scratch(encoder_layer_workspace("forward", tokens, rows, width, ffn, cls_only))
     fields = [tokens, width, ffn, rows, heads, h.data_ptr(), hb.data_ptr(), cu.data_ptr(), _address(cls_index),
               *_pack_fields(packed, cls_only), *(t.data_ptr() for t in (*biases, *norms)),
               _SMALL_DTYPES.index(bias_dtype), _SMALL_DTYPES.index(norm_dtype),
               *(_address(t) for t in (qkv, q, query_in, context, f, g_pairs, h1b, h2b, lse, h1, sum1, mean1, rstd1, h2,
                                       sum2, mean2, rstd2, workspace)), workspace.numel()]
     words = [int(word) for seed, offset, threshold, _ in dropouts for word in (seed, offset, threshold)]
-    dispatch.cpp_ext.encoder_layer_forward(fields, words, [attn_scale, *eps, *(d[3] for d in dropouts)],
-                                           torch.get_num_threads())
-    return qkv, q, query_in, context, lse, h1, sum1, mean1, rstd1, h1b, f, g_pairs, h2, sum2, mean2, rstd2, h2b
+    outputs = qkv, q, query_in, context, lse, h1, sum1, mean1, rstd1, h1b, f, g_pairs, h2, sum2, mean2, rstd2, h2b
+    call = ("forward", (fields, words, [attn_scale, *eps, *(d[3] for d in dropouts)], torch.get_num_threads()),
+            (h, hb, cu, cls_index, packed, biases, norms, outputs, workspace))
+    if not run:
+        return outputs, call
+    run_encoder_layer(call)
+    return outputs

@@ -116,9 +116,12 @@ def _add_product(grad: torch.Tensor, grad_y: torch.Tensor, packed: torch.Tensor)
         grad.add_(cpp.linear_gemm(grad_y, packed, None, grad.shape[1]))
 
 
-def _forward_in_one_call(ctx, h, hb, cu, cls_index, max_len, spec, out_dtype, packs, params):
+def _forward_in_one_call(ctx, h, hb, cu, cls_index, max_len, spec, out_dtype, packs, params, run=True,
+                         workspace=None):
     """A training step's forward (every parameter and the input take gradients, an fp32 residual stream): the
-    kernels of _forward_by_ops in one C++ call (csrc/encoder_layer.h), the masks drawn in the same order first."""
+    kernels of _forward_by_ops in one C++ call (csrc/encoder_layer.h), the masks drawn in the same order first.
+    With run=False the call is not made: (what it returns, the call for cpp.run_encoder_layer), its outputs
+    allocated (fastcls.ops.encoder_stack)."""
     wq, bq, wk, bk, wv, bv, wo, bo, wi, bi, wout, bout, ln1_w, ln1_b, ln2_w, ln2_b = params
     tokens, width = h.shape
     queries = tokens if cls_index is None else len(cls_index)
@@ -129,16 +132,21 @@ def _forward_in_one_call(ctx, h, hb, cu, cls_index, max_len, spec, out_dtype, pa
     stacks = ((wq, wk, wv),) if cls_index is None else ((wq,), (wk, wv))
     packed = [pack.forward(weights, True) for pack, weights in zip(packs, (*stacks, (wo,), (wi,), (wout,)))]
     dropouts = [(*source.resolved(), keep_threshold(p), kept_scale(p)) for source, p in zip(sources, probabilities)]
-    qkv, q, query_in, context, lse, h1, sum1, mean1, rstd1, h1b, f, g_pairs, h2, sum2, mean2, rstd2, h2b = \
-        cpp.encoder_layer_forward(h, hb, cu, cls_index, packed, (bq, bk, bv, bo, bi, bout),
-                                  (ln1_w, ln1_b, ln2_w, ln2_b), spec.heads, (width // spec.heads) ** -0.5,
-                                  (spec.attn_eps, spec.out_eps), dropouts, (saves[0] == "sum", saves[1] == "sum"))
+    outputs, call = cpp.encoder_layer_forward(h, hb, cu, cls_index, packed, (bq, bk, bv, bo, bi, bout),
+                                              (ln1_w, ln1_b, ln2_w, ln2_b), spec.heads, (width // spec.heads) ** -0.5,
+                                              (spec.attn_eps, spec.out_eps), dropouts,
+                                              (saves[0] == "sum", saves[1] == "sum"), run=False, workspace=workspace)
+    if run:
+        cpp.run_encoder_layer(call)
+    qkv, q, query_in, context, lse, h1, sum1, mean1, rstd1, h1b, f, g_pairs, h2, sum2, mean2, rstd2, h2b = outputs
     if cls_index is None:
         h2._fastcls_bf16 = (h2._version, h2b)
         cu_q, saved_q = cu, (qkv,)
     else:  # as _forward_by_ops saves them: the queries' input, the queries, the keys and values
         cu_q, saved_q = torch.arange(queries + 1), (query_in, q, qkv)
-    return sources, saves, cu_q, saved_q, context, lse, h1, sum1, mean1, rstd1, h1b, f, g_pairs, h2, sum2, mean2, rstd2
+    results = (sources, saves, cu_q, saved_q, context, lse, h1, sum1, mean1, rstd1, h1b, f, g_pairs, h2, sum2, mean2,
+               rstd2)
+    return results if run else (results, call)
 
 
 def _forward_by_ops(ctx, h, hb, cu, cls_index, max_len, spec, out_dtype, packs, params):
@@ -189,8 +197,10 @@ def _forward_by_ops(ctx, h, hb, cu, cls_index, max_len, spec, out_dtype, packs, 
             h1b, f, g if g_pairs is None else g_pairs, h2, sum2, mean2, rstd2)
 
 
-def _backward_in_one_call(ctx, grad_h2: torch.Tensor) -> tuple:
-    """The backward of _forward_in_one_call's layer in one C++ call (csrc/encoder_layer.h), for an fp32 gradient."""
+def _backward_in_one_call(ctx, grad_h2: torch.Tensor, run: bool = True, workspace=None):
+    """The backward of _forward_in_one_call's layer in one C++ call (csrc/encoder_layer.h), for an fp32 gradient.
+    With run=False the call is not made: (grad_h as it will be, the call for cpp.run_encoder_layer, a function
+    giving the gradients once it ran)."""
     (hb, lse, context, saved1, mean1, rstd1, h1b, f, g_pairs, saved2, mean2, rstd2, cu, _, cls_index, rng, wq, bq, wk,
      bk, wv, bv, wo, bo, wi, bi, wout, bout, ln1_w, ln1_b, ln2_w, ln2_b, *saved_q) = ctx.saved_tensors
     spec, (saves1, saves2), packs = ctx.spec, ctx.saves, ctx.packs
@@ -204,17 +214,25 @@ def _backward_in_one_call(ctx, grad_h2: torch.Tensor) -> tuple:
     dropouts = [(*MaskSource(rng, seed, offset).resolved(), keep_threshold(p), kept_scale(p))
                 for (seed, offset), p in zip(ctx.sources, probabilities)]
     width, ffn = wq.shape[1], wi.shape[0]
-    grad_h, (qkv_grad, wo_grad, wi_grad, wout_grad), bias_grads, norm_grads = cpp.encoder_layer_backward(
+    (grad_h, (qkv_grad, wo_grad, wi_grad, wout_grad), bias_grads, norm_grads), call = cpp.encoder_layer_backward(
         grad_h2.contiguous(), saved, packed, bi, (ln1_w, ln1_b, ln2_w, ln2_b), spec.heads,
-        (width // spec.heads) ** -0.5, dropouts)
-    bq_grad, bk_grad, bv_grad, bo_grad, bi_grad, bout_grad = bias_grads.split([width, width, width, width, ffn, width])
-    # the weights' gradients in their dtypes, as weight_grads gives them
-    wq_grad, wk_grad, wv_grad, wo_grad, wi_grad, wout_grad = (
-        g if g.dtype == w.dtype else g.to(w.dtype)
-        for g, w in zip((*qkv_grad.split([width, width, width]), wo_grad, wi_grad, wout_grad),
-                        (wq, wk, wv, wo, wi, wout)))
-    return (grad_h, None, None, None, None, None, wq_grad, bq_grad, wk_grad, bk_grad, wv_grad, bv_grad, wo_grad,
-            bo_grad, wi_grad, bi_grad, wout_grad, bout_grad, *norm_grads.split(width))
+        (width // spec.heads) ** -0.5, dropouts, run=False, workspace=workspace)
+
+    def gradients() -> tuple:
+        bq_grad, bk_grad, bv_grad, bo_grad, bi_grad, bout_grad = bias_grads.split([width, width, width, width, ffn,
+                                                                                   width])
+        # the weights' gradients in their dtypes, as weight_grads gives them
+        wq_grad, wk_grad, wv_grad, wo_grad_, wi_grad_, wout_grad_ = (
+            g if g.dtype == w.dtype else g.to(w.dtype)
+            for g, w in zip((*qkv_grad.split([width, width, width]), wo_grad, wi_grad, wout_grad),
+                            (wq, wk, wv, wo, wi, wout)))
+        return (grad_h, None, None, None, None, None, wq_grad, bq_grad, wk_grad, bk_grad, wv_grad, bv_grad, wo_grad_,
+                bo_grad, wi_grad_, bi_grad, wout_grad_, bout_grad, *norm_grads.split(width))
+
+    if not run:
+        return grad_h, call, gradients
+    cpp.run_encoder_layer(call)
+    return gradients()
 
 
 class _EncoderLayer(torch.autograd.Function):
@@ -232,18 +250,12 @@ class _EncoderLayer(torch.autograd.Function):
                     and _one_dtype(bq, bk, bv, bo, bi, bout) and _one_dtype(ln1_w, ln1_b, ln2_w, ln2_b)
                     and wq.shape[0] == wk.shape[0] == wv.shape[0] == width)
         forward = _forward_in_one_call if one_call else _forward_by_ops
-        (sources, (saves1, saves2), cu_q, saved_q, context, lse, h1, sum1, mean1, rstd1, h1b, f, g_saved, h2, sum2,
-         mean2, rstd2) = forward(ctx, h, hb, cu, cls_index, max_len, spec, out_dtype, packs, params)
-        rng = next((s.rng for s in sources if s.rng is not None), None)
-        # the generator's state is saved like a tensor input, so a backward after its end_step fails loudly
-        # rather than redrawing other masks
-        ctx.save_for_backward(hb, lse, context, h1 if saves1 == "output" else sum1, mean1, rstd1, h1b, f, g_saved,
-                              h2 if saves2 == "output" else sum2, mean2, rstd2, cu, cu_q, cls_index, rng, wq, bq, wk,
-                              bk, wv, bv, wo, bo, wi, bi, wout, bout, ln1_w, ln1_b, ln2_w, ln2_b, *saved_q)
-        ctx.spec, ctx.saves, ctx.dtypes, ctx.packs = spec, (saves1, saves2), (h.dtype, h1.dtype), packs
-        ctx.sources = tuple((s.seed, s.offset) for s in sources)
+        results = forward(ctx, h, hb, cu, cls_index, max_len, spec, out_dtype, packs, params)
+        saved, (ctx.spec, ctx.saves, ctx.dtypes, ctx.packs, ctx.sources) = _saves(h, hb, cu, cls_index, spec, packs,
+                                                                                  params, results)
+        ctx.save_for_backward(*saved)
         ctx.one_call = one_call
-        return h2
+        return results[13]
 
     @staticmethod
     def backward(ctx, grad_h2):
@@ -307,6 +319,18 @@ class _EncoderLayer(torch.autograd.Function):
                  bo_grad, wi_grad, grad_bias_of(in_bias_sums, bi.dtype), wout_grad, bout_grad,
                  ln1_gw.to(ln1_w.dtype), ln1_gb.to(ln1_b.dtype), ln2_gw.to(ln2_w.dtype), ln2_gb.to(ln2_b.dtype))
         return grad_h, None, None, None, None, None, *(grad if need else None for grad, need in zip(grads, needs))
+
+
+def _saves(h, hb, cu, cls_index, spec, packs, params, results) -> tuple[tuple, tuple]:
+    """What a layer's forward saves for its backward: the tensors, and (spec, saves, dtypes, packs, sources)."""
+    (sources, (saves1, saves2), cu_q, saved_q, context, lse, h1, sum1, mean1, rstd1, h1b, f, g_saved, h2, sum2,
+     mean2, rstd2) = results
+    rng = next((s.rng for s in sources if s.rng is not None), None)
+    # the generator's state is saved like a tensor input, so a backward after its end_step fails loudly rather
+    # than redrawing other masks
+    tensors = (hb, lse, context, h1 if saves1 == "output" else sum1, mean1, rstd1, h1b, f, g_saved,
+               h2 if saves2 == "output" else sum2, mean2, rstd2, cu, cu_q, cls_index, rng, *params, *saved_q)
+    return tensors, (spec, (saves1, saves2), (h.dtype, h1.dtype), packs, tuple((s.seed, s.offset) for s in sources))
 
 
 def _one_dtype(*tensors: torch.Tensor) -> bool:

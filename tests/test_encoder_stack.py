@@ -1,0 +1,95 @@
+"""A training step's trainable layers as one autograd node (fastcls.ops.encoder_stack) against the same layers run
+one node each: the same loss and gradients bit for bit (the same kernels on the same inputs, the same dropout
+masks), with dropout on, fp32 or bf16 weights, LayerNorms saving their output or their sum, epsilons apart, the
+[CLS]-only last layer or every token's; and where it does not run."""
+import importlib
+
+import pytest
+import torch
+from test_encoder_layer import assert_same_step, batch, tiny_model
+
+from fastcls.models import encoder as encoder_module
+from fastcls.ops import cpp
+from fastcls.ops.dropout import DropoutGenerator, use_generator
+
+pytestmark = pytest.mark.skipif(not cpp.ENCODER_LAYER_BUILT,
+                                reason="the one-call layers are built with the avx512_bf16 kernels")
+
+
+@pytest.fixture(autouse=True)
+def any_row_count(monkeypatch):
+    monkeypatch.setattr(importlib.import_module("fastcls.ops.linear"), "MIN_ROWS", 1)
+
+
+def step(model, stacked, seed=11, checkpointing=False, pooled=None):
+    """(loss, gradients) of one training step, the layers as one node or one node each; (stack calls, layer calls)
+    go to `pooled` when given."""
+    calls = {"stack": 0, "layer": 0}
+    real_stack, real_layer = encoder_module.encoder_stack, encoder_module.encoder_layer
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(encoder_module, "ENCODER_STACK", stacked)
+        patch.setattr(encoder_module, "encoder_stack",
+                      lambda *a: calls.__setitem__("stack", calls["stack"] + 1) or real_stack(*a))
+        patch.setattr(encoder_module, "encoder_layer",
+                      lambda *a: calls.__setitem__("layer", calls["layer"] + 1) or real_layer(*a))
+        if checkpointing:
+            model.body.enable_checkpointing()
+        model.zero_grad(set_to_none=True)
+        with use_generator(DropoutGenerator(seed)), torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = model(batch())
+            loss.backward()
+    if pooled is not None:
+        pooled.update(calls)
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("variant", ["fp32 weights", "bf16 weights", "sums saved", "epsilons apart", "mean pooling"])
+def test_stack_equals_layer_by_layer_bit_for_bit(variant):
+    model = tiny_model(layers=3, bf16_weights=variant == "bf16 weights")
+    with torch.no_grad():
+        for i, layer in enumerate(model.encoder.encoder.layer):
+            if variant == "sums saved":
+                layer.attention.output.LayerNorm.weight[i + 1] = 0.0
+                layer.output.LayerNorm.weight[i + 3] = 0.0
+            if variant == "epsilons apart":
+                layer.attention.output.LayerNorm.eps, layer.output.LayerNorm.eps = 1e-3, 1e-6
+    if variant == "mean pooling":  # every token's output from the last layer, not the [CLS] rows' alone
+        model.body.pooling = "mean"
+    calls = {}
+    stacked = step(model, True, pooled=calls)
+    assert calls == {"stack": 1, "layer": 0}
+    assert_same_step(stacked, step(model, False, pooled=calls))
+    assert calls == {"stack": 0, "layer": 3}
+    assert len(stacked[1]) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_two_steps_with_updates_equal_layer_by_layer():
+    """Weights updated in place between steps (their packs redone) and a second step's masks: the same bits."""
+    results = []
+    for stacked in (True, False):
+        model = tiny_model(layers=2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for seed in (5, 6):
+            loss, grads = step(model, stacked, seed=seed)
+            optimizer.step()
+        results.append((loss, grads, [p.detach().clone() for p in model.parameters()]))
+    assert_same_step(results[0][:2], results[1][:2])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][2], results[1][2]))
+
+
+def test_where_it_does_not_run():
+    calls = {}
+    model = tiny_model(layers=3)
+    step(model, True, checkpointing=True, pooled=calls)  # each layer recomputed on its own
+    assert calls == {"stack": 0, "layer": 6}
+    model = tiny_model(layers=3)
+    for p in model.encoder.encoder.layer[1].attention.self.query.parameters():
+        p.requires_grad_(False)  # a frozen product: the layers' own nodes skip its gradient
+    step(model, True, pooled=calls)
+    assert calls == {"stack": 0, "layer": 3}
+    model = tiny_model(layers=3)
+    model.freeze(embeddings=True, layers=2)  # one trainable layer, its input without gradient
+    step(model, True, pooled=calls)
+    assert calls["stack"] == 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # evaluation
+        model.eval()(batch())

@@ -41,6 +41,20 @@ def tiny_model(dropout=0.1, layers=3, bf16_weights=False, seed=0):
     return model
 
 
+def variant_model(variant: str, layers: int = 3):
+    """tiny_model with bf16 weights, LayerNorm weights with a zero (their sums saved), or the two LayerNorms'
+    epsilons apart, as `variant` says."""
+    model = tiny_model(layers=layers, bf16_weights=variant == "bf16 weights")
+    with torch.no_grad():
+        for i, layer in enumerate(model.encoder.encoder.layer):
+            if variant == "sums saved":
+                layer.attention.output.LayerNorm.weight[i + 1] = 0.0
+                layer.output.LayerNorm.weight[i + 3] = 0.0
+            if variant == "epsilons apart":
+                layer.attention.output.LayerNorm.eps, layer.output.LayerNorm.eps = 1e-3, 1e-6
+    return model
+
+
 def batch(seed=3, lengths=(7, 1, 12, 4, 9, 30)):
     encoded = encoded_rows(list(lengths), seed=seed)
     return collate(encoded, [4, 2, 1, 0, 3, 5], packed=True, pad_token_id=1, labels=True)
@@ -97,14 +111,7 @@ def test_one_call_equals_the_kernels_called_one_by_one(variant, monkeypatch):
     """A training step's layer forward and backward as one C++ call each (csrc/encoder_layer.h) against the node
     calling the same kernels one by one: the same bits, with dropout, odd token counts, widths off the products'
     48-column panels, LayerNorms saving their output or their sum, and the two LayerNorms' epsilons apart."""
-    model = tiny_model(bf16_weights=variant == "bf16 weights")
-    with torch.no_grad():
-        for i, layer in enumerate(model.encoder.encoder.layer):
-            if variant == "sums saved":
-                layer.attention.output.LayerNorm.weight[i + 1] = 0.0
-                layer.output.LayerNorm.weight[i + 3] = 0.0
-            if variant == "epsilons apart":
-                layer.attention.output.LayerNorm.eps, layer.output.LayerNorm.eps = 1e-3, 1e-6
+    model = variant_model(variant)
     calls = {"forward": 0, "backward": 0}
     for name in calls:
         real = getattr(cpp, f"encoder_layer_{name}")

@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 import torch
-from test_encoder_layer import assert_same_step, batch, tiny_model
+from test_encoder_layer import assert_same_step, batch, tiny_model, variant_model
 
 from fastcls.models import encoder as encoder_module
 from fastcls.ops import cpp
@@ -45,14 +45,7 @@ def step(model, stacked, seed=11, checkpointing=False, pooled=None):
 
 @pytest.mark.parametrize("variant", ["fp32 weights", "bf16 weights", "sums saved", "epsilons apart", "mean pooling"])
 def test_stack_equals_layer_by_layer_bit_for_bit(variant):
-    model = tiny_model(layers=3, bf16_weights=variant == "bf16 weights")
-    with torch.no_grad():
-        for i, layer in enumerate(model.encoder.encoder.layer):
-            if variant == "sums saved":
-                layer.attention.output.LayerNorm.weight[i + 1] = 0.0
-                layer.output.LayerNorm.weight[i + 3] = 0.0
-            if variant == "epsilons apart":
-                layer.attention.output.LayerNorm.eps, layer.output.LayerNorm.eps = 1e-3, 1e-6
+    model = variant_model(variant)
     if variant == "mean pooling":  # every token's output from the last layer, not the [CLS] rows' alone
         model.body.pooling = "mean"
     calls = {}
@@ -93,3 +86,33 @@ def test_where_it_does_not_run():
     assert calls["stack"] == 0
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # evaluation
         model.eval()(batch())
+
+
+def test_a_failed_forward_leaves_no_pack_unfilled(monkeypatch):
+    """A stack whose second layer fails before any kernel ran, then the same layers again in the same forward pass
+    (so the weights' packs are not rebuilt for a new pass): the packs whose packing never ran are built again, and
+    the output equals a fresh pass's."""
+    model = tiny_model(layers=3)
+    body, rows = model.body, batch()
+    real, seen = cpp.encoder_layer_forward, []
+
+    def failing(*args, **kwargs):
+        seen.append(1)
+        if len(seen) == 2:
+            raise ValueError("refused")
+        return real(*args, **kwargs)
+
+    with use_generator(DropoutGenerator(3)) as generator, torch.autocast("cpu", dtype=torch.bfloat16):
+        h = body.embed(rows).detach().requires_grad_()
+        encoder_module.new_forward_pass()
+        with monkeypatch.context() as patch:
+            patch.setattr(cpp, "encoder_layer_forward", failing)
+            with pytest.raises(ValueError, match="refused"):
+                encoder_module.run_layers(body.layers, h, rows, True, True)
+        generator.end_step()
+        again = generator.state.clone(), encoder_module.run_layers(body.layers, h, rows, True, True)
+        generator.state.copy_(again[0])
+        generator.step_counters = 0
+        encoder_module.new_forward_pass()
+        fresh = encoder_module.run_layers(body.layers, h, rows, True, True)
+    assert torch.equal(again[1], fresh)

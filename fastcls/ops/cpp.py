@@ -221,26 +221,39 @@ def _panels(columns: int) -> int:
     return -(-columns // LINEAR_PANEL)
 
 
-def linear_pack_wt(weights, with_pairs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def linear_pack_wt(weights, with_pairs: bool = False,
+                   pending: list | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The weights stacked on their rows, [N, K], packed as the forward's B = W^T and, with_pairs, as the input
-    gradient's B = W (what linear_pack_pairs returns) in the same pass (csrc/linear_bf16.h)."""
+    gradient's B = W (what linear_pack_pairs returns) in the same pass (csrc/linear_bf16.h). With `pending` (a
+    list), the packs are allocated and the kernel calls that fill them appended there, for run_pending."""
     sources = _linear_sources(weights)
     n_rows, width = sum(w.shape[0] for w in sources), sources[0].shape[1]
     if width % 2:
         raise ValueError(f"the weights' width must be even, got {width}")
     packed = torch.empty(_panels(n_rows) * LINEAR_PANEL * width, dtype=torch.bfloat16)
     pairs = torch.empty(_panels(width) * LINEAR_PANEL * n_rows, dtype=torch.bfloat16) if with_pairs else None
-    offset = 0
+    offset, calls = 0, []
     for w in sources:
         kernel = getattr(dispatch.cpp_ext, f"linear_pack_wt_{_SUFFIXES[w.dtype]}")
-        kernel(w.data_ptr(), w.shape[0], offset, width, packed.data_ptr(), _address(pairs), n_rows,
-               torch.get_num_threads())
+        # the call holds the tensors whose addresses it carries
+        calls.append((kernel, (w.data_ptr(), w.shape[0], offset, width, packed.data_ptr(), _address(pairs), n_rows,
+                               torch.get_num_threads()), (w, packed, pairs)))
         offset += w.shape[0]
+    if pending is None:
+        run_pending(calls)
+    else:
+        pending.extend(calls)
     if n_rows % LINEAR_PANEL:  # the last panel's rows past N: computed, never stored; zeros all the same
         packed.view(-1, width // 2, LINEAR_PANEL, 2)[-1, :, n_rows % LINEAR_PANEL:].zero_()
     if pairs is not None and width % LINEAR_PANEL:
         pairs.view(-1, n_rows // 2, LINEAR_PANEL, 2)[-1, :, width % LINEAR_PANEL:].zero_()
     return packed, pairs
+
+
+def run_pending(calls: list) -> None:
+    """The kernel calls that linear_pack_wt left in `pending`, in order."""
+    for kernel, args, _ in calls:
+        kernel(*args)
 
 
 def _pack_pairs(sources, n_rows: int, width: int) -> torch.Tensor:

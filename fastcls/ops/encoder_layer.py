@@ -117,11 +117,11 @@ def _add_product(grad: torch.Tensor, grad_y: torch.Tensor, packed: torch.Tensor)
 
 
 def _forward_in_one_call(ctx, h, hb, cu, cls_index, max_len, spec, out_dtype, packs, params, run=True,
-                         workspace=None):
+                         workspace=None, pending=None):
     """A training step's forward (every parameter and the input take gradients, an fp32 residual stream): the
     kernels of _forward_by_ops in one C++ call (csrc/encoder_layer.h), the masks drawn in the same order first.
     With run=False the call is not made: (what it returns, the call for cpp.run_encoder_layer), its outputs
-    allocated (fastcls.ops.encoder_stack)."""
+    allocated and the weights' packing calls left in `pending` (fastcls.ops.encoder_stack)."""
     wq, bq, wk, bk, wv, bv, wo, bo, wi, bi, wout, bout, ln1_w, ln1_b, ln2_w, ln2_b = params
     tokens, width = h.shape
     queries = tokens if cls_index is None else len(cls_index)
@@ -130,7 +130,7 @@ def _forward_in_one_call(ctx, h, hb, cu, cls_index, max_len, spec, out_dtype, pa
     sources = [_source(h, numel, p) for numel, p in zip(numels, probabilities)]
     saves = _norm_saves(ln1_w, ln1_b), _norm_saves(ln2_w, ln2_b)
     stacks = ((wq, wk, wv),) if cls_index is None else ((wq,), (wk, wv))
-    packed = [pack.forward(weights, True) for pack, weights in zip(packs, (*stacks, (wo,), (wi,), (wout,)))]
+    packed = [pack.forward(weights, True, pending) for pack, weights in zip(packs, (*stacks, (wo,), (wi,), (wout,)))]
     dropouts = [(*source.resolved(), keep_threshold(p), kept_scale(p)) for source, p in zip(sources, probabilities)]
     outputs, call = cpp.encoder_layer_forward(h, hb, cu, cls_index, packed, (bq, bk, bv, bo, bi, bout),
                                               (ln1_w, ln1_b, ln2_w, ln2_b), spec.heads, (width // spec.heads) ** -0.5,

@@ -6,7 +6,8 @@ took ~0.5 ms a forward and ~0.3 ms a backward, about twice what the same code ta
 layer's kernels, a few milliseconds over megabytes of activations and weights, leave the interpreter's code and
 data out of the caches. Here the forward allocates and checks every layer's outputs (layer i's output is layer i +
 1's input, known before either runs), draws every mask's counters in the order the layers would, then runs the
-kernels back to back; the backward does the same in reverse. The arithmetic is the layers', call for call: the
+kernels back to back, each layer's weight packing right before its layer (so that its packs are in cache for it);
+the backward does the same in reverse. The arithmetic is the layers', call for call: the
 same kernels on the same inputs, so a step gives the same bits as layer by layer (tests/test_encoder_stack.py).
 
 `encoder_stack_applies` says where: every layer in `encoder_layer_applies`' case with the one-call kernels (fp32
@@ -74,22 +75,31 @@ class _EncoderStack(torch.autograd.Function):
         workspace = _workspace("forward", tokens, cu.numel() - 1, width, ffn, cls_index is not None)
         calls, saved, metas = [], [], []
         x, xb = h, _bf16_of(h)
-        for i, spec in enumerate(specs):
-            layer = params[i * PARAMS_PER_LAYER:(i + 1) * PARAMS_PER_LAYER]
-            wq, _, wk, _, wv, _, wo, _, wi, _, wout = layer[:11]
-            last_cls = cls_index if i == n - 1 else None
-            stacks = ((wq, wk, wv),) if last_cls is None else ((wq,), (wk, wv))
-            packs = [_packs_of(w) for w in (*stacks, (wo,), (wi,), (wout,))]
-            results, call = _forward_in_one_call(None, x, xb, cu, last_cls, max_len, spec, torch.float32, packs,
-                                                 layer, run=False, workspace=workspace)
-            tensors, meta = _saves(x, xb, cu, last_cls, spec, packs, layer, results)
-            calls.append(call)
-            saved.append(tensors)
-            metas.append(meta)
-            x = results[13]
-            xb = x._fastcls_bf16[1] if last_cls is None else None
-        for call in calls:
-            cpp.run_encoder_layer(call)
+        try:
+            for i, spec in enumerate(specs):
+                layer = params[i * PARAMS_PER_LAYER:(i + 1) * PARAMS_PER_LAYER]
+                wq, _, wk, _, wv, _, wo, _, wi, _, wout = layer[:11]
+                last_cls = cls_index if i == n - 1 else None
+                stacks = ((wq, wk, wv),) if last_cls is None else ((wq,), (wk, wv))
+                packs = [_packs_of(w) for w in (*stacks, (wo,), (wi,), (wout,))]
+                # each layer's weights packed right before its kernels, while the packs are in cache for them
+                calls.append((packs, []))
+                results, call = _forward_in_one_call(None, x, xb, cu, last_cls, max_len, spec, torch.float32, packs,
+                                                     layer, run=False, workspace=workspace, pending=calls[-1][1])
+                tensors, meta = _saves(x, xb, cu, last_cls, spec, packs, layer, results)
+                calls[-1] += (call,)
+                saved.append(tensors)
+                metas.append(meta)
+                x = results[13]
+                xb = x._fastcls_bf16[1] if last_cls is None else None
+            for _, pending, call in calls:
+                cpp.run_pending(pending)
+                cpp.run_encoder_layer(call)
+        except BaseException:
+            for packs, *_ in calls:  # packs marked built whose packing may not have run: built again when next asked
+                for pack in packs:
+                    pack.forget()
+            raise
         ctx.save_for_backward(*(t for tensors in saved for t in tensors))
         ctx.counts, ctx.metas, ctx.cls_last = [len(tensors) for tensors in saved], metas, cls_index is not None
         return x

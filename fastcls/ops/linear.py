@@ -67,16 +67,22 @@ class _Packs:
         self.forward_marks = self.backward_marks = None
         self.forward_packed = self.backward_packed = None
 
-    def forward(self, weights: Sequence[torch.Tensor], with_backward: bool) -> torch.Tensor:
-        """The forward's packing; with_backward, the input gradient's too, from the same read of the weights."""
+    def forward(self, weights: Sequence[torch.Tensor], with_backward: bool, pending: list | None = None) -> torch.Tensor:
+        """The forward's packing; with_backward, the input gradient's too, from the same read of the weights. With
+        `pending`, the packing's kernel calls go there (cpp.linear_pack_wt) and the packs hold their contents once
+        those ran: the caller runs them, or calls `forget` if it cannot."""
         marks = _marks(weights)
         if marks != self.forward_marks:
             both = with_backward and marks != self.backward_marks
-            self.forward_packed, pairs = cpp.linear_pack_wt(weights, with_pairs=both)
+            self.forward_packed, pairs = cpp.linear_pack_wt(weights, with_pairs=both, pending=pending)
             self.forward_marks = marks
             if both:
                 self.backward_packed, self.backward_marks = pairs, marks
         return self.forward_packed
+
+    def forget(self) -> None:
+        """Build both packs again when next asked (their pending calls did not run)."""
+        self.forward_marks = self.backward_marks = None
 
     def backward(self, weights: Sequence[torch.Tensor]) -> torch.Tensor:
         marks = _marks(weights)

@@ -327,7 +327,8 @@ class LayerwiseEncoder:
         stacked = None
         if not checkpointing and not self.layers_as_modules and self.task_layers is None:
             stacked = run_layers(self.layers[self.frozen_layers:], h, batch, last_cls_only, self.kernels)
-        for index in range(self.frozen_layers, n if stacked is None else self.frozen_layers):
+        # else layer by layer
+        for index in range(self.frozen_layers, n) if stacked is None else ():
             cls_only = last_cls_only and index == n - 1
             if checkpointing:
                 h = checkpoint(recomputed_alike(self.layer), index, h, batch, cls_only, use_reentrant=False,

@@ -219,15 +219,14 @@ def _backward_in_one_call(ctx, grad_h2: torch.Tensor, run: bool = True, workspac
         (width // spec.heads) ** -0.5, dropouts, run=False, workspace=workspace)
 
     def gradients() -> tuple:
-        bq_grad, bk_grad, bv_grad, bo_grad, bi_grad, bout_grad = bias_grads.split([width, width, width, width, ffn,
-                                                                                   width])
+        bias = bias_grads.split([width, width, width, width, ffn, width])
         # the weights' gradients in their dtypes, as weight_grads gives them
-        wq_grad, wk_grad, wv_grad, wo_grad_, wi_grad_, wout_grad_ = (
-            g if g.dtype == w.dtype else g.to(w.dtype)
-            for g, w in zip((*qkv_grad.split([width, width, width]), wo_grad, wi_grad, wout_grad),
-                            (wq, wk, wv, wo, wi, wout)))
-        return (grad_h, None, None, None, None, None, wq_grad, bq_grad, wk_grad, bk_grad, wv_grad, bv_grad, wo_grad_,
-                bo_grad, wi_grad_, bi_grad, wout_grad_, bout_grad, *norm_grads.split(width))
+        weight = [g if g.dtype == w.dtype else g.to(w.dtype)
+                  for g, w in zip((*qkv_grad.split([width, width, width]), wo_grad, wi_grad, wout_grad),
+                                  (wq, wk, wv, wo, wi, wout))]
+        # the parameters' order: each product's weight, then its bias; then the LayerNorms'
+        return (grad_h, None, None, None, None, None, *(g for pair in zip(weight, bias) for g in pair),
+                *norm_grads.split(width))
 
     if not run:
         return grad_h, call, gradients

@@ -116,3 +116,17 @@ def test_a_failed_forward_leaves_no_pack_unfilled(monkeypatch):
         encoder_module.new_forward_pass()
         fresh = encoder_module.run_layers(body.layers, h, rows, True, True)
     assert torch.equal(again[1], fresh)
+
+
+def test_layers_of_different_feed_forward_widths():
+    """A wider feed-forward block in a later layer: the one scratch the layers share fits the widest."""
+    model = tiny_model(layers=3)
+    torch.manual_seed(4)
+    layer = model.encoder.encoder.layer[1]
+    layer.intermediate.dense, layer.output.dense = torch.nn.Linear(32, 160), torch.nn.Linear(160, 32)
+    for body_layer in model.body.layers:  # the encoder's view of its layers' parts
+        body_layer.__init__(body_layer.module, "bert")
+    calls = {}
+    stacked = step(model, True, pooled=calls)
+    assert calls == {"stack": 1, "layer": 0}
+    assert_same_step(stacked, step(model, False))

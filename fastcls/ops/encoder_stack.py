@@ -2,13 +2,13 @@
 call (fastcls.ops.encoder_layer), the Python around them done for every layer before the first kernel runs.
 
 On two CPU cores each layer's Python (its checks, its outputs' allocations, the argument lists, its autograd node)
-took ~0.5 ms a forward and ~0.3 ms a backward, about twice what the same code takes in a loop of its own: each
-layer's kernels, a few milliseconds over megabytes of activations and weights, leave the interpreter's code and
-data out of the caches. Here the forward allocates and checks every layer's outputs (layer i's output is layer i +
-1's input, known before either runs), draws every mask's counters in the order the layers would, then runs the
+took ~0.5 ms a forward and ~0.3 ms a backward, two to three times what the same code takes in a loop of its own:
+each layer's kernels, a few milliseconds over megabytes of activations and weights, leave the interpreter's code
+and data out of the caches. Here the forward allocates and checks every layer's outputs (layer i's output is layer
+i + 1's input, known before either runs), draws every mask's counters in the order the layers would, then runs the
 kernels back to back, each layer's weight packing right before its layer (so that its packs are in cache for it);
-the backward does the same in reverse. The arithmetic is the layers', call for call: the
-same kernels on the same inputs, so a step gives the same bits as layer by layer (tests/test_encoder_stack.py).
+the backward does the same in reverse. The arithmetic is the layers', call for call: the same kernels on the same
+inputs, so a step gives the same bits as layer by layer (tests/test_encoder_stack.py).
 
 `encoder_stack_applies` says where: every layer in `encoder_layer_applies`' case with the one-call kernels (fp32
 residual stream, every parameter and the input taking gradients, one dtype for the biases and one for the norms).
@@ -58,12 +58,13 @@ def encoder_stack(h: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int, layer
     return _EncoderStack.apply(h, cu_seqlens.to(torch.int64), cls_index, max_len, specs, *params)
 
 
-def _workspace(direction: str, tokens: int, rows: int, width: int, ffn: int, cls_last: bool) -> torch.Tensor:
-    """One scratch for every layer's call (they run one after the other): the largest any of them takes."""
-    sizes = [cpp.encoder_layer_workspace(direction, tokens, rows, width, ffn, False)]
-    if cls_last:
-        sizes.append(cpp.encoder_layer_workspace(direction, tokens, rows, width, ffn, True))
-    return cpp.encoder_layer_scratch(max(sizes))
+def _workspace(direction: str, tokens: int, rows: int, width: int, ffns: list[int], cls_last: bool) -> torch.Tensor:
+    """One scratch for every layer's call (they run one after the other): the largest any of them takes, for
+    layers of feed-forward widths `ffns`, the last one [CLS]-only with cls_last."""
+    n = len(ffns)
+    return cpp.encoder_layer_scratch(max(
+        cpp.encoder_layer_workspace(direction, tokens, rows, width, ffn, cls_last and i == n - 1)
+        for i, ffn in enumerate(ffns)))
 
 
 class _EncoderStack(torch.autograd.Function):
@@ -71,8 +72,8 @@ class _EncoderStack(torch.autograd.Function):
     def forward(ctx, h, cu, cls_index, max_len, specs, *params):
         tokens, width = h.shape
         n = len(specs)
-        ffn = params[8].shape[0]
-        workspace = _workspace("forward", tokens, cu.numel() - 1, width, ffn, cls_index is not None)
+        ffns = [params[i * PARAMS_PER_LAYER + 8].shape[0] for i in range(n)]
+        workspace = _workspace("forward", tokens, cu.numel() - 1, width, ffns, cls_index is not None)
         calls, saved, metas = [], [], []
         x, xb = h, _bf16_of(h)
         try:
@@ -108,8 +109,9 @@ class _EncoderStack(torch.autograd.Function):
     def backward(ctx, grad_out):
         saved, n = ctx.saved_tensors, len(ctx.metas)
         starts = [sum(ctx.counts[:i]) for i in range(n + 1)]
-        hb, f = saved[0], saved[7]
-        workspace = _workspace("backward", hb.shape[0], saved[12].numel() - 1, hb.shape[1], f.shape[1], ctx.cls_last)
+        hb, cu = saved[0], saved[12]  # layer 0's bf16 input and row starts
+        ffns = [saved[starts[i] + 7].shape[1] for i in range(n)]  # each layer's saved f [Q, F]
+        workspace = _workspace("backward", hb.shape[0], cu.numel() - 1, hb.shape[1], ffns, ctx.cls_last)
         calls, finishes, grad = [], [], grad_out.contiguous()
         for i in reversed(range(n)):
             spec, saves, dtypes, packs, sources = ctx.metas[i]

@@ -40,7 +40,7 @@ from fastcls.ops.dropout import recomputed_alike
 from fastcls.ops.bias_gelu import bias_gelu, bias_gelu_applies
 from fastcls.ops.embedding import row_accumulated_embedding
 from fastcls.ops.encoder_layer import LayerSpec, encoder_layer, encoder_layer_applies
-from fastcls.ops.encoder_stack import encoder_stack, encoder_stack_applies
+from fastcls.ops.encoder_stack import encoder_stack, encoder_stack_applies, layer_params
 from fastcls.ops.linear import linear, new_forward_pass
 from fastcls.ops.varlen_attention import varlen_attention
 
@@ -138,11 +138,12 @@ def run_layers(parts: list[_Layer], h: torch.Tensor, batch: Batch, cls_last: boo
     if not (ENCODER_STACK and kernels and len(parts) > 1 and isinstance(batch, PackedBatch)
             and all(part.exact_gelu for part in parts)):
         return None
-    args = [_layer_args(part) for part in parts]
-    if not encoder_stack_applies(h, [(linears, norms, part.heads, dropouts)
-                                     for part, (linears, norms, dropouts) in zip(parts, args)]):
+    args = [(part, *_layer_args(part)) for part in parts]
+    params = [layer_params(linears, norms) for _, linears, norms, _ in args]
+    if not encoder_stack_applies(h, [(linears, norms, layer, part.heads, dropouts)
+                                     for (part, linears, norms, dropouts), layer in zip(args, params)]):
         return None
-    layers = [(linears, norms, _spec(part, dropouts)) for part, (linears, norms, dropouts) in zip(parts, args)]
+    layers = [(layer, _spec(part, dropouts)) for (part, _, _, dropouts), layer in zip(args, params)]
     return encoder_stack(h, batch.cu_seqlens, batch.max_len, layers, batch.cls_index if cls_last else None)
 
 

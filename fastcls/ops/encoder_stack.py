@@ -33,14 +33,14 @@ def layer_params(linears: tuple, norms: tuple) -> list[torch.Tensor]:
 
 
 def encoder_stack_applies(h: torch.Tensor, layers: list[tuple]) -> bool:
-    """Whether `encoder_stack` runs for h [T, d] and layers of (linears, norms, heads, dropouts)."""
+    """Whether `encoder_stack` runs for h [T, d] and layers of (linears, norms, their layer_params, heads,
+    dropouts)."""
     if not cpp.ENCODER_LAYER_BUILT or not h.requires_grad or h.dtype != torch.float32 or not layers:
         return False
     width = h.shape[-1]
-    for linears, norms, heads, dropouts in layers:
+    for linears, norms, params, heads, dropouts in layers:
         if not encoder_layer_applies(h, linears, norms, heads, dropouts):
             return False
-        params = layer_params(linears, norms)
         if not all(p.requires_grad for p in params) or not (_one_dtype(*params[1:12:2]) and _one_dtype(*params[12:])):
             return False
         if not all(w.shape[0] == width for w in params[0:6:2]):
@@ -51,10 +51,10 @@ def encoder_stack_applies(h: torch.Tensor, layers: list[tuple]) -> bool:
 def encoder_stack(h: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int, layers: list[tuple],
                   cls_index: torch.Tensor | None = None) -> torch.Tensor:
     """The layers' output [T, d] for tokens h [T, d] of packed rows, where `encoder_stack_applies`; layers of
-    (linears, norms, spec: LayerSpec). With cls_index the last layer computes the [CLS] rows' output alone [rows, d],
+    (layer_params, spec: LayerSpec). With cls_index the last layer computes the [CLS] rows' output alone [rows, d],
     as `encoder_layer` does."""
-    specs = tuple(spec for _, _, spec in layers)
-    params = [t for linears, norms, _ in layers for t in layer_params(linears, norms)]
+    specs = tuple(spec for _, spec in layers)
+    params = [t for layer, _ in layers for t in layer]
     return _EncoderStack.apply(h, cu_seqlens.to(torch.int64), cls_index, max_len, specs, *params)
 
 

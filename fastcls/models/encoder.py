@@ -39,8 +39,8 @@ from fastcls.ops.dropout_add_layer_norm import (
 from fastcls.ops.dropout import recomputed_alike
 from fastcls.ops.bias_gelu import bias_gelu, bias_gelu_applies
 from fastcls.ops.embedding import row_accumulated_embedding
-from fastcls.ops.encoder_layer import LayerSpec, encoder_layer, encoder_layer_applies
-from fastcls.ops.encoder_stack import encoder_stack, encoder_stack_applies, layer_params
+from fastcls.ops.encoder_layer import LayerSpec, encoder_layer, encoder_layer_applies, layer_params
+from fastcls.ops.encoder_stack import encoder_stack, encoder_stack_applies
 from fastcls.ops.linear import linear, new_forward_pass
 from fastcls.ops.varlen_attention import varlen_attention
 

@@ -80,8 +80,14 @@ def encoder_layer(h: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int, linea
     """The layer's output [T, d] for tokens h [T, d] of packed rows (int cu_seqlens [rows + 1], rows at most
     max_len long), where `encoder_layer_applies`; linears and norms as there. With cls_index (each row's first
     token, int64 [rows]), only those tokens' output [rows, d], their queries attending to every key of their row."""
-    params = [t for m in (*linears, *norms) for t in (m.weight, m.bias)]
+    params = layer_params(linears, norms)
     return _EncoderLayer.apply(h, cu_seqlens.to(torch.int64), cls_index, max_len, spec, _out_dtype(h, h), *params)
+
+
+def layer_params(linears: tuple, norms: tuple) -> list[torch.Tensor]:
+    """A layer's parameters in the order the layer's node takes them: (query, key, value, attention output,
+    feed-forward in, feed-forward out) weights and biases, then the LayerNorms' weights and biases."""
+    return [t for m in (*linears, *norms) for t in (m.weight, m.bias)]
 
 
 def _bf16_copy(like: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor | None:

@@ -14,22 +14,17 @@ inputs, so a step gives the same bits as layer by layer (tests/test_encoder_stac
 residual stream, every parameter and the input taking gradients, one dtype for the biases and one for the norms).
 The encoder (fastcls.models.encoder) runs layer by layer anywhere else, and under activation checkpointing.
 """
+from itertools import accumulate
 from types import SimpleNamespace
 
 import torch
 
 from fastcls.ops import cpp
 from fastcls.ops.dropout_add_layer_norm import _out_dtype
-from fastcls.ops.encoder_layer import (LayerSpec, _backward_in_one_call, _bf16_of, _forward_in_one_call, _one_dtype,
-                                       _packs_of, _saves, encoder_layer_applies)
+from fastcls.ops.encoder_layer import (_backward_in_one_call, _bf16_of, _forward_in_one_call, _one_dtype, _packs_of,
+                                       _saves, encoder_layer_applies)
 
 PARAMS_PER_LAYER = 16  # the six products' weights and biases, the two LayerNorms'
-
-
-def layer_params(linears: tuple, norms: tuple) -> list[torch.Tensor]:
-    """A layer's parameters in the order the node takes them: (query, key, value, attention output, feed-forward
-    in, feed-forward out) weights and biases, then the LayerNorms' weights and biases."""
-    return [t for m in (*linears, *norms) for t in (m.weight, m.bias)]
 
 
 def encoder_stack_applies(h: torch.Tensor, layers: list[tuple]) -> bool:
@@ -108,7 +103,7 @@ class _EncoderStack(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         saved, n = ctx.saved_tensors, len(ctx.metas)
-        starts = [sum(ctx.counts[:i]) for i in range(n + 1)]
+        starts = [0, *accumulate(ctx.counts)]  # each layer's first saved tensor
         hb, cu = saved[0], saved[12]  # layer 0's bf16 input and row starts
         ffns = [saved[starts[i] + 7].shape[1] for i in range(n)]  # each layer's saved f [Q, F]
         workspace = _workspace("backward", hb.shape[0], cu.numel() - 1, hb.shape[1], ffns, ctx.cls_last)
@@ -127,4 +122,4 @@ class _EncoderStack(torch.autograd.Function):
         return (grads[0][0], None, None, None, None, *(g for layer in grads for g in layer[6:]))
 
 
-__all__ = ["LayerSpec", "encoder_stack", "encoder_stack_applies", "layer_params"]
+__all__ = ["encoder_stack", "encoder_stack_applies"]
